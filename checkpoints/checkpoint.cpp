@@ -1,0 +1,1 @@
+// checkpoint writer (in progress)

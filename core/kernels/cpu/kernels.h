@@ -1,0 +1,108 @@
+// CPU kernels, llm.c style: plain functions on raw row-major float pointers, forward and backward side by side,
+// a shape comment on every pointer. Every kernel `foo` has a plain loop reference `foo_ref` (in reference.cpp)
+// used by the tests; the fast versions use OpenBLAS and OpenMP.
+//
+// Conventions: N = number of rows (tokens), C = channels, V = vocab, B = batch, T = time, H = query heads,
+// Hkv = key/value heads (H % Hkv == 0; Hkv == H is MHA, Hkv == 1 is MQA), D = head dim.
+// Backward functions ACCUMULATE (+=) into parameter gradients (dw, db, dwte) and WRITE (=) input gradients
+// (dx, dq, ...) unless stated otherwise.
+#pragma once
+#include <cstdint>
+
+namespace moe::cpu {
+
+// ---------------------------------------------------------------- matmul (OpenBLAS sgemm)
+// c[M,N] = alpha * op(a) @ op(b) + beta * c, op(a) is [M,K] (a stored [K,M] if trans_a), op(b) is [K,N]
+// (b stored [N,K] if trans_b). Row-major, dense leading dimensions.
+void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b,
+            float alpha = 1.0f, float beta = 0.0f);
+void matmul_ref(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b,
+                float alpha = 1.0f, float beta = 0.0f);
+
+// ---------------------------------------------------------------- linear layer: y = x W^T + b
+// out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC] (bias may be null)
+void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC);
+// dinp[N,IC] = dout[N,OC] @ w[OC,IC] (written; skipped if dinp null); dw[OC,IC] += dout^T @ inp; dbias[OC] += sum dout
+void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
+                     int N, int IC, int OC);
+
+// ---------------------------------------------------------------- embedding
+// out[N,C] = wte[ids[n], :]; ids[N] in [0, V)
+void embedding_forward(float* out, const int32_t* ids, const float* wte, int N, int C);
+// dwte[V,C] += scatter of dout[N,C] at ids
+void embedding_backward(float* dwte, const float* dout, const int32_t* ids, int N, int C);
+
+// ---------------------------------------------------------------- RMSNorm: y = x / sqrt(mean(x^2) + eps) * w
+// out[N,C], rstd[N] (saved for backward), inp[N,C], w[C]
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps);
+// dinp[N,C] written; dw[C] accumulated
+void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w, const float* rstd,
+                      int N, int C);
+
+// ---------------------------------------------------------------- LayerNorm: y = (x - mean) * rstd * w + b
+// out[N,C], mean[N], rstd[N], inp[N,C], w[C], b[C]
+void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b, int N,
+                       int C, float eps);
+// dinp[N,C] written; dw[C], db[C] accumulated
+void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
+                        const float* mean, const float* rstd, int N, int C);
+
+// ---------------------------------------------------------------- rotary position embedding (in place)
+// x[B,T,nh,D], D even; rotates pairs (x[2i], x[2i+1]) of each head at position pos0 + t by angle
+// (pos0 + t) * theta^(-2i/D) (interleaved pairs, as in RoFormer and the original LLaMA code).
+void rope_forward(float* x, int B, int T, int nh, int D, int pos0, float theta);
+// the inverse rotation applied to the gradient (in place): dx = R^T dy
+void rope_backward(float* dx, int B, int T, int nh, int D, int pos0, float theta);
+
+// ---------------------------------------------------------------- causal self-attention with GQA
+// q[B,T,H,D], k[B,T,Hkv,D], v[B,T,Hkv,D] -> out[B,T,H,D]; att[B,H,T,T] saves the softmax probabilities
+// (row t only uses columns 0..t; the rest are left zero). Query head h uses kv head h / (H / Hkv).
+// scale = 1/sqrt(D).
+void attention_forward(float* out, float* att, const float* q, const float* k, const float* v, int B, int T, int H,
+                       int Hkv, int D);
+// dq[B,T,H,D], dk[B,T,Hkv,D], dv[B,T,Hkv,D] written. datt_scratch[B,H,T,T] is workspace (may be reused).
+void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout, const float* q,
+                        const float* k, const float* v, const float* att, int B, int T, int H, int Hkv, int D);
+
+// ---------------------------------------------------------------- activations
+// GELU, tanh approximation (as torch.nn.functional.gelu(approximate="tanh")). out[N], inp[N]
+void gelu_forward(float* out, const float* inp, int64_t N);
+// dinp[N] = dout * gelu'(inp) (written)
+void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t N);
+// SwiGLU: out[N,F] = silu(gate[N,F]) * up[N,F]
+void swiglu_forward(float* out, const float* gate, const float* up, int64_t NF);
+// dgate[N,F], dup[N,F] written
+void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up, int64_t NF);
+
+// ---------------------------------------------------------------- softmax cross-entropy
+// logits[N,V], targets[N] (a target < 0 is ignored) -> losses[N] (0 for ignored), probs[N,V] (softmax, saved).
+// Returns the mean loss over non-ignored rows.
+float cross_entropy_forward(float* losses, float* probs, const float* logits, const int32_t* targets, int N, int V);
+// dlogits[N,V] = (probs - onehot(target)) * dloss / count(non-ignored) (written; zero for ignored rows)
+void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* targets, int N, int V, float dloss);
+
+// ---------------------------------------------------------------- elementwise helpers
+void add_inplace(float* y, const float* x, int64_t n);               // y += x
+void add(float* out, const float* a, const float* b, int64_t n);     // out = a + b
+void scale_inplace(float* y, float s, int64_t n);                    // y *= s
+double sum_squares(const float* x, int64_t n);                       // sum x^2 in double
+
+// ---------------------------------------------------------------- plain references (reference.cpp)
+void linear_forward_ref(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC);
+void linear_backward_ref(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
+                         int N, int IC, int OC);
+void rmsnorm_forward_ref(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps);
+void rmsnorm_backward_ref(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
+                          const float* rstd, int N, int C);
+void layernorm_forward_ref(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b,
+                           int N, int C, float eps);
+void layernorm_backward_ref(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
+                            const float* mean, const float* rstd, int N, int C);
+void attention_forward_ref(float* out, float* att, const float* q, const float* k, const float* v, int B, int T,
+                           int H, int Hkv, int D);
+void attention_backward_ref(float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
+                            const float* v, const float* att, int B, int T, int H, int Hkv, int D);
+float cross_entropy_forward_ref(float* losses, float* probs, const float* logits, const int32_t* targets, int N,
+                                int V);
+
+}  // namespace moe::cpu

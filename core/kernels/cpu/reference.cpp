@@ -1,0 +1,1 @@
+#include "core/kernels/cpu/kernels.h"

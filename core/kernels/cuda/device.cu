@@ -1,0 +1,46 @@
+// Device memory hooks of core/tensor.h for the CUDA build.
+#include <cstdlib>
+#include <cstring>
+
+#include "core/kernels/cuda/cuda_check.h"
+#include "core/tensor.h"
+
+namespace moe {
+
+void* device_alloc(Device d, size_t bytes) {
+  if (bytes == 0) bytes = 64;
+  void* p = nullptr;
+  if (d == Device::kCPU) {
+    MOE_CHECK(posix_memalign(&p, 64, bytes) == 0, "out of host memory allocating " << bytes << " bytes");
+  } else {
+    MOE_CUDA_CHECK(cudaMalloc(&p, bytes));
+  }
+  return p;
+}
+
+void device_free(Device d, void* p) {
+  if (d == Device::kCPU) std::free(p);
+  else cudaFree(p);  // no throw from a deleter
+}
+
+void device_copy(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes) {
+  if (!bytes) return;
+  if (dst_dev == Device::kCPU && src_dev == Device::kCPU) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+  MOE_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+}
+
+void device_memset0(Device d, void* p, size_t bytes) {
+  if (!bytes) return;
+  if (d == Device::kCPU) std::memset(p, 0, bytes);
+  else MOE_CUDA_CHECK(cudaMemset(p, 0, bytes));
+}
+
+bool cuda_available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+}  // namespace moe

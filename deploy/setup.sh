@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs every Debian package the project needs (idempotent: skips apt when all are present).
+# Usage: deploy/setup.sh [--with-slurm] [--no-torch]
+set -euo pipefail
+PKGS=(build-essential cmake ninja-build pkgconf git
+      libopenmpi-dev openmpi-bin libboost-dev libboost-system-dev
+      libprotobuf-dev protobuf-compiler libhdf5-dev libopenblas-dev
+      libsentencepiece-dev sentencepiece libgtest-dev libgmock-dev)
+WITH_TORCH=1
+for a in "$@"; do
+  case "$a" in
+    --with-slurm) PKGS+=(slurmctld slurmd slurm-client munge) ;;
+    --no-torch) WITH_TORCH=0 ;;
+    *) echo "setup.sh: unknown option '$a' (known: --with-slurm --no-torch)" >&2; exit 2 ;;
+  esac
+done
+# The PyTorch oracle for tests and benchmarks (Debian's torch works with /usr/bin/python3 only).
+[ "$WITH_TORCH" = 1 ] && PKGS+=(python3 python3-torch python3-h5py python3-numpy)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup.sh: all ${#PKGS[@]} packages already installed"; exit 0
+fi
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+echo "setup.sh: installing ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
