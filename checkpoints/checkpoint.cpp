@@ -1,1 +1,234 @@
-// checkpoint writer (in progress)
+#include "checkpoints/checkpoint.h"
+
+#include <fcntl.h>
+#include <hdf5.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+#include "checkpoints/crc32c.h"
+#include "core/error.h"
+
+namespace fs = std::filesystem;
+
+// HDF5 calls return negative on failure; the automatic error-stack printing is turned off so the one error
+// path reports instead.
+#define MOE_H5_CHECK(expr, what)                                   \
+  ([&]() {                                                         \
+    auto moe_h5_r_ = (expr);                                       \
+    MOE_CHECK(moe_h5_r_ >= 0, "HDF5 error: " << what);             \
+    return moe_h5_r_;                                              \
+  }())
+
+namespace moe::ckpt {
+namespace {
+
+struct H5Quiet {
+  H5Quiet() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+};
+const H5Quiet h5_quiet;
+
+// RAII for hid_t
+struct Hid {
+  hid_t id = -1;
+  herr_t (*close)(hid_t) = nullptr;
+  Hid(hid_t i, herr_t (*c)(hid_t)) : id(i), close(c) {}
+  ~Hid() {
+    if (id >= 0 && close) close(id);
+  }
+  Hid(const Hid&) = delete;
+  Hid& operator=(const Hid&) = delete;
+  operator hid_t() const { return id; }
+};
+
+void fsync_path(const std::string& path, bool dir) {
+  int fd = ::open(path.c_str(), dir ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
+  MOE_CHECK(fd >= 0, "cannot open '" << path << "' to fsync");
+  int rc = ::fsync(fd);
+  ::close(fd);
+  MOE_CHECK(rc == 0, "fsync of '" << path << "' failed");
+}
+
+void write_file(const std::string& path, const std::string& bytes) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  MOE_CHECK(f.good(), "cannot write '" << path << "'");
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  f.close();
+  MOE_CHECK(f.good(), "writing '" << path << "' failed (disk full?)");
+  fsync_path(path, false);
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  MOE_CHECK(f.good(), "cannot read '" << path << "'");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+void write_dataset(hid_t file, const std::string& path, const Tensor& t, proto::Manifest& m,
+                   const std::string& file_name) {
+  MOE_CHECK(t.dtype() == DType::kF32, "checkpoint: tensor '" << path << "' must be f32");
+  std::vector<hsize_t> dims(t.shape().begin(), t.shape().end());
+  Hid space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
+  MOE_H5_CHECK(space.id, "creating dataspace for '" << path << "'");
+  Hid lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
+  H5Pset_create_intermediate_group(lcpl, 1);
+  Hid ds(H5Dcreate2(file, path.c_str(), H5T_IEEE_F32LE, space, lcpl, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
+  MOE_H5_CHECK(ds.id, "creating dataset '" << path << "'");
+  MOE_H5_CHECK(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.raw()), "writing '" << path << "'");
+  auto* e = m.add_tensors();
+  e->set_name(path);
+  for (auto d : t.shape()) e->add_shape(d);
+  e->set_dtype("f32");
+  e->set_crc32c(crc32c(t.raw(), t.nbytes()));
+  e->set_file(file_name);
+}
+
+const proto::TensorEntry* find_entry(const proto::Manifest& m, const std::string& name) {
+  for (const auto& e : m.tensors())
+    if (e.name() == name) return &e;
+  return nullptr;
+}
+
+void read_dataset(hid_t file, const std::string& dir, const proto::Manifest& m, const std::string& path, Tensor& t) {
+  const proto::TensorEntry* e = find_entry(m, path);
+  MOE_CHECK(e, "checkpoint " << dir << ": manifest has no tensor '" << path << "'");
+  Shape shape(e->shape().begin(), e->shape().end());
+  MOE_CHECK(shape == t.shape(), "checkpoint " << dir << ": tensor '" << path << "' has shape " << shape_str(shape)
+                                              << " but the model expects " << shape_str(t.shape()));
+  Hid ds(H5Dopen2(file, path.c_str(), H5P_DEFAULT), H5Dclose);
+  MOE_CHECK(ds.id >= 0, "checkpoint " << dir << "/" << e->file() << ": dataset '" << path << "' is missing");
+  Hid space(H5Dget_space(ds), H5Sclose);
+  const int nd = H5Sget_simple_extent_ndims(space);
+  std::vector<hsize_t> dims(std::max(nd, 0));
+  H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+  MOE_CHECK(Shape(dims.begin(), dims.end()) == t.shape(),
+            "checkpoint " << dir << "/" << e->file() << ": dataset '" << path << "' has shape "
+                          << shape_str(Shape(dims.begin(), dims.end())) << ", manifest says " << shape_str(shape));
+  MOE_H5_CHECK(H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.raw()),
+               "reading dataset '" << path << "' from " << dir << "/" << e->file() << " (file truncated or corrupt?)");
+  const uint32_t crc = crc32c(t.raw(), t.nbytes());
+  MOE_CHECK(crc == e->crc32c(), "checkpoint " << dir << "/" << e->file() << ": checksum mismatch in tensor '" << path
+                                              << "' (stored " << e->crc32c() << ", computed " << crc << ")");
+}
+
+std::vector<int64_t> list_steps(const std::string& root) {
+  std::vector<int64_t> steps;
+  if (!fs::is_directory(root)) return steps;
+  for (const auto& ent : fs::directory_iterator(root)) {
+    const std::string n = ent.path().filename().string();
+    if (n.rfind("step_", 0) == 0 && n.find(".tmp") == std::string::npos && ent.is_directory()) {
+      try {
+        steps.push_back(std::stoll(n.substr(5)));
+      } catch (...) {
+      }
+    }
+  }
+  std::sort(steps.begin(), steps.end());
+  return steps;
+}
+
+}  // namespace
+
+std::string save(const std::string& root, const SaveRequest& req) {
+  MOE_CHECK(req.config && req.params, "checkpoint save: config and params are required");
+  fs::create_directories(root);
+  const std::string name = "step_" + std::to_string(req.step);
+  const std::string final_dir = root + "/" + name;
+  const std::string tmp_dir = final_dir + ".tmp";
+  fs::remove_all(tmp_dir);
+  fs::create_directories(tmp_dir);
+
+  proto::Manifest m;
+  m.set_format_version(kFormatVersion);
+  *m.mutable_config() = *req.config;
+  m.set_step(req.step);
+  m.set_world_size(1);
+  m.set_expert_parallel(req.config->parallel().expert_parallel());
+  for (uint64_t w : req.loader_rng) m.add_loader_rng(w);
+  const std::string h5_name = "model.h5";
+  {
+    Hid file(H5Fcreate((tmp_dir + "/" + h5_name).c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
+    MOE_H5_CHECK(file.id, "creating " << tmp_dir << "/" << h5_name);
+    const auto& params = req.params->all();
+    for (const Param* p : params) write_dataset(file, "/params/" + p->name, p->value, m, h5_name);
+    if (req.optimizer) {
+      m.set_optimizer_t(req.optimizer->t());
+      for (size_t i = 0; i < params.size(); ++i) {
+        write_dataset(file, "/optim/m/" + params[i]->name, req.optimizer->m()[i], m, h5_name);
+        write_dataset(file, "/optim/v/" + params[i]->name, req.optimizer->v()[i], m, h5_name);
+      }
+    }
+    MOE_H5_CHECK(H5Fflush(file, H5F_SCOPE_GLOBAL), "flushing " << h5_name);
+  }
+  fsync_path(tmp_dir + "/" + h5_name, false);
+  if (req.tokenizer_blob) {
+    write_file(tmp_dir + "/tokenizer.model", *req.tokenizer_blob);
+    m.set_tokenizer_file("tokenizer.model");
+  }
+  std::string bin;
+  MOE_CHECK(m.SerializeToString(&bin), "serialising the manifest failed");
+  write_file(tmp_dir + "/manifest.txt", config_to_text(m));
+  write_file(tmp_dir + "/manifest.pb", bin);  // written last: its presence marks a complete directory
+  fsync_path(tmp_dir, true);
+  fs::remove_all(final_dir);
+  fs::rename(tmp_dir, final_dir);
+  fsync_path(root, true);
+  // `latest`: write a temp file and rename over the old one
+  write_file(root + "/latest.tmp", name + "\n");
+  fs::rename(root + "/latest.tmp", root + "/latest");
+  fsync_path(root, true);
+  if (req.keep_last > 0) {
+    auto steps = list_steps(root);
+    for (size_t i = 0; i + req.keep_last < steps.size(); ++i)
+      if (steps[i] != req.step) fs::remove_all(root + "/step_" + std::to_string(steps[i]));
+  }
+  return final_dir;
+}
+
+std::string resolve(const std::string& path) {
+  MOE_CHECK(fs::exists(path), "checkpoint path '" << path << "' does not exist");
+  if (fs::is_regular_file(path + "/manifest.pb")) return path;
+  if (fs::is_regular_file(path + "/latest")) {
+    std::string name = read_file(path + "/latest");
+    while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+    const std::string dir = path + "/" + name;
+    MOE_CHECK(fs::is_regular_file(dir + "/manifest.pb"),
+              "'" << path << "/latest' names '" << name << "', which is not a complete checkpoint");
+    return dir;
+  }
+  MOE_THROW("'" << path << "' is not a checkpoint (no manifest.pb) nor a checkpoint root (no latest file)");
+}
+
+proto::Manifest read_manifest(const std::string& step_dir) {
+  proto::Manifest m;
+  const std::string bytes = read_file(step_dir + "/manifest.pb");
+  MOE_CHECK(m.ParseFromString(bytes), "checkpoint " << step_dir << ": manifest.pb is corrupt");
+  MOE_CHECK(m.format_version() >= 1 && m.format_version() <= kFormatVersion,
+            "checkpoint " << step_dir << ": manifest format version " << m.format_version()
+                          << " is not supported (this build reads versions 1.." << kFormatVersion << ")");
+  return m;
+}
+
+void load(const std::string& step_dir, const proto::Manifest& manifest, ParamStore& params, AdamW* optimizer) {
+  const std::string h5 = step_dir + "/model.h5";
+  MOE_CHECK(fs::is_regular_file(h5), "checkpoint " << step_dir << ": model.h5 is missing");
+  Hid file(H5Fopen(h5.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+  MOE_CHECK(file.id >= 0, "checkpoint " << h5 << " is not a readable HDF5 file (truncated or corrupt?)");
+  const auto& all = params.all();
+  for (Param* p : all) read_dataset(file, step_dir, manifest, "/params/" + p->name, p->value);
+  if (optimizer) {
+    optimizer->set_t(manifest.optimizer_t());
+    for (size_t i = 0; i < all.size(); ++i) {
+      read_dataset(file, step_dir, manifest, "/optim/m/" + all[i]->name, optimizer->m()[i]);
+      read_dataset(file, step_dir, manifest, "/optim/v/" + all[i]->name, optimizer->v()[i]);
+    }
+  }
+}
+
+}  // namespace moe::ckpt

@@ -1,0 +1,207 @@
+#include "core/config.h"
+
+#include <google/protobuf/descriptor.h>
+#include <google/protobuf/io/tokenizer.h>
+#include <google/protobuf/text_format.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace moe {
+namespace {
+
+namespace pb = google::protobuf;
+
+class CollectErrors : public pb::io::ErrorCollector {
+ public:
+  explicit CollectErrors(std::string source) : source_(std::move(source)) {}
+  void AddError(int line, pb::io::ColumnNumber column, const std::string& message) override {
+    if (first_.empty())
+      first_ = source_ + ":" + std::to_string(line + 1) + ":" + std::to_string(column + 1) + ": " + message;
+  }
+  void AddWarning(int, pb::io::ColumnNumber, const std::string&) override {}
+  const std::string& first() const { return first_; }
+
+ private:
+  std::string source_;
+  std::string first_;
+};
+
+}  // namespace
+
+Config parse_config_text(const std::string& text, const std::string& source_name) {
+  Config cfg;
+  pb::TextFormat::Parser parser;
+  CollectErrors errors(source_name);
+  parser.RecordErrorsTo(&errors);
+  if (!parser.ParseFromString(text, &cfg))
+    MOE_THROW("invalid config " << (errors.first().empty() ? source_name : errors.first()));
+  return cfg;
+}
+
+Config load_config_file(const std::string& path) {
+  std::ifstream f(path);
+  MOE_CHECK(f.good(), "cannot open config file '" << path << "'");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return parse_config_text(ss.str(), path);
+}
+
+void apply_override(Config& cfg, const std::string& assignment) {
+  auto eq = assignment.find('=');
+  MOE_CHECK(eq != std::string::npos && eq > 0,
+            "override '" << assignment << "' must have the form path.to.field=value (e.g. model.d_model=256)");
+  std::string path = assignment.substr(0, eq);
+  std::string value = assignment.substr(eq + 1);
+  pb::Message* msg = &cfg;
+  std::stringstream ps(path);
+  std::string part;
+  std::vector<std::string> parts;
+  while (std::getline(ps, part, '.')) parts.push_back(part);
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const pb::FieldDescriptor* fd = msg->GetDescriptor()->FindFieldByName(parts[i]);
+    MOE_CHECK(fd, "unknown config field '" << path << "': " << msg->GetDescriptor()->name() << " has no field '"
+                                           << parts[i] << "'");
+    if (i + 1 < parts.size()) {
+      MOE_CHECK(fd->type() == pb::FieldDescriptor::TYPE_MESSAGE && !fd->is_repeated(),
+                "config field '" << path << "': '" << parts[i] << "' is not a message");
+      msg = msg->GetReflection()->MutableMessage(msg, fd);
+      continue;
+    }
+    // the leaf: reuse the text-format parser so every scalar/enum type is handled as in config files
+    std::string text;
+    if (fd->is_repeated()) {
+      msg->GetReflection()->ClearField(msg, fd);
+      std::stringstream vs(value);
+      std::string item;
+      text = parts[i] + ": [";
+      bool first = true;
+      while (std::getline(vs, item, ',')) {
+        text += (first ? "" : ", ") + item;
+        first = false;
+      }
+      text += "]";
+    } else if (fd->type() == pb::FieldDescriptor::TYPE_STRING) {
+      text = parts[i] + ": \"" + pb::CEscape(value) + "\"";
+    } else {
+      text = parts[i] + ": " + value;
+    }
+    std::unique_ptr<pb::Message> tmp(msg->New());
+    pb::TextFormat::Parser parser;
+    CollectErrors errors("--set " + assignment);
+    parser.RecordErrorsTo(&errors);
+    MOE_CHECK(parser.ParseFromString(text, tmp.get()),
+              "bad value for config field '" << path << "': '" << value << "' (" << errors.first() << ")");
+    msg->GetReflection()->ClearField(msg, fd);
+    msg->MergeFrom(*tmp);
+  }
+}
+
+void fill_defaults(Config& cfg) {
+  auto* m = cfg.mutable_model();
+  if (m->n_kv_heads() == 0) m->set_n_kv_heads(m->n_heads());
+  if (m->rope_theta() == 0) m->set_rope_theta(10000.0f);
+  if (m->norm_eps() == 0) m->set_norm_eps(1e-5f);
+  if (m->init_std() == 0) m->set_init_std(0.02f);
+  auto* d = cfg.mutable_data();
+  if (d->tokenizer_vocab_size() == 0) d->set_tokenizer_vocab_size(1024);
+  if (d->tokenizer_type().empty()) d->set_tokenizer_type("bpe");
+  if (d->val_fraction() == 0) d->set_val_fraction(0.1f);
+  if (m->max_seq_len() == 0) m->set_max_seq_len(d->seq_len());
+  auto* o = cfg.mutable_optimizer();
+  if (o->beta1() == 0) o->set_beta1(0.9f);
+  if (o->beta2() == 0) o->set_beta2(0.95f);
+  if (o->eps() == 0) o->set_eps(1e-8f);
+  auto* t = cfg.mutable_train();
+  if (t->log_every() == 0) t->set_log_every(10);
+  if (t->eval_batches() == 0) t->set_eval_batches(8);
+  if (t->out_dir().empty()) t->set_out_dir("runs/default");
+  auto* g = cfg.mutable_generate();
+  if (g->max_new_tokens() == 0) g->set_max_new_tokens(200);
+  if (cfg.parallel().expert_parallel() == 0) cfg.mutable_parallel()->set_expert_parallel(1);
+}
+
+#define MOE_CHECK_FIELD(cond, field, value, why) \
+  MOE_CHECK(cond, "config field " << field << " = " << value << ": " << why)
+
+void validate_config(const Config& cfg, bool needs_data) {
+  const auto& m = cfg.model();
+  MOE_CHECK_FIELD(m.vocab_size() >= 0, "model.vocab_size", m.vocab_size(), "must be >= 0 (0: from the tokenizer)");
+  MOE_CHECK_FIELD(m.d_model() > 0, "model.d_model", m.d_model(), "must be > 0");
+  MOE_CHECK_FIELD(m.n_layers() > 0, "model.n_layers", m.n_layers(), "must be > 0");
+  MOE_CHECK_FIELD(m.n_heads() > 0, "model.n_heads", m.n_heads(), "must be > 0");
+  MOE_CHECK_FIELD(m.n_kv_heads() > 0, "model.n_kv_heads", m.n_kv_heads(), "must be > 0");
+  MOE_CHECK_FIELD(m.n_heads() % m.n_kv_heads() == 0, "model.n_heads", m.n_heads(),
+                  "must be divisible by model.n_kv_heads = " << m.n_kv_heads());
+  MOE_CHECK_FIELD(m.d_model() % m.n_heads() == 0, "model.d_model", m.d_model(),
+                  "must be divisible by model.n_heads = " << m.n_heads());
+  MOE_CHECK_FIELD((m.d_model() / m.n_heads()) % 2 == 0, "model.d_model", m.d_model(),
+                  "head dim d_model / n_heads = " << m.d_model() / m.n_heads() << " must be even (rotary embedding)");
+  MOE_CHECK_FIELD(m.d_ff() > 0, "model.d_ff", m.d_ff(), "must be > 0");
+  MOE_CHECK_FIELD(m.max_seq_len() > 0, "model.max_seq_len", m.max_seq_len(), "must be > 0");
+  MOE_CHECK_FIELD(m.norm_eps() > 0, "model.norm_eps", m.norm_eps(), "must be > 0");
+  MOE_CHECK_FIELD(m.init_std() > 0, "model.init_std", m.init_std(), "must be > 0");
+  for (int i = 0; i < m.ffn_pattern_size(); ++i)
+    MOE_CHECK_FIELD(m.ffn_pattern(i) == proto::FFN_DENSE, "model.ffn_pattern[" << i << "]",
+                    proto::FfnKind_Name(m.ffn_pattern(i)), "is not available in this build (only FFN_DENSE)");
+  const auto& d = cfg.data();
+  MOE_CHECK_FIELD(d.seq_len() > 0, "data.seq_len", d.seq_len(), "must be > 0");
+  MOE_CHECK_FIELD(d.seq_len() <= m.max_seq_len(), "data.seq_len", d.seq_len(),
+                  "must be <= model.max_seq_len = " << m.max_seq_len());
+  MOE_CHECK_FIELD(d.batch_size() > 0, "data.batch_size", d.batch_size(), "must be > 0");
+  MOE_CHECK_FIELD(d.val_fraction() > 0 && d.val_fraction() < 1, "data.val_fraction", d.val_fraction(),
+                  "must be in (0, 1)");
+  MOE_CHECK_FIELD(d.tokenizer_vocab_size() >= 32, "data.tokenizer_vocab_size", d.tokenizer_vocab_size(),
+                  "must be >= 32");
+  MOE_CHECK_FIELD(d.tokenizer_type() == "bpe" || d.tokenizer_type() == "unigram", "data.tokenizer_type",
+                  "'" << d.tokenizer_type() << "'", "must be \"bpe\" or \"unigram\"");
+  if (needs_data) {
+    MOE_CHECK_FIELD(!d.train_file().empty(), "data.train_file", "\"\"", "must name a text file");
+    MOE_CHECK_FIELD(std::filesystem::is_regular_file(d.train_file()), "data.train_file", "'" << d.train_file() << "'",
+                    "file not found");
+    if (!d.tokenizer_model().empty())
+      MOE_CHECK_FIELD(std::filesystem::is_regular_file(d.tokenizer_model()), "data.tokenizer_model",
+                      "'" << d.tokenizer_model() << "'", "file not found");
+  }
+  const auto& o = cfg.optimizer();
+  MOE_CHECK_FIELD(o.lr() > 0, "optimizer.lr", o.lr(), "must be > 0");
+  MOE_CHECK_FIELD(o.min_lr() >= 0 && o.min_lr() <= o.lr(), "optimizer.min_lr", o.min_lr(),
+                  "must be in [0, optimizer.lr]");
+  MOE_CHECK_FIELD(o.beta1() > 0 && o.beta1() < 1, "optimizer.beta1", o.beta1(), "must be in (0, 1)");
+  MOE_CHECK_FIELD(o.beta2() > 0 && o.beta2() < 1, "optimizer.beta2", o.beta2(), "must be in (0, 1)");
+  MOE_CHECK_FIELD(o.eps() > 0, "optimizer.eps", o.eps(), "must be > 0");
+  MOE_CHECK_FIELD(o.weight_decay() >= 0, "optimizer.weight_decay", o.weight_decay(), "must be >= 0");
+  MOE_CHECK_FIELD(o.grad_clip() >= 0, "optimizer.grad_clip", o.grad_clip(), "must be >= 0");
+  MOE_CHECK_FIELD(o.warmup_steps() >= 0, "optimizer.warmup_steps", o.warmup_steps(), "must be >= 0");
+  const auto& t = cfg.train();
+  MOE_CHECK_FIELD(t.steps() > 0, "train.steps", t.steps(), "must be > 0");
+  MOE_CHECK_FIELD(t.log_every() > 0, "train.log_every", t.log_every(), "must be > 0");
+  MOE_CHECK_FIELD(t.eval_every() >= 0, "train.eval_every", t.eval_every(), "must be >= 0");
+  MOE_CHECK_FIELD(t.eval_batches() > 0, "train.eval_batches", t.eval_batches(), "must be > 0");
+  MOE_CHECK_FIELD(t.threads() >= 0, "train.threads", t.threads(), "must be >= 0");
+  MOE_CHECK_FIELD(cfg.parallel().expert_parallel() > 0, "parallel.expert_parallel", cfg.parallel().expert_parallel(),
+                  "must be > 0");
+  MOE_CHECK_FIELD(cfg.checkpoint().every() >= 0, "checkpoint.every", cfg.checkpoint().every(), "must be >= 0");
+  MOE_CHECK_FIELD(cfg.checkpoint().keep_last() >= 0, "checkpoint.keep_last", cfg.checkpoint().keep_last(),
+                  "must be >= 0");
+  const auto& g = cfg.generate();
+  MOE_CHECK_FIELD(g.temperature() >= 0, "generate.temperature", g.temperature(), "must be >= 0");
+  MOE_CHECK_FIELD(g.top_k() >= 0, "generate.top_k", g.top_k(), "must be >= 0");
+  MOE_CHECK_FIELD(g.max_new_tokens() > 0, "generate.max_new_tokens", g.max_new_tokens(), "must be > 0");
+}
+
+std::string config_to_text(const google::protobuf::Message& cfg) {
+  std::string out;
+  google::protobuf::TextFormat::PrintToString(cfg, &out);
+  return out;
+}
+
+proto::FfnKind layer_ffn_kind(const proto::ModelConfig& m, int layer) {
+  if (m.ffn_pattern_size() == 0) return proto::FFN_DENSE;
+  return m.ffn_pattern(layer % m.ffn_pattern_size());
+}
+
+}  // namespace moe

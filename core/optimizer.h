@@ -1,0 +1,38 @@
+// AdamW (decoupled weight decay) over a ParamStore, global-norm gradient clipping, and learning-rate schedules.
+#pragma once
+#include <vector>
+
+#include "core/params.h"
+#include "proto/config.pb.h"
+
+namespace moe {
+
+// Learning rate at `step` (0-based) of `total` steps: linear warmup, then cosine to min_lr, inverse-sqrt, or
+// constant.
+float lr_at(const proto::OptimizerConfig& cfg, int step, int total);
+
+// Global L2 norm of all gradients (double accumulation).
+double grad_norm(const ParamStore& ps);
+// Scales all gradients so their global norm is at most max_norm (no-op when max_norm <= 0). Returns the norm
+// before clipping.
+double clip_grad_norm(ParamStore& ps, double max_norm);
+
+class AdamW {
+ public:
+  AdamW(ParamStore& ps, const proto::OptimizerConfig& cfg);
+  // One update with learning rate lr. Step counter t is per optimizer (bias correction).
+  void step(float lr);
+  int64_t t() const { return t_; }
+  void set_t(int64_t t) { t_ = t; }
+  // first and second moments, in ParamStore order (for checkpoints)
+  std::vector<Tensor>& m() { return m_; }
+  std::vector<Tensor>& v() { return v_; }
+
+ private:
+  ParamStore& ps_;
+  proto::OptimizerConfig cfg_;
+  std::vector<Tensor> m_, v_;
+  int64_t t_ = 0;
+};
+
+}  // namespace moe

@@ -1,0 +1,39 @@
+// Named parameters with their gradients. Layers register their tensors here; the optimizer, gradient
+// all-reduce and checkpoints iterate over it in registration order.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "core/tensor.h"
+
+namespace moe {
+
+struct Param {
+  std::string name;   // e.g. "layers.0.attn.wq"
+  Tensor value;       // f32
+  Tensor grad;        // f32, same shape
+  bool decay = true;  // apply weight decay (matrices and embeddings; not norms or biases)
+};
+
+class ParamStore {
+ public:
+  // Adds a zero-initialised parameter; the returned pointer stays valid (params live in a deque-like vector of
+  // unique_ptr).
+  Param* add(const std::string& name, const Shape& shape, bool decay);
+  Param* find(const std::string& name);
+  const Param* find(const std::string& name) const;
+  Param& get(const std::string& name);  // throws naming the parameter if absent
+  std::vector<Param*>& all() { return view_; }
+  const std::vector<Param*>& all() const { return view_; }
+  void zero_grad();
+  int64_t numel() const;
+
+ private:
+  std::vector<std::unique_ptr<Param>> params_;
+  std::vector<Param*> view_;
+};
+
+void init_normal(Tensor& t, Rng& rng, float std);
+
+}  // namespace moe

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Bad input through the CLI: each case must exit non-zero with an error that names what was wrong.
+set -uo pipefail
+: "${MOE_BIN:?run through ctest}" "${MOE_SOURCE_DIR:?}" "${MOE_DATA_DIR:?}"
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+cfg="$MOE_SOURCE_DIR/deploy/configs/tiny_test.pbtxt"
+data="data.train_file=$MOE_DATA_DIR/tinyshakespeare.txt"
+fails=0
+expect_error() {  # expect_error "<pattern>" cmd...
+  local pattern=$1; shift
+  local out rc
+  out=$("$@" 2>&1); rc=$?
+  if [ $rc -eq 0 ]; then echo "FAIL (exit 0): $*"; fails=$((fails+1)); return; fi
+  if ! grep -q -- "$pattern" <<<"$out"; then echo "FAIL (no '$pattern' in: $out): $*"; fails=$((fails+1)); return; fi
+  echo "ok (rc $rc): $(grep -m1 error <<<"$out")"
+}
+printf 'model {\n  d_model: 64\n  n_layrs: 2\n}\n' > "$work/unknown.pbtxt"
+expect_error "unknown.pbtxt:3" "$MOE_BIN" train --config "$work/unknown.pbtxt"
+expect_error "n_layrs" "$MOE_BIN" train --config "$work/unknown.pbtxt"
+expect_error "model.d_model = -64" "$MOE_BIN" train --config "$cfg" --set "$data" --set model.d_model=-64
+expect_error "divisible by model.n_kv_heads = 3" "$MOE_BIN" train --config "$cfg" --set "$data" --set model.n_kv_heads=3
+expect_error "data.train_file" "$MOE_BIN" train --config "$cfg" --set data.train_file=/nonexistent/text.txt
+expect_error "unknown config field 'model.dmodel'" "$MOE_BIN" train --config "$cfg" --set model.dmodel=3
+expect_error "cannot open config file" "$MOE_BIN" train --config /nonexistent.pbtxt
+expect_error "unknown command" "$MOE_BIN" fly
+expect_error "not a checkpoint" "$MOE_BIN" generate --checkpoint "$work"
+# nothing was written by the failed runs
+test -z "$(ls "$work" | grep -v unknown.pbtxt)" || { echo "FAIL: failed runs left files: $(ls "$work")"; fails=$((fails+1)); }
+echo "$fails failed"
+[ $fails -eq 0 ]
