@@ -117,6 +117,11 @@ TempDir::~TempDir() {
 
 std::string env_or_fail(const char* name) {
   const char* v = std::getenv(name);
+  // defaults compiled in by CMake, so the test binaries also work outside ctest
+  if ((!v || !*v) && std::strcmp(name, "MOE_PYTHON") == 0) v = MOE_TEST_PYTHON;
+  if ((!v || !*v) && std::strcmp(name, "MOE_ORACLE_DIR") == 0) v = MOE_TEST_SOURCE_DIR "/tests/oracle";
+  if ((!v || !*v) && std::strcmp(name, "MOE_SOURCE_DIR") == 0) v = MOE_TEST_SOURCE_DIR;
+  if ((!v || !*v) && std::strcmp(name, "MOE_DATA_DIR") == 0) v = MOE_TEST_SOURCE_DIR "/../shared/data";
   if (!v || !*v) {
     ADD_FAILURE() << "environment variable " << name << " is not set (run the tests through ctest)";
     return "";

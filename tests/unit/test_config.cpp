@@ -1,7 +1,10 @@
 // Config parsing, overrides by path, defaults and validation errors that name the field.
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include "core/config.h"
+#include "core/error.h"
 
 namespace moe {
 namespace {
