@@ -1,0 +1,113 @@
+// Per-stream context (cuBLAS handle + scratch), matmul and the linear layer on the GPU.
+#include <map>
+#include <memory>
+#include <mutex>
+#include <utility>
+
+#include "core/kernels/cuda/common.cuh"
+#include "core/kernels/cuda/kernels.cuh"
+
+namespace moe::cuda {
+
+namespace {
+
+std::mutex g_ctx_mu;
+// Leaked on purpose: destroying cuBLAS handles from a static destructor races the CUDA runtime's own teardown.
+auto* g_ctx_table = new std::map<std::pair<int, cudaStream_t>, StreamContext*>();
+
+}  // namespace
+
+// ---------------------------------------------------------------- StreamContext
+
+StreamContext& StreamContext::get(cudaStream_t stream) {
+  int device = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(g_ctx_mu);
+  auto key = std::make_pair(device, stream);
+  auto it = g_ctx_table->find(key);
+  if (it != g_ctx_table->end()) return *it->second;
+
+  std::unique_ptr<StreamContext> ctx(new StreamContext());
+  try {
+    MOE_CUBLAS_CHECK(cublasCreate(&ctx->blas_));
+    MOE_CUBLAS_CHECK(cublasSetStream(ctx->blas_, stream));
+    MOE_CUBLAS_CHECK(cublasSetMathMode(ctx->blas_, CUBLAS_DEFAULT_MATH));  // fp32 stays fp32 (no TF32)
+    MOE_CUDA_CHECK(cudaMalloc(&ctx->scratch_, kScratchBytes));
+  } catch (...) {
+    ctx->destroy();
+    throw;
+  }
+  StreamContext* raw = ctx.release();
+  g_ctx_table->emplace(key, raw);
+  return *raw;
+}
+
+void StreamContext::destroy() noexcept {
+  if (blas_) cublasDestroy(blas_);
+  if (scratch_) cudaFree(scratch_);
+  blas_ = nullptr;
+  scratch_ = nullptr;
+}
+
+void StreamContext::release_all() {
+  std::lock_guard<std::mutex> lock(g_ctx_mu);
+  int current = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&current));
+  for (auto& [key, ctx] : *g_ctx_table) {
+    MOE_CUDA_CHECK(cudaSetDevice(key.first));
+    ctx->destroy();
+    delete ctx;
+  }
+  g_ctx_table->clear();
+  MOE_CUDA_CHECK(cudaSetDevice(current));
+}
+
+// ---------------------------------------------------------------- matmul
+
+void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b, float alpha,
+            float beta, cudaStream_t stream) {
+  MOE_CHECK(M >= 0 && N >= 0 && K >= 0, "cuda::matmul: negative size M=" << M << " N=" << N << " K=" << K);
+  if (M == 0 || N == 0) return;
+  cublasHandle_t h = StreamContext::get(stream).blas();
+  // Row-major C[M,N] is column-major C^T[N,M] = op(B)^T op(A)^T: swap the operands, keep the op flags.
+  // Row-major b (not transposed) [K,N] is column-major [N,K] with ld N; transposed, stored [N,K] -> [K,N], ld K.
+  // Row-major a (not transposed) [M,K] is column-major [K,M] with ld K; transposed, stored [K,M] -> [M,K], ld M.
+  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int ldb = std::max(trans_b ? K : N, 1);
+  const int lda = std::max(trans_a ? M : K, 1);
+  MOE_CUBLAS_CHECK(cublasSgemm(h, op_b, op_a, N, M, K, &alpha, b, ldb, a, lda, &beta, c, N));
+}
+
+// ---------------------------------------------------------------- linear layer
+
+namespace {
+
+// out[N,OC] += bias[OC]
+__global__ void add_bias_kernel(float* __restrict__ out, const float* __restrict__ bias, int64_t total, int OC) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] += bias[i % OC];
+  }
+}
+
+}  // namespace
+
+void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,
+                    cudaStream_t stream) {
+  matmul(out, inp, w, N, OC, IC, /*trans_a=*/false, /*trans_b=*/true, 1.0f, 0.0f, stream);
+  const int64_t total = static_cast<int64_t>(N) * OC;
+  if (bias && total > 0) {
+    add_bias_kernel<<<detail::grid_for(total), detail::kBlock, 0, stream>>>(out, bias, total, OC);
+    MOE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w, int N,
+                     int IC, int OC, cudaStream_t stream) {
+  if (dinp) matmul(dinp, dout, w, N, IC, OC, false, false, 1.0f, 0.0f, stream);           // [N,OC] @ [OC,IC]
+  if (dw) matmul(dw, dout, inp, OC, IC, N, /*trans_a=*/true, false, 1.0f, 1.0f, stream);  // [N,OC]^T @ [N,IC]
+  if (dbias) detail::column_reduce(dbias, detail::ColumnReduce::kSum, dout, nullptr, nullptr, nullptr, N, OC, stream);
+}
+
+}  // namespace moe::cuda

@@ -1,0 +1,140 @@
+// CUDA kernels, the GPU mirror of (a subset of) core/kernels/cpu/kernels.h: same argument order, same layouts,
+// same semantics, plus a trailing cudaStream_t. Every pointer is a DEVICE pointer unless stated otherwise; a shape
+// comment is on every pointer. All work is enqueued on `stream` (nothing synchronises the host); errors of the
+// launches themselves are thrown as moe::Error through MOE_CUDA_CHECK / MOE_CUBLAS_CHECK.
+//
+// Conventions (as on the CPU): N = rows (tokens), C = channels, V = vocab, B = batch, T = time, H = query heads,
+// Hkv = key/value heads (H % Hkv == 0), D = head dim. Backward functions ACCUMULATE (+=) into parameter gradients
+// (dw, db, dwte) and WRITE (=) input gradients (dx, dq, ...).
+//
+// Numerics: all math in fp32 (no TF32: cuBLAS handles are set to CUBLAS_DEFAULT_MATH); reductions are
+// deterministic (fixed trees) except embedding_backward, which scatters with atomicAdd.
+//
+// Differences from the CPU API, all because a host value would force a device synchronisation:
+//  - cross_entropy_forward writes the mean loss to a device scalar instead of returning it;
+//  - sum_squares writes its double result to a device scalar instead of returning it.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace moe::cuda {
+
+// ---------------------------------------------------------------- per-stream context
+// One cuBLAS handle (bound to the stream, CUBLAS_DEFAULT_MATH) and one small device scratch buffer per
+// (device, stream), created on first use. The scratch is only used by kernels enqueued on that same stream, so
+// stream order makes reuse safe. Thread-safe lookup. Contexts live until release_all() (never destroyed at exit:
+// the CUDA runtime may already be torn down then). The key is the stream's handle value: call release_all()
+// before destroying a stream whose address might be reused by a later cudaStreamCreate on another device.
+class StreamContext {
+ public:
+  static constexpr size_t kScratchBytes = 16 * 1024;
+  static StreamContext& get(cudaStream_t stream);  // for the current device (cudaGetDevice)
+  static void release_all();                       // destroys every handle and scratch buffer
+
+  cublasHandle_t blas() const { return blas_; }
+  void* scratch() const { return scratch_; }  // [kScratchBytes] device bytes, 256-byte aligned
+
+ private:
+  StreamContext() = default;
+  void destroy() noexcept;
+  cublasHandle_t blas_ = nullptr;
+  void* scratch_ = nullptr;
+};
+
+// ---------------------------------------------------------------- matmul (cuBLAS sgemm)
+// c[M,N] = alpha * op(a) @ op(b) + beta * c, op(a) is [M,K] (a stored [K,M] if trans_a), op(b) is [K,N]
+// (b stored [N,K] if trans_b). Row-major, dense leading dimensions. alpha, beta are host values.
+void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b, float alpha,
+            float beta, cudaStream_t stream);
+
+// ---------------------------------------------------------------- linear layer: y = x W^T + b
+// out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC] (bias may be null)
+void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,
+                    cudaStream_t stream);
+// dinp[N,IC] = dout[N,OC] @ w[OC,IC] (written; skipped if null); dw[OC,IC] += dout^T @ inp[N,IC] (skipped if null);
+// dbias[OC] += sum over rows of dout (skipped if dbias null)
+void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w, int N,
+                     int IC, int OC, cudaStream_t stream);
+
+// ---------------------------------------------------------------- embedding
+// out[N,C] = wte[ids[n], :]; ids[N] in [0, V), wte[V,C] (ids are not range-checked on the device)
+void embedding_forward(float* out, const int32_t* ids, const float* wte, int N, int C, cudaStream_t stream);
+// dwte[V,C] += scatter of dout[N,C] at ids[N] (atomicAdd: summation order is not deterministic)
+void embedding_backward(float* dwte, const float* dout, const int32_t* ids, int N, int C, cudaStream_t stream);
+
+// ---------------------------------------------------------------- RMSNorm: y = x / sqrt(mean(x^2) + eps) * w
+// out[N,C], rstd[N] (saved for backward), inp[N,C], w[C]
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps,
+                     cudaStream_t stream);
+// dinp[N,C] written; dw[C] accumulated; dout[N,C], inp[N,C], w[C], rstd[N]
+void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w, const float* rstd,
+                      int N, int C, cudaStream_t stream);
+
+// ---------------------------------------------------------------- LayerNorm: y = (x - mean) * rstd * w + b
+// out[N,C], mean[N], rstd[N], inp[N,C], w[C], b[C] (b may be null)
+void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b, int N,
+                       int C, float eps, cudaStream_t stream);
+// dinp[N,C] written; dw[C], db[C] accumulated (db skipped if null); dout[N,C], inp[N,C], w[C], mean[N], rstd[N]
+void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
+                        const float* mean, const float* rstd, int N, int C, cudaStream_t stream);
+
+// ---------------------------------------------------------------- rotary position embedding (in place)
+// x[B,T,nh,D], D even; rotates pairs (x[2i], x[2i+1]) of each head at position pos0 + t by angle
+// (pos0 + t) * theta^(-2i/D) (interleaved pairs). Angles are computed in double precision.
+void rope_forward(float* x, int B, int T, int nh, int D, int pos0, float theta, cudaStream_t stream);
+// the inverse rotation applied to the gradient (in place): dx[B,T,nh,D] = R^T dy
+void rope_backward(float* dx, int B, int T, int nh, int D, int pos0, float theta, cudaStream_t stream);
+
+// ---------------------------------------------------------------- causal self-attention with GQA
+// q[B,T,H,D], k[B,T,Hkv,D], v[B,T,Hkv,D] -> out[B,T,H,D]; att[B,H,T,T] saves the softmax probabilities
+// (row t uses columns 0..t; columns > t are written as zero). Query head h uses kv head h / (H / Hkv).
+// scale = 1/sqrt(D). One block per (b, h, t): correctness over speed. 0 < D <= 8192.
+void attention_forward(float* out, float* att, const float* q, const float* k, const float* v, int B, int T, int H,
+                       int Hkv, int D, cudaStream_t stream);
+// dq[B,T,H,D], dk[B,T,Hkv,D], dv[B,T,Hkv,D] written (deterministic: no atomics). datt_scratch[B,H,T,T] is
+// workspace and required (non-null) here, unlike on the CPU: it receives d(loss)/d(scaled scores), row t columns
+// 0..t (the CPU stores it times 1/sqrt(D); only a workspace either way). dout[B,T,H,D]; q, k, v as above;
+// att[B,H,T,T] from the forward.
+void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout, const float* q,
+                        const float* k, const float* v, const float* att, int B, int T, int H, int Hkv, int D,
+                        cudaStream_t stream);
+
+// ---------------------------------------------------------------- activations
+// GELU, tanh approximation. out[N], inp[N]
+void gelu_forward(float* out, const float* inp, int64_t N, cudaStream_t stream);
+// dinp[N] = dout[N] * gelu'(inp[N]) (written)
+void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t N, cudaStream_t stream);
+// SwiGLU: out[NF] = silu(gate[NF]) * up[NF]
+void swiglu_forward(float* out, const float* gate, const float* up, int64_t NF, cudaStream_t stream);
+// dgate[NF], dup[NF] written; dout[NF], gate[NF], up[NF]
+void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up, int64_t NF,
+                     cudaStream_t stream);
+
+// ---------------------------------------------------------------- softmax cross-entropy
+// logits[N,V], targets[N] (a target < 0 is ignored) -> losses[N] (0 for ignored), probs[N,V] (softmax, saved),
+// mean_loss[1] (device scalar: mean loss over non-ignored rows, 0 if none; may be null). Online softmax per row.
+void cross_entropy_forward(float* losses, float* probs, float* mean_loss, const float* logits, const int32_t* targets,
+                           int N, int V, cudaStream_t stream);
+// dlogits[N,V] = (probs[N,V] - onehot(targets[N])) * dloss / count(non-ignored) (written; zero for ignored rows).
+// dloss is a host value. dlogits may alias probs (in place).
+void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* targets, int N, int V, float dloss,
+                            cudaStream_t stream);
+
+// ---------------------------------------------------------------- elementwise helpers
+void add_inplace(float* y, const float* x, int64_t n, cudaStream_t stream);            // y[n] += x[n]
+void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t stream);  // out[n] = a[n] + b[n]
+void scale_inplace(float* y, float s, int64_t n, cudaStream_t stream);                 // y[n] *= s
+// out[1] (device double) = sum of x[n]^2, accumulated in double, deterministic
+void sum_squares(double* out, const float* x, int64_t n, cudaStream_t stream);
+
+// ---------------------------------------------------------------- f32 <-> bf16
+// out[n] = bf16(in[n]), round to nearest even (bit-identical to moe::float_to_bf16 in core/bf16.h)
+void f32_to_bf16(__nv_bfloat16* out, const float* in, int64_t n, cudaStream_t stream);
+// out[n] = float(in[n]) (exact)
+void bf16_to_f32(float* out, const __nv_bfloat16* in, int64_t n, cudaStream_t stream);
+
+}  // namespace moe::cuda
