@@ -14,6 +14,9 @@ struct Param {
   Tensor value;       // f32
   Tensor grad;        // f32, same shape
   bool decay = true;  // apply weight decay (matrices and embeddings; not norms or biases)
+  // Sharded by expert id over the expert-parallel group (this rank holds its local experts only): its gradient
+  // is all-reduced across data-parallel replicas only, not over the whole world.
+  bool expert_sharded = false;
 };
 
 class ParamStore {
