@@ -26,7 +26,14 @@ float lr_at(const proto::OptimizerConfig& cfg, int step, int total) {
 
 double grad_norm(const ParamStore& ps) {
   double s = 0;
-  for (const Param* p : ps.all()) s += cpu::sum_squares(p->grad.f32(), p->grad.numel());
+  for (const Param* p : ps.all()) {
+    if (!p->row_sparse) {
+      s += cpu::sum_squares(p->grad.f32(), p->grad.numel());
+      continue;
+    }
+    const int64_t rs = p->row_size();
+    for (int64_t r : p->touched) s += cpu::sum_squares(p->grad.f32() + r * rs, rs);
+  }
   return std::sqrt(s);
 }
 
@@ -34,7 +41,14 @@ double clip_grad_norm(ParamStore& ps, double max_norm) {
   const double norm = grad_norm(ps);
   if (max_norm > 0 && norm > max_norm) {
     const float scale = static_cast<float>(max_norm / (norm + 1e-6));
-    for (Param* p : ps.all()) cpu::scale_inplace(p->grad.f32(), scale, p->grad.numel());
+    for (Param* p : ps.all()) {
+      if (!p->row_sparse) {
+        cpu::scale_inplace(p->grad.f32(), scale, p->grad.numel());
+        continue;
+      }
+      const int64_t rs = p->row_size();
+      for (int64_t r : p->touched) cpu::scale_inplace(p->grad.f32() + r * rs, scale, rs);
+    }
   }
   return norm;
 }
@@ -43,8 +57,25 @@ AdamW::AdamW(ParamStore& ps, const proto::OptimizerConfig& cfg) : ps_(ps), cfg_(
   for (Param* p : ps.all()) {
     m_.push_back(Tensor::zeros(p->value.shape()));
     v_.push_back(Tensor::zeros(p->value.shape()));
+    // row-sparse params keep a step count per row (lazy Adam: a row's moments advance only when it is used)
+    row_t_.push_back(p->row_sparse ? Tensor::zeros({p->value.dim(0)}, DType::kI32) : Tensor());
   }
 }
+
+namespace {
+// The AdamW update of n contiguous elements with bias corrections bc1, bc2.
+inline void adamw_update(float* w, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2,
+                         float eps, float decay, float bc1, float bc2) {
+#pragma omp parallel for simd if (n > 65536) schedule(static)
+  for (int64_t j = 0; j < n; ++j) {
+    m[j] = b1 * m[j] + (1.0f - b1) * g[j];
+    v[j] = b2 * v[j] + (1.0f - b2) * g[j] * g[j];
+    const float mhat = m[j] / bc1;
+    const float vhat = v[j] / bc2;
+    w[j] -= lr * (mhat / (std::sqrt(vhat) + eps) + decay * w[j]);
+  }
+}
+}  // namespace
 
 void AdamW::step(float lr) {
   ++t_;
@@ -59,14 +90,18 @@ void AdamW::step(float lr) {
     float* m = m_[i].f32();
     float* v = v_[i].f32();
     const float decay = p->decay ? wd : 0.0f;
-    const int64_t n = p->value.numel();
-#pragma omp parallel for simd if (n > 65536) schedule(static)
-    for (int64_t j = 0; j < n; ++j) {
-      m[j] = b1 * m[j] + (1.0f - b1) * g[j];
-      v[j] = b2 * v[j] + (1.0f - b2) * g[j] * g[j];
-      const float mhat = m[j] / bc1;
-      const float vhat = v[j] / bc2;
-      w[j] -= lr * (mhat / (std::sqrt(vhat) + eps) + decay * w[j]);
+    if (!p->row_sparse) {
+      adamw_update(w, g, m, v, p->value.numel(), lr, b1, b2, eps, decay, bc1, bc2);
+      continue;
+    }
+    // sparse rows: only the rows used this step move (their own step count drives the bias correction)
+    const int64_t rs = p->row_size();
+    int32_t* rt = row_t_[i].i32();
+    for (int64_t r : p->touched) {
+      const int32_t tr = ++rt[r];
+      const float rb1 = 1.0f - std::pow(b1, static_cast<float>(tr));
+      const float rb2 = 1.0f - std::pow(b2, static_cast<float>(tr));
+      adamw_update(w + r * rs, g + r * rs, m + r * rs, v + r * rs, rs, lr, b1, b2, eps, decay, rb1, rb2);
     }
   }
 }

@@ -20,18 +20,22 @@ double clip_grad_norm(ParamStore& ps, double max_norm);
 class AdamW {
  public:
   AdamW(ParamStore& ps, const proto::OptimizerConfig& cfg);
-  // One update with learning rate lr. Step counter t is per optimizer (bias correction).
+  // One update with learning rate lr. Step counter t is per optimizer (bias correction); row-sparse params
+  // update only their touched rows, each row with its own step count (lazy Adam), so the cost of a step grows
+  // with the rows used, not the table size.
   void step(float lr);
   int64_t t() const { return t_; }
   void set_t(int64_t t) { t_ = t; }
   // first and second moments, in ParamStore order (for checkpoints)
   std::vector<Tensor>& m() { return m_; }
   std::vector<Tensor>& v() { return v_; }
+  // per-row step counts of row-sparse params (undefined Tensor for dense ones)
+  std::vector<Tensor>& row_t() { return row_t_; }
 
  private:
   ParamStore& ps_;
   proto::OptimizerConfig cfg_;
-  std::vector<Tensor> m_, v_;
+  std::vector<Tensor> m_, v_, row_t_;
   int64_t t_ = 0;
 };
 

@@ -1,5 +1,6 @@
 #include "core/params.h"
 
+#include <algorithm>
 #include <memory>
 
 namespace moe {
@@ -14,6 +15,14 @@ Param* ParamStore::add(const std::string& name, const Shape& shape, bool decay) 
   params_.push_back(std::move(p));
   view_.push_back(params_.back().get());
   return view_.back();
+}
+
+Param* ParamStore::add_row_sparse(const std::string& name, const Shape& shape, bool decay) {
+  MOE_CHECK(!shape.empty(), "row-sparse parameter '" << name << "' needs at least one dimension");
+  Param* p = add(name, shape, decay);
+  p->row_sparse = true;
+  p->touched_mask.assign(shape[0], 0);
+  return p;
 }
 
 Param* ParamStore::find(const std::string& name) {
@@ -35,7 +44,18 @@ Param& ParamStore::get(const std::string& name) {
 }
 
 void ParamStore::zero_grad() {
-  for (auto* p : view_) p->grad.zero_();
+  for (auto* p : view_) {
+    if (!p->row_sparse) {
+      p->grad.zero_();
+      continue;
+    }
+    const int64_t rs = p->row_size();
+    for (int64_t r : p->touched) {
+      std::fill(p->grad.f32() + r * rs, p->grad.f32() + (r + 1) * rs, 0.0f);
+      p->touched_mask[r] = 0;
+    }
+    p->touched.clear();
+  }
 }
 
 int64_t ParamStore::numel() const {
