@@ -106,6 +106,9 @@ void fill_defaults(Config& cfg) {
   if (m->rope_theta() == 0) m->set_rope_theta(10000.0f);
   if (m->norm_eps() == 0) m->set_norm_eps(1e-5f);
   if (m->init_std() == 0) m->set_init_std(0.02f);
+  if (m->moe().top_k() == 0) m->mutable_moe()->set_top_k(2);
+  if (m->moe().d_expert() == 0) m->mutable_moe()->set_d_expert(m->d_ff());
+  if (m->moe().capacity_factor() == 0) m->mutable_moe()->set_capacity_factor(1.25f);
   auto* d = cfg.mutable_data();
   if (d->tokenizer_vocab_size() == 0) d->set_tokenizer_vocab_size(1024);
   if (d->tokenizer_type().empty()) d->set_tokenizer_type("bpe");
@@ -144,9 +147,42 @@ void validate_config(const Config& cfg, bool needs_data) {
   MOE_CHECK_FIELD(m.max_seq_len() > 0, "model.max_seq_len", m.max_seq_len(), "must be > 0");
   MOE_CHECK_FIELD(m.norm_eps() > 0, "model.norm_eps", m.norm_eps(), "must be > 0");
   MOE_CHECK_FIELD(m.init_std() > 0, "model.init_std", m.init_std(), "must be > 0");
-  for (int i = 0; i < m.ffn_pattern_size(); ++i)
-    MOE_CHECK_FIELD(m.ffn_pattern(i) == proto::FFN_DENSE, "model.ffn_pattern[" << i << "]",
-                    proto::FfnKind_Name(m.ffn_pattern(i)), "is not available in this build (only FFN_DENSE)");
+  bool any_moe = false, any_word = false;
+  for (int l = 0; l < m.n_layers(); ++l) {
+    any_moe |= layer_ffn_kind(m, l) == proto::FFN_MOE;
+    any_word |= layer_ffn_kind(m, l) == proto::FFN_WORD_EXPERT;
+  }
+  const int ep = cfg.parallel().expert_parallel();
+  if (any_moe) {
+    const auto& e = m.moe();
+    MOE_CHECK_FIELD(e.num_experts() > 0, "model.moe.num_experts", e.num_experts(),
+                    "must be > 0 (model.ffn_pattern has FFN_MOE layers)");
+    MOE_CHECK_FIELD(e.top_k() >= 1 && e.top_k() <= e.num_experts(), "model.moe.top_k", e.top_k(),
+                    "must be in [1, model.moe.num_experts = " << e.num_experts() << "]");
+    MOE_CHECK_FIELD(e.d_expert() > 0, "model.moe.d_expert", e.d_expert(), "must be > 0");
+    MOE_CHECK_FIELD(e.dropless() || e.capacity_factor() > 0, "model.moe.capacity_factor", e.capacity_factor(),
+                    "must be > 0 (or set model.moe.dropless)");
+    MOE_CHECK_FIELD(e.aux_loss_coef() >= 0, "model.moe.aux_loss_coef", e.aux_loss_coef(), "must be >= 0");
+    MOE_CHECK_FIELD(e.z_loss_coef() >= 0, "model.moe.z_loss_coef", e.z_loss_coef(), "must be >= 0");
+    MOE_CHECK_FIELD(e.jitter_eps() >= 0 && e.jitter_eps() < 1, "model.moe.jitter_eps", e.jitter_eps(),
+                    "must be in [0, 1)");
+    MOE_CHECK_FIELD(ep <= e.num_experts(), "parallel.expert_parallel", ep,
+                    "more expert-parallel ranks than experts (model.moe.num_experts = " << e.num_experts() << ")");
+    MOE_CHECK_FIELD(e.num_experts() % ep == 0, "model.moe.num_experts", e.num_experts(),
+                    "must be divisible by parallel.expert_parallel = " << ep);
+  }
+  if (any_word) {
+    const auto& w = m.word_experts();
+    MOE_CHECK_FIELD(w.num_experts() > 0, "model.word_experts.num_experts", w.num_experts(),
+                    "must be > 0 (model.ffn_pattern has FFN_WORD_EXPERT layers)");
+    MOE_CHECK_FIELD(w.d_expert() > 0, "model.word_experts.d_expert", w.d_expert(), "must be > 0");
+    MOE_CHECK_FIELD(w.num_frequent() >= 0 && w.num_frequent() <= w.num_experts(), "model.word_experts.num_frequent",
+                    w.num_frequent(), "must be in [0, model.word_experts.num_experts = " << w.num_experts() << "]");
+    MOE_CHECK_FIELD(ep <= w.num_experts(), "parallel.expert_parallel", ep,
+                    "more expert-parallel ranks than word experts (" << w.num_experts() << ")");
+    MOE_CHECK_FIELD(w.num_experts() % ep == 0, "model.word_experts.num_experts", w.num_experts(),
+                    "must be divisible by parallel.expert_parallel = " << ep);
+  }
   const auto& d = cfg.data();
   MOE_CHECK_FIELD(d.seq_len() > 0, "data.seq_len", d.seq_len(), "must be > 0");
   MOE_CHECK_FIELD(d.seq_len() <= m.max_seq_len(), "data.seq_len", d.seq_len(),

@@ -79,7 +79,8 @@ TEST(Config, ValidationNamesTheField) {
       {"optimizer.lr=-1", "optimizer.lr"},
       {"train.steps=0", "train.steps"},
       {"data.val_fraction=1.5", "data.val_fraction"},
-      {"model.ffn_pattern=FFN_MOE", "model.ffn_pattern[0]"},
+      {"model.ffn_pattern=FFN_MOE", "model.moe.num_experts = 0"},
+      {"model.ffn_pattern=FFN_WORD_EXPERT", "model.word_experts.num_experts = 0"},
   };
   for (const auto& b : cases) {
     Config c = good();
@@ -87,6 +88,25 @@ TEST(Config, ValidationNamesTheField) {
     std::string e = error_of([&] { validate_config(c, false); });
     EXPECT_NE(e.find(b.expect), std::string::npos) << b.set << " -> '" << e << "'";
   }
+}
+
+TEST(Config, ExpertParallelLayoutErrors) {
+  Config c = good();
+  apply_override(c, "model.ffn_pattern=FFN_DENSE,FFN_MOE");
+  apply_override(c, "model.moe.num_experts=6");
+  apply_override(c, "parallel.expert_parallel=4");
+  std::string e = error_of([&] { validate_config(c, false); });
+  EXPECT_NE(e.find("model.moe.num_experts = 6: must be divisible by parallel.expert_parallel = 4"),
+            std::string::npos) << e;
+  apply_override(c, "parallel.expert_parallel=8");
+  e = error_of([&] { validate_config(c, false); });
+  EXPECT_NE(e.find("more expert-parallel ranks than experts"), std::string::npos) << e;
+  apply_override(c, "parallel.expert_parallel=2");
+  apply_override(c, "model.moe.top_k=7");
+  e = error_of([&] { validate_config(c, false); });
+  EXPECT_NE(e.find("model.moe.top_k = 7"), std::string::npos) << e;
+  apply_override(c, "model.moe.top_k=2");
+  EXPECT_NO_THROW(validate_config(c, false));
 }
 
 TEST(Config, MissingDataFileIsNamed) {
