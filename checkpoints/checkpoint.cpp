@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -72,49 +73,27 @@ std::string read_file(const std::string& path) {
 
 void write_dataset(hid_t file, const std::string& path, const Tensor& t, proto::Manifest& m,
                    const std::string& file_name) {
-  MOE_CHECK(t.dtype() == DType::kF32, "checkpoint: tensor '" << path << "' must be f32");
+  MOE_CHECK(t.dtype() == DType::kF32 || t.dtype() == DType::kI32,
+            "checkpoint: tensor '" << path << "' has dtype " << dtype_name(t.dtype()) << " (f32 or i32 expected)");
+  MOE_CHECK(t.device() == Device::kCPU, "checkpoint: tensor '" << path << "' must be on the CPU");
+  const bool f32 = t.dtype() == DType::kF32;
   std::vector<hsize_t> dims(t.shape().begin(), t.shape().end());
   Hid space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
   MOE_H5_CHECK(space.id, "creating dataspace for '" << path << "'");
   Hid lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
   H5Pset_create_intermediate_group(lcpl, 1);
-  Hid ds(H5Dcreate2(file, path.c_str(), H5T_IEEE_F32LE, space, lcpl, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
+  Hid ds(H5Dcreate2(file, ("/" + path).c_str(), f32 ? H5T_IEEE_F32LE : H5T_STD_I32LE, space, lcpl, H5P_DEFAULT,
+                    H5P_DEFAULT),
+         H5Dclose);
   MOE_H5_CHECK(ds.id, "creating dataset '" << path << "'");
-  MOE_H5_CHECK(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.raw()), "writing '" << path << "'");
+  MOE_H5_CHECK(H5Dwrite(ds, f32 ? H5T_NATIVE_FLOAT : H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.raw()),
+               "writing '" << path << "'");
   auto* e = m.add_tensors();
   e->set_name(path);
   for (auto d : t.shape()) e->add_shape(d);
-  e->set_dtype("f32");
+  e->set_dtype(dtype_name(t.dtype()));
   e->set_crc32c(crc32c(t.raw(), t.nbytes()));
   e->set_file(file_name);
-}
-
-const proto::TensorEntry* find_entry(const proto::Manifest& m, const std::string& name) {
-  for (const auto& e : m.tensors())
-    if (e.name() == name) return &e;
-  return nullptr;
-}
-
-void read_dataset(hid_t file, const std::string& dir, const proto::Manifest& m, const std::string& path, Tensor& t) {
-  const proto::TensorEntry* e = find_entry(m, path);
-  MOE_CHECK(e, "checkpoint " << dir << ": manifest has no tensor '" << path << "'");
-  Shape shape(e->shape().begin(), e->shape().end());
-  MOE_CHECK(shape == t.shape(), "checkpoint " << dir << ": tensor '" << path << "' has shape " << shape_str(shape)
-                                              << " but the model expects " << shape_str(t.shape()));
-  Hid ds(H5Dopen2(file, path.c_str(), H5P_DEFAULT), H5Dclose);
-  MOE_CHECK(ds.id >= 0, "checkpoint " << dir << "/" << e->file() << ": dataset '" << path << "' is missing");
-  Hid space(H5Dget_space(ds), H5Sclose);
-  const int nd = H5Sget_simple_extent_ndims(space);
-  std::vector<hsize_t> dims(std::max(nd, 0));
-  H5Sget_simple_extent_dims(space, dims.data(), nullptr);
-  MOE_CHECK(Shape(dims.begin(), dims.end()) == t.shape(),
-            "checkpoint " << dir << "/" << e->file() << ": dataset '" << path << "' has shape "
-                          << shape_str(Shape(dims.begin(), dims.end())) << ", manifest says " << shape_str(shape));
-  MOE_H5_CHECK(H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.raw()),
-               "reading dataset '" << path << "' from " << dir << "/" << e->file() << " (file truncated or corrupt?)");
-  const uint32_t crc = crc32c(t.raw(), t.nbytes());
-  MOE_CHECK(crc == e->crc32c(), "checkpoint " << dir << "/" << e->file() << ": checksum mismatch in tensor '" << path
-                                              << "' (stored " << e->crc32c() << ", computed " << crc << ")");
 }
 
 std::vector<int64_t> list_steps(const std::string& root) {
@@ -136,7 +115,7 @@ std::vector<int64_t> list_steps(const std::string& root) {
 }  // namespace
 
 std::string save(const std::string& root, const SaveRequest& req) {
-  MOE_CHECK(req.config && req.params, "checkpoint save: config and params are required");
+  MOE_CHECK(req.config, "checkpoint save: the config is required");
   fs::create_directories(root);
   const std::string name = "step_" + std::to_string(req.step);
   const std::string final_dir = root + "/" + name;
@@ -148,22 +127,15 @@ std::string save(const std::string& root, const SaveRequest& req) {
   m.set_format_version(kFormatVersion);
   *m.mutable_config() = *req.config;
   m.set_step(req.step);
-  m.set_world_size(1);
+  m.set_world_size(req.world_size);
   m.set_expert_parallel(req.config->parallel().expert_parallel());
+  m.set_optimizer_t(req.optimizer_t);
   for (uint64_t w : req.loader_rng) m.add_loader_rng(w);
   const std::string h5_name = "model.h5";
   {
     Hid file(H5Fcreate((tmp_dir + "/" + h5_name).c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
     MOE_H5_CHECK(file.id, "creating " << tmp_dir << "/" << h5_name);
-    const auto& params = req.params->all();
-    for (const Param* p : params) write_dataset(file, "/params/" + p->name, p->value, m, h5_name);
-    if (req.optimizer) {
-      m.set_optimizer_t(req.optimizer->t());
-      for (size_t i = 0; i < params.size(); ++i) {
-        write_dataset(file, "/optim/m/" + params[i]->name, req.optimizer->m()[i], m, h5_name);
-        write_dataset(file, "/optim/v/" + params[i]->name, req.optimizer->v()[i], m, h5_name);
-      }
-    }
+    for (const NamedTensor& t : req.tensors) write_dataset(file, t.name, t.tensor, m, h5_name);
     MOE_H5_CHECK(H5Fflush(file, H5F_SCOPE_GLOBAL), "flushing " << h5_name);
   }
   fsync_path(tmp_dir + "/" + h5_name, false);
@@ -215,19 +187,70 @@ proto::Manifest read_manifest(const std::string& step_dir) {
   return m;
 }
 
-void load(const std::string& step_dir, const proto::Manifest& manifest, ParamStore& params, AdamW* optimizer) {
+Reader::Reader(const std::string& step_dir, const proto::Manifest& manifest) : dir_(step_dir), m_(manifest) {
   const std::string h5 = step_dir + "/model.h5";
   MOE_CHECK(fs::is_regular_file(h5), "checkpoint " << step_dir << ": model.h5 is missing");
-  Hid file(H5Fopen(h5.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
-  MOE_CHECK(file.id >= 0, "checkpoint " << h5 << " is not a readable HDF5 file (truncated or corrupt?)");
-  const auto& all = params.all();
-  for (Param* p : all) read_dataset(file, step_dir, manifest, "/params/" + p->name, p->value);
-  if (optimizer) {
-    optimizer->set_t(manifest.optimizer_t());
-    for (size_t i = 0; i < all.size(); ++i) {
-      read_dataset(file, step_dir, manifest, "/optim/m/" + all[i]->name, optimizer->m()[i]);
-      read_dataset(file, step_dir, manifest, "/optim/v/" + all[i]->name, optimizer->v()[i]);
-    }
+  file_ = H5Fopen(h5.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  MOE_CHECK(file_ >= 0, "checkpoint " << h5 << " is not a readable HDF5 file (truncated or corrupt?)");
+}
+
+Reader::~Reader() {
+  if (file_ >= 0) H5Fclose(file_);
+}
+
+const proto::TensorEntry& Reader::entry(const std::string& name) const {
+  for (const auto& e : m_.tensors())
+    if (e.name() == name) return e;
+  MOE_THROW("checkpoint " << dir_ << ": manifest has no tensor '" << name << "'");
+}
+
+bool Reader::has(const std::string& name) const {
+  for (const auto& e : m_.tensors())
+    if (e.name() == name) return true;
+  return false;
+}
+
+Shape Reader::shape(const std::string& name) const {
+  const auto& e = entry(name);
+  return Shape(e.shape().begin(), e.shape().end());
+}
+
+void Reader::read(const std::string& name, Tensor& dst, int64_t row_offset) {
+  const proto::TensorEntry& e = entry(name);
+  const Shape shape(e.shape().begin(), e.shape().end());
+  const std::string where = dir_ + "/" + e.file();
+  MOE_CHECK(e.dtype() == dtype_name(dst.dtype()),
+            "checkpoint " << where << ": tensor '" << name << "' has dtype " << e.dtype() << ", expected "
+                          << dtype_name(dst.dtype()));
+  Shape want = dst.shape();
+  bool ok = !shape.empty() && want.size() == shape.size() && row_offset >= 0 &&
+            row_offset + (want.empty() ? 0 : want[0]) <= shape[0];
+  for (size_t i = 1; ok && i < shape.size(); ++i) ok = want[i] == shape[i];
+  if (row_offset == 0 && !want.empty() && want[0] == shape[0]) ok = ok && want == shape;
+  MOE_CHECK(ok || (shape.empty() && want.empty()),
+            "checkpoint " << where << ": tensor '" << name << "' has shape " << shape_str(shape)
+                          << " but the model expects " << shape_str(want)
+                          << (row_offset ? " at row offset " + std::to_string(row_offset) : std::string()));
+  Hid ds(H5Dopen2(file_, ("/" + name).c_str(), H5P_DEFAULT), H5Dclose);
+  MOE_CHECK(ds.id >= 0, "checkpoint " << where << ": dataset '" << name << "' is missing");
+  Hid space(H5Dget_space(ds), H5Sclose);
+  const int nd = H5Sget_simple_extent_ndims(space);
+  std::vector<hsize_t> dims(std::max(nd, 0));
+  H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+  MOE_CHECK(Shape(dims.begin(), dims.end()) == shape,
+            "checkpoint " << where << ": dataset '" << name << "' has shape "
+                          << shape_str(Shape(dims.begin(), dims.end())) << ", manifest says " << shape_str(shape));
+  // read the whole dataset (to verify its checksum), then copy the requested rows
+  Tensor full = (row_offset == 0 && want == shape) ? dst : Tensor::empty(shape, dst.dtype());
+  const bool f32 = dst.dtype() == DType::kF32;
+  MOE_H5_CHECK(H5Dread(ds, f32 ? H5T_NATIVE_FLOAT : H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, full.raw()),
+               "reading dataset '" << name << "' from " << where << " (file truncated or corrupt?)");
+  const uint32_t crc = crc32c(full.raw(), full.nbytes());
+  MOE_CHECK(crc == e.crc32c(), "checkpoint " << where << ": checksum mismatch in tensor '" << name << "' (stored "
+                                             << e.crc32c() << ", computed " << crc << ")");
+  if (full.raw() != dst.raw()) {
+    const size_t row_bytes = shape[0] ? full.nbytes() / shape[0] : 0;
+    std::memcpy(dst.raw(), static_cast<const uint8_t*>(full.raw()) + row_offset * row_bytes, dst.nbytes());
   }
 }
 

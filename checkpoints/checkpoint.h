@@ -5,24 +5,32 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/config.h"
-#include "core/optimizer.h"
-#include "core/params.h"
+#include "core/tensor.h"
 #include "proto/manifest.pb.h"
 
 namespace moe::ckpt {
 
 constexpr uint32_t kFormatVersion = 1;
 
+// One tensor of a checkpoint: its dataset path (e.g. "params/layers.0.attn.wq") and its GLOBAL value (f32 or i32,
+// CPU). Expert-sharded tensors are saved with their global shape [E, ...]; readers slice rows.
+struct NamedTensor {
+  std::string name;
+  Tensor tensor;
+};
+
 struct SaveRequest {
   const Config* config = nullptr;
   int64_t step = 0;
-  const ParamStore* params = nullptr;
-  AdamW* optimizer = nullptr;                  // optional: moments and step counter
+  std::vector<NamedTensor> tensors;
+  int64_t optimizer_t = 0;                     // AdamW step counter
   std::array<uint64_t, 4> loader_rng{};        // data loader position
   const std::string* tokenizer_blob = nullptr; // optional: SentencePiece model bytes
   int keep_last = 0;                           // 0: keep all
+  int world_size = 1;                          // parallel layout at save time
 };
 
 // Saves under `root` and returns the final directory path.
@@ -33,8 +41,24 @@ std::string resolve(const std::string& path);
 
 proto::Manifest read_manifest(const std::string& step_dir);
 
-// Loads every parameter of `params` from the checkpoint (shapes must match; checksums verified) and, if
-// `optimizer` is given, the moments and step counter.
-void load(const std::string& step_dir, const proto::Manifest& manifest, ParamStore& params, AdamW* optimizer);
+// Reads tensors of one checkpoint. Every read verifies the dataset's checksum (the whole dataset is read).
+class Reader {
+ public:
+  Reader(const std::string& step_dir, const proto::Manifest& manifest);
+  ~Reader();
+  Reader(const Reader&) = delete;
+  Reader& operator=(const Reader&) = delete;
+  bool has(const std::string& name) const;
+  Shape shape(const std::string& name) const;  // global shape from the manifest
+  // Reads rows [row_offset, row_offset + dst.dim(0)) along dim 0 of the dataset into dst (same dtype; the other
+  // dimensions must match). row_offset 0 with dst of the full shape reads the whole tensor.
+  void read(const std::string& name, Tensor& dst, int64_t row_offset = 0);
+
+ private:
+  const proto::TensorEntry& entry(const std::string& name) const;
+  std::string dir_;
+  const proto::Manifest& m_;
+  int64_t file_ = -1;
+};
 
 }  // namespace moe::ckpt

@@ -60,6 +60,8 @@ class Model {
   // Sum of extra losses (router aux losses) from the last forward.
   double extra_loss() const;
   std::vector<FfnStats> ffn_stats() const;
+  int n_layers() const { return static_cast<int>(blocks_.size()); }
+  FfnUnit& ffn(int layer) { return blocks_.at(layer)->ffn(); }
 
   // ---- incremental decoding with a KV cache sized [n_layers, max_T, n_kv_heads, head_dim]
   struct KvCache {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <numeric>
@@ -18,6 +19,25 @@ std::string fmt_secs(double s) {
   else std::snprintf(buf, sizeof buf, "%dh%02dm", int(s) / 3600, (int(s) % 3600) / 60);
   return buf;
 }
+// " | aux 0.012 | drop 1.2% | load 10..90" over the model's routed FFN layers (empty for dense models)
+std::string router_summary(const std::vector<FfnStats>& stats, double router_loss) {
+  int n = 0;
+  double aux = 0, drop = 0;
+  int64_t lo = INT64_MAX, hi = 0;
+  for (const auto& s : stats) {
+    if (!s.has_router) continue;
+    ++n;
+    aux += s.aux_loss;
+    drop += s.dropped_fraction;
+    lo = std::min(lo, s.load_min);
+    hi = std::max(hi, s.load_max);
+  }
+  if (n == 0) return "";
+  char buf[160];
+  std::snprintf(buf, sizeof buf, " | router loss %.4f | aux %.3f | dropped %.1f%% | expert load %lld..%lld",
+                router_loss, aux / n, 100.0 * drop / n, static_cast<long long>(lo), static_cast<long long>(hi));
+  return buf;
+}
 }  // namespace
 
 Trainer::Trainer(const Config& cfg, Model& model, const Corpus& corpus)
@@ -28,10 +48,25 @@ Trainer::Trainer(const Config& cfg, Model& model, const Corpus& corpus)
       loader_(&corpus.train, cfg.data().batch_size(), cfg.data().seq_len(), cfg.train().seed() * 7919 + 1),
       val_(validation_batches(corpus.val, cfg.data().batch_size(), cfg.data().seq_len(), cfg.train().eval_batches())) {}
 
-StepRecord Trainer::step(const Batch& batch, int step_index, const TrainHooks& hooks) {
+Batch shard_batch(const Batch& b, int rank, int count) {
+  if (count == 1) return b;
+  MOE_CHECK(b.B % count == 0, "batch of " << b.B << " sequences cannot be split over " << count << " ranks");
+  Batch s;
+  s.B = b.B / count;
+  s.T = b.T;
+  const size_t off = size_t(rank) * s.B * s.T, n = size_t(s.B) * s.T;
+  s.inputs.assign(b.inputs.begin() + off, b.inputs.begin() + off + n);
+  s.targets.assign(b.targets.begin() + off, b.targets.begin() + off + n);
+  return s;
+}
+
+StepRecord Trainer::step(const Batch& global_batch, int step_index, const TrainHooks& hooks) {
   ParamStore& ps = model_.params();
   ps.zero_grad();
-  const float loss = model_.forward(batch.inputs.data(), batch.targets.data(), batch.B, batch.T, true);
+  const Batch batch = shard_batch(global_batch, hooks.shard_rank, hooks.shard_count);
+  float loss = model_.forward(batch.inputs.data(), batch.targets.data(), batch.B, batch.T, true);
+  const double router_loss = model_.extra_loss();
+  if (hooks.mean_over_ranks) loss = static_cast<float>(hooks.mean_over_ranks(loss));
   MOE_CHECK(std::isfinite(loss), "training loss is " << loss << " at step " << step_index + 1
                                                      << " (diverged: lower optimizer.lr or set optimizer.grad_clip)");
   model_.backward();
@@ -39,13 +74,18 @@ StepRecord Trainer::step(const Batch& batch, int step_index, const TrainHooks& h
   const double norm = clip_grad_norm(ps, cfg_.optimizer().grad_clip());
   const float lr = lr_at(cfg_.optimizer(), step_index, cfg_.train().steps());
   opt_.step(lr);
-  return {step_index + 1, loss, lr, norm};
+  return {step_index + 1, loss, lr, norm, router_loss};
 }
 
-float Trainer::evaluate() {
+float Trainer::evaluate(const TrainHooks& hooks) {
   double sum = 0;
-  for (const Batch& b : val_) sum += model_.forward(b.inputs.data(), b.targets.data(), b.B, b.T, false);
-  last_val_ = static_cast<float>(sum / val_.size());
+  for (const Batch& gb : val_) {
+    const Batch b = shard_batch(gb, hooks.shard_rank, hooks.shard_count);
+    sum += model_.forward(b.inputs.data(), b.targets.data(), b.B, b.T, false);
+  }
+  sum /= val_.size();
+  if (hooks.mean_over_ranks) sum = hooks.mean_over_ranks(sum);
+  last_val_ = static_cast<float>(sum);
   return last_val_;
 }
 
@@ -59,12 +99,13 @@ std::vector<StepRecord> Trainer::run(const TrainHooks& hooks, int start_step) {
   const auto t0 = clock::now();
   auto window_start = t0;
   int window_steps = 0;
-  double window_loss = 0;
+  double window_loss = 0, window_router = 0;
   for (int s = start_step; s < total; ++s) {
     Batch batch = loader_.next();
     StepRecord r = step(batch, s, hooks);
     records.push_back(r);
     window_loss += r.loss;
+    window_router += r.router_loss;
     ++window_steps;
     const bool last = r.step == total;
     const bool stop = hooks.should_stop && hooks.should_stop();
@@ -80,14 +121,16 @@ std::vector<StepRecord> Trainer::run(const TrainHooks& hooks, int start_step) {
                       "step %5d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | elapsed %s | eta %s", r.step,
                       total, window_loss / window_steps, r.lr, r.grad_norm, tok_s, fmt_secs(elapsed).c_str(),
                       fmt_secs(eta).c_str());
-        MOE_INFO(line);
+        std::string router = router_summary(model_.ffn_stats(), window_router / window_steps);
+        MOE_INFO(line << router);
       }
       window_start = now;
       window_steps = 0;
       window_loss = 0;
+      window_router = 0;
     }
     if ((eval_every > 0 && r.step % eval_every == 0) || last || stop) {
-      const float vl = evaluate();
+      const float vl = evaluate(hooks);
       if (hooks.print) {
         char line[128];
         std::snprintf(line, sizeof line, "eval  %5d | val loss %.4f | val ppl %.2f", r.step, vl, std::exp(vl));

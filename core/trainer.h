@@ -19,14 +19,23 @@ struct TrainHooks {
   // returns true when training should stop after the current step (signals)
   std::function<bool()> should_stop;
   bool print = true;  // print progress lines (rank 0)
+  // Data parallelism: this rank trains on rows [shard_rank * B / shard_count, ...) of each global batch of B
+  // sequences, and mean_over_ranks turns a rank-local mean (loss) into the global one (identity if unset).
+  int shard_rank = 0;
+  int shard_count = 1;
+  std::function<double(double)> mean_over_ranks;
 };
 
 struct StepRecord {
   int step;
-  float loss;
+  float loss;  // cross-entropy, mean over the global batch
   float lr;
   double grad_norm;
+  double router_loss = 0;  // sum of the router aux/z losses added to the objective (this rank)
 };
+
+// Rows [rank * B / count, (rank + 1) * B / count) of a batch of B sequences.
+Batch shard_batch(const Batch& b, int rank, int count);
 
 class Trainer {
  public:
@@ -35,8 +44,8 @@ class Trainer {
   std::vector<StepRecord> run(const TrainHooks& hooks, int start_step = 0);
   // One optimisation step on a batch; returns the training loss.
   StepRecord step(const Batch& batch, int step_index, const TrainHooks& hooks);
-  // Mean validation loss over the fixed validation batches.
-  float evaluate();
+  // Mean validation loss over the fixed validation batches (this rank's shard of each, averaged over ranks).
+  float evaluate(const TrainHooks& hooks = {});
 
   AdamW& optimizer() { return opt_; }
   BatchLoader& loader() { return loader_; }

@@ -18,6 +18,7 @@
 #include "core/model.h"
 #include "core/threads.h"
 #include "core/trainer.h"
+#include "launcher/model_state.h"
 
 namespace fs = std::filesystem;
 
@@ -121,7 +122,9 @@ int cmd_train(const Args& a) {
   if (!resume_dir.empty()) {
     const std::string dir = ckpt::resolve(resume_dir);
     proto::Manifest m = ckpt::read_manifest(dir);
-    ckpt::load(dir, m, model.params(), &trainer.optimizer());
+    ckpt::Reader reader(dir, m);
+    restore_state(reader, model.params(), &trainer.optimizer(), 0);
+    trainer.optimizer().set_t(m.optimizer_t());
     MOE_CHECK(m.loader_rng_size() == 4, "checkpoint " << dir << ": manifest has no data-loader state");
     trainer.loader().set_state({m.loader_rng(0), m.loader_rng(1), m.loader_rng(2), m.loader_rng(3)});
     start_step = static_cast<int>(m.step());
@@ -151,8 +154,8 @@ int cmd_train(const Args& a) {
     ckpt::SaveRequest req;
     req.config = &cfg;
     req.step = step;
-    req.params = &model.params();
-    req.optimizer = &trainer.optimizer();
+    req.tensors = collect_state(model.params(), &trainer.optimizer(), {}, [](const Tensor& t) { return t; });
+    req.optimizer_t = trainer.optimizer().t();
     req.loader_rng = trainer.loader().state();
     req.tokenizer_blob = &tok.serialized();
     req.keep_last = cfg.checkpoint().keep_last();
@@ -191,7 +194,8 @@ LoadedModel load_from_checkpoint(const Args& a) {
   MOE_CHECK(!lm.manifest.tokenizer_file().empty(), "checkpoint " << lm.dir << " has no tokenizer");
   lm.tok = std::make_unique<Tokenizer>(lm.dir + "/" + lm.manifest.tokenizer_file());
   lm.model = std::make_unique<Model>(lm.cfg.model());
-  ckpt::load(lm.dir, lm.manifest, lm.model->params(), nullptr);
+  ckpt::Reader reader(lm.dir, lm.manifest);
+  restore_state(reader, lm.model->params(), nullptr, 0);
   return lm;
 }
 

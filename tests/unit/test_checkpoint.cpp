@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "checkpoints/checkpoint.h"
+#include "launcher/model_state.h"
 #include "core/model.h"
 #include "tests/unit/oracle.h"
 
@@ -46,8 +47,9 @@ TEST(Checkpoint, RoundTripLatestAndRetention) {
   const std::string tok = "not really a tokenizer";
   ckpt::SaveRequest req;
   req.config = &cfg;
-  req.params = &a.params();
-  req.optimizer = &opt_a;
+  req.tensors = launcher::collect_state(a.params(), &opt_a, {{"layers.0.ffn", {3, 1, 4}}},
+                                        [](const Tensor& t) { return t; });
+  req.optimizer_t = opt_a.t();
   req.loader_rng = {1, 2, 3, 4};
   req.tokenizer_blob = &tok;
   req.keep_last = 2;
@@ -69,7 +71,12 @@ TEST(Checkpoint, RoundTripLatestAndRetention) {
 
   Model b(cfg.model());
   AdamW opt_b(b.params(), cfg.optimizer());
-  ckpt::load(latest, m, b.params(), &opt_b);
+  ckpt::Reader reader(latest, m);
+  launcher::restore_state(reader, b.params(), &opt_b, 0);
+  opt_b.set_t(m.optimizer_t());
+  auto tables = launcher::read_routing_tables(reader, m);
+  ASSERT_EQ(tables.size(), 1u);
+  EXPECT_EQ(tables["layers.0.ffn"], (std::vector<int32_t>{3, 1, 4}));
   for (size_t i = 0; i < a.params().all().size(); ++i) {
     const Param* pa = a.params().all()[i];
     const Param* pb = b.params().all()[i];
@@ -80,6 +87,27 @@ TEST(Checkpoint, RoundTripLatestAndRetention) {
   EXPECT_EQ(opt_b.t(), 1);
 }
 
+// Expert-sharded tensors are stored globally and read back as row slices (the basis of resharding).
+TEST(Checkpoint, RowSliceReads) {
+  TempDir dir;
+  Config cfg = small_config();
+  Tensor global = Tensor::empty({4, 3});
+  for (int i = 0; i < 12; ++i) global.f32()[i] = static_cast<float>(i);
+  ckpt::SaveRequest req;
+  req.config = &cfg;
+  req.tensors = {{"params/experts", global}};
+  const std::string d = ckpt::save(dir.path(), req);
+  proto::Manifest m = ckpt::read_manifest(d);
+  ckpt::Reader r(d, m);
+  Tensor slice = Tensor::empty({2, 3});
+  r.read("params/experts", slice, 2);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(slice.f32()[i], 6.0f + i);
+  Tensor bad = Tensor::empty({2, 3});
+  EXPECT_NE(error_of([&] { r.read("params/experts", bad, 3); }).find("row offset 3"), std::string::npos);
+  Tensor wrong = Tensor::empty({2, 4});
+  EXPECT_NE(error_of([&] { r.read("params/experts", wrong, 0); }).find("shape"), std::string::npos);
+}
+
 TEST(Checkpoint, CorruptionShapeMismatchAndNonCheckpointAreClearErrors) {
   TempDir dir;
   Config cfg = small_config();
@@ -87,7 +115,7 @@ TEST(Checkpoint, CorruptionShapeMismatchAndNonCheckpointAreClearErrors) {
   a.init_weights(2);
   ckpt::SaveRequest req;
   req.config = &cfg;
-  req.params = &a.params();
+  req.tensors = launcher::collect_state(a.params(), nullptr, {}, [](const Tensor& t) { return t; });
   req.step = 5;
   const std::string d = ckpt::save(dir.path(), req);
   proto::Manifest m = ckpt::read_manifest(d);
@@ -96,7 +124,10 @@ TEST(Checkpoint, CorruptionShapeMismatchAndNonCheckpointAreClearErrors) {
   Config other = cfg;
   other.mutable_model()->set_d_ff(32);
   Model c(other.model());
-  std::string e = error_of([&] { ckpt::load(d, m, c.params(), nullptr); });
+  std::string e = error_of([&] {
+    ckpt::Reader r(d, m);
+    launcher::restore_state(r, c.params(), nullptr, 0);
+  });
   EXPECT_NE(e.find("layers.0.ffn.w_gate"), std::string::npos) << e;
   EXPECT_NE(e.find("shape"), std::string::npos) << e;
 
@@ -117,13 +148,19 @@ TEST(Checkpoint, CorruptionShapeMismatchAndNonCheckpointAreClearErrors) {
     f.write(bytes.data(), bytes.size());
   }
   Model b(cfg.model());
-  e = error_of([&] { ckpt::load(d, m, b.params(), nullptr); });
+  e = error_of([&] {
+    ckpt::Reader r(d, m);
+    launcher::restore_state(r, b.params(), nullptr, 0);
+  });
   EXPECT_NE(e.find("checksum mismatch"), std::string::npos) << e;
   EXPECT_NE(e.find("tok_emb.weight"), std::string::npos) << e;
 
   // truncated file
   std::filesystem::resize_file(h5, 100);
-  e = error_of([&] { ckpt::load(d, m, b.params(), nullptr); });
+  e = error_of([&] {
+    ckpt::Reader r(d, m);
+    launcher::restore_state(r, b.params(), nullptr, 0);
+  });
   EXPECT_NE(e.find("model.h5"), std::string::npos) << e;
 
   e = error_of([&] { ckpt::resolve(dir.path() + "/step_5/.."); });
