@@ -1,0 +1,199 @@
+// DispatchPlan: validation, the permutation (slots sorted by expert) and the permute / unpermute-combine kernels
+// with their backward. Loops parallelise over output rows or tokens, so no two threads write the same memory.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "router/router.h"
+
+namespace moe::router {
+
+uint64_t mix64(uint64_t x) {
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+int expert_capacity(int N, int k, int E, double capacity_factor) {
+  MOE_CHECK(N >= 0 && k >= 1 && E >= 1, "expert_capacity: need N >= 0, k >= 1, E >= 1 (got N " << N << ", k " << k
+                                                                                              << ", E " << E << ")");
+  MOE_CHECK(capacity_factor > 0 && std::isfinite(capacity_factor),
+            "expert_capacity: capacity_factor must be > 0 (got " << capacity_factor << ")");
+  const double v = static_cast<double>(k) * N * capacity_factor / E;
+  const double c = std::ceil(v - 1e-6 * v);
+  MOE_CHECK(c < 2147483647.0, "expert_capacity: capacity " << c << " overflows int");
+  return static_cast<int>(c);
+}
+
+// ---------------------------------------------------------------- plan bookkeeping
+void DispatchPlan::reset(int N, int k_, int E, int capacity_) {
+  MOE_CHECK(N >= 0 && k_ >= 1 && E >= 1, "DispatchPlan: need N >= 0, k >= 1, E >= 1 (got N " << N << ", k " << k_
+                                                                                             << ", E " << E << ")");
+  num_tokens = N;
+  k = k_;
+  num_experts = E;
+  capacity = capacity_;
+  const size_t S = static_cast<size_t>(N) * k_;
+  expert.assign(S, -1);
+  gate.assign(S, 0.0f);
+  position.assign(S, -1);
+  counts.assign(E, 0);
+  order.clear();
+  expert_offsets.assign(E + 1, 0);
+  row_of_slot.assign(S, -1);
+}
+
+void DispatchPlan::build_permutation() {
+  const int E = num_experts;
+  const int S = num_tokens * k;
+  MOE_CHECK(E >= 1 && k >= 1 && num_tokens >= 0, "DispatchPlan: bad shape N " << num_tokens << ", k " << k
+                                                                              << ", E " << E);
+  MOE_CHECK(static_cast<int>(expert.size()) == S && static_cast<int>(gate.size()) == S &&
+                static_cast<int>(position.size()) == S,
+            "DispatchPlan: expert/gate/position must hold N*k = " << S << " entries (got " << expert.size() << ", "
+                                                                  << gate.size() << ", " << position.size() << ")");
+  counts.assign(E, 0);
+  for (int s = 0; s < S; ++s) {
+    const int e = expert[s];
+    MOE_CHECK(e >= -1 && e < E, "DispatchPlan: slot " << s << " has expert " << e << " outside [-1, " << E << ")");
+    if (e < 0) {
+      MOE_CHECK(position[s] == -1 && gate[s] == 0.0f,
+                "DispatchPlan: dropped slot " << s << " must have position -1 and gate 0 (got " << position[s]
+                                              << ", " << gate[s] << ")");
+      continue;
+    }
+    MOE_CHECK(std::isfinite(gate[s]), "DispatchPlan: slot " << s << " has a non-finite gate");
+    ++counts[e];
+  }
+  // distinct experts per token
+  for (int n = 0; n < num_tokens; ++n)
+    for (int j = 0; j < k; ++j)
+      for (int i = 0; i < j; ++i)
+        MOE_CHECK(expert[n * k + j] < 0 || expert[n * k + j] != expert[n * k + i],
+                  "DispatchPlan: token " << n << " sends two slots to expert " << expert[n * k + j]);
+  if (capacity >= 0)
+    for (int e = 0; e < E; ++e)
+      MOE_CHECK(counts[e] <= capacity, "DispatchPlan: expert " << e << " holds " << counts[e]
+                                                               << " slots, over its capacity " << capacity);
+  // positions: per expert a permutation of 0..counts[e]-1
+  expert_offsets.assign(E + 1, 0);
+  for (int e = 0; e < E; ++e) expert_offsets[e + 1] = expert_offsets[e] + counts[e];
+  std::vector<uint8_t> seen(static_cast<size_t>(expert_offsets[E]), 0);
+  for (int s = 0; s < S; ++s) {
+    const int e = expert[s];
+    if (e < 0) continue;
+    const int p = position[s];
+    MOE_CHECK(p >= 0 && p < counts[e] && !seen[expert_offsets[e] + p],
+              "DispatchPlan: slot " << s << " has position " << p << " in expert " << e << " (which keeps "
+                                    << counts[e] << " slots): positions must be distinct in [0, count)");
+    seen[expert_offsets[e] + p] = 1;
+  }
+  // counting sort of the kept slots by expert; slot ids ascend, so within an expert rows go by token index
+  order.assign(static_cast<size_t>(expert_offsets[E]), -1);
+  row_of_slot.assign(S, -1);
+  std::vector<int32_t> next(expert_offsets.begin(), expert_offsets.end() - 1);
+  for (int s = 0; s < S; ++s) {
+    const int e = expert[s];
+    if (e < 0) continue;
+    const int r = next[e]++;
+    order[r] = s;
+    row_of_slot[s] = r;
+  }
+}
+
+int DispatchPlan::num_dropped() const {
+  return static_cast<int>(std::count(expert.begin(), expert.end(), -1));
+}
+double DispatchPlan::dropped_fraction() const {
+  const int S = num_slots();
+  return S == 0 ? 0.0 : static_cast<double>(num_dropped()) / S;
+}
+int DispatchPlan::load_min() const { return counts.empty() ? 0 : *std::min_element(counts.begin(), counts.end()); }
+int DispatchPlan::load_max() const { return counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end()); }
+
+// ---------------------------------------------------------------- permute
+void DispatchPlan::permute(float* out /*[rows,C]*/, const float* x /*[N,C]*/, int C) const {
+  const int R = rows();
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(R) * C > 65536)
+  for (int r = 0; r < R; ++r) {
+    const int n = order[r] / k;
+    std::memcpy(out + static_cast<int64_t>(r) * C, x + static_cast<int64_t>(n) * C, sizeof(float) * C);
+  }
+}
+
+void DispatchPlan::permute_backward(float* dx /*[N,C] +=*/, const float* dout /*[rows,C]*/, int C) const {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(num_tokens) * C > 65536)
+  for (int n = 0; n < num_tokens; ++n) {
+    float* dxn = dx + static_cast<int64_t>(n) * C;
+    for (int j = 0; j < k; ++j) {
+      const int r = row_of_slot[n * k + j];
+      if (r < 0) continue;
+      const float* g = dout + static_cast<int64_t>(r) * C;
+      for (int c = 0; c < C; ++c) dxn[c] += g[c];
+    }
+  }
+}
+
+// ---------------------------------------------------------------- unpermute + combine
+void DispatchPlan::unpermute_combine(float* out /*[N,C]*/, const float* y /*[rows,C]*/, int C) const {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(num_tokens) * C > 65536)
+  for (int n = 0; n < num_tokens; ++n) {
+    float* o = out + static_cast<int64_t>(n) * C;
+    std::fill(o, o + C, 0.0f);
+    for (int j = 0; j < k; ++j) {
+      const int s = n * k + j;
+      const int r = row_of_slot[s];
+      if (r < 0) continue;
+      const float g = gate[s];
+      const float* yr = y + static_cast<int64_t>(r) * C;
+      for (int c = 0; c < C; ++c) o[c] += g * yr[c];
+    }
+  }
+}
+
+void DispatchPlan::unpermute_combine_backward(float* dy /*[rows,C]*/, float* dgate /*[N*k]*/,
+                                              const float* dout /*[N,C]*/, const float* y /*[rows,C]*/,
+                                              int C) const {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(num_tokens) * C > 65536)
+  for (int n = 0; n < num_tokens; ++n) {
+    const float* d = dout + static_cast<int64_t>(n) * C;
+    for (int j = 0; j < k; ++j) {
+      const int s = n * k + j;
+      const int r = row_of_slot[s];
+      if (r < 0) {
+        if (dgate) dgate[s] = 0.0f;
+        continue;
+      }
+      if (dy) {
+        const float g = gate[s];
+        float* dyr = dy + static_cast<int64_t>(r) * C;
+        for (int c = 0; c < C; ++c) dyr[c] = g * d[c];
+      }
+      if (dgate) {
+        const float* yr = y + static_cast<int64_t>(r) * C;
+        double acc = 0.0;
+        for (int c = 0; c < C; ++c) acc += static_cast<double>(d[c]) * yr[c];
+        dgate[s] = static_cast<float>(acc);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- table routers' plan
+DispatchPlan make_top1_plan(const int32_t* expert /*[N]*/, int N, int E) {
+  DispatchPlan plan;
+  plan.reset(N, 1, E, -1);
+  std::vector<int32_t> fill(E, 0);
+  for (int n = 0; n < N; ++n) {
+    const int e = expert[n];
+    MOE_CHECK(e >= 0 && e < E, "router: token " << n << " routed to expert " << e << " outside [0, " << E << ")");
+    plan.expert[n] = e;
+    plan.gate[n] = 1.0f;
+    plan.position[n] = fill[e]++;
+  }
+  plan.build_permutation();
+  return plan;
+}
+
+}  // namespace moe::router
