@@ -12,13 +12,16 @@
 #include <vector>
 
 #include "checkpoints/checkpoint.h"
+#include "comm/communicator.h"
 #include "core/config.h"
 #include "core/data.h"
 #include "core/log.h"
 #include "core/model.h"
 #include "core/threads.h"
 #include "core/trainer.h"
+#include "experts/moe_layer.h"
 #include "launcher/model_state.h"
+#include "launcher/parallel.h"
 
 namespace fs = std::filesystem;
 
@@ -87,88 +90,128 @@ volatile std::sig_atomic_t g_stop_signal = 0;
 void on_signal(int sig) { g_stop_signal = sig; }
 
 // Tokenizer: the configured model, or one trained from the corpus into out_dir (reused when present).
-std::string prepare_tokenizer(const Config& cfg) {
+std::string prepare_tokenizer(const Config& cfg, Parallel& par) {
   if (!cfg.data().tokenizer_model().empty()) return cfg.data().tokenizer_model();
   const std::string path = cfg.train().out_dir() + "/tokenizer.model";
-  if (!fs::exists(path)) {
+  // rank 0 trains it (once per run directory); the others wait for it
+  const bool need = !fs::exists(path);
+  if (need && par.rank() == 0) {
     fs::create_directories(cfg.train().out_dir());
     MOE_INFO("training a " << cfg.data().tokenizer_type() << " tokenizer (" << cfg.data().tokenizer_vocab_size()
                            << " pieces) on " << cfg.data().train_file() << " -> " << path);
-    Tokenizer::train(cfg.data().train_file(), path, cfg.data().tokenizer_vocab_size(), cfg.data().tokenizer_type(),
-                     cfg.train().threads());
+    Tokenizer::train(cfg.data().train_file(), path + ".tmp.model", cfg.data().tokenizer_vocab_size(),
+                     cfg.data().tokenizer_type(), cfg.train().threads());
+    fs::rename(path + ".tmp.model", path);
+    fs::remove(path + ".tmp.vocab");
   }
+  par.world().barrier();
   return path;
 }
 
-int cmd_train(const Args& a) {
+std::vector<int64_t> token_counts(const Corpus& c, int V) {
+  std::vector<int64_t> counts(V, 0);
+  for (int32_t t : c.train) ++counts[t];
+  return counts;
+}
+
+int cmd_train(const Args& a, Parallel& par) {
   Config cfg = resolve_config(a);
   validate_config(cfg, /*needs_data=*/true);
+  MOE_CHECK(cfg.data().batch_size() % par.size() == 0,
+            "config field data.batch_size = " << cfg.data().batch_size() << ": must be divisible by the world size "
+                                              << par.size() << " (each rank trains on an equal share)");
   const int threads = set_num_threads(a.threads >= 0 ? a.threads : cfg.train().threads());
   const std::string ckpt_root = cfg.train().out_dir() + "/checkpoints";
+  const bool lead = par.rank() == 0;
 
-  int start_step = 0;
-  std::string resume_dir;
-  if (a.resume && fs::exists(ckpt_root + "/latest")) resume_dir = ckpt_root;
-  Tokenizer tok(prepare_tokenizer(cfg));
+  Tokenizer tok(prepare_tokenizer(cfg, par));
   if (cfg.model().vocab_size() == 0) cfg.mutable_model()->set_vocab_size(tok.vocab_size());
   MOE_CHECK(cfg.model().vocab_size() == tok.vocab_size(),
             "config field model.vocab_size = " << cfg.model().vocab_size() << " does not match the tokenizer's "
                                                << tok.vocab_size() << " pieces (set it to 0 to take it from the tokenizer)");
   Corpus corpus = load_corpus(tok, cfg.data().train_file(), cfg.data().val_fraction());
-  Model model(cfg.model());
+  const std::vector<int64_t> counts = token_counts(corpus, tok.vocab_size());
+
+  // a checkpoint to resume from (its routing tables are needed to build the model)
+  std::string resume_dir;
+  proto::Manifest manifest;
+  std::unique_ptr<ckpt::Reader> reader;
+  if (a.resume && fs::exists(ckpt_root + "/latest")) {
+    resume_dir = ckpt::resolve(ckpt_root);
+    manifest = ckpt::read_manifest(resume_dir);
+    reader = std::make_unique<ckpt::Reader>(resume_dir, manifest);
+  }
+  experts::FfnBuildContext fctx;
+  fctx.ep = par.expert_group();
+  fctx.token_counts = &counts;
+  fctx.seed = cfg.train().seed();
+  if (reader) fctx.routing_tables = read_routing_tables(*reader, manifest);
+  Model model(cfg.model(), experts::make_ffn_factory(fctx));
   model.init_weights(cfg.train().seed());
+  experts::init_expert_weights(model, cfg.train().seed());
   Trainer trainer(cfg, model, corpus);
 
-  if (!resume_dir.empty()) {
-    const std::string dir = ckpt::resolve(resume_dir);
-    proto::Manifest m = ckpt::read_manifest(dir);
-    ckpt::Reader reader(dir, m);
-    restore_state(reader, model.params(), &trainer.optimizer(), 0);
-    trainer.optimizer().set_t(m.optimizer_t());
-    MOE_CHECK(m.loader_rng_size() == 4, "checkpoint " << dir << ": manifest has no data-loader state");
-    trainer.loader().set_state({m.loader_rng(0), m.loader_rng(1), m.loader_rng(2), m.loader_rng(3)});
-    start_step = static_cast<int>(m.step());
-    MOE_INFO("resumed from " << dir << " at step " << start_step);
+  int start_step = 0;
+  if (reader) {
+    restore_state(*reader, model.params(), &trainer.optimizer(), par.ep_rank());
+    trainer.optimizer().set_t(manifest.optimizer_t());
+    MOE_CHECK(manifest.loader_rng_size() == 4, "checkpoint " << resume_dir << ": manifest has no data-loader state");
+    trainer.loader().set_state({manifest.loader_rng(0), manifest.loader_rng(1), manifest.loader_rng(2),
+                                manifest.loader_rng(3)});
+    start_step = static_cast<int>(manifest.step());
+    MOE_INFO("resumed from " << resume_dir << " at step " << start_step);
   } else if (a.resume) {
     MOE_INFO("--resume: no checkpoint under " << ckpt_root << ", starting fresh");
   }
-  {
+  if (lead) {
+    fs::create_directories(cfg.train().out_dir());
     std::ofstream f(cfg.train().out_dir() + "/config.txt");
     f << config_to_text(cfg);
+    MOE_INFO("model: " << cfg.model().n_layers() << " layers, d_model " << cfg.model().d_model() << ", heads "
+                       << cfg.model().n_heads() << "/" << cfg.model().n_kv_heads() << " (q/kv), vocab "
+                       << cfg.model().vocab_size() << ", " << model.params().numel() << " parameters on rank 0");
+    MOE_INFO("parallel: world " << par.size() << " = data " << par.dp_size() << " x expert " << par.ep_size()
+                                << "; threads per rank " << threads);
+    MOE_INFO("data: " << corpus.train.size() << " train / " << corpus.val.size()
+                      << " val tokens; unigram entropy (context-free baseline) " << corpus.unigram_entropy << " nats");
   }
-  MOE_INFO("model: " << cfg.model().n_layers() << " layers, d_model " << cfg.model().d_model() << ", heads "
-                     << cfg.model().n_heads() << "/" << cfg.model().n_kv_heads() << " (q/kv), vocab "
-                     << cfg.model().vocab_size() << ", " << model.params().numel() << " parameters");
-  MOE_INFO("data: " << corpus.train.size() << " train / " << corpus.val.size()
-                    << " val tokens; unigram entropy (context-free baseline) " << corpus.unigram_entropy
-                    << " nats; threads " << threads);
 
   std::signal(SIGTERM, on_signal);
   std::signal(SIGUSR1, on_signal);
   std::signal(SIGINT, on_signal);
   TrainHooks hooks;
-  hooks.should_stop = [] { return g_stop_signal != 0; };
+  hooks.print = lead;
+  hooks.shard_rank = par.rank();
+  hooks.shard_count = par.size();
+  if (par.size() > 1) {
+    hooks.mean_over_ranks = [&](double v) { return par.mean(v); };
+    hooks.reduce_grads = [&](ParamStore& ps) { par.reduce_grads(ps); };
+  }
+  hooks.should_stop = [&] { return par.any(g_stop_signal != 0); };
   hooks.maybe_checkpoint = [&](int step, bool final) {
     const int every = cfg.checkpoint().every();
     if (!final && !(every > 0 && step % every == 0)) return;
     ckpt::SaveRequest req;
     req.config = &cfg;
     req.step = step;
-    req.tensors = collect_state(model.params(), &trainer.optimizer(), {}, [](const Tensor& t) { return t; });
+    // collective: every rank takes part in gathering the expert shards; rank 0 writes
+    req.tensors = collect_state(model.params(), &trainer.optimizer(), experts::routing_tables(model),
+                                [&](const Tensor& t) { return par.gather_experts(t); });
     req.optimizer_t = trainer.optimizer().t();
     req.loader_rng = trainer.loader().state();
     req.tokenizer_blob = &tok.serialized();
     req.keep_last = cfg.checkpoint().keep_last();
-    const std::string dir = ckpt::save(ckpt_root, req);
-    MOE_INFO("checkpoint " << dir);
+    req.world_size = par.size();
+    if (lead) MOE_INFO("checkpoint " << ckpt::save(ckpt_root, req));
+    par.world().barrier();
   };
   if (start_step >= cfg.train().steps()) {
-    MOE_INFO("nothing to do: checkpoint step " << start_step << " >= train.steps " << cfg.train().steps());
+    if (lead) MOE_INFO("nothing to do: checkpoint step " << start_step << " >= train.steps " << cfg.train().steps());
     return 0;
   }
   trainer.run(hooks, start_step);
-  if (g_stop_signal) {
-    MOE_INFO("stopped by signal " << g_stop_signal << " after checkpointing");
+  if (g_stop_signal || par.any(false)) {
+    if (lead) MOE_INFO("stopped by a signal after checkpointing");
     return 3;  // requeue code for batch scripts
   }
   return 0;
@@ -193,8 +236,12 @@ LoadedModel load_from_checkpoint(const Args& a) {
   validate_config(lm.cfg, false);
   MOE_CHECK(!lm.manifest.tokenizer_file().empty(), "checkpoint " << lm.dir << " has no tokenizer");
   lm.tok = std::make_unique<Tokenizer>(lm.dir + "/" + lm.manifest.tokenizer_file());
-  lm.model = std::make_unique<Model>(lm.cfg.model());
+  // a single-rank model holds every expert: the checkpoint stores expert tensors with their global shapes
+  lm.cfg.mutable_parallel()->set_expert_parallel(1);
   ckpt::Reader reader(lm.dir, lm.manifest);
+  experts::FfnBuildContext fctx;
+  fctx.routing_tables = read_routing_tables(reader, lm.manifest);
+  lm.model = std::make_unique<Model>(lm.cfg.model(), experts::make_ffn_factory(fctx));
   restore_state(reader, lm.model->params(), nullptr, 0);
   return lm;
 }
@@ -241,11 +288,14 @@ int run_cli(int argc, char** argv) {
   int rc = 0;
   try {
     Args a = parse_args(argc, argv);
-    MOE_CHECK(world == 1 || a.command != "train",
-              "'moe train' on " << world << " ranks: multi-rank (data x expert parallel) training is not "
-                                << "available in this build; run it on one rank");
-    if (a.command == "train") rc = cmd_train(a);
-    else if (a.command == "generate") rc = cmd_generate(a);
+    if (a.command != "train" && a.command != "help")
+      MOE_CHECK(world == 1, "'moe " << a.command << "' runs on one rank (launched on " << world << ")");
+    if (a.command == "train") {
+      // the process groups come first: a layout error must reach every rank before any other work
+      Config peek = resolve_config(a);
+      Parallel par(comm::Communicator::world(), std::max(peek.parallel().expert_parallel(), 1));
+      rc = cmd_train(a, par);
+    } else if (a.command == "generate") rc = cmd_generate(a);
     else if (a.command == "eval") rc = cmd_eval(a);
     else if (a.command == "config") rc = cmd_config(a);
     else if (a.command == "help" || a.command == "--help" || a.command == "-h") std::cout << kUsage;

@@ -1,0 +1,95 @@
+#include "launcher/parallel.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/kernels/cpu/kernels.h"
+
+namespace moe::launcher {
+
+Parallel::Parallel(std::unique_ptr<comm::Communicator> world, int expert_parallel)
+    : groups_(comm::make_process_groups(*world, expert_parallel)) {
+  // make_process_groups keeps its own handle on the world; ours can go
+}
+
+double Parallel::mean(double v) {
+  if (size() == 1) return v;
+  groups_.world->all_reduce_sum(&v, 1);
+  return v / size();
+}
+
+bool Parallel::any(bool flag) {
+  if (size() == 1) return flag;
+  double v = flag ? 1.0 : 0.0;
+  groups_.world->all_reduce_sum(&v, 1);
+  return v > 0;
+}
+
+void Parallel::reduce_grads(ParamStore& ps) {
+  const float inv = 1.0f / static_cast<float>(size());
+  if (size() == 1) return;
+  // 1. every non-expert gradient in one flat buffer, one all-reduce over the world
+  int64_t n = 0;
+  for (const Param* p : ps.all())
+    if (!p->expert_sharded) n += p->grad.numel();
+  if (static_cast<int64_t>(flat_.size()) < n) flat_.resize(n);
+  int64_t off = 0;
+  for (const Param* p : ps.all())
+    if (!p->expert_sharded) {
+      std::memcpy(flat_.data() + off, p->grad.f32(), p->grad.nbytes());
+      off += p->grad.numel();
+    }
+  if (n) groups_.world->all_reduce_sum(flat_.data(), static_cast<size_t>(n));
+  off = 0;
+  for (Param* p : ps.all())
+    if (!p->expert_sharded) {
+      float* g = p->grad.f32();
+      const float* s = flat_.data() + off;
+      for (int64_t i = 0; i < p->grad.numel(); ++i) g[i] = s[i] * inv;
+      off += p->grad.numel();
+    }
+  // 2. expert shards over their data-parallel replicas
+  comm::Communicator* dp = groups_.dp_size > 1 ? groups_.data_parallel.get() : nullptr;
+  for (Param* p : ps.all()) {
+    if (!p->expert_sharded) continue;
+    if (!p->row_sparse) {
+      if (dp) dp->all_reduce_sum(p->grad.f32(), static_cast<size_t>(p->grad.numel()));
+      cpu::scale_inplace(p->grad.f32(), inv, p->grad.numel());
+      continue;
+    }
+    const int64_t rs = p->row_size();
+    if (dp) {
+      // union of the touched rows of all replicas: gather counts, then the (padded) row lists
+      const int P = dp->size();
+      int64_t mine = static_cast<int64_t>(p->touched.size());
+      std::vector<int64_t> counts(P);
+      dp->all_gather(&mine, counts.data(), sizeof(int64_t));
+      const int64_t maxc = *std::max_element(counts.begin(), counts.end());
+      std::vector<int64_t> send(maxc, -1), all(maxc * P);
+      std::copy(p->touched.begin(), p->touched.end(), send.begin());
+      if (maxc) dp->all_gather(send.data(), all.data(), sizeof(int64_t) * maxc);
+      for (int64_t r : all)
+        if (r >= 0) p->touch_row(r);
+      std::vector<int64_t> rows(p->touched.begin(), p->touched.end());
+      std::sort(rows.begin(), rows.end());
+      std::vector<float> packed(rows.size() * rs);
+      for (size_t i = 0; i < rows.size(); ++i)
+        std::memcpy(packed.data() + i * rs, p->grad.f32() + rows[i] * rs, sizeof(float) * rs);
+      if (!packed.empty()) dp->all_reduce_sum(packed.data(), packed.size());
+      for (size_t i = 0; i < rows.size(); ++i)
+        std::memcpy(p->grad.f32() + rows[i] * rs, packed.data() + i * rs, sizeof(float) * rs);
+    }
+    for (int64_t r : p->touched) cpu::scale_inplace(p->grad.f32() + r * rs, inv, rs);
+  }
+}
+
+Tensor Parallel::gather_experts(const Tensor& local) {
+  if (groups_.ep_size == 1) return local;
+  Shape shape = local.shape();
+  shape[0] *= groups_.ep_size;
+  Tensor global = Tensor::empty(shape, local.dtype());
+  groups_.expert_parallel->all_gather(local.raw(), global.raw(), local.nbytes());
+  return global;
+}
+
+}  // namespace moe::launcher
