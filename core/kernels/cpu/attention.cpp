@@ -16,44 +16,16 @@
 
 #include "core/error.h"
 #include "core/kernels/cpu/kernels.h"
+#include "core/kernels/cpu/vec_math.h"
 
 namespace moe::cpu {
 namespace {
 
+using detail::row_max;
+using detail::vexp;
+
 constexpr int64_t kParMin = 16384;  // below this much work a loop stays on one thread
 constexpr int kRowBlock = 32;        // query rows per sgemm block in attention
-
-// exp(x) in float that vectorises under `omp simd` (the same helper as in ops.cpp; keep them in sync):
-// Cephes' expf, <= 2 ulp; 0 below -87.3, saturates at exp(88) above 88.
-inline float vexp(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
-  const float fn = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (xc - fn * 0.693359375f) - fn * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(fn) + 127) << 23);
-  return x < -87.3f ? 0.0f : e * scale;
-}
-
-// max of x[0..n) (-inf for n == 0). `omp simd reduction(max)` over std::max stays scalar in GCC without
-// -ffast-math; 16 independent lanes of compare-and-select vectorise.
-inline float row_max(const float* x, int n) {
-  constexpr int kLanes = 16;
-  float m[kLanes];
-  for (int l = 0; l < kLanes; ++l) m[l] = -INFINITY;
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) m[l] = x[i + l] > m[l] ? x[i + l] : m[l];
-  float r = -INFINITY;
-  for (int l = 0; l < kLanes; ++l) r = m[l] > r ? m[l] : r;
-  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
-  return r;
-}
 
 // cs[T, D/2, 2] = (cos, sin) of (pos0 + t) * theta^(-2i/D), computed in double (large positions stay accurate)
 std::vector<float> rope_table(int T, int D, int pos0, float theta) {

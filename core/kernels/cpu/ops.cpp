@@ -9,46 +9,16 @@
 
 #include "core/error.h"
 #include "core/kernels/cpu/kernels.h"
+#include "core/kernels/cpu/vec_math.h"
 
 namespace moe::cpu {
 namespace {
 
+using detail::row_max;
+using detail::vexp;
+
 constexpr int64_t kParMin = 16384;         // below this many elements a row loop stays on one thread
 constexpr int64_t kParMinFlat = 1 << 16;  // elementwise loops: memory-bound, only worth splitting when large
-
-// exp(x) in float that vectorises under `omp simd` (glibc's expf does not without -ffast-math): Cephes' expf,
-// range reduction x = n ln2 + r, degree-6 polynomial, scale by 2^n through the exponent bits; <= 2 ulp.
-// Returns 0 below -87.3 (no denormals) and saturates at exp(88) ~ 1.6e38 above 88; NaN propagates.
-// (The same helper is in attention.cpp; keep them in sync.)
-inline float vexp(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
-  const float fn = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2), |n| <= 127
-  const float r = (xc - fn * 0.693359375f) - fn * -2.12194440e-4f;           // x - n ln2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(fn) + 127) << 23);  // 2^n
-  return x < -87.3f ? 0.0f : e * scale;
-}
-
-// max of x[0..n) (-inf for n == 0). `omp simd reduction(max)` over std::max stays scalar in GCC without
-// -ffast-math; 16 independent lanes of compare-and-select vectorise.
-inline float row_max(const float* x, int n) {
-  constexpr int kLanes = 16;
-  float m[kLanes];
-  for (int l = 0; l < kLanes; ++l) m[l] = -INFINITY;
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) m[l] = x[i + l] > m[l] ? x[i + l] : m[l];
-  float r = -INFINITY;
-  for (int l = 0; l < kLanes; ++l) r = m[l] > r ? m[l] : r;
-  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
-  return r;
-}
 
 inline float vsigmoid(float x) { return 1.0f / (1.0f + vexp(-x)); }
 
