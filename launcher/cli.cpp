@@ -3,6 +3,7 @@
 #include <mpi.h>
 
 #include <csignal>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -187,7 +188,16 @@ int cmd_train(const Args& a, Parallel& par) {
     hooks.mean_over_ranks = [&](double v) { return par.mean(v); };
     hooks.reduce_grads = [&](ParamStore& ps) { par.reduce_grads(ps); };
   }
-  hooks.should_stop = [&] { return par.any(g_stop_signal != 0); };
+  // Fault injection for tests of the failure path: MOE_FAULT_RANK=r MOE_FAULT_STEP=s makes rank r throw at step s.
+  const char* fault_rank = std::getenv("MOE_FAULT_RANK");
+  const char* fault_step = std::getenv("MOE_FAULT_STEP");
+  int step_seen = start_step;
+  hooks.should_stop = [&] {
+    ++step_seen;
+    if (fault_rank && fault_step && std::atoi(fault_rank) == par.rank() && std::atoi(fault_step) == step_seen)
+      MOE_THROW("injected fault (MOE_FAULT_RANK=" << fault_rank << ", MOE_FAULT_STEP=" << fault_step << ")");
+    return par.any(g_stop_signal != 0);
+  };
   hooks.maybe_checkpoint = [&](int step, bool final) {
     const int every = cfg.checkpoint().every();
     if (!final && !(every > 0 && step % every == 0)) return;
