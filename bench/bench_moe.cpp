@@ -1,0 +1,262 @@
+// MoE benchmarks, one table per run (run under mpirun at 1 and 2 ranks):
+//  1. MoE layer forward+backward time split into route / permute / all-to-all / regroup / expert GEMM / combine
+//     (d_model 512, 8 experts, top-2, 4096 tokens in the global batch), and the dispatch overhead
+//     (everything but expert GEMM and all-to-all) as a fraction of the layer time;
+//  2. all-to-all bandwidth of our communicator vs raw MPI_Alltoallv of the same bytes;
+//  3. expert GEMM (ExpertBank) vs raw cblas_sgemm of the same FLOPs;
+//  4. word-expert step time (forward + backward + zero_grad + AdamW) at 1k, 16k and 128k experts.
+// usage: mpirun -np N bench_moe [--tokens 4096] [--d_model 512] [--experts 8] [--d_expert 1024] [--iters 3]
+#include <cblas.h>
+#include <mpi.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "core/optimizer.h"
+#include "core/threads.h"
+#include "experts/moe_layer.h"
+#include "launcher/parallel.h"
+
+using namespace moe;
+using clk = std::chrono::steady_clock;
+
+namespace {
+double now_s() { return std::chrono::duration<double>(clk::now().time_since_epoch()).count(); }
+
+double max_over_ranks(double v) {
+  double m = v;
+  MPI_Allreduce(&v, &m, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return m;
+}
+
+proto::ModelConfig layer_config(int C, int E, int F, int k) {
+  proto::ModelConfig m;
+  m.set_d_model(C);
+  m.set_d_ff(F);
+  m.set_vocab_size(1024);
+  m.set_n_layers(1);
+  m.set_n_heads(1);
+  m.set_init_std(0.02f);
+  auto* e = m.mutable_moe();
+  e->set_num_experts(E);
+  e->set_top_k(k);
+  e->set_d_expert(F);
+  e->set_capacity_factor(1.25f);
+  e->set_aux_loss_coef(0.01f);
+  return m;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  int tokens = 4096, C = 512, E = 8, F = 1024, iters = 3, k = 2, threads = 0;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string a = argv[i];
+    int v = std::atoi(argv[i + 1]);
+    if (a == "--tokens") tokens = v;
+    else if (a == "--d_model") C = v;
+    else if (a == "--experts") E = v;
+    else if (a == "--d_expert") F = v;
+    else if (a == "--iters") iters = v;
+    else if (a == "--threads") threads = v;
+  }
+  int world_n = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &world_n);
+  launcher::Parallel par(comm::Communicator::world(), /*expert_parallel=*/world_n);
+  const int W = par.size(), rank = par.rank();
+  const int nt = set_num_threads(threads);
+  const int N = tokens / W;  // this rank's tokens
+  const bool lead = rank == 0;
+  if (lead)
+    std::printf("bench_moe: %d rank(s) x %d thread(s); d_model %d, %d experts (top-%d, cf 1.25), d_expert %d, "
+                "%d tokens (%d per rank)\n", W, nt, C, E, k, F, tokens, N);
+
+  // ------------------------------------------------------------ 1. MoE layer split
+  proto::ModelConfig cfg = layer_config(C, E, F, k);
+  ParamStore ps;
+  experts::MoeFfn layer(ps, "moe", cfg, par.expert_group(), 1);
+  Rng rng(3 + rank);
+  for (Param* p : ps.all())
+    for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = rng.normal() * 0.02f;
+  std::vector<float> x(size_t(N) * C), y(x.size()), dy(x.size()), dx(x.size());
+  for (auto& v : x) v = rng.normal();
+  for (auto& v : dy) v = rng.normal();
+  FfnContext ctx;
+  auto run_layer = [&] {
+    layer.forward(ctx, y.data(), x.data(), N);
+    layer.backward(ctx, dx.data(), dy.data(), N);
+  };
+  run_layer();
+  layer.reset_timings();
+  MPI_Barrier(MPI_COMM_WORLD);
+  double t0 = now_s();
+  for (int i = 0; i < iters; ++i) run_layer();
+  const double total = max_over_ranks((now_s() - t0) / iters);
+  auto& dt = layer.dispatcher().timings();
+  const double route = max_over_ranks(layer.route_seconds() / iters);
+  const double permute = max_over_ranks(dt.permute / iters);
+  const double a2a = max_over_ranks(dt.all_to_all / iters);
+  const double regroup = max_over_ranks(dt.regroup / iters);
+  const double expert = max_over_ranks(layer.expert_seconds() / iters);
+  const double combine = max_over_ranks(layer.combine_seconds() / iters);
+  const double overhead = total - expert - a2a;
+  if (lead) {
+    std::printf("\n%-44s %10s %8s\n", "MoE layer fwd+bwd (max over ranks)", "ms", "share");
+    auto row = [&](const char* n, double s) { std::printf("%-44s %10.2f %7.1f%%\n", n, s * 1e3, 100 * s / total); };
+    row("route (router GEMM, softmax, top-k, losses)", route);
+    row("permute (gather rows by expert)", permute);
+    row("all-to-all (counts + rows, both ways)", a2a);
+    row("regroup (source-major <-> expert-major)", regroup);
+    row("expert GEMM (ExpertBank fwd+bwd)", expert);
+    row("combine (unpermute * gates, fwd+bwd)", combine);
+    row("total", total);
+    std::printf("%-44s %10.2f %7.1f%%   (target <= 15%%)\n", "dispatch overhead = total - expert - all-to-all",
+                overhead * 1e3, 100 * overhead / total);
+  }
+
+  // ------------------------------------------------------------ 2. all-to-all vs raw MPI
+  if (W > 1) {
+    const int64_t rows_per_peer = N * k / W;
+    std::vector<int64_t> counts(W, rows_per_peer);
+    std::vector<float> send(size_t(rows_per_peer) * W * C, 1.0f), recv(send.size());
+    std::vector<int> ic(W, static_cast<int>(rows_per_peer * C)), id(W);
+    for (int r = 0; r < W; ++r) id[r] = static_cast<int>(r * rows_per_peer * C);
+    const int reps = 20;
+    auto bench = [&](auto&& f) {
+      f();
+      MPI_Barrier(MPI_COMM_WORLD);
+      double s = now_s();
+      for (int i = 0; i < reps; ++i) f();
+      return max_over_ranks((now_s() - s) / reps);
+    };
+    const double ours = bench([&] { par.world().all_to_all_v(send.data(), counts.data(), recv.data(), counts.data(), C); });
+    const double raw = bench([&] {
+      MPI_Alltoallv(send.data(), ic.data(), id.data(), MPI_FLOAT, recv.data(), ic.data(), id.data(), MPI_FLOAT,
+                    MPI_COMM_WORLD);
+    });
+    const double bytes = double(send.size()) * 4;
+    if (lead) {
+      std::printf("\n%-44s %10s %10s %8s\n", "all-to-all, same bytes per rank", "GB/s", "ms", "ratio");
+      std::printf("%-44s %10.2f %10.3f %7.2fx\n", "ours (Communicator::all_to_all_v)", bytes / ours * 1e-9, ours * 1e3,
+                  raw / ours);
+      std::printf("%-44s %10.2f %10.3f %7.2fx\n", "raw MPI_Alltoallv", bytes / raw * 1e-9, raw * 1e3, 1.0);
+      std::printf("(%.1f MiB sent per rank per call)\n", bytes / 1048576);
+    }
+  }
+
+  // ------------------------------------------------------------ 3. expert GEMM vs raw sgemm (local, rank 0 shape)
+  {
+    const int El = E / par.ep_size();
+    const int64_t rows_total = int64_t(N) * k;  // about what this rank's experts receive
+    std::vector<int64_t> off(El + 1);
+    for (int e = 0; e <= El; ++e) off[e] = rows_total * e / El;
+    ParamStore bps;
+    experts::ExpertBank bank(bps, "bank", experts::ExpertBankDims{El, C, F, proto::SWIGLU});
+    for (Param* p : bps.all())
+      for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = rng.normal() * 0.02f;
+    std::vector<float> bx(size_t(rows_total) * C), by(bx.size()), bdy(bx.size()), bdx(bx.size());
+    for (auto& v : bx) v = rng.normal();
+    for (auto& v : bdy) v = rng.normal();
+    // the same FLOPs as raw sgemm calls: 3 GEMMs of [rows_e, C] x [C, F] per expert
+    std::vector<float> h(size_t(rows_total) * F), w(size_t(F) * C);
+    for (auto& v : w) v = rng.normal();
+    auto raw_fwd = [&] {
+      for (int e = 0; e < El; ++e) {
+        const int m = static_cast<int>(off[e + 1] - off[e]);
+        const float* xe = bx.data() + off[e] * C;
+        float* he = h.data() + off[e] * F;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, F, C, 1, xe, C, w.data(), C, 0, he, F);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, F, C, 1, xe, C, w.data(), C, 0, he, F);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, C, F, 1, he, F, w.data(), C, 0,
+                    by.data() + off[e] * C, C);
+      }
+    };
+    // interleaved, best of each
+    double fwd = 1e30, raw = 1e30;
+    for (int r = 0; r < iters + 2; ++r) {
+      double s = now_s();
+      bank.forward(by.data(), bx.data(), off.data());
+      fwd = std::min(fwd, now_s() - s);
+      s = now_s();
+      raw_fwd();
+      raw = std::min(raw, now_s() - s);
+    }
+    const double flops = 3.0 * 2.0 * rows_total * C * F;
+    if (lead) {
+      std::printf("\n%-44s %10s %10s %8s\n", "expert FFN forward (rank 0)", "GF/s", "ms", "ratio");
+      std::printf("%-44s %10.1f %10.2f %7.2fx\n", "ExpertBank (SwiGLU, one GEMM per expert)", flops / fwd * 1e-9,
+                  fwd * 1e3, raw / fwd);
+      std::printf("%-44s %10.1f %10.2f %7.2fx\n", "raw cblas_sgemm, same shapes", flops / raw * 1e-9, raw * 1e3, 1.0);
+    }
+  }
+
+  // ------------------------------------------------------------ 4. word experts: step time vs table size
+  {
+    const int Cw = 32, Fw = 16, Nw = tokens / W, V = 1024;
+    std::vector<int32_t> ids(Nw);
+    Rng tr(11 + rank);
+    for (auto& t : ids) t = static_cast<int32_t>(tr.below(V));
+    std::vector<int64_t> counts(V);
+    for (int i = 0; i < V; ++i) counts[i] = V - i;
+    std::vector<float> wx(size_t(Nw) * Cw), wy(wx.size()), wdy(wx.size()), wdx(wx.size());
+    for (auto& v : wx) v = tr.normal();
+    for (auto& v : wdy) v = tr.normal();
+    if (lead) std::printf("\n%-44s %10s %8s\n", "word-expert layer step (fwd+bwd+AdamW)", "ms", "vs 1k");
+    struct Table {
+      int E;
+      ParamStore ps;
+      std::unique_ptr<experts::WordExpertFfn> layer;
+      std::unique_ptr<AdamW> opt;
+      std::vector<double> times;
+    };
+    std::vector<std::unique_ptr<Table>> tables;
+    proto::OptimizerConfig oc;
+    oc.set_lr(1e-3f); oc.set_beta1(0.9f); oc.set_beta2(0.95f); oc.set_eps(1e-8f);
+    for (int Ew : {1024, 16384, 131072}) {
+      auto t = std::make_unique<Table>();
+      t->E = Ew;
+      proto::ModelConfig wc;
+      wc.set_d_model(Cw);
+      wc.set_vocab_size(V);
+      wc.set_activation(proto::SWIGLU);
+      wc.mutable_word_experts()->set_num_experts(Ew);
+      wc.mutable_word_experts()->set_d_expert(Fw);
+      wc.mutable_word_experts()->set_num_frequent(std::min(Ew / 2, V));
+      t->layer = std::make_unique<experts::WordExpertFfn>(t->ps, "we", wc, par.expert_group(), &counts, nullptr);
+      t->opt = std::make_unique<AdamW>(t->ps, oc);
+      tables.push_back(std::move(t));
+    }
+    FfnContext wctx;
+    wctx.token_ids = ids.data();
+    auto step = [&](Table& t) {
+      t.ps.zero_grad();
+      t.layer->forward(wctx, wy.data(), wx.data(), Nw);
+      t.layer->backward(wctx, wdx.data(), wdy.data(), Nw);
+      t.opt->step(1e-3f);
+    };
+    for (int rep = 0; rep < 11; ++rep)  // round robin over the sizes: the same machine state for each
+      for (auto& t : tables) {
+        MPI_Barrier(MPI_COMM_WORLD);
+        const double s = now_s();
+        step(*t);
+        if (rep >= 2) t->times.push_back(max_over_ranks(now_s() - s));
+      }
+    double base = 0;
+    for (auto& t : tables) {
+      std::sort(t->times.begin(), t->times.end());
+      const double med = t->times[t->times.size() / 2];
+      if (t->E == 1024) base = med;
+      if (lead) {
+        char name[64];
+        std::snprintf(name, sizeof name, "%d experts (d %d, d_expert %d, %d tokens)", t->E, Cw, Fw, Nw * W);
+        std::printf("%-44s %10.3f %7.2fx   (target <= 1.2x)\n", name, med * 1e3, med / base);
+      }
+    }
+  }
+  MPI_Finalize();
+  return 0;
+}
