@@ -1,24 +1,52 @@
-// Process groups: world = data parallel x expert parallel (see communicator.h). Backend-independent.
+// Backend factory: the one place that knows every backend (NCCL only in CUDA builds, MOE_HAVE_NCCL).
+#include <mpi.h>
+
 #include "comm/communicator.h"
+#include "comm/mpi/mpi_comm.h"
 #include "core/error.h"
+#if defined(MOE_HAVE_NCCL) && MOE_HAVE_NCCL
+#include "comm/nccl/nccl_comm.h"
+#endif
 
 namespace moe::comm {
 
-ProcessGroups make_process_groups(Communicator& world, int expert_parallel) {
-  const int W = world.size();
-  MOE_CHECK(expert_parallel >= 1, "config field parallel.expert_parallel = " << expert_parallel << ": must be >= 1");
-  MOE_CHECK(W % expert_parallel == 0, "config field parallel.expert_parallel = "
-                                          << expert_parallel << ": the world size " << W
-                                          << " must be divisible by it (world = data parallel x expert parallel)");
-  ProcessGroups g;
-  g.ep_size = expert_parallel;
-  g.dp_size = W / expert_parallel;
-  g.ep_rank = world.rank() % expert_parallel;
-  g.dp_rank = world.rank() / expert_parallel;
-  g.world = world.split(0, world.rank());
-  g.expert_parallel = world.split(g.dp_rank, g.ep_rank);
-  g.data_parallel = world.split(g.ep_rank, g.dp_rank);
-  return g;
+std::unique_ptr<Communicator> Communicator::world() {
+  int init = 0, fin = 0;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  MOE_CHECK(init && !fin, "Communicator::world: MPI is " << (fin ? "already finalised" : "not initialised")
+                                                         << " (MPI_Init must run first)");
+  // a duplicate: our traffic and error handler stay apart from raw MPI_COMM_WORLD users
+  MPI_Comm dup = MPI_COMM_NULL;
+  MOE_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
+  return std::make_unique<MpiCommunicator>(dup, /*owns=*/true);
+}
+
+bool backend_available(const std::string& backend) {
+  if (backend == "mpi") return true;
+#if defined(MOE_HAVE_NCCL) && MOE_HAVE_NCCL
+  if (backend == "nccl") return true;
+#endif
+  return false;
+}
+
+std::unique_ptr<Communicator> make_communicator(const std::string& backend, double deadline_s) {
+  if (backend == "mpi") {
+    auto c = Communicator::world();
+    c->set_deadline(deadline_s);
+    return c;
+  }
+  if (backend == "nccl") {
+#if defined(MOE_HAVE_NCCL) && MOE_HAVE_NCCL
+    auto c = NcclCommunicator::create(MPI_COMM_WORLD, /*device=*/-1, deadline_s > 0 ? deadline_s : kNcclSetupDeadline);
+    c->set_deadline(deadline_s);
+    return c;
+#else
+    MOE_THROW("communication backend 'nccl' is not available: this build has no CUDA/NCCL (configure with "
+              "-DMOE_CUDA=ON where nvcc and NCCL exist)");
+#endif
+  }
+  MOE_THROW("unknown communication backend '" << backend << "' (known: mpi, nccl)");
 }
 
 }  // namespace moe::comm
