@@ -125,6 +125,7 @@ void fill_defaults(Config& cfg) {
   auto* g = cfg.mutable_generate();
   if (g->max_new_tokens() == 0) g->set_max_new_tokens(200);
   if (cfg.parallel().expert_parallel() == 0) cfg.mutable_parallel()->set_expert_parallel(1);
+  if (cfg.parallel().collective_timeout_s() == 0) cfg.mutable_parallel()->set_collective_timeout_s(600);
 }
 
 #define MOE_CHECK_FIELD(cond, field, value, why) \
@@ -220,6 +221,8 @@ void validate_config(const Config& cfg, bool needs_data) {
   MOE_CHECK_FIELD(t.threads() >= 0, "train.threads", t.threads(), "must be >= 0");
   MOE_CHECK_FIELD(cfg.parallel().expert_parallel() > 0, "parallel.expert_parallel", cfg.parallel().expert_parallel(),
                   "must be > 0");
+  MOE_CHECK_FIELD(cfg.parallel().collective_timeout_s() > 0, "parallel.collective_timeout_s",
+                  cfg.parallel().collective_timeout_s(), "must be > 0");
   MOE_CHECK_FIELD(cfg.checkpoint().every() >= 0, "checkpoint.every", cfg.checkpoint().every(), "must be >= 0");
   MOE_CHECK_FIELD(cfg.checkpoint().keep_last() >= 0, "checkpoint.keep_last", cfg.checkpoint().keep_last(),
                   "must be >= 0");

@@ -303,7 +303,9 @@ int run_cli(int argc, char** argv) {
     if (a.command == "train") {
       // the process groups come first: a layout error must reach every rank before any other work
       Config peek = resolve_config(a);
-      Parallel par(comm::Communicator::world(), std::max(peek.parallel().expert_parallel(), 1));
+      auto world_comm = comm::Communicator::world();
+      world_comm->set_deadline(peek.parallel().collective_timeout_s());  // inherited by the process groups
+      Parallel par(std::move(world_comm), std::max(peek.parallel().expert_parallel(), 1));
       rc = cmd_train(a, par);
     } else if (a.command == "generate") rc = cmd_generate(a);
     else if (a.command == "eval") rc = cmd_eval(a);
