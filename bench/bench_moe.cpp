@@ -225,7 +225,7 @@ int main(int argc, char** argv) {
       wc.set_activation(proto::SWIGLU);
       wc.mutable_word_experts()->set_num_experts(Ew);
       wc.mutable_word_experts()->set_d_expert(Fw);
-      wc.mutable_word_experts()->set_num_frequent(std::min(Ew / 2, V));
+      wc.mutable_word_experts()->set_num_frequent(V);  // every token its own expert: the same routing at every size
       t->layer = std::make_unique<experts::WordExpertFfn>(t->ps, "we", wc, par.expert_group(), &counts, nullptr);
       t->opt = std::make_unique<AdamW>(t->ps, oc);
       tables.push_back(std::move(t));

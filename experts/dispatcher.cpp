@@ -1,5 +1,6 @@
 #include "experts/dispatcher.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -9,8 +10,9 @@ namespace moe::experts {
 namespace {
 using clk = std::chrono::steady_clock;
 double since(clk::time_point t) { return std::chrono::duration<double>(clk::now() - t).count(); }
+// Never null, even for zero rows: the expert units use a non-null input pointer as "a forward happened".
 float* grow(std::vector<float>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  if (static_cast<int64_t>(v.size()) < std::max<int64_t>(n, 1)) v.resize(std::max<int64_t>(n, 1));
   return v.data();
 }
 }  // namespace

@@ -126,14 +126,18 @@ void compare(const StepResult& ref, const StepResult& got, const std::string& wh
 TEST(MoeParallel, StepMatchesSingleRank) {
   const int W = world_size();
   const int B = 8, T = 6;  // B divisible by 1, 2 and 4
-  {
-    const proto::ModelConfig cfg = moe_config(/*experts=*/8, /*word experts=*/16, /*dropless=*/true);
+  // second case: 128 word experts of which only the first ~41 are used, so at ep >= 2 some ranks' experts get no
+  // rows at all (they must still take part in every collective and produce zero gradients)
+  for (int word_experts : {16, 128}) {
+    proto::ModelConfig cfg = moe_config(/*experts=*/8, word_experts, /*dropless=*/true);
+    if (word_experts == 128) cfg.mutable_word_experts()->set_num_frequent(41);
     const StepResult ref = run_step(cfg, nullptr, B, T);
     for (int ep = 1; ep <= W; ++ep) {
       if (W % ep) continue;
       launcher::Parallel par(comm::Communicator::world(), ep);
       compare(ref, run_step(cfg, &par, B, T),
-              "world " + std::to_string(W) + " expert-parallel " + std::to_string(ep));
+              "world " + std::to_string(W) + " expert-parallel " + std::to_string(ep) + " word experts " +
+                  std::to_string(word_experts));
     }
   }
 }
