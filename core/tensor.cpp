@@ -1,5 +1,7 @@
 #include "core/tensor.h"
 
+#include "core/host_alloc.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -55,7 +57,7 @@ void* device_alloc(Device d, size_t bytes) {
   MOE_CHECK(d == Device::kCPU, "this build has no CUDA support (configure with nvcc present and -DMOE_CUDA=ON)");
   void* p = nullptr;
   if (bytes == 0) bytes = 64;
-  MOE_CHECK(posix_memalign(&p, 64, bytes) == 0, "out of host memory allocating " << bytes << " bytes");
+  p = host_alloc(bytes);
   return p;
 }
 void device_free(Device, void* p) { std::free(p); }

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 
 #include "core/config.h"
 #include "core/error.h"
@@ -43,6 +44,14 @@ void init_by_global_expert(Param* p, int64_t first_global, uint64_t seed, float 
     else
       for (int64_t i = 0; i < per; ++i) w[e * per + i] = rng.normal() * std;
   }
+}
+
+// Multiplier s, coprime to E and near 0.618 E: e -> (e * s) mod E is a permutation of [0, E) that scatters
+// consecutive ids over the whole range.
+int64_t spread_multiplier(int64_t E) {
+  int64_t s = std::max<int64_t>(1, static_cast<int64_t>(0.6180339887 * static_cast<double>(E)) | 1);
+  while (std::gcd(s, E) != 1) s += 2;
+  return s % std::max<int64_t>(E, 1);
 }
 
 uint64_t name_hash(const std::string& s) {
@@ -125,6 +134,7 @@ WordExpertFfn::WordExpertFfn(ParamStore& ps, const std::string& prefix, const pr
       table_(ps, prefix + ".experts",
              WordExpertDims{cfg.word_experts().num_experts() / ep_size(ep), cfg.d_model(),
                             cfg.word_experts().d_expert(), cfg.activation()}) {
+  spread_ = spread_multiplier(E_);
   const auto& w = cfg.word_experts();
   if (w.hash_routing()) {
     hash_.emplace(E_);
@@ -147,7 +157,15 @@ std::vector<int32_t> WordExpertFfn::routing_table() const { return vocab_ ? voca
 
 void WordExpertFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   MOE_CHECK(ctx.token_ids, "word-expert FFN needs the token ids of its rows");
-  plan_ = vocab_ ? vocab_->route(ctx.token_ids, N) : hash_->route(ctx.token_ids, N);
+  // The routing table gives logical experts (word experts 0..W-1 in descending token frequency, then shared ones).
+  // Experts are sharded over the EP group in contiguous blocks, so the logical ids are scattered by a fixed
+  // permutation of [0, E) first: otherwise every frequent token would land on the first rank.
+  expert_ids_.resize(N);
+  for (int n = 0; n < N; ++n) {
+    const int64_t logical = vocab_ ? vocab_->expert_of(ctx.token_ids[n]) : hash_->expert_of(ctx.token_ids[n]);
+    expert_ids_[n] = static_cast<int32_t>((logical * spread_) % E_);
+  }
+  plan_ = router::make_top1_plan(expert_ids_.data(), N, E_);
   const float* rows = dispatcher_.dispatch(plan_, x, C_);
   // the experts that received rows, with their row ranges (the table works on used experts only)
   const auto& off = dispatcher_.local_offsets();

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/kernels/cuda/cuda_check.h"
+#include "core/host_alloc.h"
 #include "core/tensor.h"
 
 namespace moe {
@@ -11,7 +12,7 @@ void* device_alloc(Device d, size_t bytes) {
   if (bytes == 0) bytes = 64;
   void* p = nullptr;
   if (d == Device::kCPU) {
-    MOE_CHECK(posix_memalign(&p, 64, bytes) == 0, "out of host memory allocating " << bytes << " bytes");
+    p = host_alloc(bytes);
   } else {
     MOE_CUDA_CHECK(cudaMalloc(&p, bytes));
   }
