@@ -24,21 +24,23 @@ float lr_at(const proto::OptimizerConfig& cfg, int step, int total) {
   }
 }
 
-double grad_norm(const ParamStore& ps) {
-  double s = 0;
+double grad_norm(const ParamStore& ps, const ShardSum& sum_shards) {
+  double replicated = 0, sharded = 0;
   for (const Param* p : ps.all()) {
+    double& acc = p->expert_sharded ? sharded : replicated;
     if (!p->row_sparse) {
-      s += cpu::sum_squares(p->grad.f32(), p->grad.numel());
+      acc += cpu::sum_squares(p->grad.f32(), p->grad.numel());
       continue;
     }
     const int64_t rs = p->row_size();
-    for (int64_t r : p->touched) s += cpu::sum_squares(p->grad.f32() + r * rs, rs);
+    for (int64_t r : p->touched) acc += cpu::sum_squares(p->grad.f32() + r * rs, rs);
   }
-  return std::sqrt(s);
+  if (sum_shards) sharded = sum_shards(sharded);
+  return std::sqrt(replicated + sharded);
 }
 
-double clip_grad_norm(ParamStore& ps, double max_norm) {
-  const double norm = grad_norm(ps);
+double clip_grad_norm(ParamStore& ps, double max_norm, const ShardSum& sum_shards) {
+  const double norm = grad_norm(ps, sum_shards);
   if (max_norm > 0 && norm > max_norm) {
     const float scale = static_cast<float>(max_norm / (norm + 1e-6));
     for (Param* p : ps.all()) {

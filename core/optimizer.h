@@ -1,5 +1,6 @@
 // AdamW (decoupled weight decay) over a ParamStore, global-norm gradient clipping, and learning-rate schedules.
 #pragma once
+#include <functional>
 #include <vector>
 
 #include "core/params.h"
@@ -11,11 +12,15 @@ namespace moe {
 // constant.
 float lr_at(const proto::OptimizerConfig& cfg, int step, int total);
 
-// Global L2 norm of all gradients (double accumulation).
-double grad_norm(const ParamStore& ps);
+// Sums a rank-local value over the expert-parallel group (expert-sharded gradients live on different ranks).
+using ShardSum = std::function<double(double)>;
+
+// Global L2 norm of all gradients (double accumulation). With expert parallelism pass `sum_shards`: the squares of
+// the expert-sharded gradients are summed over the expert-parallel group, so every rank gets the same norm.
+double grad_norm(const ParamStore& ps, const ShardSum& sum_shards = {});
 // Scales all gradients so their global norm is at most max_norm (no-op when max_norm <= 0). Returns the norm
-// before clipping.
-double clip_grad_norm(ParamStore& ps, double max_norm);
+// before clipping. Every rank must compute the same norm (see grad_norm), or replicated parameters drift apart.
+double clip_grad_norm(ParamStore& ps, double max_norm, const ShardSum& sum_shards = {});
 
 class AdamW {
  public:

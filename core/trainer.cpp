@@ -71,7 +71,7 @@ StepRecord Trainer::step(const Batch& global_batch, int step_index, const TrainH
                                                      << " (diverged: lower optimizer.lr or set optimizer.grad_clip)");
   model_.backward();
   if (hooks.reduce_grads) hooks.reduce_grads(ps);
-  const double norm = clip_grad_norm(ps, cfg_.optimizer().grad_clip());
+  const double norm = clip_grad_norm(ps, cfg_.optimizer().grad_clip(), hooks.sum_over_expert_group);
   const float lr = lr_at(cfg_.optimizer(), step_index, cfg_.train().steps());
   opt_.step(lr);
   return {step_index + 1, loss, lr, norm, router_loss};
@@ -104,6 +104,7 @@ std::vector<StepRecord> Trainer::run(const TrainHooks& hooks, int start_step) {
     Batch batch = loader_.next();
     StepRecord r = step(batch, s, hooks);
     records.push_back(r);
+    if (hooks.on_step) hooks.on_step(r);
     window_loss += r.loss;
     window_router += r.router_loss;
     ++window_steps;

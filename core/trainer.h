@@ -11,11 +11,21 @@
 
 namespace moe {
 
+struct StepRecord {
+  int step;
+  float loss;  // cross-entropy, mean over the global batch
+  float lr;
+  double grad_norm;
+  double router_loss = 0;  // sum of the router aux/z losses added to the objective (this rank)
+};
+
 struct TrainHooks {
   // after backward, before clipping: e.g. the data-parallel gradient all-reduce
   std::function<void(ParamStore&)> reduce_grads;
   // called after step `step` (1-based) finished; `final` on the last step
   std::function<void(int step, bool final)> maybe_checkpoint;
+  // called after every step with its record (e.g. an exact loss log)
+  std::function<void(const StepRecord&)> on_step;
   // returns true when training should stop after the current step (signals)
   std::function<bool()> should_stop;
   bool print = true;  // print progress lines (rank 0)
@@ -24,15 +34,10 @@ struct TrainHooks {
   int shard_rank = 0;
   int shard_count = 1;
   std::function<double(double)> mean_over_ranks;
+  // sums a value over the expert-parallel group (global gradient norm over expert shards)
+  ShardSum sum_over_expert_group;
 };
 
-struct StepRecord {
-  int step;
-  float loss;  // cross-entropy, mean over the global batch
-  float lr;
-  double grad_norm;
-  double router_loss = 0;  // sum of the router aux/z losses added to the objective (this rank)
-};
 
 // Rows [rank * B / count, (rank + 1) * B / count) of a batch of B sequences.
 Batch shard_batch(const Batch& b, int rank, int count);

@@ -18,6 +18,12 @@ double Parallel::mean(double v) {
   return v / size();
 }
 
+double Parallel::sum_expert_group(double v) {
+  if (groups_.ep_size == 1) return v;
+  groups_.expert_parallel->all_reduce_sum(&v, 1);
+  return v;
+}
+
 bool Parallel::any(bool flag) {
   if (size() == 1) return flag;
   double v = flag ? 1.0 : 0.0;

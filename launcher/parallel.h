@@ -22,6 +22,7 @@ class Parallel {
   comm::Communicator* expert_group() { return groups_.ep_size > 1 ? groups_.expert_parallel.get() : nullptr; }
 
   double mean(double v);   // over the world
+  double sum_expert_group(double v);  // over the expert-parallel group
   bool any(bool flag);     // logical or over the world
 
   // Averages gradients over the global batch: non-expert gradients are summed over the world, expert-sharded ones

@@ -9,6 +9,7 @@
 
 #include "core/config.h"
 #include "core/model.h"
+#include "core/optimizer.h"
 #include "experts/moe_layer.h"
 #include "launcher/parallel.h"
 #include "tests/unit/oracle.h"
@@ -53,6 +54,7 @@ proto::ModelConfig moe_config(int num_experts, int word_experts, bool dropless) 
 
 struct StepResult {
   double loss = 0;
+  double grad_norm = 0;  // global norm (what clipping uses): must be the same on every rank and layout
   std::map<std::string, std::vector<float>> grads;  // GLOBAL gradients (expert shards placed at their rows)
 };
 
@@ -95,6 +97,8 @@ StepResult run_step(const proto::ModelConfig& cfg, launcher::Parallel* par, int 
     loss = par->mean(loss);
   }
   res.loss = loss;
+  res.grad_norm = par ? grad_norm(model.params(), [&](double v) { return par->sum_expert_group(v); })
+                      : grad_norm(model.params());
   for (Param* p : model.params().all()) {
     std::vector<float> g(p->grad.f32(), p->grad.f32() + p->grad.numel());
     if (p->expert_sharded && par && par->ep_size() > 1) {
@@ -109,6 +113,7 @@ StepResult run_step(const proto::ModelConfig& cfg, launcher::Parallel* par, int 
 
 void compare(const StepResult& ref, const StepResult& got, const std::string& what) {
   EXPECT_NEAR(got.loss, ref.loss, 1e-5 * std::fabs(ref.loss)) << what;
+  EXPECT_NEAR(got.grad_norm, ref.grad_norm, 1e-5 * ref.grad_norm) << what << ": global gradient norm";
   for (const auto& [name, g] : got.grads) {
     auto it = ref.grads.find(name);
     ASSERT_NE(it, ref.grads.end()) << what << ": " << name;
