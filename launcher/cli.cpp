@@ -21,6 +21,7 @@
 #include "core/threads.h"
 #include "core/trainer.h"
 #include "experts/moe_layer.h"
+#include "launcher/ckpt_tool.h"
 #include "launcher/model_state.h"
 #include "launcher/parallel.h"
 
@@ -40,9 +41,12 @@ const char* kUsage =
     "            validation loss of a checkpoint on its data split\n"
     "  config    --config FILE [--set path=value ...]\n"
     "            print the resolved config (defaults filled, overrides applied) and validate it\n"
+    "  ckpt      inspect|verify|reshard|convert ...   checkpoint utilities (moe ckpt --help)\n"
+    "            print the resolved config (defaults filled, overrides applied) and validate it\n"
     "options:\n"
     "  --set path=value   override any config field by path, e.g. --set model.d_model=256 (repeatable)\n"
-    "  --threads N        OpenMP/OpenBLAS threads (default: train.threads, 0 = all cores)\n";
+    "  --threads N        OpenMP/OpenBLAS threads (default: train.threads, 0 = all cores)\n"
+    "  --loss-log FILE    train: append 'step loss' per step, the loss as an exact hex float (resume checks)\n";
 
 struct Args {
   std::string command;
@@ -52,6 +56,7 @@ struct Args {
   bool prompt_set = false;
   bool resume = false;
   int threads = -1;
+  std::string loss_log;
   std::vector<std::string> overrides;
 };
 
@@ -70,6 +75,7 @@ Args parse_args(int argc, char** argv) {
     else if (k == "--prompt") { a.prompt = value("--prompt"); a.prompt_set = true; }
     else if (k == "--set") a.overrides.push_back(value("--set"));
     else if (k == "--resume") a.resume = true;
+    else if (k == "--loss-log") a.loss_log = value("--loss-log");
     else if (k == "--threads") {
       std::string v = value("--threads");
       try { a.threads = std::stoi(v); } catch (...) { MOE_THROW("--threads: '" << v << "' is not an integer"); }
@@ -187,6 +193,7 @@ int cmd_train(const Args& a, Parallel& par) {
   if (par.size() > 1) {
     hooks.mean_over_ranks = [&](double v) { return par.mean(v); };
     hooks.reduce_grads = [&](ParamStore& ps) { par.reduce_grads(ps); };
+    hooks.sum_over_expert_group = [&](double v) { return par.sum_expert_group(v); };
   }
   // Fault injection for tests of the failure path: MOE_FAULT_RANK=r MOE_FAULT_STEP=s makes rank r throw at step s.
   const char* fault_rank = std::getenv("MOE_FAULT_RANK");
@@ -215,6 +222,16 @@ int cmd_train(const Args& a, Parallel& par) {
     if (lead) MOE_INFO("checkpoint " << ckpt::save(ckpt_root, req));
     par.world().barrier();
   };
+  std::ofstream loss_log;
+  if (!a.loss_log.empty() && lead) {
+    loss_log.open(a.loss_log, std::ios::app);
+    MOE_CHECK(loss_log.good(), "--loss-log: cannot open '" << a.loss_log << "'");
+    hooks.on_step = [&](const StepRecord& r) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%d %a\n", r.step, static_cast<double>(r.loss));
+      loss_log << buf << std::flush;
+    };
+  }
   if (start_step >= cfg.train().steps()) {
     if (lead) MOE_INFO("nothing to do: checkpoint step " << start_step << " >= train.steps " << cfg.train().steps());
     return 0;
@@ -297,6 +314,12 @@ int run_cli(int argc, char** argv) {
   log::set_rank(rank, world);
   int rc = 0;
   try {
+    if (argc >= 2 && std::string(argv[1]) == "ckpt") {  // checkpoint utilities: own argument parsing
+      MOE_CHECK(world == 1, "'moe ckpt' runs on one rank (launched on " << world << ")");
+      rc = ckpt_tool_main(argc - 1, argv + 1);
+      MPI_Finalize();
+      return rc;
+    }
     Args a = parse_args(argc, argv);
     if (a.command != "train" && a.command != "help")
       MOE_CHECK(world == 1, "'moe " << a.command << "' runs on one rank (launched on " << world << ")");
