@@ -16,39 +16,15 @@ Exits non-zero with a message on any error. Run with /usr/bin/python3 (Debian's 
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-DT = torch.float64
+from oracle_common import expect, load, run_jobs, save
 
 
-class OracleError(Exception):
-    pass
-
-
-def expect(cond, msg):
-    if not cond:
-        raise OracleError(msg)
-
-
-def load(d, name, integer=False, grad=False):
-    path = os.path.join(d, name + ".npy")
-    expect(os.path.isfile(path), f"missing input {path}")
-    a = np.load(path)
-    if integer:
-        expect(a.dtype.kind in "iu", f"{path}: expected an integer array, got {a.dtype}")
-        return torch.from_numpy(a.astype(np.int64))
-    expect(a.dtype.kind == "f", f"{path}: expected a float array, got {a.dtype}")
-    return torch.from_numpy(a.astype(np.float64)).requires_grad_(grad)
-
-
-def save(d, **arrays):
-    for name, t in arrays.items():
-        np.save(os.path.join(d, name + ".npy"), np.asarray(t.detach().numpy(), dtype=np.float64))
-
-
-def run_job(d, act):
+def run_job(job):
+    expect(len(job) == 2, f"expected <dir> <SWIGLU|GELU>, got {job}")
+    d, act = job
     expect(act in ("SWIGLU", "GELU"), f"activation must be SWIGLU or GELU, got {act!r}")
     expect(os.path.isdir(d), f"no such directory {d}")
     x, dy = load(d, "x", grad=True), load(d, "dy")
@@ -94,26 +70,7 @@ def run_job(d, act):
 
 
 def main(argv):
-    if len(argv) < 3:
-        print(__doc__, file=sys.stderr)
-        return 2
-    torch.set_default_dtype(DT)
-    jobs, cur = [], []
-    for a in argv[1:]:
-        if a == "+":
-            jobs.append(cur)
-            cur = []
-        else:
-            cur.append(a)
-    jobs.append(cur)
-    for job in jobs:
-        try:
-            expect(len(job) == 2, f"expected <dir> <SWIGLU|GELU>, got {job}")
-            run_job(*job)
-        except Exception as e:  # report which job failed, then exit non-zero
-            print(f"experts.py: error in job {' '.join(job)!r}: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
-    return 0
+    return run_jobs(argv, "experts.py", __doc__, run_job, min_args=2)
 
 
 if __name__ == "__main__":

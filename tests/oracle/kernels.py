@@ -26,41 +26,10 @@ import math
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-DT = torch.float64
-
-
-class OracleError(Exception):
-    pass
-
-
-def load(d, name, dtype=DT, grad=False):
-    path = os.path.join(d, name + ".npy")
-    if not os.path.isfile(path):
-        raise OracleError(f"missing input {path}")
-    a = np.load(path)
-    if dtype == torch.int64:
-        if a.dtype.kind not in "iu":
-            raise OracleError(f"{path}: expected an integer array, got {a.dtype}")
-        return torch.from_numpy(a.astype(np.int64))
-    if a.dtype.kind != "f":
-        raise OracleError(f"{path}: expected a float array, got {a.dtype}")
-    return torch.from_numpy(a.astype(np.float64)).requires_grad_(grad)
-
-
-def save(d, **arrays):
-    for name, t in arrays.items():
-        if isinstance(t, torch.Tensor):
-            t = t.detach().numpy()
-        np.save(os.path.join(d, name + ".npy"), np.asarray(t, dtype=np.float64))
-
-
-def expect(cond, msg):
-    if not cond:
-        raise OracleError(msg)
+from oracle_common import DT, OracleError, expect, load, run_jobs, save, to_float
 
 
 def shape_of(t, n, name):
@@ -71,13 +40,6 @@ def shape_of(t, n, name):
 def backward(out, dout):
     expect(out.shape == dout.shape, f"dout shape {tuple(dout.shape)} != output shape {tuple(out.shape)}")
     out.backward(dout)
-
-
-def to_float(s, name):
-    try:
-        return float(s)
-    except ValueError:
-        raise OracleError(f"{name}: not a number: {s!r}")
 
 
 # ---------------------------------------------------------------- ops
@@ -106,7 +68,7 @@ def op_linear(d, bias):
 
 
 def op_embedding(d):
-    ids, wte, dout = load(d, "ids", torch.int64), load(d, "wte", grad=True), load(d, "dout")
+    ids, wte, dout = load(d, "ids", integer=True), load(d, "wte", grad=True), load(d, "dout")
     V, C = shape_of(wte, 2, "wte")
     expect(ids.dim() == 1 and bool((ids >= 0).all()) and bool((ids < V).all()), "embedding: ids out of range")
     out = F.embedding(ids, wte)
@@ -205,7 +167,7 @@ def op_swiglu(d):
 
 
 def op_cross_entropy(d, dloss):
-    logits, targets = load(d, "logits", grad=True), load(d, "targets", torch.int64)
+    logits, targets = load(d, "logits", grad=True), load(d, "targets", integer=True)
     N, V = shape_of(logits, 2, "logits")
     expect(targets.shape == (N,), f"targets shape {tuple(targets.shape)}, logits {tuple(logits.shape)}")
     expect(bool((targets < V).all()), "cross_entropy: target >= V")
@@ -251,25 +213,7 @@ def run_job(job):
 
 
 def main(argv):
-    if len(argv) < 2:
-        print(__doc__, file=sys.stderr)
-        return 2
-    torch.set_default_dtype(DT)
-    jobs, cur = [], []
-    for a in argv[1:]:
-        if a == "+":
-            jobs.append(cur)
-            cur = []
-        else:
-            cur.append(a)
-    jobs.append(cur)
-    for job in jobs:
-        try:
-            run_job(job)
-        except Exception as e:  # report which job failed, then exit non-zero
-            print(f"kernels.py: error in job {' '.join(job)!r}: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
-    return 0
+    return run_jobs(argv, "kernels.py", __doc__, run_job)
 
 
 if __name__ == "__main__":

@@ -26,41 +26,7 @@ import sys
 import numpy as np
 import torch
 
-DT = torch.float64
-
-
-class OracleError(Exception):
-    pass
-
-
-def expect(cond, msg):
-    if not cond:
-        raise OracleError(msg)
-
-
-def load(d, name, required=True):
-    path = os.path.join(d, name + ".npy")
-    if not os.path.isfile(path):
-        expect(not required, f"missing input {path}")
-        return None
-    a = np.load(path)
-    expect(a.dtype.kind == "f", f"{path}: expected a float array, got {a.dtype}")
-    return torch.from_numpy(a.astype(np.float64))
-
-
-def save(d, **arrays):
-    for name, t in arrays.items():
-        if isinstance(t, torch.Tensor):
-            t = t.detach().numpy()
-        t = np.asarray(t)
-        np.save(os.path.join(d, name + ".npy"), t.astype(np.int64 if t.dtype.kind in "iu" else np.float64))
-
-
-def num(s, name):
-    try:
-        return float(s)
-    except ValueError:
-        raise OracleError(f"{name}: not a number: {s!r}")
+from oracle_common import DT, expect, load, run_jobs, save, to_float
 
 
 def top_k(logits, k):
@@ -95,7 +61,8 @@ def run_job(job):
     expect(score in ("softmax", "sigmoid"), f"score must be softmax or sigmoid, got {score!r}")
     k = int(k)
     normalize = normalize == "1"
-    aux_coef, z_coef, loss_scale = num(aux_coef, "aux_coef"), num(z_coef, "z_coef"), num(loss_scale, "loss_scale")
+    aux_coef, z_coef = to_float(aux_coef, "aux_coef"), to_float(z_coef, "z_coef")
+    loss_scale = to_float(loss_scale, "loss_scale")
 
     x = load(d, "x").requires_grad_(True)
     w = load(d, "w").requires_grad_(True)
@@ -113,7 +80,7 @@ def run_job(job):
     if cf == "dropless":
         capacity = None
     else:
-        v = k * N * num(cf, "capacity_factor") / E
+        v = k * N * to_float(cf, "capacity_factor") / E
         capacity = math.ceil(v - 1e-6 * v)
     kept, expert, position = assign_capacity(choice, E, capacity)
 
@@ -135,25 +102,7 @@ def run_job(job):
 
 
 def main(argv):
-    if len(argv) < 2:
-        print(__doc__, file=sys.stderr)
-        return 2
-    torch.set_default_dtype(DT)
-    jobs, cur = [], []
-    for a in argv[1:]:
-        if a == "+":
-            jobs.append(cur)
-            cur = []
-        else:
-            cur.append(a)
-    jobs.append(cur)
-    for job in jobs:
-        try:
-            run_job(job)
-        except Exception as e:  # report which job failed, then exit non-zero
-            print(f"router.py: error in job {' '.join(job)!r}: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
-    return 0
+    return run_jobs(argv, "router.py", __doc__, run_job)
 
 
 if __name__ == "__main__":

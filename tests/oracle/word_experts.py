@@ -17,45 +17,21 @@ Exits non-zero with a message on any error. Run with /usr/bin/python3 (Debian's 
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-DT = torch.float64
+from oracle_common import expect, load, run_jobs, save
 
 
-class OracleError(Exception):
-    pass
-
-
-def expect(cond, msg):
-    if not cond:
-        raise OracleError(msg)
-
-
-def load(d, name, integer=False, grad=False):
-    path = os.path.join(d, name + ".npy")
-    expect(os.path.isfile(path), f"missing input {path}")
-    a = np.load(path)
-    if integer:
-        expect(a.dtype.kind in "iu", f"{path}: expected an integer array, got {a.dtype}")
-        return [int(v) for v in a.reshape(-1)]
-    expect(a.dtype.kind == "f", f"{path}: expected a float array, got {a.dtype}")
-    return torch.from_numpy(a.astype(np.float64)).requires_grad_(grad)
-
-
-def save(d, **arrays):
-    for name, t in arrays.items():
-        np.save(os.path.join(d, name + ".npy"), np.asarray(t.detach().numpy(), dtype=np.float64))
-
-
-def run_job(act, d):
+def run_job(job):
+    expect(len(job) == 2, f"expected <swiglu|gelu> <dir>, got {job}")
+    act, d = job
     expect(act in ("swiglu", "gelu"), f"unknown activation {act!r} (swiglu | gelu)")
     expect(os.path.isdir(d), f"no such directory {d}")
     x = load(d, "x", grad=True)
     dy = load(d, "dy")
-    experts = load(d, "experts", integer=True)
-    offsets = load(d, "offsets", integer=True)
+    experts = load(d, "experts", integer=True).reshape(-1).tolist()  # python ints
+    offsets = load(d, "offsets", integer=True).reshape(-1).tolist()
     w_up = load(d, "w_up", grad=True)
     w_down = load(d, "w_down", grad=True)
     w_gate = load(d, "w_gate", grad=True) if act == "swiglu" else None
@@ -89,26 +65,7 @@ def run_job(act, d):
 
 
 def main(argv):
-    if len(argv) < 3:
-        print(__doc__, file=sys.stderr)
-        return 2
-    torch.set_default_dtype(DT)
-    jobs, cur = [], []
-    for a in argv[1:]:
-        if a == "+":
-            jobs.append(cur)
-            cur = []
-        else:
-            cur.append(a)
-    jobs.append(cur)
-    for job in jobs:
-        try:
-            expect(len(job) == 2, f"expected <swiglu|gelu> <dir>, got {job}")
-            run_job(*job)
-        except Exception as e:  # report which job failed, then exit non-zero
-            print(f"word_experts.py: error in job {' '.join(job)!r}: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
-    return 0
+    return run_jobs(argv, "word_experts.py", __doc__, run_job, min_args=2)
 
 
 if __name__ == "__main__":

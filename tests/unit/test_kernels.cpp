@@ -71,6 +71,13 @@ bool run_jobs(const std::vector<const Job*>& jobs) {
   return run_oracle("kernels.py", args);
 }
 
+// Runs every job of `jobs`, in order, in one oracle process.
+bool run_all(const std::vector<Job>& jobs) {
+  std::vector<const Job*> ptrs;
+  for (const Job& j : jobs) ptrs.push_back(&j);
+  return run_jobs(ptrs);
+}
+
 std::string num(double x) {
   std::ostringstream o;
   o.precision(17);
@@ -152,9 +159,7 @@ TEST(KernelMatmul, VsTorchAllTransposesAlphaBeta) {
     jobs.back().put("c", c0, {c.M, c.N});
     as.push_back(a), bs.push_back(b), cs.push_back(c0);
   }
-  std::vector<const Job*> ptrs;
-  for (auto& j : jobs) ptrs.push_back(&j);
-  ASSERT_TRUE(run_jobs(ptrs));
+  ASSERT_TRUE(run_all(jobs));
   for (size_t i = 0; i < cases.size(); ++i) {
     const MatmulCase& c = cases[i];
     SCOPED_TRACE("case " + std::to_string(i) + ": M=" + std::to_string(c.M) + " N=" + std::to_string(c.N) +
@@ -325,20 +330,27 @@ NormData make_norm(Rng& rng, int N, int C, float offset) {
   return d;
 }
 
+// One oracle job per case ("case<i>"): x, w, dout and, for layernorm, b.
+std::vector<Job> norm_jobs(const TempDir& td, const std::vector<NormData>& data, const std::string& op, float eps) {
+  std::vector<Job> jobs;
+  for (size_t i = 0; i < data.size(); ++i) {
+    const NormData& d = data[i];
+    jobs.emplace_back(td, "case" + std::to_string(i), op, std::vector<std::string>{num(eps)});
+    jobs.back().put("x", d.x, {d.N, d.C});
+    jobs.back().put("w", d.w, {d.C});
+    if (op == "layernorm") jobs.back().put("b", d.b, {d.C});
+    jobs.back().put("dout", d.dout, {d.N, d.C});
+  }
+  return jobs;
+}
+
 TEST(KernelRmsNorm, VsTorch) {
   const float eps = 1e-5f;
   Rng rng(7);
   TempDir td;
   std::vector<NormData> data = {make_norm(rng, 5, 24, 0.0f), make_norm(rng, 1, 7, 0.5f)};  // incl. N = 1
-  std::vector<Job> jobs;
-  for (size_t i = 0; i < data.size(); ++i) {
-    const NormData& d = data[i];
-    jobs.emplace_back(td, "case" + std::to_string(i), "rmsnorm", std::vector<std::string>{num(eps)});
-    jobs.back().put("x", d.x, {d.N, d.C});
-    jobs.back().put("w", d.w, {d.C});
-    jobs.back().put("dout", d.dout, {d.N, d.C});
-  }
-  ASSERT_TRUE(run_jobs({&jobs[0], &jobs[1]}));
+  const std::vector<Job> jobs = norm_jobs(td, data, "rmsnorm", eps);
+  ASSERT_TRUE(run_all(jobs));
   for (size_t i = 0; i < data.size(); ++i) {
     const NormData& d = data[i];
     const int N = d.N, C = d.C;
@@ -392,16 +404,8 @@ TEST(KernelLayerNorm, VsTorch) {
   Rng rng(10);
   TempDir td;
   std::vector<NormData> data = {make_norm(rng, 5, 24, 3.0f), make_norm(rng, 1, 7, -1.0f)};  // incl. N = 1
-  std::vector<Job> jobs;
-  for (size_t i = 0; i < data.size(); ++i) {
-    const NormData& d = data[i];
-    jobs.emplace_back(td, "case" + std::to_string(i), "layernorm", std::vector<std::string>{num(eps)});
-    jobs.back().put("x", d.x, {d.N, d.C});
-    jobs.back().put("w", d.w, {d.C});
-    jobs.back().put("b", d.b, {d.C});
-    jobs.back().put("dout", d.dout, {d.N, d.C});
-  }
-  ASSERT_TRUE(run_jobs({&jobs[0], &jobs[1]}));
+  const std::vector<Job> jobs = norm_jobs(td, data, "layernorm", eps);
+  ASSERT_TRUE(run_all(jobs));
   for (size_t i = 0; i < data.size(); ++i) {
     const NormData& d = data[i];
     const int N = d.N, C = d.C;
@@ -593,9 +597,7 @@ TEST(KernelAttention, VsTorchMhaGqaMqaAndRopeChain) {
   const int pos0 = 3;
   const float theta = 10000.0f;
   add_job(rc, "rope_chain", "rope_attention", {num(pos0), num(theta)});
-  std::vector<const Job*> ptrs;
-  for (auto& j : jobs) ptrs.push_back(&j);
-  ASSERT_TRUE(run_jobs(ptrs));
+  ASSERT_TRUE(run_all(jobs));
 
   for (size_t i = 0; i < cases.size(); ++i) {
     const AttnCase& c = cases[i];
