@@ -1,5 +1,6 @@
 #include "core/optimizer.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/kernels/cpu/kernels.h"
@@ -65,10 +66,10 @@ AdamW::AdamW(ParamStore& ps, const proto::OptimizerConfig& cfg) : ps_(ps), cfg_(
 }
 
 namespace {
-// The AdamW update of n contiguous elements with bias corrections bc1, bc2.
+// The AdamW update of n contiguous elements with bias corrections bc1, bc2 (vectorised, one thread).
 inline void adamw_update(float* w, const float* g, float* m, float* v, int64_t n, float lr, float b1, float b2,
                          float eps, float decay, float bc1, float bc2) {
-#pragma omp parallel for simd if (n > 65536) schedule(static)
+#pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     m[j] = b1 * m[j] + (1.0f - b1) * g[j];
     v[j] = b2 * v[j] + (1.0f - b2) * g[j] * g[j];
@@ -77,6 +78,7 @@ inline void adamw_update(float* w, const float* g, float* m, float* v, int64_t n
     w[j] -= lr * (mhat / (std::sqrt(vhat) + eps) + decay * w[j]);
   }
 }
+constexpr int64_t kChunk = 16384;  // elements per parallel work item of a dense update
 }  // namespace
 
 void AdamW::step(float lr) {
@@ -93,13 +95,23 @@ void AdamW::step(float lr) {
     float* v = v_[i].f32();
     const float decay = p->decay ? wd : 0.0f;
     if (!p->row_sparse) {
-      adamw_update(w, g, m, v, p->value.numel(), lr, b1, b2, eps, decay, bc1, bc2);
+      const int64_t n = p->value.numel(), chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (chunks > 4)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t o = c * kChunk;
+        adamw_update(w + o, g + o, m + o, v + o, std::min(kChunk, n - o), lr, b1, b2, eps, decay, bc1, bc2);
+      }
       continue;
     }
-    // sparse rows: only the rows used this step move (their own step count drives the bias correction)
+    // sparse rows: only the rows used this step move (their own step count drives the bias correction);
+    // rows are disjoint, so they are updated in parallel (one parallel region per tensor, not per row)
     const int64_t rs = p->row_size();
     int32_t* rt = row_t_[i].i32();
-    for (int64_t r : p->touched) {
+    const int64_t nt = static_cast<int64_t>(p->touched.size());
+    const int64_t* rows = p->touched.data();
+#pragma omp parallel for schedule(static) if (nt * rs > 65536)
+    for (int64_t k = 0; k < nt; ++k) {
+      const int64_t r = rows[k];
       const int32_t tr = ++rt[r];
       const float rb1 = 1.0f - std::pow(b1, static_cast<float>(tr));
       const float rb2 = 1.0f - std::pow(b2, static_cast<float>(tr));
