@@ -22,6 +22,7 @@
 #include "core/trainer.h"
 #include "experts/moe_layer.h"
 #include "launcher/ckpt_tool.h"
+#include "launcher/launch_env.h"
 #include "launcher/model_state.h"
 #include "launcher/parallel.h"
 
@@ -306,6 +307,13 @@ int cmd_config(const Args& a) {
 }  // namespace
 
 int run_cli(int argc, char** argv) {
+  // srun without PMIx makes Open MPI abort inside MPI_Init: catch that launch mistake first, with the fix
+  try {
+    check_launch_before_mpi();
+  } catch (const Error& e) {
+    std::fprintf(stderr, "error: %s (%s)\n", e.what(), e.where().c_str());
+    return 1;
+  }
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
   int rank = 0, world = 1;
@@ -314,6 +322,8 @@ int run_cli(int argc, char** argv) {
   log::set_rank(rank, world);
   int rc = 0;
   try {
+    const LaunchInfo launch = detect_launch(rank, world);
+    check_launch_environment(launch);
     if (argc >= 2 && std::string(argv[1]) == "ckpt") {  // checkpoint utilities: own argument parsing
       MOE_CHECK(world == 1, "'moe ckpt' runs on one rank (launched on " << world << ")");
       rc = ckpt_tool_main(argc - 1, argv + 1);
