@@ -1,5 +1,7 @@
 #include "tests/unit/oracle.h"
 
+#include "core/error.h"
+
 #include <unistd.h>
 
 #include <cmath>
@@ -151,6 +153,15 @@ bool run_oracle(const std::string& script, const std::vector<std::string>& args)
     return false;
   }
   return true;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
 }
 
 std::vector<float> randn(Rng& rng, int64_t n, float scale) {

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -47,5 +48,8 @@ double max_rel_err(const float* a, const float* b, int64_t n, double floor = 1e-
 double max_rel_err(const std::vector<float>& a, const std::vector<float>& b, double floor = 1e-6);
 
 std::string env_or_fail(const char* name);
+
+// The message of the moe::Error that f throws ("" if it throws none).
+std::string error_of(const std::function<void()>& f);
 
 }  // namespace moe::test

@@ -27,15 +27,6 @@ Config small_config() {
   return c;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 TEST(Checkpoint, RoundTripLatestAndRetention) {
   TempDir dir;
   Config cfg = small_config();

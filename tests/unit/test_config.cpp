@@ -5,9 +5,12 @@
 
 #include "core/config.h"
 #include "core/error.h"
+#include "tests/unit/oracle.h"
 
 namespace moe {
 namespace {
+
+using test::error_of;
 
 const char* kGood = R"(
 model { d_model: 64 n_layers: 2 n_heads: 4 n_kv_heads: 2 d_ff: 128 }
@@ -15,15 +18,6 @@ data { train_file: "/nonexistent/corpus.txt" seq_len: 32 batch_size: 4 }
 optimizer { lr: 0.001 }
 train { steps: 10 }
 )";
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 Config good() {
   Config c = parse_config_text(kGood, "good.pbtxt");

@@ -10,9 +10,12 @@
 
 #include "core/error.h"
 #include "launcher/launch_env.h"
+#include "tests/unit/oracle.h"
 
 namespace moe::launcher {
 namespace {
+
+using test::error_of;
 
 const char* kVars[] = {"OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
                        "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_LOCALID",
@@ -49,15 +52,6 @@ class LaunchEnvTest : public ::testing::Test {
  private:
   std::map<std::string, std::optional<std::string>> saved_;
 };
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 TEST_F(LaunchEnvTest, SingletonWithoutLauncherVariables) {
   LaunchInfo i = detect_launch(0, 1);
