@@ -114,16 +114,7 @@ void attention_forward(float* out, float* att, const float* q, const float* k, c
         for (int t = r0; t < r1; ++t) {
           float* p = A + int64_t(t) * T;  // [T], columns 0..t
           const int n = t + 1;
-          const float mx = row_max(p, n);
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int j = 0; j < n; ++j) {
-            p[j] = vexp(p[j] - mx);
-            sum += p[j];
-          }
-          const float inv = 1.0f / sum;
-#pragma omp simd
-          for (int j = 0; j < n; ++j) p[j] *= inv;
+          detail::softmax_row(p, p, n);
           std::memset(p + n, 0, sizeof(float) * (T - n));
         }
         gemm(false, false, m, D, r1, 1.0f, A + int64_t(r0) * T, T, vb, ldk, 0.0f, ob + int64_t(r0) * ldq, ldq);

@@ -106,19 +106,10 @@ float cross_entropy_forward(float* losses, float* probs, const float* logits, co
   for (int n = 0; n < N; ++n) {
     const float* z = logits + int64_t(n) * V;  // [V]
     float* p = probs + int64_t(n) * V;         // [V]
-    const float mx = row_max(z, V);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < V; ++i) {
-      p[i] = vexp(z[i] - mx);
-      sum += p[i];
-    }
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int i = 0; i < V; ++i) p[i] *= inv;
+    const detail::SoftmaxStats st = detail::softmax_row(p, z, V);
     const int t = targets[n];
     if (t >= 0) {
-      losses[n] = std::log(sum) - (z[t] - mx);
+      losses[n] = std::log(st.sum) - (z[t] - st.max);
       total += losses[n];
       ++count;
     } else {

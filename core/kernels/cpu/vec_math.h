@@ -39,4 +39,25 @@ inline float row_max(const float* x, int n) {
   return r;
 }
 
+struct SoftmaxStats {
+  float max;  // max of z
+  float sum;  // sum of exp(z - max); log-sum-exp = max + log(sum)
+};
+
+// p[0..n) = softmax(z[0..n)) (p may alias z). Returns the max and shifted sum, so a caller can form
+// log(sum) - (z[t] - max) without the cancellation of (max + log(sum)) - z[t] at large logits.
+inline SoftmaxStats softmax_row(float* p, const float* z, int n) {
+  const float mx = row_max(z, n);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < n; ++j) {
+    p[j] = vexp(z[j] - mx);
+    sum += p[j];
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int j = 0; j < n; ++j) p[j] *= inv;
+  return {mx, sum};
+}
+
 }  // namespace moe::cpu::detail
