@@ -23,4 +23,27 @@ fi
 test "$(wc -c < "$work/gen.txt")" -gt 20 || { echo "FAIL: generated text too short"; exit 1; }
 "$MOE_BIN" eval --checkpoint "$work/run/checkpoints" --threads 2 | tee "$work/eval.txt"
 grep -q "val loss" "$work/eval.txt"
+# checkpoint utilities: inspect lists the tensors, verify passes, then a flipped byte is caught and named
+"$MOE_BIN" ckpt inspect "$work/run/checkpoints" > "$work/inspect.txt"; head -5 "$work/inspect.txt"
+grep -q "params/layers.0.attn.wq .*\[64, 64\]" "$work/inspect.txt"
+"$MOE_BIN" ckpt verify "$work/run/checkpoints" | grep -q "^OK:"
+if [ -n "${MOE_PYTHON:-}" ]; then
+  "$MOE_PYTHON" - "$work/run/checkpoints/step_50/model.h5" <<'PY'
+import h5py, sys
+path = sys.argv[1]
+with h5py.File(path, "r") as f:
+    off = f["params/layers.1.ffn.w_up"].id.get_offset()
+with open(path, "r+b") as fh:
+    fh.seek(off + 5)
+    b = fh.read(1)
+    fh.seek(off + 5)
+    fh.write(bytes([b[0] ^ 0x40]))
+PY
+  set +e
+  out=$("$MOE_BIN" ckpt verify "$work/run/checkpoints" 2>&1); rc=$?
+  set -e
+  echo "$out"
+  [ $rc -ne 0 ] && grep -q "checksum mismatch in tensor 'params/layers.1.ffn.w_up'" <<<"$out" \
+    || { echo "FAIL: a flipped byte was not reported"; exit 1; }
+fi
 echo "PASS"
