@@ -1,6 +1,11 @@
 #include "checkpoints/crc32c.h"
 
 #include <array>
+#include <cstring>
+
+#if defined(__SSE4_2__)
+#include <nmmintrin.h>
+#endif
 
 namespace moe::ckpt {
 namespace {
@@ -13,13 +18,33 @@ std::array<uint32_t, 256> make_table() {
   }
   return t;
 }
+
+// The plain byte-at-a-time reference (also the fallback without SSE4.2).
+uint32_t crc32c_table(const uint8_t* p, size_t n, uint32_t crc) {
+  static const std::array<uint32_t, 256> table = make_table();
+  for (size_t i = 0; i < n; ++i) crc = table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+  return crc;
+}
 }  // namespace
 
 uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
-  static const std::array<uint32_t, 256> table = make_table();
   const auto* p = static_cast<const uint8_t*>(data);
   crc = ~crc;
-  for (size_t i = 0; i < n; ++i) crc = table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
-  return ~crc;
+#if defined(__SSE4_2__)
+  // the CRC32 instruction computes CRC-32C (Castagnoli): 8 bytes per instruction
+  uint64_t c = crc;
+  for (; n >= 8; n -= 8, p += 8) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    c = _mm_crc32_u64(c, w);
+  }
+  crc = static_cast<uint32_t>(c);
+#endif
+  return ~crc32c_table(p, n, crc);
 }
+
+uint32_t crc32c_reference(const void* data, size_t n, uint32_t crc) {
+  return ~crc32c_table(static_cast<const uint8_t*>(data), n, ~crc);
+}
+
 }  // namespace moe::ckpt

@@ -162,3 +162,28 @@ TEST(Checkpoint, CorruptionShapeMismatchAndNonCheckpointAreClearErrors) {
 
 }  // namespace
 }  // namespace moe::test
+
+#include "checkpoints/crc32c.h"
+
+namespace moe::test {
+namespace {
+
+// CRC-32C: the standard check value, chaining, and the fast path against the byte-wise reference at odd lengths.
+TEST(Checkpoint, Crc32cMatchesReference) {
+  const char* s = "123456789";
+  EXPECT_EQ(ckpt::crc32c(s, 9), 0xE3069283u);
+  EXPECT_EQ(ckpt::crc32c_reference(s, 9), 0xE3069283u);
+  EXPECT_EQ(ckpt::crc32c(s + 4, 5, ckpt::crc32c(s, 4)), 0xE3069283u);
+  Rng rng(3);
+  std::vector<uint8_t> buf(1000);
+  for (auto& b : buf) b = static_cast<uint8_t>(rng.below(256));
+  for (size_t n : {0, 1, 7, 8, 9, 63, 64, 999, 1000}) {
+    for (size_t off : {0, 1, 3}) {
+      if (off + n > buf.size()) continue;
+      EXPECT_EQ(ckpt::crc32c(buf.data() + off, n), ckpt::crc32c_reference(buf.data() + off, n)) << n << "+" << off;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moe::test
