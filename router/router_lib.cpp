@@ -1,2 +1,0 @@
-// moe_router library anchor
-namespace moe::router { int router_lib_anchor = 0; }
