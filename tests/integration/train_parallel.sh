@@ -22,6 +22,20 @@ test -f "$work/run/checkpoints/step_30/model.h5"
 if [ -n "${MOE_PYTHON:-}" ]; then  # expert tensors are stored with their global shapes
   "$MOE_PYTHON" -c "import h5py,sys; f=h5py.File(sys.argv[1]); s=f['params/layers.0.ffn.experts.w_up'].shape; assert s[0]==4, s; s=f['params/layers.1.ffn.experts.w_up'].shape; assert s[0]==256, s; print('global expert shapes ok')" "$work/run/checkpoints/step_30/model.h5"
 fi
+# reshard: an expert-parallel size that does not divide the experts is refused naming the field, nothing written;
+# ep 4 gives a copy that resumes on 4 ranks
+set +e
+out=$("$MOE_BIN" ckpt reshard "$work/run/checkpoints" --ep 3 --out "$work/resharded3" 2>&1); rc=$?
+set -e
+[ $rc -ne 0 ] && grep -q "model.moe.num_experts = 4: must be divisible by parallel.expert_parallel = 3" <<<"$out" \
+  && [ ! -e "$work/resharded3" ] || { echo "FAIL: bad reshard not refused cleanly: $out"; exit 1; }
+"$MOE_BIN" ckpt reshard "$work/run/checkpoints" --ep 4 --out "$work/ep4/checkpoints"
+"$MOE_BIN" ckpt verify "$work/ep4/checkpoints" | grep -q "^OK:"
+cp "$work/run/tokenizer.model" "$work/ep4/"
+mpiexec -n 4 "$MOE_BIN" train --config "$cfg" "${common[@]}" --set train.out_dir="$work/ep4" \
+  --set parallel.expert_parallel=4 --set data.batch_size=8 --set train.steps=34 --resume | sed 's/^\[rank 0\] //' \
+  | tee "$work/ep4.log" | grep -E "resumed|world"
+grep -q "resumed from .*step_30 at step 30" "$work/ep4.log" && grep -q "^step    34/34" "$work/ep4.log"
 # resume the 2-rank checkpoint on 1 rank (experts resharded from the global tensors) and train 10 more steps
 "$MOE_BIN" train --config "$cfg" "${common[@]}" --set train.steps=40 --resume | tee "$work/resume.log"
 grep -q "resumed from .*step_30 at step 30" "$work/resume.log"
