@@ -167,9 +167,9 @@ int cmd_train(const Args& a, Parallel& par) {
     trainer.loader().set_state({manifest.loader_rng(0), manifest.loader_rng(1), manifest.loader_rng(2),
                                 manifest.loader_rng(3)});
     start_step = static_cast<int>(manifest.step());
-    MOE_INFO("resumed from " << resume_dir << " at step " << start_step);
+    if (lead) MOE_INFO("resumed from " << resume_dir << " at step " << start_step);
   } else if (a.resume) {
-    MOE_INFO("--resume: no checkpoint under " << ckpt_root << ", starting fresh");
+    if (lead) MOE_INFO("--resume: no checkpoint under " << ckpt_root << ", starting fresh");
   }
   if (lead) {
     fs::create_directories(cfg.train().out_dir());
