@@ -73,21 +73,31 @@ std::string read_file(const std::string& path) {
 
 void write_dataset(hid_t file, const std::string& path, const Tensor& t, proto::Manifest& m,
                    const std::string& file_name) {
-  MOE_CHECK(t.dtype() == DType::kF32 || t.dtype() == DType::kI32,
-            "checkpoint: tensor '" << path << "' has dtype " << dtype_name(t.dtype()) << " (f32 or i32 expected)");
+  MOE_CHECK(t.dtype() == DType::kF32 || t.dtype() == DType::kI32 || t.dtype() == DType::kBF16,
+            "checkpoint: tensor '" << path << "' has dtype " << dtype_name(t.dtype()) << " (f32, bf16 or i32 expected)");
   MOE_CHECK(t.device() == Device::kCPU, "checkpoint: tensor '" << path << "' must be on the CPU");
-  const bool f32 = t.dtype() == DType::kF32;
+  // bf16 is stored as a 16-bit unsigned dataset (the raw bit patterns) with the attribute dtype = "bf16"
+  hid_t file_type = H5T_IEEE_F32LE, mem_type = H5T_NATIVE_FLOAT;
+  if (t.dtype() == DType::kI32) file_type = H5T_STD_I32LE, mem_type = H5T_NATIVE_INT32;
+  if (t.dtype() == DType::kBF16) file_type = H5T_STD_U16LE, mem_type = H5T_NATIVE_UINT16;
   std::vector<hsize_t> dims(t.shape().begin(), t.shape().end());
   Hid space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
   MOE_H5_CHECK(space.id, "creating dataspace for '" << path << "'");
   Hid lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
   H5Pset_create_intermediate_group(lcpl, 1);
-  Hid ds(H5Dcreate2(file, ("/" + path).c_str(), f32 ? H5T_IEEE_F32LE : H5T_STD_I32LE, space, lcpl, H5P_DEFAULT,
-                    H5P_DEFAULT),
-         H5Dclose);
+  Hid ds(H5Dcreate2(file, ("/" + path).c_str(), file_type, space, lcpl, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
   MOE_H5_CHECK(ds.id, "creating dataset '" << path << "'");
-  MOE_H5_CHECK(H5Dwrite(ds, f32 ? H5T_NATIVE_FLOAT : H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.raw()),
-               "writing '" << path << "'");
+  MOE_H5_CHECK(H5Dwrite(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.raw()), "writing '" << path << "'");
+  if (t.dtype() == DType::kBF16) {
+    const char* value = "bf16";
+    Hid str(H5Tcopy(H5T_C_S1), H5Tclose);
+    MOE_H5_CHECK(str.id, "creating a string type for '" << path << "'");
+    MOE_H5_CHECK(H5Tset_size(str, std::strlen(value)), "sizing the dtype attribute of '" << path << "'");
+    Hid aspace(H5Screate(H5S_SCALAR), H5Sclose);
+    Hid attr(H5Acreate2(ds, "dtype", str, aspace, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+    MOE_H5_CHECK(attr.id, "creating the dtype attribute of '" << path << "'");
+    MOE_H5_CHECK(H5Awrite(attr, str, value), "writing the dtype attribute of '" << path << "'");
+  }
   auto* e = m.add_tensors();
   e->set_name(path);
   for (auto d : t.shape()) e->add_shape(d);
@@ -219,7 +229,9 @@ void Reader::read(const std::string& name, Tensor& dst, int64_t row_offset) {
   const proto::TensorEntry& e = entry(name);
   const Shape shape(e.shape().begin(), e.shape().end());
   const std::string where = dir_ + "/" + e.file();
-  MOE_CHECK(e.dtype() == dtype_name(dst.dtype()),
+  // a bf16 dataset may be read into an f32 tensor (converted); otherwise the dtypes must match
+  const bool widen = e.dtype() == "bf16" && dst.dtype() == DType::kF32;
+  MOE_CHECK(e.dtype() == dtype_name(dst.dtype()) || widen,
             "checkpoint " << where << ": tensor '" << name << "' has dtype " << e.dtype() << ", expected "
                           << dtype_name(dst.dtype()));
   Shape want = dst.shape();
@@ -241,16 +253,26 @@ void Reader::read(const std::string& name, Tensor& dst, int64_t row_offset) {
             "checkpoint " << where << ": dataset '" << name << "' has shape "
                           << shape_str(Shape(dims.begin(), dims.end())) << ", manifest says " << shape_str(shape));
   // read the whole dataset (to verify its checksum), then copy the requested rows
-  Tensor full = (row_offset == 0 && want == shape) ? dst : Tensor::empty(shape, dst.dtype());
-  const bool f32 = dst.dtype() == DType::kF32;
-  MOE_H5_CHECK(H5Dread(ds, f32 ? H5T_NATIVE_FLOAT : H5T_NATIVE_INT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, full.raw()),
+  const DType stored = widen ? DType::kBF16 : dst.dtype();
+  Tensor full = (!widen && row_offset == 0 && want == shape) ? dst : Tensor::empty(shape, stored);
+  hid_t mem_type = H5T_NATIVE_FLOAT;
+  if (stored == DType::kI32) mem_type = H5T_NATIVE_INT32;
+  if (stored == DType::kBF16) mem_type = H5T_NATIVE_UINT16;
+  MOE_H5_CHECK(H5Dread(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, full.raw()),
                "reading dataset '" << name << "' from " << where << " (file truncated or corrupt?)");
   const uint32_t crc = crc32c(full.raw(), full.nbytes());
   MOE_CHECK(crc == e.crc32c(), "checkpoint " << where << ": checksum mismatch in tensor '" << name << "' (stored "
                                              << e.crc32c() << ", computed " << crc << ")");
   if (full.raw() != dst.raw()) {
     const size_t row_bytes = shape[0] ? full.nbytes() / shape[0] : 0;
-    std::memcpy(dst.raw(), static_cast<const uint8_t*>(full.raw()) + row_offset * row_bytes, dst.nbytes());
+    const uint8_t* src = static_cast<const uint8_t*>(full.raw()) + row_offset * row_bytes;
+    if (widen) {
+      const bf16* b = reinterpret_cast<const bf16*>(src);
+      float* f = dst.f32();
+      for (int64_t i = 0; i < dst.numel(); ++i) f[i] = bf16_to_float(b[i]);
+    } else {
+      std::memcpy(dst.raw(), src, dst.nbytes());
+    }
   }
 }
 

@@ -15,8 +15,9 @@ namespace moe::ckpt {
 
 constexpr uint32_t kFormatVersion = 1;
 
-// One tensor of a checkpoint: its dataset path (e.g. "params/layers.0.attn.wq") and its GLOBAL value (f32 or i32,
-// CPU). Expert-sharded tensors are saved with their global shape [E, ...]; readers slice rows.
+// One tensor of a checkpoint: its dataset path (e.g. "params/layers.0.attn.wq") and its GLOBAL value (f32, bf16 or
+// i32, CPU; bf16 is stored as a uint16 dataset with the HDF5 attribute dtype = "bf16").
+// Expert-sharded tensors are saved with their global shape [E, ...]; readers slice rows.
 struct NamedTensor {
   std::string name;
   Tensor tensor;
@@ -51,7 +52,8 @@ class Reader {
   bool has(const std::string& name) const;
   Shape shape(const std::string& name) const;  // global shape from the manifest
   // Reads rows [row_offset, row_offset + dst.dim(0)) along dim 0 of the dataset into dst (same dtype; the other
-  // dimensions must match). row_offset 0 with dst of the full shape reads the whole tensor.
+  // dimensions must match). row_offset 0 with dst of the full shape reads the whole tensor. A bf16 dataset may be
+  // read into an f32 dst (converted exactly).
   void read(const std::string& name, Tensor& dst, int64_t row_offset = 0);
 
  private:

@@ -1,36 +1,386 @@
-// `moe ckpt`: checkpoint utilities that run without mpirun.
-//   inspect DIR   step, format, parallel layout at save time, model summary, and every tensor (shape, dtype, bytes,
-//                 sharding, crc32c)
-//   verify DIR    re-reads every dataset and recomputes its checksum; names the file and tensor of any mismatch,
-//                 truncation or shape error and exits non-zero
-//   reshard DIR --ep M --out ROOT
-//                 a copy for expert-parallel size M: expert tensors are stored with their global shape, so resharding
-//                 checks that M divides every expert count and rewrites the layout in the manifest (atomically)
+// `moe ckpt`: checkpoint utilities that run without mpirun (inspect, verify, reshard, convert). See kCkptUsage.
+// Every command reads (and checksum-verifies) the source completely and validates the result against its config
+// before anything is written; outputs are written atomically (ckpt::save: tmp dir + fsync + rename; safetensors:
+// tmp file + rename), so a failed command leaves no partial output and never modifies the source.
 #include "launcher/ckpt_tool.h"
 
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <map>
+#include <set>
 #include <sstream>
 #include <string>
-
-#include <filesystem>
+#include <vector>
 
 #include "checkpoints/checkpoint.h"
+#include "checkpoints/safetensors.h"
+#include "core/bf16.h"
 #include "core/config.h"
 #include "core/error.h"
+#include "core/model.h"
+#include "core/params.h"
+#include "core/rng.h"
+#include "experts/moe_layer.h"
+
+namespace fs = std::filesystem;
 
 namespace moe::launcher {
 namespace {
 
 const char* kCkptUsage =
-    "usage: moe ckpt <command> DIR\n"
-    "  inspect DIR   summary and tensor table of a checkpoint (a step_<N> directory or a root with `latest`)\n"
-    "  verify  DIR   recompute every tensor's CRC-32C; exit 1 naming the file and tensor on any mismatch\n"
-    "  reshard DIR --ep M --out ROOT   copy for expert-parallel size M (resume it with parallel.expert_parallel=M)\n";
+    "usage: moe ckpt <command> ...   (DIR: a step_<N> checkpoint directory or a checkpoint root with `latest`)\n"
+    "  inspect DIR   step, format version, parallel layout at save time, model summary and every tensor\n"
+    "                (name, shape, dtype, bytes, sharding, crc32c)\n"
+    "  verify  DIR   re-read every dataset and recompute its CRC-32C, check the parameter shapes against the\n"
+    "                model config; prints one OK line per tensor, exits 1 naming the file and tensor otherwise\n"
+    "  reshard DIR --ep M --out OUT\n"
+    "                copy for expert-parallel size M (expert tensors are stored with their global shape, so this\n"
+    "                checks that M divides every expert count and records parallel.expert_parallel = M and world\n"
+    "                size M); resume it with --set parallel.expert_parallel=M\n"
+    "  convert DIR --out OUT [--to-gqa G] [--upcycle E] [--dtype bf16|f32] [--seed S] [--set path=value ...]\n"
+    "  convert DIR --to-safetensors FILE [--to-gqa G] [--upcycle E] [--dtype bf16|f32]\n"
+    "  convert --from-safetensors FILE [--config CFG.pbtxt] [--tokenizer SPM.model] --out OUT [--dtype ...]\n"
+    "                write a NEW checkpoint (the source is never modified; OUT must not exist, be empty, or be a\n"
+    "                checkpoint root without the same step; FILE must not exist):\n"
+    "    --to-gqa G       multi-head (or any n_kv_heads divisible by G) -> grouped-query attention with G kv heads:\n"
+    "                     each group of n_kv_heads/G consecutive key and value heads of wk/wv is mean-pooled\n"
+    "                     (GQA uptraining, Ainslie et al. 2023); needs n_heads % G == 0; sets model.n_kv_heads = G\n"
+    "    --upcycle E      every dense FFN layer -> MoE layer with E experts, each a copy of the dense FFN (sparse\n"
+    "                     upcycling, Komatsuzaki et al. 2022); router weight [E, d_model] ~ N(0, 0.01^2) seeded by\n"
+    "                     --seed (default 0); sets ffn_pattern FFN_MOE for those layers, moe.num_experts = E,\n"
+    "                     moe.d_expert = d_ff, moe.top_k = 2 (or kept; at most E) and moe.dropless = true, so the\n"
+    "                     converted model computes exactly the dense function (renormalised top-k gates sum to 1)\n"
+    "    --dtype bf16|f32 cast the parameters (round to nearest even); optimizer moments stay f32\n"
+    "    --set path=value config override applied to the output config (e.g. data.train_file=...)\n"
+    "                     --to-gqa and --upcycle drop the optimizer state (its shapes no longer match): the result\n"
+    "                     is for eval/generate or a fresh fine-tuning run, not for train --resume\n"
+    "    --to-safetensors FILE   export the parameters instead of writing a checkpoint. Name mapping: the\n"
+    "                     checkpoint dataset params/<name> becomes the safetensors tensor <name> (e.g.\n"
+    "                     params/layers.0.attn.wq -> layers.0.attn.wq, params/tok_emb.weight -> tok_emb.weight);\n"
+    "                     word-expert routing tables routing/<prefix> keep their name (I32). Expert tensors keep their\n"
+    "                     global shape [E, ...]. dtypes F32/BF16/I32. __metadata__: format=pt, moe.step, moe.config\n"
+    "                     (the full run config, protobuf text)\n"
+    "    --from-safetensors FILE the inverse: a step-0 checkpoint without optimizer state from FILE and the config\n"
+    "                     (--config, else the file's moe.config metadata; defaults filled and validated; every\n"
+    "                     parameter the model expects must be present with its shape); the tokenizer comes from\n"
+    "                     --tokenizer or data.tokenizer_model\n";
+
+// ---------------------------------------------------------------------------------------------- argument parsing
+
+struct Opts {
+  std::string dir;
+  std::map<std::string, std::string> kv;
+  std::vector<std::string> sets;
+  bool has(const std::string& k) const { return kv.count(k) > 0; }
+  std::string get(const std::string& k) const {
+    auto it = kv.find(k);
+    return it == kv.end() ? std::string() : it->second;
+  }
+};
+
+Opts parse_opts(const std::string& cmd, int argc, char** argv, const std::set<std::string>& allowed) {
+  Opts o;
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--", 0) == 0) {
+      MOE_CHECK(allowed.count(a), "moe ckpt " << cmd << ": unknown option '" << a << "'\n" << kCkptUsage);
+      MOE_CHECK(i + 1 < argc, "moe ckpt " << cmd << ": option " << a << " needs a value");
+      const std::string v = argv[++i];
+      if (a == "--set") {
+        o.sets.push_back(v);
+      } else {
+        MOE_CHECK(!o.kv.count(a), "moe ckpt " << cmd << ": option " << a << " given twice");
+        o.kv[a] = v;
+      }
+    } else {
+      MOE_CHECK(o.dir.empty(), "moe ckpt " << cmd << ": unexpected argument '" << a << "'\n" << kCkptUsage);
+      o.dir = a;
+    }
+  }
+  return o;
+}
+
+int parse_int(const std::string& opt, const std::string& v, int min_value) {
+  size_t pos = 0;
+  long long n = 0;
+  try {
+    n = std::stoll(v, &pos);
+  } catch (...) {
+    pos = 0;
+  }
+  MOE_CHECK(pos == v.size() && !v.empty(), "moe ckpt: " << opt << " '" << v << "' is not an integer");
+  MOE_CHECK(n >= min_value && n <= 1 << 30, "moe ckpt: " << opt << " " << n << " must be >= " << min_value);
+  return static_cast<int>(n);
+}
+
+// ---------------------------------------------------------------------------------------------- helpers
 
 std::string sharding_of(const std::string& name) {
-  return name.find(".ffn.experts.") != std::string::npos ? "experts (global rows)" : "replicated";
+  return name.find(".ffn.experts.") != std::string::npos ? "experts" : "replicated";
 }
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  MOE_CHECK(f.good(), "cannot read '" << path << "'");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+Shape entry_shape(const proto::TensorEntry& e) { return Shape(e.shape().begin(), e.shape().end()); }
+
+// A whole checkpoint in memory (every tensor checksum-verified on the way in).
+struct Loaded {
+  std::string dir;
+  proto::Manifest m;
+  std::vector<ckpt::NamedTensor> tensors;
+  std::string tokenizer;
+  bool has_tokenizer = false;
+};
+
+Loaded load_all(const std::string& path) {
+  Loaded l;
+  l.dir = ckpt::resolve(path);
+  l.m = ckpt::read_manifest(l.dir);
+  ckpt::Reader reader(l.dir, l.m);
+  for (const auto& e : l.m.tensors()) {
+    Tensor t = Tensor::empty(entry_shape(e), dtype_from_name(e.dtype()));
+    reader.read(e.name(), t);
+    l.tensors.push_back({e.name(), t});
+  }
+  if (!l.m.tokenizer_file().empty()) {
+    const std::string tp = l.dir + "/" + l.m.tokenizer_file();
+    MOE_CHECK(fs::is_regular_file(tp), "checkpoint " << l.dir << ": tokenizer file " << tp << " is missing");
+    l.tokenizer = read_bytes(tp);
+    l.has_tokenizer = true;
+  }
+  return l;
+}
+
+std::map<std::string, std::vector<int32_t>> routing_of(const std::vector<ckpt::NamedTensor>& ts) {
+  std::map<std::string, std::vector<int32_t>> out;
+  for (const auto& t : ts)
+    if (t.name.rfind("routing/", 0) == 0 && t.tensor.dtype() == DType::kI32)
+      out[t.name.substr(8)].assign(t.tensor.i32(), t.tensor.i32() + t.tensor.numel());
+  return out;
+}
+
+// The parameters (name without "params/", global shape, in registration order) a model of this config has on one
+// rank holding every expert.
+std::vector<std::pair<std::string, Shape>> expected_params(const Config& cfg,
+                                                           const std::map<std::string, std::vector<int32_t>>& rt) {
+  experts::FfnBuildContext fctx;
+  fctx.routing_tables = rt;
+  Model model(cfg.model(), experts::make_ffn_factory(fctx));
+  std::vector<std::pair<std::string, Shape>> out;
+  for (const Param* p : model.params().all()) out.emplace_back(p->name, p->value.shape());
+  return out;
+}
+
+// Checks that `tensors` hold exactly the parameters of the config's model with their shapes; `where` names the
+// source in errors. Returns the problems (empty: consistent).
+std::vector<std::string> param_problems(const Config& cfg, const std::map<std::string, Shape>& have,
+                                        const std::map<std::string, std::vector<int32_t>>& routing,
+                                        const std::string& where) {
+  std::vector<std::string> problems;
+  std::vector<std::pair<std::string, Shape>> want;
+  try {
+    want = expected_params(cfg, routing);
+  } catch (const Error& e) {
+    problems.push_back(where + ": cannot build the model of its config: " + e.what());
+    return problems;
+  }
+  std::set<std::string> wanted;
+  for (const auto& [name, shape] : want) {
+    wanted.insert(name);
+    auto it = have.find(name);
+    if (it == have.end()) {
+      problems.push_back(where + ": parameter tensor 'params/" + name + "' (shape " + shape_str(shape) +
+                         ") required by the model config is missing");
+    } else if (it->second != shape) {
+      problems.push_back(where + ": tensor 'params/" + name + "' has shape " + shape_str(it->second) +
+                         " but the model config expects " + shape_str(shape));
+    }
+  }
+  for (const auto& [name, shape] : have)
+    if (!wanted.count(name))
+      problems.push_back(where + ": tensor 'params/" + name + "' is not a parameter of the model config");
+  return problems;
+}
+
+std::vector<std::string> param_problems(const Config& cfg, const std::vector<ckpt::NamedTensor>& tensors,
+                                        const std::string& where) {
+  std::map<std::string, Shape> have;
+  for (const auto& t : tensors)
+    if (t.name.rfind("params/", 0) == 0) have[t.name.substr(7)] = t.tensor.shape();
+  return param_problems(cfg, have, routing_of(tensors), where);
+}
+
+void require_consistent(const Config& cfg, const std::vector<ckpt::NamedTensor>& tensors, const std::string& where) {
+  const auto problems = param_problems(cfg, tensors, where);
+  if (problems.empty()) return;
+  std::ostringstream o;
+  o << problems[0];
+  if (problems.size() > 1) o << " (and " << problems.size() - 1 << " more problem(s))";
+  MOE_THROW(o.str());
+}
+
+// OUT must be absent, an empty directory, or a checkpoint root (with `latest`) that has no step_<step> yet; and it
+// must not be (or contain as step_<step>) the source.
+void check_out_root(const std::string& out, int64_t step, const std::string& src_dir) {
+  MOE_CHECK(!out.empty(), "moe ckpt: --out OUT is required (the source is never modified)");
+  const std::string step_dir = out + "/step_" + std::to_string(step);
+  if (fs::exists(out)) {
+    MOE_CHECK(fs::is_directory(out), "moe ckpt: --out '" << out << "' exists and is not a directory");
+    const bool root = fs::is_regular_file(out + "/latest");
+    MOE_CHECK(fs::is_empty(out) || root, "moe ckpt: --out '" << out << "' exists and is not empty (nor a checkpoint"
+                                                             << " root with `latest`); refusing to overwrite it");
+    MOE_CHECK(!fs::exists(step_dir), "moe ckpt: '" << step_dir << "' already exists; refusing to overwrite it");
+  }
+  if (!src_dir.empty()) {
+    const auto a = fs::weakly_canonical(src_dir), b = fs::weakly_canonical(out);
+    MOE_CHECK(a != b && a != fs::weakly_canonical(step_dir),
+              "moe ckpt: --out '" << out << "' must differ from the source checkpoint " << src_dir);
+  }
+}
+
+Tensor* find_tensor(std::vector<ckpt::NamedTensor>& ts, const std::string& name) {
+  for (auto& t : ts)
+    if (t.name == name) return &t.tensor;
+  return nullptr;
+}
+
+Tensor take_f32(std::vector<ckpt::NamedTensor>& ts, const std::string& name, const std::string& where) {
+  Tensor* t = find_tensor(ts, name);
+  MOE_CHECK(t, where << ": tensor '" << name << "' is missing");
+  return t->dtype() == DType::kF32 ? *t : t->to_dtype(DType::kF32);
+}
+
+void erase_tensor(std::vector<ckpt::NamedTensor>& ts, const std::string& name) {
+  for (auto it = ts.begin(); it != ts.end(); ++it)
+    if (it->name == name) {
+      ts.erase(it);
+      return;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------- conversions
+
+// wk/wv [Hkv*D, C] -> [G*D, C]: kv head g' = mean of source kv heads g'*r .. g'*r + r - 1 (r = Hkv / G). Query head
+// h used source kv head h / (H / Hkv); after the conversion it uses h / (H / G) = (its source kv head) / r.
+void convert_to_gqa(Config& cfg, std::vector<ckpt::NamedTensor>& ts, int G, const std::string& where) {
+  auto* mc = cfg.mutable_model();
+  const int H = mc->n_heads(), Hkv = mc->n_kv_heads() ? mc->n_kv_heads() : H;
+  MOE_CHECK(G >= 1, "moe ckpt convert --to-gqa " << G << ": must be >= 1");
+  MOE_CHECK(G != Hkv, "moe ckpt convert --to-gqa " << G << ": the checkpoint already has model.n_kv_heads = " << Hkv);
+  MOE_CHECK(H % G == 0, "moe ckpt convert --to-gqa " << G << ": model.n_heads = " << H << " is not divisible by " << G);
+  MOE_CHECK(G < Hkv && Hkv % G == 0, "moe ckpt convert --to-gqa " << G << ": the source model.n_kv_heads = " << Hkv
+                                                                  << " must be a multiple of " << G
+                                                                  << " (kv heads can only be pooled, not split)");
+  const int r = Hkv / G;
+  for (int l = 0; l < mc->n_layers(); ++l) {
+    for (const char* w : {"wk", "wv"}) {
+      const std::string name = "params/layers." + std::to_string(l) + ".attn." + w;
+      Tensor src = take_f32(ts, name, where);
+      MOE_CHECK(src.ndim() == 2 && src.dim(0) % Hkv == 0,
+                where << ": tensor '" << name << "' has shape " << shape_str(src.shape()) << ", expected ["
+                      << Hkv << "*head_dim, d_model]");
+      const int64_t D = src.dim(0) / Hkv, C = src.dim(1);
+      Tensor dst = Tensor::empty({G * D, C});
+      const float* s = src.f32();
+      float* d = dst.f32();
+      for (int g = 0; g < G; ++g)
+        for (int64_t row = 0; row < D; ++row)
+          for (int64_t c = 0; c < C; ++c) {
+            double acc = 0;
+            for (int j = 0; j < r; ++j) acc += s[((g * r + j) * D + row) * C + c];
+            d[(g * D + row) * C + c] = static_cast<float>(acc / r);
+          }
+      *find_tensor(ts, name) = dst;
+    }
+  }
+  mc->set_n_kv_heads(G);
+}
+
+void convert_upcycle(Config& cfg, std::vector<ckpt::NamedTensor>& ts, int E, uint64_t seed,
+                     const std::string& where) {
+  auto* mc = cfg.mutable_model();
+  MOE_CHECK(E >= 1, "moe ckpt convert --upcycle " << E << ": must be >= 1");
+  bool any_dense = false, any_moe = false;
+  for (int l = 0; l < mc->n_layers(); ++l) {
+    any_dense |= layer_ffn_kind(*mc, l) == proto::FFN_DENSE;
+    any_moe |= layer_ffn_kind(*mc, l) == proto::FFN_MOE;
+  }
+  MOE_CHECK(any_dense, "moe ckpt convert --upcycle: the model has no dense FFN layer to upcycle");
+  auto* moe = mc->mutable_moe();
+  const int d_expert = moe->d_expert() ? moe->d_expert() : mc->d_ff();
+  if (any_moe) {
+    MOE_CHECK(moe->num_experts() == E, "moe ckpt convert --upcycle " << E << ": the model already has MoE layers with "
+                                                                    << "model.moe.num_experts = " << moe->num_experts());
+    MOE_CHECK(d_expert == mc->d_ff(), "moe ckpt convert --upcycle: the model already has MoE layers with "
+                                          << "model.moe.d_expert = " << d_expert << " != model.d_ff = " << mc->d_ff());
+  }
+  const bool swiglu = mc->activation() == proto::SWIGLU;
+  const std::vector<std::string> names =
+      swiglu ? std::vector<std::string>{"w_gate", "w_up", "w_down"}
+             : std::vector<std::string>{"w_up", "b_up", "w_down", "b_down"};
+  std::vector<proto::FfnKind> pattern;
+  for (int l = 0; l < mc->n_layers(); ++l) {
+    const proto::FfnKind kind = layer_ffn_kind(*mc, l);
+    pattern.push_back(kind == proto::FFN_DENSE ? proto::FFN_MOE : kind);
+    if (kind != proto::FFN_DENSE) continue;
+    const std::string pre = "params/layers." + std::to_string(l) + ".ffn.";
+    int64_t C = mc->d_model();
+    for (const std::string& n : names) {
+      Tensor src = take_f32(ts, pre + n, where);
+      Shape shape{E};
+      shape.insert(shape.end(), src.shape().begin(), src.shape().end());
+      Tensor dst = Tensor::empty(shape);
+      for (int e = 0; e < E; ++e)
+        std::memcpy(dst.f32() + static_cast<size_t>(e) * src.numel(), src.f32(), src.nbytes());
+      erase_tensor(ts, pre + n);
+      ts.push_back({pre + "experts." + n, dst});
+    }
+    Tensor router = Tensor::empty({E, C});
+    Rng rng(seed ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(l + 1)));
+    init_normal(router, rng, 0.01f);
+    ts.push_back({pre + "router.weight", router});
+  }
+  mc->clear_ffn_pattern();
+  for (proto::FfnKind k : pattern) mc->add_ffn_pattern(k);
+  moe->set_num_experts(E);
+  moe->set_d_expert(mc->d_ff());
+  if (moe->top_k() == 0) moe->set_top_k(2);
+  if (moe->top_k() > E) moe->set_top_k(E);
+  moe->set_dropless(true);
+  if (moe->capacity_factor() == 0) moe->set_capacity_factor(1.25f);
+  if (moe->top_k() == 1 && E > 1)
+    std::printf("note: model.moe.top_k = 1: the gate is the router probability, so the upcycled model does not "
+                "reproduce the dense one exactly\n");
+  if (moe->no_normalize_topk() && E > 1)
+    std::printf("note: model.moe.no_normalize_topk is set: gates do not sum to 1, so the upcycled model does not "
+                "reproduce the dense one exactly\n");
+}
+
+void cast_params(std::vector<ckpt::NamedTensor>& ts, DType dt) {
+  for (auto& t : ts) {
+    if (t.name.rfind("params/", 0) != 0 || t.tensor.dtype() == DType::kI32 || t.tensor.dtype() == dt) continue;
+    if (dt == DType::kBF16) {
+      Tensor f = t.tensor.dtype() == DType::kF32 ? t.tensor : t.tensor.to_dtype(DType::kF32);
+      Tensor b = Tensor::empty(f.shape(), DType::kBF16);
+      for (int64_t i = 0; i < f.numel(); ++i) b.bf()[i] = float_to_bf16(f.f32()[i]);
+      t.tensor = b;
+    } else {
+      Tensor f = Tensor::empty(t.tensor.shape(), DType::kF32);
+      for (int64_t i = 0; i < f.numel(); ++i) f.f32()[i] = bf16_to_float(t.tensor.bf()[i]);
+      t.tensor = f;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- commands
 
 int inspect(const std::string& path) {
   const std::string dir = ckpt::resolve(path);
@@ -40,18 +390,33 @@ int inspect(const std::string& path) {
   std::printf("format version %u | step %lld | saved on %d rank(s), expert parallel %d | optimizer step %lld\n",
               m.format_version(), static_cast<long long>(m.step()), m.world_size(), m.expert_parallel(),
               static_cast<long long>(m.optimizer_t()));
-  std::printf("model: vocab %d, d_model %d, %d layers, heads %d/%d (q/kv), d_ff %d, ffn pattern [", mc.vocab_size(),
-              mc.d_model(), mc.n_layers(), mc.n_heads(), mc.n_kv_heads(), mc.d_ff());
-  for (int i = 0; i < mc.ffn_pattern_size(); ++i)
+  std::printf("model: vocab %d, d_model %d, %d layers, heads %d/%d (q/kv), d_ff %d, %s, %s%s, ffn pattern [",
+              mc.vocab_size(), mc.d_model(), mc.n_layers(), mc.n_heads(), mc.n_kv_heads(), mc.d_ff(),
+              proto::Activation_Name(mc.activation()).c_str(), proto::NormKind_Name(mc.norm()).c_str(),
+              mc.tie_embeddings() ? ", tied embeddings" : "");
+  bool any_moe = false, any_word = false;
+  for (int i = 0; i < mc.ffn_pattern_size(); ++i) {
     std::printf("%s%s", i ? ", " : "", proto::FfnKind_Name(mc.ffn_pattern(i)).c_str());
-  std::printf("]\ntokenizer: %s\n", m.tokenizer_file().empty() ? "(none)" : m.tokenizer_file().c_str());
-  std::printf("%-52s %-18s %-5s %12s %-22s %10s\n", "tensor", "shape", "dtype", "bytes", "sharding", "crc32c");
+    any_moe |= mc.ffn_pattern(i) == proto::FFN_MOE;
+    any_word |= mc.ffn_pattern(i) == proto::FFN_WORD_EXPERT;
+  }
+  std::printf("%s]\n", mc.ffn_pattern_size() ? "" : "all FFN_DENSE");
+  if (any_moe)
+    std::printf("moe: %d experts, top-%d, d_expert %d, %s, capacity factor %g%s\n", mc.moe().num_experts(),
+                mc.moe().top_k(), mc.moe().d_expert(), proto::RouterScore_Name(mc.moe().score()).c_str(),
+                mc.moe().capacity_factor(), mc.moe().dropless() ? " (dropless)" : "");
+  if (any_word)
+    std::printf("word experts: %d experts, d_expert %d, %d frequent, %s routing\n", mc.word_experts().num_experts(),
+                mc.word_experts().d_expert(), mc.word_experts().num_frequent(),
+                mc.word_experts().hash_routing() ? "hash" : "vocabulary");
+  std::printf("tokenizer: %s\n", m.tokenizer_file().empty() ? "(none)" : m.tokenizer_file().c_str());
+  std::printf("%-52s %-18s %-5s %12s %-10s %10s\n", "tensor", "shape", "dtype", "bytes", "sharding", "crc32c");
   uint64_t total = 0;
   for (const auto& e : m.tensors()) {
-    const Shape shape(e.shape().begin(), e.shape().end());
+    const Shape shape = entry_shape(e);
     const uint64_t bytes = static_cast<uint64_t>(shape_numel(shape)) * dtype_size(dtype_from_name(e.dtype()));
     total += bytes;
-    std::printf("%-52s %-18s %-5s %12llu %-22s %10u\n", e.name().c_str(), shape_str(shape).c_str(), e.dtype().c_str(),
+    std::printf("%-52s %-18s %-5s %12llu %-10s %10u\n", e.name().c_str(), shape_str(shape).c_str(), e.dtype().c_str(),
                 static_cast<unsigned long long>(bytes), sharding_of(e.name()).c_str(), e.crc32c());
   }
   std::printf("%d tensors, %.1f MiB\n", m.tensors_size(), total / 1048576.0);
@@ -61,49 +426,198 @@ int inspect(const std::string& path) {
 int verify(const std::string& path) {
   const std::string dir = ckpt::resolve(path);
   const proto::Manifest m = ckpt::read_manifest(dir);
-  ckpt::Reader reader(dir, m);
+  ckpt::Reader reader(dir, m);  // throws naming model.h5 if it is missing or not readable HDF5 (truncated)
+  std::vector<std::string> problems;
+  std::map<std::string, Shape> param_shapes;                // manifest shapes (checked against the datasets)
+  std::map<std::string, std::vector<int32_t>> routing;     // word-expert tables (needed to build the model)
   for (const auto& e : m.tensors()) {
-    Tensor t = Tensor::empty(Shape(e.shape().begin(), e.shape().end()), dtype_from_name(e.dtype()));
-    reader.read(e.name(), t);  // throws naming the file and tensor on a checksum, shape or read error
+    try {
+      Tensor t = Tensor::empty(entry_shape(e), dtype_from_name(e.dtype()));
+      reader.read(e.name(), t);  // throws naming the file and tensor on a checksum, shape or read error
+      std::printf("OK   %-52s %-18s crc32c %u\n", e.name().c_str(), shape_str(t.shape()).c_str(), e.crc32c());
+      if (e.name().rfind("routing/", 0) == 0 && t.dtype() == DType::kI32)
+        routing[e.name().substr(8)].assign(t.i32(), t.i32() + t.numel());
+    } catch (const Error& err) {
+      std::printf("FAIL %s\n", err.what());
+      problems.push_back(err.what());
+    }
+    if (e.name().rfind("params/", 0) == 0) param_shapes[e.name().substr(7)] = entry_shape(e);
   }
-  std::printf("OK: %d tensors in %s match their checksums\n", m.tensors_size(), dir.c_str());
+  for (const std::string& p : param_problems(m.config(), param_shapes, routing, dir + "/manifest.pb")) {
+    std::printf("FAIL %s\n", p.c_str());
+    problems.push_back(p);
+  }
+  if (!m.tokenizer_file().empty() && !fs::is_regular_file(dir + "/" + m.tokenizer_file())) {
+    problems.push_back("checkpoint " + dir + ": tokenizer file " + m.tokenizer_file() + " is missing");
+    std::printf("FAIL %s\n", problems.back().c_str());
+  }
+  if (!problems.empty()) {
+    std::ostringstream o;
+    o << "verify failed: " << problems.size() << " problem(s) in " << dir << "; first: " << problems[0];
+    MOE_THROW(o.str());
+  }
+  std::printf("OK: %d tensors in %s match their checksums and the model config\n", m.tensors_size(), dir.c_str());
   return 0;
 }
 
-int reshard(const std::string& path, int ep, const std::string& out) {
-  const std::string dir = ckpt::resolve(path);
-  const proto::Manifest m = ckpt::read_manifest(dir);
-  MOE_CHECK(ep >= 1, "moe ckpt reshard: --ep " << ep << " must be >= 1");
-  MOE_CHECK(!out.empty(), "moe ckpt reshard: --out ROOT is required (the source is never modified)");
-  MOE_CHECK(std::filesystem::weakly_canonical(out) != std::filesystem::weakly_canonical(dir) &&
-                std::filesystem::weakly_canonical(out) != std::filesystem::weakly_canonical(path),
-            "moe ckpt reshard: --out must differ from the source checkpoint");
-  Config cfg = m.config();
-  cfg.mutable_parallel()->set_expert_parallel(ep);
-  validate_config(cfg, /*needs_data=*/false);  // names model.moe.num_experts / word_experts when ep does not divide
+ckpt::SaveRequest request_from(const Loaded& l, const Config& cfg, int world_size) {
   ckpt::SaveRequest req;
   req.config = &cfg;
-  req.step = m.step();
-  req.optimizer_t = m.optimizer_t();
-  MOE_CHECK(m.loader_rng_size() == 4 || m.loader_rng_size() == 0, "checkpoint " << dir << ": bad loader state");
-  for (int i = 0; i < m.loader_rng_size(); ++i) req.loader_rng[i] = m.loader_rng(i);
-  req.world_size = ep;
-  ckpt::Reader reader(dir, m);
-  for (const auto& e : m.tensors()) {  // every tensor verified on the way
-    Tensor t = Tensor::empty(Shape(e.shape().begin(), e.shape().end()), dtype_from_name(e.dtype()));
-    reader.read(e.name(), t);
-    req.tensors.push_back({e.name(), t});
-  }
-  std::string tok;
-  if (!m.tokenizer_file().empty()) {
-    std::ifstream f(dir + "/" + m.tokenizer_file(), std::ios::binary);
-    MOE_CHECK(f.good(), "checkpoint " << dir << ": cannot read " << m.tokenizer_file());
-    std::stringstream ss;
-    ss << f.rdbuf();
-    tok = ss.str();
-    req.tokenizer_blob = &tok;
-  }
+  req.step = l.m.step();
+  req.optimizer_t = l.m.optimizer_t();
+  MOE_CHECK(l.m.loader_rng_size() == 4 || l.m.loader_rng_size() == 0, "checkpoint " << l.dir << ": bad loader state");
+  for (int i = 0; i < l.m.loader_rng_size(); ++i) req.loader_rng[i] = l.m.loader_rng(i);
+  req.world_size = world_size;
+  req.tensors = l.tensors;
+  if (l.has_tokenizer) req.tokenizer_blob = &l.tokenizer;
+  return req;
+}
+
+int reshard(const Opts& o) {
+  MOE_CHECK(!o.dir.empty(), "moe ckpt reshard: missing checkpoint directory\n" << kCkptUsage);
+  MOE_CHECK(o.has("--ep"), "moe ckpt reshard: --ep M is required");
+  const int ep = parse_int("--ep", o.get("--ep"), 1);
+  const std::string out = o.get("--out");
+  const std::string dir = ckpt::resolve(o.dir);
+  const proto::Manifest m = ckpt::read_manifest(dir);
+  Config cfg = m.config();
+  cfg.mutable_parallel()->set_expert_parallel(ep);
+  fill_defaults(cfg);
+  validate_config(cfg, /*needs_data=*/false);  // names model.moe.num_experts / word_experts when ep does not divide
+  check_out_root(out, m.step(), dir);
+  Loaded l = load_all(o.dir);  // every tensor verified on the way
+  require_consistent(cfg, l.tensors, l.dir);
+  ckpt::SaveRequest req = request_from(l, cfg, ep);
   std::printf("resharded %s for expert_parallel %d -> %s\n", dir.c_str(), ep, ckpt::save(out, req).c_str());
+  return 0;
+}
+
+int convert(const Opts& o) {
+  const bool from_st = o.has("--from-safetensors"), to_st = o.has("--to-safetensors");
+  const std::string out = o.get("--out");
+  MOE_CHECK(!(from_st && to_st), "moe ckpt convert: --from-safetensors and --to-safetensors exclude each other");
+  MOE_CHECK(to_st != !out.empty(), "moe ckpt convert: give exactly one of --out OUT and --to-safetensors FILE");
+  MOE_CHECK(from_st || !o.has("--config"), "moe ckpt convert: --config is only for --from-safetensors");
+  MOE_CHECK(from_st || !o.has("--tokenizer"), "moe ckpt convert: --tokenizer is only for --from-safetensors");
+  const int gqa = o.has("--to-gqa") ? parse_int("--to-gqa", o.get("--to-gqa"), 1) : 0;
+  const int upcycle = o.has("--upcycle") ? parse_int("--upcycle", o.get("--upcycle"), 1) : 0;
+  const uint64_t seed = o.has("--seed") ? static_cast<uint64_t>(parse_int("--seed", o.get("--seed"), 0)) : 0;
+  std::string dtype_opt = o.get("--dtype");
+  MOE_CHECK(dtype_opt.empty() || dtype_opt == "bf16" || dtype_opt == "f32",
+            "moe ckpt convert: --dtype '" << dtype_opt << "' (bf16 or f32 expected)");
+
+  Loaded l;
+  Config cfg;
+  std::string where;
+  if (from_st) {
+    MOE_CHECK(o.dir.empty(), "moe ckpt convert --from-safetensors: unexpected checkpoint directory '" << o.dir << "'");
+    const std::string st_path = o.get("--from-safetensors");
+    where = "safetensors file " + st_path;
+    ckpt::SafetensorsFile st = ckpt::read_safetensors(st_path);
+    if (o.has("--config")) {
+      cfg = load_config_file(o.get("--config"));
+    } else {
+      auto it = st.metadata.find("moe.config");
+      MOE_CHECK(it != st.metadata.end(), "moe ckpt convert --from-safetensors: --config CFG.pbtxt is required ("
+                                             << st_path << " has no moe.config metadata)");
+      cfg = parse_config_text(it->second, st_path + " (__metadata__ moe.config)");
+    }
+    for (const auto& s : o.sets) apply_override(cfg, s);
+    for (auto& t : st.tensors) {
+      if (t.name.rfind("routing/", 0) == 0) {
+        MOE_CHECK(t.tensor.dtype() == DType::kI32, where << ": routing table '" << t.name << "' must be I32");
+        l.tensors.push_back(t);
+      } else {
+        MOE_CHECK(t.tensor.dtype() != DType::kI32, where << ": parameter tensor '" << t.name << "' is I32");
+        l.tensors.push_back({"params/" + t.name, t.tensor});
+      }
+    }
+    if (cfg.model().vocab_size() == 0) {  // take it from the embedding, as train takes it from the tokenizer
+      Tensor* emb = find_tensor(l.tensors, "params/tok_emb.weight");
+      MOE_CHECK(emb && emb->ndim() == 2, where << ": tensor 'tok_emb.weight' is missing (model.vocab_size is 0)");
+      cfg.mutable_model()->set_vocab_size(static_cast<int>(emb->dim(0)));
+    }
+    fill_defaults(cfg);
+    validate_config(cfg, false);
+    l.dir = st_path;
+    l.m.set_step(0);
+    std::string tok_path = o.get("--tokenizer");
+    if (tok_path.empty()) tok_path = cfg.data().tokenizer_model();
+    if (!tok_path.empty()) {
+      MOE_CHECK(fs::is_regular_file(tok_path), "moe ckpt convert: tokenizer '" << tok_path << "' does not exist");
+      l.tokenizer = read_bytes(tok_path);
+      l.has_tokenizer = true;
+    } else {
+      std::printf("note: no tokenizer (--tokenizer or data.tokenizer_model): eval/generate need one\n");
+    }
+    require_consistent(cfg, l.tensors, where);  // every parameter present with its shape, before any conversion
+  } else {
+    MOE_CHECK(!o.dir.empty(), "moe ckpt convert: missing checkpoint directory\n" << kCkptUsage);
+    l = load_all(o.dir);
+    where = "checkpoint " + l.dir;
+    cfg = l.m.config();
+    for (const auto& s : o.sets) apply_override(cfg, s);
+    fill_defaults(cfg);
+    if (!to_st) check_out_root(out, l.m.step(), l.dir);  // fail early, before the conversions
+  }
+  if (to_st) {
+    const std::string f = o.get("--to-safetensors");
+    MOE_CHECK(!fs::exists(f), "moe ckpt convert: '" << f << "' already exists; refusing to overwrite it");
+  }
+
+  // parameters stay in their stored dtype unless --dtype is given (new tensors follow the parameters' dtype)
+  DType param_dtype = DType::kF32;
+  for (const auto& t : l.tensors)
+    if (t.name.rfind("params/", 0) == 0 && t.tensor.dtype() == DType::kBF16) param_dtype = DType::kBF16;
+  if (!dtype_opt.empty()) param_dtype = dtype_from_name(dtype_opt);
+
+  bool drop_optimizer = from_st;
+  if (upcycle) {
+    convert_upcycle(cfg, l.tensors, upcycle, seed, where);
+    drop_optimizer = true;
+  }
+  if (gqa) {
+    convert_to_gqa(cfg, l.tensors, gqa, where);
+    drop_optimizer = true;
+  }
+  cast_params(l.tensors, param_dtype);
+  if (drop_optimizer) {
+    std::vector<ckpt::NamedTensor> kept;
+    for (auto& t : l.tensors)
+      if (t.name.rfind("optim/", 0) != 0) kept.push_back(t);
+    l.tensors = std::move(kept);
+  }
+  validate_config(cfg, false);
+  require_consistent(cfg, l.tensors, where + " (converted)");
+  // the converted tensors in the model's parameter order, then routing tables, then optimizer state
+  {
+    std::vector<ckpt::NamedTensor> ordered;
+    for (const auto& [name, shape] : expected_params(cfg, routing_of(l.tensors)))
+      ordered.push_back({"params/" + name, *find_tensor(l.tensors, "params/" + name)});
+    for (const auto& t : l.tensors)
+      if (t.name.rfind("params/", 0) != 0) ordered.push_back(t);
+    l.tensors = std::move(ordered);
+  }
+
+  if (to_st) {
+    const std::string f = o.get("--to-safetensors");
+    std::vector<ckpt::NamedTensor> export_list;
+    for (const auto& t : l.tensors) {
+      if (t.name.rfind("params/", 0) == 0) export_list.push_back({t.name.substr(7), t.tensor});
+      else if (t.name.rfind("routing/", 0) == 0) export_list.push_back(t);
+    }
+    std::map<std::string, std::string> meta{{"format", "pt"},
+                                            {"moe.step", std::to_string(l.m.step())},
+                                            {"moe.config", config_to_text(cfg)}};
+    ckpt::write_safetensors(f, export_list, meta);
+    std::printf("exported %zu tensors of %s -> %s\n", export_list.size(), l.dir.c_str(), f.c_str());
+    return 0;
+  }
+  if (from_st) check_out_root(out, 0, "");
+  const int ws = l.m.world_size() > 0 ? l.m.world_size() : 1;
+  ckpt::SaveRequest req = request_from(l, cfg, ws);
+  if (drop_optimizer) req.optimizer_t = 0;
+  std::printf("converted %s -> %s\n", l.dir.c_str(), ckpt::save(out, req).c_str());
   return 0;
 }
 
@@ -115,33 +629,22 @@ int ckpt_tool_main(int argc, char** argv) {
     std::printf("%s", kCkptUsage);
     return 0;
   }
-  if (cmd == "reshard") {
-    std::string dir, out;
-    int ep = 0;
-    for (int i = 2; i < argc; ++i) {
-      const std::string a = argv[i];
-      if ((a == "--ep" || a == "--out") && i + 1 < argc) {
-        if (a == "--ep") {
-          try {
-            ep = std::stoi(argv[++i]);
-          } catch (...) {
-            MOE_THROW("moe ckpt reshard: --ep '" << argv[i] << "' is not an integer");
-          }
-        } else {
-          out = argv[++i];
-        }
-      } else if (dir.empty() && a.rfind("--", 0) != 0) {
-        dir = a;
-      } else {
-        MOE_THROW("moe ckpt reshard: unexpected argument '" << a << "'\n" << kCkptUsage);
-      }
+  for (int i = 2; i < argc; ++i)
+    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
+      std::printf("%s", kCkptUsage);
+      return 0;
     }
-    MOE_CHECK(!dir.empty(), "moe ckpt reshard: missing checkpoint directory\n" << kCkptUsage);
-    return reshard(dir, ep, out);
+  MOE_CHECK(!cmd.empty(), "moe ckpt: missing command\n" << kCkptUsage);
+  if (cmd == "inspect" || cmd == "verify") {
+    const Opts o = parse_opts(cmd, argc, argv, {});
+    MOE_CHECK(!o.dir.empty(), "moe ckpt " << cmd << ": missing checkpoint directory\n" << kCkptUsage);
+    return cmd == "inspect" ? inspect(o.dir) : verify(o.dir);
   }
-  MOE_CHECK(argc == 3, "moe ckpt: expected a command and a directory\n" << kCkptUsage);
-  if (cmd == "inspect") return inspect(argv[2]);
-  if (cmd == "verify") return verify(argv[2]);
+  if (cmd == "reshard") return reshard(parse_opts(cmd, argc, argv, {"--ep", "--out"}));
+  if (cmd == "convert")
+    return convert(parse_opts(cmd, argc, argv,
+                              {"--out", "--to-safetensors", "--from-safetensors", "--config", "--tokenizer", "--set",
+                               "--to-gqa", "--upcycle", "--dtype", "--seed"}));
   MOE_THROW("moe ckpt: unknown command '" << cmd << "'\n" << kCkptUsage);
 }
 

@@ -42,7 +42,7 @@ const char* kUsage =
     "            validation loss of a checkpoint on its data split\n"
     "  config    --config FILE [--set path=value ...]\n"
     "            print the resolved config (defaults filled, overrides applied) and validate it\n"
-    "  ckpt      inspect|verify|reshard   checkpoint utilities (moe ckpt --help)\n"
+    "  ckpt      inspect|verify|reshard|convert ...   checkpoint utilities (moe ckpt --help)\n"
     "            print the resolved config (defaults filled, overrides applied) and validate it\n"
     "options:\n"
     "  --set path=value   override any config field by path, e.g. --set model.d_model=256 (repeatable)\n"
