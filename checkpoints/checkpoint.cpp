@@ -63,14 +63,6 @@ void write_file(const std::string& path, const std::string& bytes) {
   fsync_path(path, false);
 }
 
-std::string read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  MOE_CHECK(f.good(), "cannot read '" << path << "'");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
 void write_dataset(hid_t file, const std::string& path, const Tensor& t, proto::Manifest& m,
                    const std::string& file_name) {
   MOE_CHECK(t.dtype() == DType::kF32 || t.dtype() == DType::kI32 || t.dtype() == DType::kBF16,
@@ -123,6 +115,14 @@ std::vector<int64_t> list_steps(const std::string& root) {
 }
 
 }  // namespace
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  MOE_CHECK(f.good(), "cannot read '" << path << "'");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
 
 std::string save(const std::string& root, const SaveRequest& req) {
   MOE_CHECK(req.config, "checkpoint save: the config is required");

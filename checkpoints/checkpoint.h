@@ -34,6 +34,9 @@ struct SaveRequest {
   int world_size = 1;                          // parallel layout at save time
 };
 
+// The whole file as bytes; throws naming the path if it cannot be read.
+std::string read_file(const std::string& path);
+
 // Saves under `root` and returns the final directory path.
 std::string save(const std::string& root, const SaveRequest& req);
 

@@ -13,6 +13,7 @@
 #include <set>
 #include <sstream>
 
+#include "checkpoints/checkpoint.h"
 #include "core/error.h"
 
 namespace moe::ckpt {
@@ -408,11 +409,7 @@ SafetensorsFile parse_safetensors(const std::string& bytes, const std::string& s
 
 SafetensorsFile read_safetensors(const std::string& path) {
   MOE_CHECK(std::filesystem::is_regular_file(path), "safetensors file '" << path << "' does not exist");
-  std::ifstream f(path, std::ios::binary);
-  MOE_CHECK(f.good(), "cannot read safetensors file '" << path << "'");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return parse_safetensors(ss.str(), path);
+  return parse_safetensors(read_file(path), path);
 }
 
 }  // namespace moe::ckpt

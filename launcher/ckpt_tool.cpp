@@ -121,14 +121,6 @@ std::string sharding_of(const std::string& name) {
   return name.find(".ffn.experts.") != std::string::npos ? "experts" : "replicated";
 }
 
-std::string read_bytes(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  MOE_CHECK(f.good(), "cannot read '" << path << "'");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
 Shape entry_shape(const proto::TensorEntry& e) { return Shape(e.shape().begin(), e.shape().end()); }
 
 // A whole checkpoint in memory (every tensor checksum-verified on the way in).
@@ -153,7 +145,7 @@ Loaded load_all(const std::string& path) {
   if (!l.m.tokenizer_file().empty()) {
     const std::string tp = l.dir + "/" + l.m.tokenizer_file();
     MOE_CHECK(fs::is_regular_file(tp), "checkpoint " << l.dir << ": tokenizer file " << tp << " is missing");
-    l.tokenizer = read_bytes(tp);
+    l.tokenizer = ckpt::read_file(tp);
     l.has_tokenizer = true;
   }
   return l;
@@ -545,7 +537,7 @@ int convert(const Opts& o) {
     if (tok_path.empty()) tok_path = cfg.data().tokenizer_model();
     if (!tok_path.empty()) {
       MOE_CHECK(fs::is_regular_file(tok_path), "moe ckpt convert: tokenizer '" << tok_path << "' does not exist");
-      l.tokenizer = read_bytes(tok_path);
+      l.tokenizer = ckpt::read_file(tok_path);
       l.has_tokenizer = true;
     } else {
       std::printf("note: no tokenizer (--tokenizer or data.tokenizer_model): eval/generate need one\n");

@@ -30,15 +30,6 @@ int ckpt_cli(std::vector<std::string> args) {
   return launcher::ckpt_tool_main(static_cast<int>(argv.size()), argv.data());
 }
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 Config tool_config(int n_heads, int n_kv_heads, proto::Activation act = proto::SWIGLU) {
   Config c;
   auto* m = c.mutable_model();
