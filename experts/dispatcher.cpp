@@ -24,51 +24,90 @@ Dispatcher::Dispatcher(comm::Communicator* ep, int num_experts)
   El_ = E_ / P_;
   send_counts_.assign(P_, 0);
   recv_counts_.assign(P_, 0);
-  all_counts_.assign(static_cast<size_t>(P_) * E_, 0);
-  local_offsets_.assign(El_ + 1, 0);
+  pair_send_counts_.assign(P_, 0);
+  pair_recv_counts_.assign(P_, 0);
+  group_offsets_.assign(1, 0);
 }
 
 const float* Dispatcher::dispatch(const router::DispatchPlan& plan, const float* x, int C) {
-  MOE_CHECK(plan.num_experts == E_, "dispatch plan has " << plan.num_experts << " experts, the layer " << E_);
+  MOE_CHECK(plan.global_num_experts() == E_,
+            "dispatch plan has " << plan.global_num_experts() << " experts, the layer " << E_);
   auto t0 = clk::now();
   plan_rows_ = plan.rows();
   float* perm = grow(permuted_, plan_rows_ * C);
   plan.permute(perm, x, C);
+  // (local expert, rows) of every non-empty plan expert, by destination rank: global ids ascend, so the pairs, and
+  // the plan rows, of one destination are contiguous and in ascending expert order
+  std::fill(send_counts_.begin(), send_counts_.end(), 0);
+  std::fill(pair_send_counts_.begin(), pair_send_counts_.end(), 0);
+  send_pairs_.clear();
+  for (int i = 0; i < plan.num_experts; ++i) {
+    const int32_t c = plan.counts[i];
+    if (c == 0) continue;
+    const int g = plan.global_id(i), r = g / El_;
+    send_pairs_.push_back({g - r * El_, c});
+    ++pair_send_counts_[r];
+    send_counts_[r] += c;
+  }
   t_.permute += since(t0);
-  for (int r = 0; r < P_; ++r)
-    send_counts_[r] = plan.expert_offsets[(r + 1) * El_] - plan.expert_offsets[r * El_];
-  // every rank learns how many rows each source sends to each expert (P*E ints: small next to the rows)
+  // every rank learns which of its experts each source sends rows to, and how many (pairs, not E counts)
   t0 = clk::now();
   if (P_ > 1) {
-    ep_->all_gather(plan.counts.data(), all_counts_.data(), sizeof(int32_t) * E_);
+    ep_->all_to_all_counts(pair_send_counts_.data(), pair_recv_counts_.data());
+    int64_t n = 0;
+    for (int r = 0; r < P_; ++r) n += pair_recv_counts_[r];
+    recv_pairs_.resize(n);
+    ep_->all_to_all_v(reinterpret_cast<const float*>(send_pairs_.data()), pair_send_counts_.data(),
+                      reinterpret_cast<float*>(recv_pairs_.data()), pair_recv_counts_.data(), 2);
   } else {
-    std::memcpy(all_counts_.data(), plan.counts.data(), sizeof(int32_t) * E_);
+    recv_pairs_ = send_pairs_;
+    pair_recv_counts_[0] = static_cast<int64_t>(send_pairs_.size());
   }
   t_.all_to_all += since(t0);
-  // source-major layout of the received rows: for src, for local expert e: all_counts[src][first + e] rows
-  std::fill(local_offsets_.begin(), local_offsets_.end(), 0);
+  // groups: the distinct local experts over all sources, ascending
+  local_experts_.clear();
+  for (const ExpertRows& p : recv_pairs_) {
+    MOE_CHECK(p.expert >= 0 && p.expert < El_ && p.rows > 0,
+              "dispatcher: a peer sent " << p.rows << " rows for local expert " << p.expert << " (this rank holds "
+                                         << El_ << ")");
+    local_experts_.push_back(p.expert);
+  }
+  std::sort(local_experts_.begin(), local_experts_.end());
+  local_experts_.erase(std::unique(local_experts_.begin(), local_experts_.end()), local_experts_.end());
+  const size_t G = local_experts_.size();
+  group_offsets_.assign(G + 1, 0);
+  pair_group_.resize(recv_pairs_.size());
+  size_t pi = 0;
   for (int src = 0; src < P_; ++src) {
     int64_t n = 0;
-    for (int e = 0; e < El_; ++e) {
-      const int32_t c = all_counts_[size_t(src) * E_ + first_local_expert() + e];
-      local_offsets_[e + 1] += c;
-      n += c;
+    for (int64_t j = 0; j < pair_recv_counts_[src]; ++j, ++pi) {
+      const ExpertRows& p = recv_pairs_[pi];
+      const size_t g = std::lower_bound(local_experts_.begin(), local_experts_.end(), p.expert) -
+                       local_experts_.begin();
+      pair_group_[pi] = static_cast<int64_t>(g);
+      group_offsets_[g + 1] += p.rows;
+      n += p.rows;
     }
     recv_counts_[src] = n;
   }
-  for (int e = 0; e < El_; ++e) local_offsets_[e + 1] += local_offsets_[e];
-  // group_index: source-major row i -> expert-major row
-  group_index_.resize(local_offsets_.back());
-  std::vector<int64_t> cursor(local_offsets_.begin(), local_offsets_.end() - 1);
+  for (size_t g = 0; g < G; ++g) group_offsets_[g + 1] += group_offsets_[g];
+  // group_index: source-major row i -> expert-major row (each source's rows come in its pairs' order)
+  group_index_.resize(local_rows());
+  std::vector<int64_t> cursor(group_offsets_.begin(), group_offsets_.end() - 1);
   int64_t i = 0;
-  for (int src = 0; src < P_; ++src)
-    for (int e = 0; e < El_; ++e) {
-      const int32_t c = all_counts_[size_t(src) * E_ + first_local_expert() + e];
-      for (int32_t j = 0; j < c; ++j) group_index_[i++] = cursor[e]++;
-    }
+  for (size_t q = 0; q < recv_pairs_.size(); ++q)
+    for (int32_t j = 0; j < recv_pairs_[q].rows; ++j) group_index_[i++] = cursor[pair_group_[q]]++;
   float* out = grow(grouped_, local_rows() * C);
   forward_move(perm, out, C);
   return out;
+}
+
+const std::vector<int64_t>& Dispatcher::local_offsets() {
+  local_offsets_.assign(El_ + 1, 0);
+  for (size_t g = 0; g < local_experts_.size(); ++g)
+    local_offsets_[local_experts_[g] + 1] = group_offsets_[g + 1] - group_offsets_[g];
+  for (int e = 0; e < El_; ++e) local_offsets_[e + 1] += local_offsets_[e];
+  return local_offsets_;
 }
 
 void Dispatcher::forward_move(const float* rows, float* out, int C) {

@@ -31,10 +31,17 @@ class Dispatcher {
   int first_local_expert() const { return rank_ * El_; }
 
   // Sends the plan's rows x[N,C] (gathered by the plan) to their experts' ranks. Returns the rows of the local
-  // experts, expert-major: local expert e owns rows [local_offsets()[e], local_offsets()[e+1]).
+  // experts, expert-major: the local experts that received rows are local_experts() (ascending, ids in
+  // [0, num_local_experts)), group g owning rows [group_offsets()[g], group_offsets()[g+1]). Only the non-empty
+  // experts are exchanged and listed ((expert, rows) pairs), so the cost grows with the experts used, not with E:
+  // a compact plan (router.h) over 10^5 word experts costs the same as one over the few thousand it uses.
   const float* dispatch(const router::DispatchPlan& plan, const float* x /*[N,C]*/, int C);
-  const std::vector<int64_t>& local_offsets() const { return local_offsets_; }
-  int64_t local_rows() const { return local_offsets_.back(); }
+  const std::vector<int64_t>& local_experts() const { return local_experts_; }
+  const std::vector<int64_t>& group_offsets() const { return group_offsets_; }
+  // The same layout with every local expert (empty ones included): local expert e owns rows
+  // [offsets[e], offsets[e+1]) of num_local_experts()+1 offsets. O(num_local_experts): for the MoE expert bank.
+  const std::vector<int64_t>& local_offsets();
+  int64_t local_rows() const { return group_offsets_.back(); }
   // Sends expert outputs y[local_rows,C] back; returns them in plan row order [plan.rows(), C].
   const float* combine_rows(const float* y /*[local_rows,C]*/, int C);
 
@@ -53,10 +60,19 @@ class Dispatcher {
 
   comm::Communicator* ep_;
   int P_, rank_, E_, El_;
-  std::vector<int64_t> send_counts_, recv_counts_;   // [P] rows
-  std::vector<int32_t> all_counts_;                  // [P*E] per-expert counts of every source rank
-  std::vector<int64_t> local_offsets_;               // [El+1]
-  std::vector<int64_t> group_index_;                 // [local_rows] source-major row -> expert-major row
+  struct ExpertRows {  // exchanged as two 32-bit words, sent bit for bit as a 2-"float" row
+    int32_t expert;    // local expert id on the receiving rank
+    int32_t rows;
+  };
+  static_assert(sizeof(ExpertRows) == 2 * sizeof(float));
+  std::vector<int64_t> send_counts_, recv_counts_;       // [P] rows
+  std::vector<int64_t> pair_send_counts_, pair_recv_counts_;  // [P] (expert, rows) pairs
+  std::vector<ExpertRows> send_pairs_, recv_pairs_;     // by destination / source, experts ascending within each
+  std::vector<int64_t> local_experts_;                  // [G] distinct local experts that received rows, ascending
+  std::vector<int64_t> group_offsets_;                  // [G+1]
+  std::vector<int64_t> pair_group_;                     // [received pairs] group of each received pair
+  std::vector<int64_t> local_offsets_;                  // [El+1] dense view, built on demand
+  std::vector<int64_t> group_index_;                    // [local_rows] source-major row -> expert-major row
   int64_t plan_rows_ = 0;
   std::vector<float> permuted_, recv_, grouped_, ungrouped_, back_, grad_a_, grad_b_;
   DispatchTimings t_;

@@ -165,19 +165,13 @@ void WordExpertFfn::forward(const FfnContext& ctx, float* y, const float* x, int
     const int64_t logical = vocab_ ? vocab_->expert_of(ctx.token_ids[n]) : hash_->expert_of(ctx.token_ids[n]);
     expert_ids_[n] = static_cast<int32_t>((logical * spread_) % E_);
   }
-  plan_ = router::make_top1_plan(expert_ids_.data(), N, E_);
+  // a compact plan and the dispatcher's (expert, rows) exchange: nothing per step is O(E)
+  plan_ = router::make_top1_plan_compact(expert_ids_.data(), N, E_);
   const float* rows = dispatcher_.dispatch(plan_, x, C_);
   // the experts that received rows, with their row ranges (the table works on used experts only)
-  const auto& off = dispatcher_.local_offsets();
-  used_experts_.clear();
-  used_offsets_.assign(1, 0);
-  for (int64_t e = 0; e + 1 < static_cast<int64_t>(off.size()); ++e)
-    if (off[e + 1] > off[e]) {
-      used_experts_.push_back(e);
-      used_offsets_.push_back(off[e + 1]);
-    }
+  const auto& used = dispatcher_.local_experts();
   float* out = grow(expert_out_, std::max<int64_t>(dispatcher_.local_rows(), 1) * C_);
-  table_.forward(out, rows, used_experts_.data(), used_offsets_.data(), static_cast<int64_t>(used_experts_.size()));
+  table_.forward(out, rows, used.data(), dispatcher_.group_offsets().data(), static_cast<int64_t>(used.size()));
   const float* yrows = dispatcher_.combine_rows(out, C_);
   plan_.unpermute_combine(y, yrows, C_);
 }

@@ -70,7 +70,6 @@ class WordExpertFfn : public FfnUnit {
   WordExpertTable table_;
   int64_t spread_ = 1;                 // logical expert e is stored as expert (e * spread_) mod E
   std::vector<int32_t> expert_ids_;    // [N] scattered expert of each token
-  std::vector<int64_t> used_experts_, used_offsets_;
   std::vector<float> expert_out_;
 };
 

@@ -39,6 +39,8 @@ void DispatchPlan::reset(int N, int k_, int E, int capacity_) {
   gate.assign(S, 0.0f);
   position.assign(S, -1);
   counts.assign(E, 0);
+  global_expert.clear();
+  total_experts = 0;
   order.clear();
   expert_offsets.assign(E + 1, 0);
   row_of_slot.assign(S, -1);
@@ -109,7 +111,10 @@ double DispatchPlan::dropped_fraction() const {
   const int S = num_slots();
   return S == 0 ? 0.0 : static_cast<double>(num_dropped()) / S;
 }
-int DispatchPlan::load_min() const { return counts.empty() ? 0 : *std::min_element(counts.begin(), counts.end()); }
+int DispatchPlan::load_min() const {
+  if (counts.empty() || (!global_expert.empty() && num_experts < total_experts)) return 0;
+  return *std::min_element(counts.begin(), counts.end());
+}
 int DispatchPlan::load_max() const { return counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end()); }
 
 // ---------------------------------------------------------------- permute
@@ -193,6 +198,31 @@ DispatchPlan make_top1_plan(const int32_t* expert /*[N]*/, int N, int E) {
     plan.position[n] = fill[e]++;
   }
   plan.build_permutation();
+  return plan;
+}
+
+DispatchPlan make_top1_plan_compact(const int32_t* expert /*[N]*/, int N, int E) {
+  MOE_CHECK(N >= 0 && E >= 1, "router: need N >= 0 and E >= 1 (got N " << N << ", E " << E << ")");
+  std::vector<int32_t> used(expert, expert + N);
+  for (int n = 0; n < N; ++n)
+    MOE_CHECK(used[n] >= 0 && used[n] < E,
+              "router: token " << n << " routed to expert " << used[n] << " outside [0, " << E << ")");
+  std::sort(used.begin(), used.end());
+  used.erase(std::unique(used.begin(), used.end()), used.end());
+  DispatchPlan plan;
+  plan.reset(N, 1, std::max<int>(1, static_cast<int>(used.size())), -1);
+  std::vector<int32_t> fill(plan.num_experts, 0);
+  for (int n = 0; n < N; ++n) {
+    const int i = static_cast<int>(std::lower_bound(used.begin(), used.end(), expert[n]) - used.begin());
+    plan.expert[n] = i;
+    plan.gate[n] = 1.0f;
+    plan.position[n] = fill[i]++;
+  }
+  plan.build_permutation();
+  // an empty batch keeps one (empty) plan expert, so the plan stays well formed: name a real expert for it
+  if (used.empty()) used.push_back(0);
+  plan.global_expert = std::move(used);
+  plan.total_experts = E;
   return plan;
 }
 

@@ -47,6 +47,15 @@ struct DispatchPlan {
                                   //       of the permuted buffer when k > 1: see order below.
   std::vector<int32_t> counts;    // [E] slots kept per expert
 
+  // ---- compact plans (table routers over very many experts) ----
+  // Empty: plan expert e is global expert e. Otherwise the plan lists only the experts that received tokens:
+  // plan expert i is global expert global_expert[i] (strictly ascending) of total_experts, and counts,
+  // expert_offsets and every loop over experts cost O(experts used), not O(total_experts).
+  std::vector<int32_t> global_expert;  // [num_experts] or empty
+  int total_experts = 0;               // compact plans only
+  int global_id(int i) const { return global_expert.empty() ? i : global_expert[i]; }
+  int global_num_experts() const { return global_expert.empty() ? num_experts : total_experts; }
+
   // ---- permutation (build_permutation) ----
   std::vector<int32_t> order;           // [rows] slot ids sorted by destination expert, stable by token index
                                         //        (a token holds at most one slot per expert, so this is total)
@@ -64,7 +73,7 @@ struct DispatchPlan {
   int num_slots() const { return num_tokens * k; }
   int num_dropped() const;          // slots with expert == -1
   double dropped_fraction() const;  // num_dropped / (N*k); 0 for N == 0
-  int load_min() const;             // min over experts of counts
+  int load_min() const;             // min over experts of counts (0 when a compact plan leaves experts unused)
   int load_max() const;             // max over experts of counts
 
   // out[r] = x[token of order[r]]: gather the kept slots into per-expert contiguous rows.
@@ -84,6 +93,9 @@ struct DispatchPlan {
 // A dropless k=1 plan with gate 1 from an expert id per token (ids checked to lie in [0, E)); positions in token
 // order. Shared by the table routers.
 DispatchPlan make_top1_plan(const int32_t* expert /*[N]*/, int N, int E);
+// The same plan in compact form (global_expert lists the distinct experts used, ascending): O(N log N) work and
+// memory whatever E is, for word-expert tables with up to ~10^5 experts of which a batch uses a few thousand.
+DispatchPlan make_top1_plan_compact(const int32_t* expert /*[N]*/, int N, int E);
 
 // ---------------------------------------------------------------- learned top-k router
 enum class ScoreFn { kSoftmax, kSigmoid };

@@ -518,6 +518,50 @@ TEST(RouterPlan, ValidationRejectsInconsistentPlans) {
   expect_error([] { make_top1_plan(Ids{0, 5}.data(), 2, 3); }, "outside");
 }
 
+// A compact plan (word-expert tables) lists only the experts used and otherwise equals the dense plan: the same
+// rows in the same order, the same counts at the global ids, the same permute / combine results.
+TEST(RouterPlan, CompactTop1PlanEqualsDensePlan) {
+  const int N = 300, E = 1 << 17, C = 5;
+  Rng rng(21);
+  Ids ids(N);
+  for (auto& e : ids) e = int32_t(rng.below(40)) * 3271 % E;  // 40 distinct experts scattered over a big table
+  ids[7] = E - 1;
+  ids[8] = 0;
+  const DispatchPlan d = make_top1_plan(ids.data(), N, E);
+  const DispatchPlan c = make_top1_plan_compact(ids.data(), N, E);
+  ASSERT_FALSE(c.global_expert.empty());
+  EXPECT_TRUE(std::is_sorted(c.global_expert.begin(), c.global_expert.end()));
+  EXPECT_EQ(std::set<int32_t>(ids.begin(), ids.end()).size(), c.global_expert.size());
+  EXPECT_EQ(c.global_num_experts(), E);
+  EXPECT_EQ(int(c.counts.size()), c.num_experts);  // O(experts used), not O(E)
+  EXPECT_EQ(c.order, d.order);
+  EXPECT_EQ(c.row_of_slot, d.row_of_slot);
+  for (int i = 0; i < c.num_experts; ++i) {
+    EXPECT_EQ(c.counts[i], d.counts[c.global_id(i)]);
+    EXPECT_EQ(c.expert_offsets[i], d.expert_offsets[c.global_id(i)]);
+  }
+  for (int n = 0; n < N; ++n) EXPECT_EQ(c.global_id(c.expert[n]), ids[n]);
+  EXPECT_EQ(c.load_min(), 0);  // most experts of the table got nothing
+  EXPECT_EQ(c.load_max(), d.load_max());
+  Vec x(size_t(N) * C), pd(x.size()), pc(x.size()), od(x.size()), oc(x.size());
+  for (auto& v : x) v = rng.normal();
+  d.permute(pd.data(), x.data(), C);
+  c.permute(pc.data(), x.data(), C);
+  EXPECT_EQ(pd, pc);
+  d.unpermute_combine(od.data(), pd.data(), C);
+  c.unpermute_combine(oc.data(), pc.data(), C);
+  EXPECT_EQ(od, oc);
+  // every expert of a small table used: nothing left out, so load_min is the real minimum
+  const Ids all = {2, 0, 1, 2, 1};
+  const DispatchPlan f = make_top1_plan_compact(all.data(), 5, 3);
+  EXPECT_EQ(f.global_expert, (Ids{0, 1, 2}));
+  EXPECT_EQ(f.load_min(), 1);
+  // an empty batch and a bad id
+  const DispatchPlan z = make_top1_plan_compact(nullptr, 0, E);
+  EXPECT_EQ(z.rows(), 0);
+  expect_error([] { make_top1_plan_compact(Ids{0, 5}.data(), 2, 3); }, "token 1 routed to expert 5 outside");
+}
+
 // ================================================================== vocabulary router
 TEST(RouterVocab, FrequentTokensGetOwnExperts) {
   const int V = 200, E = 10, W = 4;
