@@ -5,7 +5,7 @@
 //  2. all-to-all bandwidth of our communicator vs raw MPI_Alltoallv of the same bytes;
 //  3. expert GEMM (ExpertBank) vs raw cblas_sgemm of the same FLOPs;
 //  4. word-expert step time (forward + backward + zero_grad + AdamW) at 1k, 16k and 128k experts.
-// usage: mpirun -np N bench_moe [--tokens 4096] [--d_model 512] [--experts 8] [--d_expert 1024] [--iters 3]
+// usage: mpirun -np N bench_moe [--section 1..4 (default all)] [--tokens 4096] [--d_model 512] [--experts 8] [--d_expert 1024] [--iters 3] [--word-sizes 1024,16384,131072]
 #include <cblas.h>
 #include <mpi.h>
 
@@ -53,7 +53,8 @@ proto::ModelConfig layer_config(int C, int E, int F, int k) {
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
-  int tokens = 4096, C = 512, E = 8, F = 1024, iters = 3, k = 2, threads = 0;
+  int tokens = 4096, C = 512, E = 8, F = 1024, iters = 3, k = 2, threads = 0, section = 0;
+  std::vector<int> word_sizes = {1024, 16384, 131072};
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
     int v = std::atoi(argv[i + 1]);
@@ -63,6 +64,15 @@ int main(int argc, char** argv) {
     else if (a == "--d_expert") F = v;
     else if (a == "--iters") iters = v;
     else if (a == "--threads") threads = v;
+    else if (a == "--section") section = v;
+    else if (a == "--word-sizes") {  // comma-separated table sizes of section 4 (the first is the baseline)
+      word_sizes.clear();
+      for (const char* c = argv[i + 1]; *c;) {
+        word_sizes.push_back(std::atoi(c));
+        while (*c && *c != ',') ++c;
+        if (*c == ',') ++c;
+      }
+    }
   }
   int world_n = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &world_n);
@@ -75,11 +85,12 @@ int main(int argc, char** argv) {
     std::printf("bench_moe: %d rank(s) x %d thread(s); d_model %d, %d experts (top-%d, cf 1.25), d_expert %d, "
                 "%d tokens (%d per rank)\n", W, nt, C, E, k, F, tokens, N);
 
+  Rng rng(3 + rank);
   // ------------------------------------------------------------ 1. MoE layer split
+  if (section == 0 || section == 1) {
   proto::ModelConfig cfg = layer_config(C, E, F, k);
   ParamStore ps;
   experts::MoeFfn layer(ps, "moe", cfg, par.expert_group(), 1);
-  Rng rng(3 + rank);
   for (Param* p : ps.all())
     for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = rng.normal() * 0.02f;
   std::vector<float> x(size_t(N) * C), y(x.size()), dy(x.size()), dx(x.size());
@@ -121,9 +132,10 @@ int main(int argc, char** argv) {
     std::printf("%-44s %9.1f%%   (target <= 15%%)\n", "dispatch overhead (total-expert-a2a), worst rank",
                 100 * overhead_share);
   }
+  }  // section 1
 
   // ------------------------------------------------------------ 2. all-to-all vs raw MPI
-  if (W > 1) {
+  if (W > 1 && (section == 0 || section == 2)) {
     const int64_t rows_per_peer = N * k / W;
     std::vector<int64_t> counts(W, rows_per_peer);
     std::vector<float> send(size_t(rows_per_peer) * W * C, 1.0f), recv(send.size());
@@ -167,7 +179,7 @@ int main(int argc, char** argv) {
   }
 
   // ------------------------------------------------------------ 3. expert GEMM vs raw sgemm (local, rank 0 shape)
-  {
+  if (section == 0 || section == 3) {
     const int El = E / par.ep_size();
     const int64_t rows_total = int64_t(N) * k;  // about what this rank's experts receive
     std::vector<int64_t> off(El + 1);
@@ -213,7 +225,7 @@ int main(int argc, char** argv) {
   }
 
   // ------------------------------------------------------------ 4. word experts: step time vs table size
-  {
+  if (section == 0 || section == 4) {
     const int Cw = 32, Fw = 16, Nw = tokens / W, V = 1024;
     std::vector<int32_t> ids(Nw);
     Rng tr(11 + rank);
@@ -223,18 +235,19 @@ int main(int argc, char** argv) {
     std::vector<float> wx(size_t(Nw) * Cw), wy(wx.size()), wdy(wx.size()), wdx(wx.size());
     for (auto& v : wx) v = tr.normal();
     for (auto& v : wdy) v = tr.normal();
-    if (lead) std::printf("\n%-44s %10s %8s\n", "word-expert layer step (fwd+bwd+AdamW)", "ms", "vs 1k");
+    if (lead) std::printf("\n%-44s %10s %8s\n", "word-expert layer step (fwd+bwd+AdamW)", "ms", "vs first");
     struct Table {
       int E;
       ParamStore ps;
       std::unique_ptr<experts::WordExpertFfn> layer;
       std::unique_ptr<AdamW> opt;
       std::vector<double> times;
+      std::vector<double> phases[4];  // rank 0: zero_grad, forward, backward, AdamW
     };
     std::vector<std::unique_ptr<Table>> tables;
     proto::OptimizerConfig oc;
     oc.set_lr(1e-3f); oc.set_beta1(0.9f); oc.set_beta2(0.95f); oc.set_eps(1e-8f);
-    for (int Ew : {1024, 16384, 131072}) {
+    for (int Ew : word_sizes) {
       auto t = std::make_unique<Table>();
       t->E = Ew;
       proto::ModelConfig wc;
@@ -250,28 +263,53 @@ int main(int argc, char** argv) {
     }
     FfnContext wctx;
     wctx.token_ids = ids.data();
-    auto step = [&](Table& t) {
+    // one step, with the phase times (this rank) in ph: zero_grad, forward, backward, AdamW
+    auto step = [&](Table& t, double ph[4]) {
+      double s = now_s(), e;
       t.ps.zero_grad();
+      e = now_s(); ph[0] = e - s; s = e;
       t.layer->forward(wctx, wy.data(), wx.data(), Nw);
+      e = now_s(); ph[1] = e - s; s = e;
       t.layer->backward(wctx, wdx.data(), wdy.data(), Nw);
+      e = now_s(); ph[2] = e - s; s = e;
       t.opt->step(1e-3f);
+      ph[3] = now_s() - s;
     };
-    for (int rep = 0; rep < 11; ++rep)  // round robin over the sizes: the same machine state for each
+    for (int rep = 0; rep < 33; ++rep)  // round robin over the sizes: the same machine state for each
       for (auto& t : tables) {
         MPI_Barrier(MPI_COMM_WORLD);
         const double s = now_s();
-        step(*t);
-        if (rep >= 2) t->times.push_back(max_over_ranks(now_s() - s));
+        double ph[4];
+        step(*t, ph);
+        const double total = max_over_ranks(now_s() - s);
+        if (rep >= 2) {
+          t->times.push_back(total);
+          for (int i = 0; i < 4; ++i) t->phases[i].push_back(ph[i]);
+        }
       }
     double base = 0;
     for (auto& t : tables) {
       std::sort(t->times.begin(), t->times.end());
       const double med = t->times[t->times.size() / 2];
-      if (t->E == 1024) base = med;
+      if (base == 0) base = med;
       if (lead) {
         char name[64];
         std::snprintf(name, sizeof name, "%d experts (d %d, d_expert %d, %d tokens)", t->E, Cw, Fw, Nw * W);
         std::printf("%-44s %10.3f %7.2fx   (target <= 1.2x)\n", name, med * 1e3, med / base);
+      }
+    }
+    if (lead) std::printf("%-44s %10s %10s %10s %10s\n", "  split, rank 0 (median ms)", "zero_grad", "forward",
+                          "backward", "AdamW");
+    for (auto& t : tables) {
+      double m[4];
+      for (int i = 0; i < 4; ++i) {
+        std::sort(t->phases[i].begin(), t->phases[i].end());
+        m[i] = t->phases[i][t->phases[i].size() / 2] * 1e3;
+      }
+      if (lead) {
+        char name[64];
+        std::snprintf(name, sizeof name, "  %d experts", t->E);
+        std::printf("%-44s %10.3f %10.3f %10.3f %10.3f\n", name, m[0], m[1], m[2], m[3]);
       }
     }
   }

@@ -1,4 +1,5 @@
 #include "core/optimizer.h"
+#include "core/prefetch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -34,7 +35,12 @@ double grad_norm(const ParamStore& ps, const ShardSum& sum_shards) {
       continue;
     }
     const int64_t rs = p->row_size();
-    for (int64_t r : p->touched) acc += cpu::sum_squares(p->grad.f32() + r * rs, rs);
+    const float* g = p->grad.f32();
+    const auto& rows = p->touched;
+    for (size_t k = 0; k < rows.size(); ++k) {
+      if (k + 1 < rows.size()) prefetch_read(g + rows[k + 1] * rs, rs);
+      acc += cpu::sum_squares(g + rows[k] * rs, rs);
+    }
   }
   if (sum_shards) sharded = sum_shards(sharded);
   return std::sqrt(replicated + sharded);
@@ -78,6 +84,21 @@ inline void adamw_update(float* w, const float* g, float* m, float* v, int64_t n
     w[j] -= lr * (mhat / (std::sqrt(vhat) + eps) + decay * w[j]);
   }
 }
+// The same update of one row of a row-sparse table, walking it one 64-byte line (16 floats) at a time and
+// prefetching the matching line of the next row to update (offset `next` from w, g, m, v; 0: none) as it goes:
+// spreading the prefetches over the row keeps the memory system busy without flooding it (core/prefetch.h).
+inline void adamw_update_row(float* w, const float* g, float* m, float* v, int64_t n, int64_t next, float lr,
+                             float b1, float b2, float eps, float decay, float bc1, float bc2) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    if (next) {
+      __builtin_prefetch(w + next + j0, 1);
+      __builtin_prefetch(g + next + j0, 0);
+      __builtin_prefetch(m + next + j0, 1);
+      __builtin_prefetch(v + next + j0, 1);
+    }
+    adamw_update(w + j0, g + j0, m + j0, v + j0, std::min<int64_t>(16, n - j0), lr, b1, b2, eps, decay, bc1, bc2);
+  }
+}
 constexpr int64_t kChunk = 16384;  // elements per parallel work item of a dense update
 }  // namespace
 
@@ -112,10 +133,12 @@ void AdamW::step(float lr) {
 #pragma omp parallel for schedule(static) if (nt * rs > 65536)
     for (int64_t k = 0; k < nt; ++k) {
       const int64_t r = rows[k];
+      const int64_t next = k + 1 < nt ? (rows[k + 1] - r) * rs : 0;
+      if (k + 1 < nt) __builtin_prefetch(rt + rows[k + 1], 1);
       const int32_t tr = ++rt[r];
       const float rb1 = 1.0f - std::pow(b1, static_cast<float>(tr));
       const float rb2 = 1.0f - std::pow(b2, static_cast<float>(tr));
-      adamw_update(w + r * rs, g + r * rs, m + r * rs, v + r * rs, rs, lr, b1, b2, eps, decay, rb1, rb2);
+      adamw_update_row(w + r * rs, g + r * rs, m + r * rs, v + r * rs, rs, next, lr, b1, b2, eps, decay, rb1, rb2);
     }
   }
 }

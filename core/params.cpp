@@ -1,4 +1,5 @@
 #include "core/params.h"
+#include "core/prefetch.h"
 
 #include <algorithm>
 #include <memory>
@@ -50,8 +51,12 @@ void ParamStore::zero_grad() {
       continue;
     }
     const int64_t rs = p->row_size();
-    for (int64_t r : p->touched) {
-      std::fill(p->grad.f32() + r * rs, p->grad.f32() + (r + 1) * rs, 0.0f);
+    float* g = p->grad.f32();
+    const auto& rows = p->touched;
+    for (size_t k = 0; k < rows.size(); ++k) {
+      if (k + 1 < rows.size()) prefetch_write(g + rows[k + 1] * rs, rs);
+      const int64_t r = rows[k];
+      std::fill(g + r * rs, g + (r + 1) * rs, 0.0f);
       p->touched_mask[r] = 0;
     }
     p->touched.clear();

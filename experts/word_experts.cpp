@@ -4,9 +4,12 @@
 #include "experts/word_experts.h"
 
 #include <algorithm>
+#include <omp.h>
+
 #include <climits>
 
 #include "core/error.h"
+#include "core/prefetch.h"
 #include "core/kernels/cpu/kernels.h"
 
 namespace moe::experts {
@@ -15,6 +18,9 @@ namespace {
 // more than it saves. Above it the groups are spread over threads; a BLAS call inside the region runs
 // single-threaded (OpenMP build of OpenBLAS), so threads never oversubscribe.
 constexpr int64_t kParMin = 16384;
+// Groups ahead whose rows a thread prefetches: with T threads taking groups one by one, a thread's next group is
+// about T further on.
+int64_t prefetch_ahead(bool parallel) { return parallel ? std::max(1, omp_get_max_threads()) : 1; }
 }  // namespace
 
 WordExpertTable::WordExpertTable(ParamStore& ps, const std::string& prefix, const WordExpertDims& dims) : d_(dims) {
@@ -74,12 +80,20 @@ void WordExpertTable::forward(float* y, const float* x, const int64_t* experts, 
   const float* wu = w_up_->value.f32();                        // [E,F,C]
   const float* wd = w_down_->value.f32();                      // [E,C,F]
 
-#pragma omp parallel for schedule(dynamic, 1) if (n_groups > 1 && rows * FC > kParMin)
+  const bool par = n_groups > 1 && rows * FC > kParMin;
+  const int64_t ahead = prefetch_ahead(par);
+#pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int64_t g = 0; g < n_groups; ++g) {
     const int64_t r0 = offsets[g];
     const int n = static_cast<int>(offsets[g + 1] - r0);
     if (n == 0) continue;
     const int64_t e = experts[g];
+    if (g + ahead < n_groups) {  // a later expert's weights (rows scattered over the table: core/prefetch.h)
+      const int64_t q = experts[g + ahead] * FC;
+      if (wg) prefetch_read(wg + q, FC);
+      prefetch_read(wu + q, FC);
+      prefetch_read(wd + q, FC);
+    }
     const float* xg = x + r0 * C;  // [n,C]
     float* upg = up + r0 * F;      // [n,F]
     float* actg = act + r0 * F;    // [n,F]
@@ -123,12 +137,25 @@ void WordExpertTable::backward(float* dx, const float* dy) {
   const int64_t* experts = experts_.data();
 
   // each group writes the gradient rows of its own expert (distinct, checked in forward) and its own dx rows
-#pragma omp parallel for schedule(dynamic, 1) if (n_groups > 1 && rows * FC > kParMin)
+  const bool par = n_groups > 1 && rows * FC > kParMin;
+  const int64_t ahead = prefetch_ahead(par);
+#pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int64_t g = 0; g < n_groups; ++g) {
     const int64_t r0 = offsets[g];
     const int n = static_cast<int>(offsets[g + 1] - r0);
     if (n == 0) continue;
     const int64_t e = experts[g];
+    if (g + ahead < n_groups) {  // a later expert's weights and gradient rows
+      const int64_t q = experts[g + ahead] * FC;
+      if (wg) {
+        prefetch_read(wg + q, FC);
+        prefetch_write(dwg + q, FC);
+      }
+      prefetch_read(wu + q, FC);
+      prefetch_read(wd + q, FC);
+      prefetch_write(dwu + q, FC);
+      prefetch_write(dwd + q, FC);
+    }
     const float* xg = x + r0 * C;    // [n,C]
     const float* dyg = dy + r0 * C;  // [n,C]
     float* dxg = dx + r0 * C;        // [n,C]
