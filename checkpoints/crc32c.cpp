@@ -47,4 +47,37 @@ uint32_t crc32c_reference(const void* data, size_t n, uint32_t crc) {
   return ~crc32c_table(static_cast<const uint8_t*>(data), n, ~crc);
 }
 
+namespace {
+// multiplication of a 32x32 matrix over GF(2) (mat[i] = column i) by a vector
+uint32_t gf2_times(const uint32_t* mat, uint32_t vec) {
+  uint32_t sum = 0;
+  for (; vec; vec >>= 1, ++mat)
+    if (vec & 1) sum ^= *mat;
+  return sum;
+}
+void gf2_square(uint32_t* square, const uint32_t* mat) {
+  for (int n = 0; n < 32; ++n) square[n] = gf2_times(mat, mat[n]);
+}
+}  // namespace
+
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
+  if (len_b == 0) return crc_a;
+  uint32_t even[32], odd[32];  // operators that append 2^k zero bits to a CRC
+  odd[0] = 0x82F63B78u;        // one zero bit
+  for (uint32_t n = 1, row = 1; n < 32; ++n, row <<= 1) odd[n] = row;
+  gf2_square(even, odd);  // two zero bits
+  gf2_square(odd, even);  // four zero bits
+  // apply len_b zero bytes to crc_a (the first squaring below gives one zero byte)
+  do {
+    gf2_square(even, odd);
+    if (len_b & 1) crc_a = gf2_times(even, crc_a);
+    len_b >>= 1;
+    if (!len_b) break;
+    gf2_square(odd, even);
+    if (len_b & 1) crc_a = gf2_times(odd, crc_a);
+    len_b >>= 1;
+  } while (len_b);
+  return crc_a ^ crc_b;
+}
+
 }  // namespace moe::ckpt

@@ -33,12 +33,13 @@ const char* kCkptUsage =
     "usage: moe ckpt <command> ...   (DIR: a step_<N> checkpoint directory or a checkpoint root with `latest`)\n"
     "  inspect DIR   step, format version, parallel layout at save time, model summary and every tensor\n"
     "                (name, shape, dtype, bytes, sharding, crc32c)\n"
-    "  verify  DIR   re-read every dataset and recompute its CRC-32C, check the parameter shapes against the\n"
-    "                model config; prints one OK line per tensor, exits 1 naming the file and tensor otherwise\n"
+    "  verify  DIR   re-read every dataset and recompute its CRC-32C (each shard of an expert tensor, then its\n"
+    "                virtual dataset in model.h5), check the parameter shapes against the model config; prints\n"
+    "                one OK line per tensor, exits 1 naming the file, tensor and shard otherwise\n"
     "  reshard DIR --ep M --out OUT\n"
-    "                copy for expert-parallel size M (expert tensors are stored with their global shape, so this\n"
-    "                checks that M divides every expert count and records parallel.expert_parallel = M and world\n"
-    "                size M); resume it with --set parallel.expert_parallel=M\n"
+    "                copy for expert-parallel size M: the expert tensors are rewritten as M shard files\n"
+    "                (experts_<r>.h5, rank r's rows), M must divide every expert count; records\n"
+    "                parallel.expert_parallel = M and world size M; resume it with --set parallel.expert_parallel=M\n"
     "  convert DIR --out OUT [--to-gqa G] [--upcycle E] [--dtype bf16|f32] [--seed S] [--set path=value ...]\n"
     "  convert DIR --to-safetensors FILE [--to-gqa G] [--upcycle E] [--dtype bf16|f32]\n"
     "  convert --from-safetensors FILE [--config CFG.pbtxt] [--tokenizer SPM.model] --out OUT [--dtype ...]\n"
@@ -117,8 +118,9 @@ int parse_int(const std::string& opt, const std::string& v, int min_value) {
 
 // ---------------------------------------------------------------------------------------------- helpers
 
-std::string sharding_of(const std::string& name) {
-  return name.find(".ffn.experts.") != std::string::npos ? "experts" : "replicated";
+std::string sharding_of(const proto::TensorEntry& e) {
+  if (!ckpt::is_expert_sharded(e.name())) return "replicated";
+  return e.shards_size() ? "experts/" + std::to_string(e.shards_size()) : "experts";  // v1: one global dataset
 }
 
 Shape entry_shape(const proto::TensorEntry& e) { return Shape(e.shape().begin(), e.shape().end()); }
@@ -409,9 +411,26 @@ int inspect(const std::string& path) {
     const uint64_t bytes = static_cast<uint64_t>(shape_numel(shape)) * dtype_size(dtype_from_name(e.dtype()));
     total += bytes;
     std::printf("%-52s %-18s %-5s %12llu %-10s %10u\n", e.name().c_str(), shape_str(shape).c_str(), e.dtype().c_str(),
-                static_cast<unsigned long long>(bytes), sharding_of(e.name()).c_str(), e.crc32c());
+                static_cast<unsigned long long>(bytes), sharding_of(e).c_str(), e.crc32c());
   }
   std::printf("%d tensors, %.1f MiB\n", m.tensors_size(), total / 1048576.0);
+  // the files: model.h5 (replicated + virtual datasets) and the expert shard files with their rows
+  std::map<std::string, std::pair<int64_t, int64_t>> shard_rows;  // file -> rows of the first expert tensor
+  int sharded = 0;
+  for (const auto& e : m.tensors()) {
+    if (!e.shards_size()) continue;
+    if (!sharded++)
+      for (const auto& sh : e.shards()) shard_rows[sh.file()] = {sh.row_offset(), sh.rows()};
+  }
+  if (sharded) {
+    std::printf("files: model.h5 (replicated tensors, and a virtual dataset per expert tensor over the shards)");
+    for (const auto& [file, rows] : shard_rows)
+      std::printf(", %s (expert rows %lld..%lld)", file.c_str(), static_cast<long long>(rows.first),
+                  static_cast<long long>(rows.first + rows.second - 1));
+    std::printf("\n");
+  } else {
+    std::printf("files: model.h5\n");
+  }
   return 0;
 }
 
@@ -423,15 +442,42 @@ int verify(const std::string& path) {
   std::map<std::string, Shape> param_shapes;                // manifest shapes (checked against the datasets)
   std::map<std::string, std::vector<int32_t>> routing;     // word-expert tables (needed to build the model)
   for (const auto& e : m.tensors()) {
-    try {
-      Tensor t = Tensor::empty(entry_shape(e), dtype_from_name(e.dtype()));
-      reader.read(e.name(), t);  // throws naming the file and tensor on a checksum, shape or read error
-      std::printf("OK   %-52s %-18s crc32c %u\n", e.name().c_str(), shape_str(t.shape()).c_str(), e.crc32c());
-      if (e.name().rfind("routing/", 0) == 0 && t.dtype() == DType::kI32)
-        routing[e.name().substr(8)].assign(t.i32(), t.i32() + t.numel());
-    } catch (const Error& err) {
-      std::printf("FAIL %s\n", err.what());
-      problems.push_back(err.what());
+    if (e.shards_size()) {
+      // an expert-sharded tensor: every shard against its own checksum, then the virtual dataset (what h5py sees)
+      bool all_ok = true;
+      for (int s = 0; s < e.shards_size(); ++s) {
+        try {
+          Shape ss = entry_shape(e);
+          ss[0] = e.shards(s).rows();
+          Tensor t = Tensor::empty(ss, dtype_from_name(e.dtype()));
+          reader.read_shard(e.name(), s, t);  // throws naming the file, tensor and shard
+        } catch (const Error& err) {
+          std::printf("FAIL %s\n", err.what());
+          problems.push_back(err.what());
+          all_ok = false;
+        }
+      }
+      if (all_ok) {
+        try {
+          reader.check_virtual(e.name());
+          std::printf("OK   %-52s %-18s crc32c %u (%d shards + virtual dataset)\n", e.name().c_str(),
+                      shape_str(entry_shape(e)).c_str(), e.crc32c(), e.shards_size());
+        } catch (const Error& err) {
+          std::printf("FAIL %s\n", err.what());
+          problems.push_back(err.what());
+        }
+      }
+    } else {
+      try {
+        Tensor t = Tensor::empty(entry_shape(e), dtype_from_name(e.dtype()));
+        reader.read(e.name(), t);  // throws naming the file and tensor on a checksum, shape or read error
+        std::printf("OK   %-52s %-18s crc32c %u\n", e.name().c_str(), shape_str(t.shape()).c_str(), e.crc32c());
+        if (e.name().rfind("routing/", 0) == 0 && t.dtype() == DType::kI32)
+          routing[e.name().substr(8)].assign(t.i32(), t.i32() + t.numel());
+      } catch (const Error& err) {
+        std::printf("FAIL %s\n", err.what());
+        problems.push_back(err.what());
+      }
     }
     if (e.name().rfind("params/", 0) == 0) param_shapes[e.name().substr(7)] = entry_shape(e);
   }
@@ -459,6 +505,7 @@ ckpt::SaveRequest request_from(const Loaded& l, const Config& cfg, int world_siz
   req.optimizer_t = l.m.optimizer_t();
   MOE_CHECK(l.m.loader_rng_size() == 4 || l.m.loader_rng_size() == 0, "checkpoint " << l.dir << ": bad loader state");
   for (int i = 0; i < l.m.loader_rng_size(); ++i) req.loader_rng[i] = l.m.loader_rng(i);
+  req.router_rng.assign(l.m.router_rng().begin(), l.m.router_rng().end());
   req.world_size = world_size;
   req.tensors = l.tensors;
   if (l.has_tokenizer) req.tokenizer_blob = &l.tokenizer;

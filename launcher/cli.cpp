@@ -21,6 +21,7 @@
 #include "core/threads.h"
 #include "core/trainer.h"
 #include "experts/moe_layer.h"
+#include "launcher/ckpt_save.h"
 #include "launcher/ckpt_tool.h"
 #include "launcher/launch_env.h"
 #include "launcher/model_state.h"
@@ -167,11 +168,19 @@ int cmd_train(const Args& a, Parallel& par) {
     trainer.loader().set_state({manifest.loader_rng(0), manifest.loader_rng(1), manifest.loader_rng(2),
                                 manifest.loader_rng(3)});
     start_step = static_cast<int>(manifest.step());
+    const int routers = static_cast<int>(router_rng_states(model).size());
+    const int restored = restore_router_rng(model, manifest);
     if (lead) MOE_INFO("resumed from " << resume_dir << " at step " << start_step);
+    if (lead && restored < routers && cfg.model().moe().jitter_eps() > 0)
+      MOE_INFO("checkpoint has no router jitter RNG state for " << routers - restored
+                                                                << " learned router(s): their noise restarts from the seed");
   } else if (a.resume) {
     if (lead) MOE_INFO("--resume: no checkpoint under " << ckpt_root << ", starting fresh");
   }
   if (lead) {
+    // leftovers of an interrupted save (a crash or kill while writing): never loaded, removed here
+    for (const std::string& n : ckpt::remove_stale_saves(ckpt_root))
+      MOE_INFO("removed " << ckpt_root << "/" << n << " (an incomplete checkpoint from an interrupted save)");
     fs::create_directories(cfg.train().out_dir());
     std::ofstream f(cfg.train().out_dir() + "/config.txt");
     f << config_to_text(cfg);
@@ -206,22 +215,39 @@ int cmd_train(const Args& a, Parallel& par) {
       MOE_THROW("injected fault (MOE_FAULT_RANK=" << fault_rank << ", MOE_FAULT_STEP=" << fault_step << ")");
     return par.any(g_stop_signal != 0);
   };
+  // Checkpoints: every rank writes its own part (launcher/ckpt_save.h); with checkpoint.async the writes run in
+  // the background and are committed by the first step after every rank's writer finished (or by the next save,
+  // or by the final save at the end / on a stop signal, which is synchronous).
+  CheckpointSaver saver(par, {ckpt_root, cfg.checkpoint().async(), cfg.checkpoint().keep_last(), SaveFault::from_env()});
+  auto log_commit = [&](const std::string& dir) {
+    if (lead && !dir.empty()) MOE_INFO("checkpoint " << dir);
+  };
   hooks.maybe_checkpoint = [&](int step, bool final) {
+    log_commit(saver.poll());  // collective while an asynchronous save is pending
     const int every = cfg.checkpoint().every();
     if (!final && !(every > 0 && step % every == 0)) return;
-    ckpt::SaveRequest req;
-    req.config = &cfg;
-    req.step = step;
-    // collective: every rank takes part in gathering the expert shards; rank 0 writes
-    req.tensors = collect_state(model.params(), &trainer.optimizer(), experts::routing_tables(model),
-                                [&](const Tensor& t) { return par.gather_experts(t); });
-    req.optimizer_t = trainer.optimizer().t();
-    req.loader_rng = trainer.loader().state();
-    req.tokenizer_blob = &tok.serialized();
-    req.keep_last = cfg.checkpoint().keep_last();
-    req.world_size = par.size();
-    if (lead) MOE_INFO("checkpoint " << ckpt::save(ckpt_root, req));
-    par.world().barrier();
+    if (lead && saver.pending())
+      MOE_INFO("waiting for the background checkpoint to finish before the checkpoint of step " << step);
+    log_commit(saver.finish());  // the previous save first: never two in flight
+    ckpt::SaveRequest base;
+    base.config = &cfg;
+    base.step = step;
+    base.optimizer_t = trainer.optimizer().t();
+    base.loader_rng = trainer.loader().state();
+    base.router_rng = router_rng_states(model);
+    base.tokenizer_blob = &tok.serialized();
+    base.world_size = par.size();
+    SaveState st;
+    st.step = step;
+    st.tensors = collect_local_state(model.params(), &trainer.optimizer(), experts::routing_tables(model));
+    st.manifest = ckpt::base_manifest(base);
+    st.tokenizer_blob = &tok.serialized();
+    const std::string dir = saver.save(std::move(st), /*wait=*/final);
+    if (dir.empty()) {
+      if (lead) MOE_INFO("checkpoint of step " << step << ": writing in the background");
+    } else {
+      log_commit(dir);
+    }
   };
   std::ofstream loss_log;
   if (!a.loss_log.empty() && lead) {
@@ -238,6 +264,7 @@ int cmd_train(const Args& a, Parallel& par) {
     return 0;
   }
   trainer.run(hooks, start_step);
+  log_commit(saver.finish());  // (the final save is synchronous; this only guards against a pending one)
   if (g_stop_signal || par.any(false)) {
     if (lead) MOE_INFO("stopped by a signal after checkpointing");
     return 3;  // requeue code for batch scripts

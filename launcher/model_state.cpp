@@ -2,26 +2,41 @@
 
 #include <cstring>
 
+#include "core/error.h"
+#include "experts/moe_layer.h"
+
 namespace moe::launcher {
 
-std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, AdamW* opt,
-                                             const std::map<std::string, std::vector<int32_t>>& routing,
-                                             const GatherFn& gather) {
-  std::vector<ckpt::NamedTensor> out;
+std::vector<LocalTensor> collect_local_state(const ParamStore& ps, AdamW* opt,
+                                             const std::map<std::string, std::vector<int32_t>>& routing) {
+  std::vector<LocalTensor> out;
   const auto& all = ps.all();
-  auto global = [&](const Param* p, const Tensor& t) { return p->expert_sharded ? gather(t) : t; };
-  for (const Param* p : all) out.push_back({"params/" + p->name, global(p, p->value)});
+  auto add = [&](const std::string& name, const Param* p, const Tensor& t) {
+    // the writers' layout and the one-process tools' (ckpt::is_expert_sharded) must agree
+    MOE_CHECK(p->expert_sharded == ckpt::is_expert_sharded(name),
+              "checkpoint: parameter '" << p->name << "' is " << (p->expert_sharded ? "" : "not ")
+                                        << "expert-sharded, but its name says otherwise (\".ffn.experts.\")");
+    out.push_back({name, t, p->expert_sharded});
+  };
+  for (const Param* p : all) add("params/" + p->name, p, p->value);
   if (opt) {
     for (size_t i = 0; i < all.size(); ++i) {
-      out.push_back({"optim/m/" + all[i]->name, global(all[i], opt->m()[i])});
-      out.push_back({"optim/v/" + all[i]->name, global(all[i], opt->v()[i])});
-      if (all[i]->row_sparse) out.push_back({"optim/row_t/" + all[i]->name, global(all[i], opt->row_t()[i])});
+      add("optim/m/" + all[i]->name, all[i], opt->m()[i]);
+      add("optim/v/" + all[i]->name, all[i], opt->v()[i]);
+      if (all[i]->row_sparse) add("optim/row_t/" + all[i]->name, all[i], opt->row_t()[i]);
     }
   }
   for (const auto& [prefix, table] : routing) {
     if (table.empty()) continue;
-    out.push_back({"routing/" + prefix, Tensor::from_vector(table, {static_cast<int64_t>(table.size())})});
+    out.push_back({"routing/" + prefix, Tensor::from_vector(table, {static_cast<int64_t>(table.size())}), false});
   }
+  return out;
+}
+
+std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, AdamW* opt,
+                                             const std::map<std::string, std::vector<int32_t>>& routing) {
+  std::vector<ckpt::NamedTensor> out;
+  for (auto& t : collect_local_state(ps, opt, routing)) out.push_back({t.name, t.tensor});
   return out;
 }
 
@@ -47,6 +62,59 @@ std::map<std::string, std::vector<int32_t>> read_routing_tables(ckpt::Reader& r,
     out[e.name().substr(pre.size())].assign(t.i32(), t.i32() + t.numel());
   }
   return out;
+}
+
+// ---- the learned routers' jitter RNG
+// experts::MoeFfn keeps its LearnedRouter private and has no accessor yet; experts/ is being changed by other
+// work, so this reaches the member through the explicit-instantiation rule ([temp.spec.general]/6: access checks
+// do not apply to the arguments of an explicit instantiation), which is standard C++ and breaks the build (not
+// the behaviour) if the member is renamed. TODO: replace with a `router::LearnedRouter& router()` accessor on
+// MoeFfn.
+namespace {
+struct MoeFfnRouter {
+  using type = router::LearnedRouter experts::MoeFfn::*;
+  friend type member_of(MoeFfnRouter);
+};
+template <typename Tag, typename Tag::type M>
+struct ExposeMember {
+  friend typename Tag::type member_of(Tag) { return M; }
+};
+template struct ExposeMember<MoeFfnRouter, &experts::MoeFfn::router_>;
+
+router::LearnedRouter* learned_router(Model& model, int layer) {
+  auto* m = dynamic_cast<experts::MoeFfn*>(&model.ffn(layer));
+  return m ? &(m->*member_of(MoeFfnRouter{})) : nullptr;
+}
+}  // namespace
+
+std::vector<proto::RngState> router_rng_states(Model& model) {
+  std::vector<proto::RngState> out;
+  for (int l = 0; l < model.n_layers(); ++l) {
+    router::LearnedRouter* r = learned_router(model, l);
+    if (!r) continue;
+    proto::RngState s;
+    s.set_name("layers." + std::to_string(l) + ".ffn");
+    for (uint64_t w : r->rng().state()) s.add_state(w);
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+int restore_router_rng(Model& model, const proto::Manifest& m) {
+  int restored = 0;
+  for (int l = 0; l < model.n_layers(); ++l) {
+    router::LearnedRouter* r = learned_router(model, l);
+    if (!r) continue;
+    const std::string name = "layers." + std::to_string(l) + ".ffn";
+    for (const auto& s : m.router_rng()) {
+      if (s.name() != name) continue;
+      MOE_CHECK(s.state_size() == 4, "checkpoint manifest: router RNG state '" << name << "' has " << s.state_size()
+                                                                             << " words, expected 4");
+      r->rng().set_state({s.state(0), s.state(1), s.state(2), s.state(3)});
+      ++restored;
+    }
+  }
+  return restored;
 }
 
 }  // namespace moe::launcher

@@ -1,26 +1,34 @@
 // The model/optimizer state <-> checkpoint tensors mapping:
 //   params/<name>, optim/m/<name>, optim/v/<name>, optim/row_t/<name> (row-sparse params), routing/<layer prefix>
-// Expert-sharded tensors are stored with their global shape [E, ...] (gathered from the expert-parallel group by
-// the caller's gather function) and read back as this rank's rows, so a checkpoint loads at any expert-parallel
-// size that divides E.
+// Expert-sharded tensors are written by the expert-parallel rank that owns them (launcher/ckpt_save) and stored
+// with their global shape [E, ...] (shard files + a virtual dataset, checkpoints/checkpoint.h); they are read back
+// as this rank's rows, so a checkpoint loads at any expert-parallel size that divides E.
 #pragma once
-#include <functional>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "checkpoints/checkpoint.h"
+#include "core/model.h"
 #include "core/optimizer.h"
 #include "core/params.h"
 
 namespace moe::launcher {
 
-// Turns a local expert shard [El, ...] into the global tensor [E, ...] (identity on one rank).
-using GatherFn = std::function<Tensor(const Tensor& local)>;
+// One tensor of this rank's state. A replicated tensor is the same on every rank; an expert-sharded one holds
+// this rank's rows [ep_rank * El, (ep_rank + 1) * El) of the global [E, ...] tensor. Tensors alias the live
+// state (no copy).
+struct LocalTensor {
+  std::string name;
+  Tensor tensor;
+  bool sharded = false;
+};
+std::vector<LocalTensor> collect_local_state(const ParamStore& ps, AdamW* opt,
+                                             const std::map<std::string, std::vector<int32_t>>& routing);
 
+// The state of a one-rank model (which holds every expert) as global tensors, for ckpt::save.
 std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, AdamW* opt,
-                                             const std::map<std::string, std::vector<int32_t>>& routing,
-                                             const GatherFn& gather);
+                                             const std::map<std::string, std::vector<int32_t>>& routing);
 
 // Loads params (and optimizer state if opt) from the reader; expert-sharded tensors read rows
 // [ep_rank * El, (ep_rank + 1) * El).
@@ -28,5 +36,12 @@ void restore_state(ckpt::Reader& r, ParamStore& ps, AdamW* opt, int ep_rank);
 
 // Routing tables stored in a checkpoint, by layer prefix.
 std::map<std::string, std::vector<int32_t>> read_routing_tables(ckpt::Reader& r, const proto::Manifest& m);
+
+// The jitter-noise RNG of every learned router (a stateful xoshiro stream advanced by each training forward, the
+// same on every rank: each draws N_local * C numbers per step), by layer prefix "layers.<l>.ffn".
+std::vector<proto::RngState> router_rng_states(Model& model);
+// Restores them from a manifest; returns the number of routers whose state was found (routers without one keep
+// the stream of their seed, as a fresh run has).
+int restore_router_rng(Model& model, const proto::Manifest& m);
 
 }  // namespace moe::launcher

@@ -1,5 +1,6 @@
 // The parallel layout of a run (world = data-parallel x expert-parallel) and the collective steps the trainer
-// needs: mean of a scalar over ranks, gradient reduction, gathering expert shards for a checkpoint.
+// needs: mean of a scalar over ranks, gradient reduction, gathering expert shards (tests and checks; checkpoints
+// are written per rank, launcher/ckpt_save.h).
 #pragma once
 #include <memory>
 
@@ -16,6 +17,7 @@ class Parallel {
   int rank() const { return groups_.world->rank(); }
   int size() const { return groups_.world->size(); }
   int ep_rank() const { return groups_.ep_rank; }
+  int dp_rank() const { return groups_.dp_rank; }  // data-parallel replica index (0 .. dp_size - 1)
   int ep_size() const { return groups_.ep_size; }
   int dp_size() const { return groups_.dp_size; }
   comm::Communicator& world() { return *groups_.world; }

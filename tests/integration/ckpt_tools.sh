@@ -60,7 +60,7 @@ cp -r "$step" "$work/v99"
 "$PY" - "$work/v99/manifest.pb" <<'PY'
 import sys
 b = bytearray(open(sys.argv[1], "rb").read())
-assert b[0] == 0x08 and b[1] == 0x01, b[:2]
+assert b[0] == 0x08 and b[1] == 0x02, b[:2]  # format version 2
 b[1] = 99
 open(sys.argv[1], "wb").write(bytes(b))
 PY
@@ -133,4 +133,26 @@ mpiexec -n 2 "$MOE_BIN" train --config "$cfg" "${data[@]}" "${moe[@]}" --set tra
 grep -q "resumed from .*step_6 at step 6" "$work/resume.txt" || { cat "$work/resume.txt"; fail "did not resume"; }
 has "^OK: " "$MOE_BIN" ckpt verify "$work/moe2/checkpoints" || fail "verify after resume"
 has "step 9" "$MOE_BIN" ckpt inspect "$work/moe2/checkpoints" || fail "no step 9 checkpoint"
+
+# ---- a format-version-1 checkpoint (tests/data/ckpt_v1: one model.h5, expert tensors global, saved on 2 ranks)
+v1="$MOE_SOURCE_DIR/tests/data/ckpt_v1"
+has "format version 1 | step 4 | saved on 2 rank(s), expert parallel 2" "$MOE_BIN" ckpt inspect "$v1" || fail "v1 inspect"
+has "^OK: 70 tensors" "$MOE_BIN" ckpt verify "$v1" || fail "v1 verify"
+"$MOE_BIN" ckpt reshard "$v1" --ep 1 --out "$work/v1ep1/checkpoints" > /dev/null
+has "format version 2 | step 4 | saved on 1 rank(s), expert parallel 1" "$MOE_BIN" ckpt inspect "$work/v1ep1/checkpoints" \
+  || fail "v1 reshard"
+has "^OK: 70 tensors" "$MOE_BIN" ckpt verify "$work/v1ep1/checkpoints" || fail "v1 reshard verify"
+mkdir -p "$work/v1run/checkpoints"
+cp -r "$v1/step_4" "$work/v1run/checkpoints/"
+echo step_4 > "$work/v1run/checkpoints/latest"
+v1args=(--set data.tokenizer_model="$work/run/tokenizer.model" --set model.d_model=16 --set model.n_heads=2
+        --set model.n_kv_heads=1 --set model.d_ff=32 --set data.seq_len=16 --set data.batch_size=4
+        --set model.ffn_pattern=FFN_MOE,FFN_WORD_EXPERT --set model.moe.num_experts=4 --set model.moe.d_expert=16
+        --set model.word_experts.num_experts=8 --set model.word_experts.d_expert=8 --set model.word_experts.num_frequent=4
+        --set parallel.expert_parallel=2 --set train.eval_every=0 --set train.steps=6 --set train.out_dir="$work/v1run")
+mpiexec -n 2 "$MOE_BIN" train --config "$cfg" "${data[@]}" "${v1args[@]}" --threads 1 --resume > "$work/v1.txt" 2>&1 \
+  || { cat "$work/v1.txt"; fail "resume of the v1 checkpoint on 2 ranks"; }
+grep -q "resumed from .*step_4 at step 4" "$work/v1.txt" || { cat "$work/v1.txt"; fail "v1: did not resume"; }
+has "format version 2 | step 6 | saved on 2 rank(s), expert parallel 2" "$MOE_BIN" ckpt inspect "$work/v1run/checkpoints" \
+  || fail "v1 resume: new checkpoint"
 echo PASS

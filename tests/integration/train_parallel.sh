@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Expert-parallel training through the CLI: 2 ranks (expert_parallel 2) train a small MoE + word-expert model,
-# checkpoint (expert shards gathered into global tensors), resume on 1 rank (resharded), generate; and one rank's
-# fatal error aborts the whole job quickly instead of leaving the other rank waiting.
+# checkpoint (each expert-parallel rank writes its shard file; model.h5 shows the global tensors as virtual
+# datasets), reshard 2 -> 4 and resume on 4 ranks, resume that 4-rank checkpoint directly on 2 ranks (4 -> 2), resume
+# the 2-rank one on 1 rank (2 -> 1), generate; and one rank's fatal error aborts the whole job quickly instead of
+# leaving the other rank waiting.
 set -euo pipefail
 : "${MOE_BIN:?run through ctest}" "${MOE_SOURCE_DIR:?}" "${MOE_DATA_DIR:?}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
@@ -20,7 +22,18 @@ last=$(grep "^step " "$work/train.log" | tail -1 | sed 's/.*| loss \([0-9.]*\) .
 awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 0.3) }' || { echo "FAIL: loss $first -> $last did not fall"; exit 1; }
 test -f "$work/run/checkpoints/step_30/model.h5"
 if [ -n "${MOE_PYTHON:-}" ]; then  # expert tensors are stored with their global shapes
-  "$MOE_PYTHON" -c "import h5py,sys; f=h5py.File(sys.argv[1]); s=f['params/layers.0.ffn.experts.w_up'].shape; assert s[0]==4, s; s=f['params/layers.1.ffn.experts.w_up'].shape; assert s[0]==256, s; print('global expert shapes ok')" "$work/run/checkpoints/step_30/model.h5"
+  "$MOE_PYTHON" - "$work/run/checkpoints/step_30" <<'PY'
+import h5py, numpy as np, sys
+d = sys.argv[1]
+f = h5py.File(d + "/model.h5", "r")
+for name, E in (("params/layers.0.ffn.experts.w_up", 4), ("params/layers.1.ffn.experts.w_up", 256)):
+    g = f[name]
+    assert g.is_virtual and g.shape[0] == E, (name, g.shape)
+    parts = [h5py.File("%s/experts_%d.h5" % (d, r), "r")[name][...] for r in range(2)]
+    assert all(p.shape[0] == E // 2 for p in parts), [p.shape for p in parts]
+    assert np.array_equal(g[...], np.concatenate(parts)), name
+print("global expert shapes ok (virtual datasets over experts_0.h5 and experts_1.h5)")
+PY
 fi
 # reshard: an expert-parallel size that does not divide the experts is refused naming the field, nothing written;
 # ep 4 gives a copy that resumes on 4 ranks
@@ -36,6 +49,12 @@ mpiexec -n 4 "$MOE_BIN" train --config "$cfg" "${common[@]}" --set train.out_dir
   --set parallel.expert_parallel=4 --set data.batch_size=8 --set train.steps=34 --resume | sed 's/^\[rank 0\] //' \
   | tee "$work/ep4.log" | grep -E "resumed|world"
 grep -q "resumed from .*step_30 at step 30" "$work/ep4.log" && grep -q "^step    34/34" "$work/ep4.log"
+test -f "$work/ep4/checkpoints/step_34/experts_3.h5"
+# the 4-rank checkpoint resumes directly on 2 ranks (each reads two of the four shard files)
+mpiexec -n 2 "$MOE_BIN" train --config "$cfg" "${common[@]}" --set train.out_dir="$work/ep4" \
+  --set parallel.expert_parallel=2 --set train.steps=36 --resume | sed 's/^\[rank 0\] //' > "$work/ep2.log"
+grep -q "resumed from .*step_34 at step 34" "$work/ep2.log" && grep -q "^step    36/36" "$work/ep2.log" \
+  || { cat "$work/ep2.log"; echo "FAIL: 4 -> 2 resume"; exit 1; }
 # resume the 2-rank checkpoint on 1 rank (experts resharded from the global tensors) and train 10 more steps
 "$MOE_BIN" train --config "$cfg" "${common[@]}" --set train.steps=40 --resume | tee "$work/resume.log"
 grep -q "resumed from .*step_30 at step 30" "$work/resume.log"

@@ -1,12 +1,15 @@
 // Checkpoint round trip (params + optimizer state + loader RNG), `latest`, retention, and corruption detection.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
 #include "checkpoints/checkpoint.h"
 #include "launcher/model_state.h"
+#include "core/bf16.h"
 #include "core/model.h"
+#include "experts/moe_layer.h"
 #include "tests/unit/oracle.h"
 
 namespace moe::test {
@@ -38,8 +41,7 @@ TEST(Checkpoint, RoundTripLatestAndRetention) {
   const std::string tok = "not really a tokenizer";
   ckpt::SaveRequest req;
   req.config = &cfg;
-  req.tensors = launcher::collect_state(a.params(), &opt_a, {{"layers.0.ffn", {3, 1, 4}}},
-                                        [](const Tensor& t) { return t; });
+  req.tensors = launcher::collect_state(a.params(), &opt_a, {{"layers.0.ffn", {3, 1, 4}}});
   req.optimizer_t = opt_a.t();
   req.loader_rng = {1, 2, 3, 4};
   req.tokenizer_blob = &tok;
@@ -106,7 +108,7 @@ TEST(Checkpoint, CorruptionShapeMismatchAndNonCheckpointAreClearErrors) {
   a.init_weights(2);
   ckpt::SaveRequest req;
   req.config = &cfg;
-  req.tensors = launcher::collect_state(a.params(), nullptr, {}, [](const Tensor& t) { return t; });
+  req.tensors = launcher::collect_state(a.params(), nullptr, {});
   req.step = 5;
   const std::string d = ckpt::save(dir.path(), req);
   proto::Manifest m = ckpt::read_manifest(d);
@@ -183,6 +185,219 @@ TEST(Checkpoint, Crc32cMatchesReference) {
       EXPECT_EQ(ckpt::crc32c(buf.data() + off, n), ckpt::crc32c_reference(buf.data() + off, n)) << n << "+" << off;
     }
   }
+}
+
+}  // namespace
+}  // namespace moe::test
+
+namespace moe::test {
+namespace {
+namespace fs = std::filesystem;
+
+// The checksum of a concatenation from its parts' checksums (how a sharded tensor's global checksum is formed).
+TEST(Checkpoint, Crc32cCombineEqualsTheWholeBuffer) {
+  Rng rng(7);
+  std::vector<uint8_t> buf(4099);
+  for (auto& b : buf) b = static_cast<uint8_t>(rng.below(256));
+  for (size_t cut : {0, 1, 8, 1000, 4098, 4099}) {
+    const uint32_t a = ckpt::crc32c(buf.data(), cut), b = ckpt::crc32c(buf.data() + cut, buf.size() - cut);
+    EXPECT_EQ(ckpt::crc32c_combine(a, b, buf.size() - cut), ckpt::crc32c(buf.data(), buf.size())) << cut;
+  }
+}
+
+// A one-process save with parallel.expert_parallel = 4 writes the layout of a 4-rank run: expert tensors in
+// experts_0..3.h5 (2 rows each), a virtual dataset per expert tensor in model.h5, per-shard checksums that combine
+// to the global one. Reads of any row range, across shard boundaries, with bf16 widening, match the source.
+struct ShardedFixture {
+  TempDir dir;
+  Config cfg;
+  Tensor experts = Tensor::empty({8, 3, 2});      // f32, sharded
+  Tensor row_t = Tensor::empty({8}, DType::kI32); // i32, sharded
+  Tensor bf = Tensor::empty({4, 5}, DType::kBF16);// bf16, sharded
+  Tensor norm = Tensor::empty({3});               // replicated
+  std::string step_dir;
+  ShardedFixture() {
+    for (int i = 0; i < 48; ++i) experts.f32()[i] = 0.5f * i - 3;
+    for (int i = 0; i < 8; ++i) row_t.i32()[i] = 100 + i;
+    for (int i = 0; i < 20; ++i) bf.bf()[i] = float_to_bf16(0.25f * i);
+    for (int i = 0; i < 3; ++i) norm.f32()[i] = 1 + i;
+    cfg.mutable_model()->set_d_model(1);
+    cfg.mutable_parallel()->set_expert_parallel(4);
+    ckpt::SaveRequest req;
+    req.config = &cfg;
+    req.step = 7;
+    req.tensors = {{"params/layers.0.ffn.experts.w_up", experts},
+                   {"params/final_norm.weight", norm},
+                   {"optim/row_t/layers.0.ffn.experts.w_up", row_t},
+                   {"params/layers.1.ffn.experts.w_up", bf}};
+    step_dir = ckpt::save(dir.path(), req);
+  }
+};
+
+TEST(Checkpoint, ShardedLayoutRowSlicesAcrossShards) {
+  ShardedFixture fx;
+  for (int s = 0; s < 4; ++s) EXPECT_TRUE(fs::is_regular_file(fx.step_dir + "/experts_" + std::to_string(s) + ".h5"));
+  EXPECT_FALSE(fs::exists(fx.step_dir + "/experts_4.h5"));
+  const proto::Manifest m = ckpt::read_manifest(fx.step_dir);
+  EXPECT_EQ(m.format_version(), ckpt::kFormatVersion);
+  EXPECT_EQ(m.expert_parallel(), 4);
+  ckpt::Reader r(fx.step_dir, m);
+  EXPECT_EQ(r.num_shards("params/layers.0.ffn.experts.w_up"), 4);
+  EXPECT_EQ(r.num_shards("params/final_norm.weight"), 0);
+  for (const auto& e : m.tensors()) {
+    if (e.name() == "params/layers.0.ffn.experts.w_up") {
+      // the global checksum is the checksum of the global bytes
+      EXPECT_EQ(e.crc32c(), ckpt::crc32c(fx.experts.raw(), fx.experts.nbytes()));
+      ASSERT_EQ(e.shards_size(), 4);
+      EXPECT_EQ(e.shards(2).file(), "experts_2.h5");
+      EXPECT_EQ(e.shards(2).row_offset(), 4);
+      EXPECT_EQ(e.shards(2).rows(), 2);
+      EXPECT_EQ(e.shards(2).crc32c(), ckpt::crc32c(fx.experts.f32() + 24, 12 * sizeof(float)));
+    }
+  }
+  // whole tensors
+  Tensor all = Tensor::empty({8, 3, 2});
+  r.read("params/layers.0.ffn.experts.w_up", all);
+  EXPECT_EQ(0, std::memcmp(all.raw(), fx.experts.raw(), fx.experts.nbytes()));
+  Tensor norm = Tensor::empty({3});
+  r.read("params/final_norm.weight", norm);
+  EXPECT_EQ(norm.f32()[2], 3.0f);
+  // every row range, straddling shard boundaries
+  for (int64_t off = 0; off < 8; ++off)
+    for (int64_t n = 1; off + n <= 8; ++n) {
+      Tensor t = Tensor::empty({n, 3, 2});
+      r.read("params/layers.0.ffn.experts.w_up", t, off);
+      ASSERT_EQ(0, std::memcmp(t.raw(), fx.experts.f32() + off * 6, t.nbytes())) << off << "+" << n;
+      Tensor ti = Tensor::empty({n}, DType::kI32);
+      r.read("optim/row_t/layers.0.ffn.experts.w_up", ti, off);
+      ASSERT_EQ(ti.i32()[0], 100 + off);
+    }
+  // bf16 shards widened into f32 rows 1..2 (shards 1 and 2)
+  Tensor w = Tensor::empty({2, 5});
+  r.read("params/layers.1.ffn.experts.w_up", w, 1);
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(w.f32()[i], 0.25f * (5 + i));
+  // one shard alone, and the virtual datasets (the global view h5py sees)
+  Tensor s2 = Tensor::empty({2, 3, 2});
+  r.read_shard("params/layers.0.ffn.experts.w_up", 2, s2);
+  EXPECT_EQ(s2.f32()[0], fx.experts.f32()[24]);
+  for (const auto& e : m.tensors()) EXPECT_NO_THROW(r.check_virtual(e.name())) << e.name();
+}
+
+TEST(Checkpoint, ShardsThatDoNotDivideAreRefusedBeforeWriting) {
+  TempDir dir;
+  Config cfg;
+  cfg.mutable_parallel()->set_expert_parallel(3);
+  ckpt::SaveRequest req;
+  req.config = &cfg;
+  req.tensors = {{"params/layers.0.ffn.experts.w_up", Tensor::zeros({4, 2})}};
+  const std::string e = error_of([&] { ckpt::save(dir.path(), req); });
+  EXPECT_NE(e.find("params/layers.0.ffn.experts.w_up"), std::string::npos) << e;
+  EXPECT_NE(e.find("3 expert-parallel shards"), std::string::npos) << e;
+  EXPECT_TRUE(fs::is_empty(dir.path()));
+}
+
+// A flipped byte in one shard names the tensor, the shard and its file; reads that do not touch that shard still
+// work (a rank reads only its own shards). A missing shard file is an error for our reader, and the virtual
+// dataset (which HDF5 fills with NaN for a missing source) fails its checksum.
+TEST(Checkpoint, ShardCorruptionAndMissingShardNameTheShard) {
+  ShardedFixture fx;
+  const std::string f2 = fx.step_dir + "/experts_2.h5";
+  std::string bytes = ckpt::read_file(f2);
+  const std::string needle(reinterpret_cast<const char*>(fx.experts.f32() + 24), 48);
+  const size_t pos = bytes.find(needle);
+  ASSERT_NE(pos, std::string::npos);
+  bytes[pos + 5] ^= 0x01;
+  std::ofstream(f2, std::ios::binary | std::ios::trunc) << bytes;
+  const proto::Manifest m = ckpt::read_manifest(fx.step_dir);
+  {
+    ckpt::Reader r(fx.step_dir, m);
+    Tensor t = Tensor::empty({8, 3, 2});
+    std::string e = error_of([&] { r.read("params/layers.0.ffn.experts.w_up", t); });
+    EXPECT_NE(e.find("experts_2.h5"), std::string::npos) << e;
+    EXPECT_NE(e.find("checksum mismatch in tensor 'params/layers.0.ffn.experts.w_up' shard 2"), std::string::npos)
+        << e;
+    Tensor rows01 = Tensor::empty({4, 3, 2});  // shards 0 and 1 only
+    EXPECT_NO_THROW(r.read("params/layers.0.ffn.experts.w_up", rows01, 0));
+    e = error_of([&] { r.check_virtual("params/layers.0.ffn.experts.w_up"); });
+    EXPECT_NE(e.find("virtual dataset"), std::string::npos) << e;
+  }
+  fs::remove(fx.step_dir + "/experts_3.h5");
+  ckpt::Reader r(fx.step_dir, m);
+  Tensor t = Tensor::empty({2, 3, 2});
+  std::string e = error_of([&] { r.read("params/layers.0.ffn.experts.w_up", t, 6); });
+  EXPECT_NE(e.find("experts_3.h5 is missing"), std::string::npos) << e;
+  e = error_of([&] { r.check_virtual("optim/row_t/layers.0.ffn.experts.w_up"); });
+  EXPECT_NE(e.find("checksum mismatch"), std::string::npos) << e;
+  EXPECT_NE(e.find("shard file(s)"), std::string::npos) << e;
+}
+
+// A manifest whose shards do not tile the tensor, or whose shard checksums do not combine to the tensor's, is
+// refused when read.
+TEST(Checkpoint, InconsistentShardManifestIsRefused) {
+  ShardedFixture fx;
+  proto::Manifest m = ckpt::read_manifest(fx.step_dir);
+  auto write = [&](const proto::Manifest& mm) {
+    std::string bin;
+    ASSERT_TRUE(mm.SerializeToString(&bin));
+    std::ofstream(fx.step_dir + "/manifest.pb", std::ios::binary | std::ios::trunc) << bin;
+  };
+  proto::Manifest bad = m;
+  bad.mutable_tensors(0)->mutable_shards(1)->set_row_offset(3);
+  write(bad);
+  std::string e = error_of([&] { ckpt::read_manifest(fx.step_dir); });
+  EXPECT_NE(e.find("shard 1 (experts_1.h5, rows from 3) does not continue at row 2"), std::string::npos) << e;
+  bad = m;
+  bad.mutable_tensors(0)->mutable_shards(3)->set_crc32c(12345);
+  write(bad);
+  e = error_of([&] { ckpt::read_manifest(fx.step_dir); });
+  EXPECT_NE(e.find("do not combine"), std::string::npos) << e;
+  EXPECT_NE(e.find("params/layers.0.ffn.experts.w_up"), std::string::npos) << e;
+}
+
+// Stale step_<N>.tmp directories (an interrupted save) are removed; complete checkpoints are not.
+TEST(Checkpoint, RemoveStaleSaves) {
+  ShardedFixture fx;
+  fs::create_directories(fx.dir.file("step_9.tmp"));
+  std::ofstream(fx.dir.file("step_9.tmp/model.h5")) << "partial";
+  std::ofstream(fx.dir.file("latest.tmp")) << "step_9";
+  const auto removed = ckpt::remove_stale_saves(fx.dir.path());
+  EXPECT_EQ(removed, (std::vector<std::string>{"latest.tmp", "step_9.tmp"}));
+  EXPECT_TRUE(fs::exists(fx.step_dir + "/manifest.pb"));
+  EXPECT_EQ(ckpt::resolve(fx.dir.path()), fx.step_dir);
+}
+
+}  // namespace
+}  // namespace moe::test
+
+namespace moe::test {
+namespace {
+
+// A real format-version-1 checkpoint (tests/data/ckpt_v1, written before per-rank shard files): every tensor is
+// one plain dataset in model.h5, expert tensors with their global shape; it still loads, row slices included.
+TEST(Checkpoint, FormatVersion1StillLoads) {
+  const std::string root = std::string(MOE_TEST_SOURCE_DIR) + "/tests/data/ckpt_v1";
+  const std::string dir = ckpt::resolve(root);
+  const proto::Manifest m = ckpt::read_manifest(dir);
+  EXPECT_EQ(m.format_version(), 1u);
+  EXPECT_EQ(m.expert_parallel(), 2);
+  ckpt::Reader r(dir, m);
+  const std::string name = "params/layers.0.ffn.experts.w_up";
+  EXPECT_EQ(r.num_shards(name), 0);
+  const Shape shape = r.shape(name);
+  ASSERT_EQ(shape, (Shape{4, 16, 16}));
+  Tensor all = Tensor::empty(shape);
+  r.read(name, all);
+  Tensor half = Tensor::empty({2, 16, 16});
+  r.read(name, half, 2);  // what expert-parallel rank 1 of 2 loads
+  EXPECT_EQ(0, std::memcmp(half.raw(), all.f32() + 2 * 256, half.nbytes()));
+  // the whole model with its optimizer state restores on one rank
+  Config cfg = m.config();
+  cfg.mutable_parallel()->set_expert_parallel(1);
+  experts::FfnBuildContext fctx;
+  fctx.routing_tables = launcher::read_routing_tables(r, m);
+  Model model(cfg.model(), experts::make_ffn_factory(fctx));
+  AdamW opt(model.params(), cfg.optimizer());
+  EXPECT_NO_THROW(launcher::restore_state(r, model.params(), &opt, 0));
 }
 
 }  // namespace

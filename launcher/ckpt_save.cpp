@@ -1,0 +1,338 @@
+#include "launcher/ckpt_save.h"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "checkpoints/checkpoint.h"
+#include "core/error.h"
+
+namespace moe::launcher {
+
+SaveFault SaveFault::from_env() {
+  SaveFault f;
+  const char* mode = std::getenv("MOE_CKPT_FAULT");
+  if (!mode || !*mode) return f;
+  const std::string m = mode;
+  MOE_CHECK(m == "kill" || m == "error" || m == "slow", "MOE_CKPT_FAULT='" << m << "': expected kill, error or slow");
+  f.mode = m == "kill" ? kKill : m == "error" ? kError : kSlow;
+  auto num = [](const char* name, int64_t dflt) -> int64_t {
+    const char* v = std::getenv(name);
+    if (!v || !*v) return dflt;
+    char* end = nullptr;
+    const long long x = std::strtoll(v, &end, 10);
+    MOE_CHECK(end && *end == 0, name << "='" << v << "' is not an integer");
+    return x;
+  };
+  f.rank = static_cast<int>(num("MOE_CKPT_FAULT_RANK", 0));
+  f.step = num("MOE_CKPT_FAULT_STEP", -1);
+  f.after = static_cast<int>(num("MOE_CKPT_FAULT_AFTER", 0));
+  return f;
+}
+
+struct CheckpointSaver::Job {
+  int64_t step = 0;
+  std::string tmp_dir;
+  int rank = 0;
+  bool writes_main = false;  // rank 0: model.h5 (+ tokenizer)
+  int shard = -1;            // experts_<shard>.h5, or -1
+  std::vector<ckpt::DatasetWrite> main_sets, shard_sets;
+  std::vector<ckpt::VirtualDataset> virtuals;
+  std::string tokenizer;
+  bool has_tokenizer = false;
+  proto::Manifest manifest;  // rank 0: the base fields
+  struct Info {
+    std::string name;
+    Shape shape;  // global
+    DType dtype;
+    bool sharded;
+  };
+  std::vector<Info> tensors;  // rank 0: every tensor in save order
+  SaveFault fault;
+  std::function<void(const std::string&)> on_file_written;
+  // outcome
+  std::vector<uint32_t> main_crcs, shard_crcs;
+  std::string error;
+  std::atomic<bool> cancel{false};
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  std::thread thread;
+
+  void write() noexcept {
+    std::string file;
+    int written = 0;
+    const bool faulty = fault.mode != SaveFault::kNone && fault.rank == rank && (fault.step < 0 || fault.step == step);
+    auto before = [&](int, const std::string&) {
+      MOE_CHECK(!cancel.load(), "the save was abandoned");
+      if (faulty && fault.mode == SaveFault::kSlow) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      if (faulty && fault.mode != SaveFault::kSlow && written == fault.after) {
+        if (fault.mode == SaveFault::kKill) {
+          std::fprintf(stderr, "[rank %d] MOE_CKPT_FAULT=kill: SIGKILL while writing %s (after %d datasets)\n", rank,
+                       file.c_str(), written);
+          std::fflush(stderr);
+          std::raise(SIGKILL);
+        }
+        MOE_THROW("injected write failure (MOE_CKPT_FAULT=error) after " << written << " datasets");
+      }
+      ++written;
+    };
+    try {
+      if (writes_main) {
+        file = tmp_dir + "/model.h5";
+        main_crcs = ckpt::write_h5(file, main_sets, virtuals, before);
+        if (on_file_written) on_file_written(file);
+        if (has_tokenizer) {
+          file = tmp_dir + "/tokenizer.model";
+          ckpt::write_file_synced(file, tokenizer);
+          if (on_file_written) on_file_written(file);
+        }
+      }
+      if (shard >= 0) {
+        file = tmp_dir + "/" + ckpt::shard_file_name(shard);
+        shard_crcs = ckpt::write_h5(file, shard_sets, {}, before);
+        if (on_file_written) on_file_written(file);
+      }
+    } catch (const std::exception& e) {
+      error = "rank " + std::to_string(rank) + " failed writing " + file + ": " + e.what();
+    }
+    // the snapshot is no longer needed
+    main_sets.clear();
+    shard_sets.clear();
+    std::lock_guard<std::mutex> lock(mu);
+    done = true;
+    cv.notify_all();
+  }
+
+  bool is_done() {
+    std::lock_guard<std::mutex> lock(mu);
+    return done;
+  }
+  // waits at most `seconds` (0: forever) for the writer; joins it when done
+  bool wait(double seconds) {
+    std::unique_lock<std::mutex> lock(mu);
+    if (seconds > 0) {
+      if (!cv.wait_for(lock, std::chrono::duration<double>(seconds), [&] { return done; })) return false;
+    } else {
+      cv.wait(lock, [&] { return done; });
+    }
+    lock.unlock();
+    if (thread.joinable()) thread.join();
+    return true;
+  }
+};
+
+namespace {
+
+// Every rank's string (of any length) on every rank: one all-gather of the lengths, one of the padded bytes.
+std::vector<std::string> all_gather_strings(comm::Communicator& c, const std::string& mine) {
+  const int n = c.size();
+  if (n == 1) return {mine};
+  int64_t len = static_cast<int64_t>(mine.size());
+  std::vector<int64_t> lens(n);
+  c.all_gather(&len, lens.data(), sizeof(int64_t));
+  int64_t max_len = 0;
+  for (int64_t l : lens) max_len = std::max(max_len, l);
+  std::vector<std::string> out(n);
+  if (max_len == 0) return out;
+  std::vector<char> send(max_len, 0), recv(max_len * n);
+  std::memcpy(send.data(), mine.data(), mine.size());
+  c.all_gather(send.data(), recv.data(), static_cast<size_t>(max_len));
+  for (int r = 0; r < n; ++r) out[r].assign(recv.data() + r * max_len, lens[r]);
+  return out;
+}
+
+// A writer's outcome on the wire: shard id, checksum count, checksums, then the error text (empty: success).
+std::string encode_outcome(int shard, const std::vector<uint32_t>& crcs, const std::string& error) {
+  std::string s(sizeof(int32_t) * 2 + sizeof(uint32_t) * crcs.size(), '\0');
+  const int32_t head[2] = {shard, static_cast<int32_t>(crcs.size())};
+  std::memcpy(s.data(), head, sizeof head);
+  if (!crcs.empty()) std::memcpy(s.data() + sizeof head, crcs.data(), sizeof(uint32_t) * crcs.size());
+  return s + error;
+}
+void decode_outcome(const std::string& s, int& shard, std::vector<uint32_t>& crcs, std::string& error) {
+  int32_t head[2];
+  MOE_CHECK(s.size() >= sizeof head, "checkpoint: malformed writer outcome");
+  std::memcpy(head, s.data(), sizeof head);
+  shard = head[0];
+  crcs.resize(head[1]);
+  MOE_CHECK(s.size() >= sizeof head + sizeof(uint32_t) * crcs.size(), "checkpoint: malformed writer outcome");
+  if (!crcs.empty()) std::memcpy(crcs.data(), s.data() + sizeof head, sizeof(uint32_t) * crcs.size());
+  error = s.substr(sizeof head + sizeof(uint32_t) * crcs.size());
+}
+
+std::string join_errors(const std::vector<std::string>& errors) {
+  std::ostringstream o;
+  for (size_t i = 0; i < errors.size(); ++i) o << (i ? "; " : "") << errors[i];
+  return o.str();
+}
+
+}  // namespace
+
+CheckpointSaver::CheckpointSaver(Parallel& par, SaverOptions opt) : par_(par), opt_(std::move(opt)) {}
+
+CheckpointSaver::~CheckpointSaver() {
+  if (!job_) return;
+  job_->cancel = true;  // the writer stops before its next dataset
+  if (job_->thread.joinable()) {
+    // the thread holds its own reference to the job: if it is stuck in a write, let it go rather than hang
+    if (!job_->wait(std::max(5.0, par_.world().deadline()))) job_->thread.detach();
+  }
+}
+
+void CheckpointSaver::agree(const std::string& local_error, const std::string& what) {
+  const std::vector<std::string> all = all_gather_strings(par_.world(), local_error);
+  std::vector<std::string> errors;
+  for (size_t r = 0; r < all.size(); ++r)
+    if (!all[r].empty()) errors.push_back("rank " + std::to_string(r) + ": " + all[r]);
+  if (!errors.empty()) MOE_THROW(what << " failed: " << join_errors(errors));
+}
+
+std::string CheckpointSaver::save(SaveState state, bool wait) {
+  if (job_) finish();  // never two saves in flight
+  const int rank = par_.rank();
+  const std::string what = "checkpoint of step " + std::to_string(state.step);
+  // 1. rank 0 prepares step_<N>.tmp; everyone learns whether that worked
+  std::string err;
+  if (rank == 0) {
+    try {
+      ckpt::begin_save(opt_.root, state.step);
+    } catch (const std::exception& e) {
+      err = std::string("cannot create the directory: ") + e.what();
+    }
+  }
+  agree(err, what);
+
+  auto job = std::make_shared<Job>();
+  job->step = state.step;
+  job->tmp_dir = opt_.root + "/step_" + std::to_string(state.step) + ".tmp";
+  job->rank = rank;
+  job->writes_main = rank == 0;
+  job->shard = par_.dp_rank() == 0 ? par_.ep_rank() : -1;
+  job->fault = opt_.fault;
+  job->on_file_written = opt_.on_file_written;
+  const bool async = opt_.async && !wait;
+  const int ep = par_.ep_size();
+  for (const LocalTensor& t : state.tensors) {
+    Shape global = t.tensor.shape();
+    if (t.sharded) {
+      MOE_CHECK(!global.empty(), what << ": expert tensor '" << t.name << "' has no rows");
+      global[0] *= ep;
+    }
+    const bool mine = t.sharded ? job->shard >= 0 : job->writes_main;
+    if (mine) {
+      // asynchronous: snapshot (deep copy) now, training goes on changing the live tensors
+      Tensor data = async ? t.tensor.clone() : t.tensor;
+      (t.sharded ? job->shard_sets : job->main_sets).push_back({t.name, data});
+    }
+    if (job->writes_main) {
+      job->tensors.push_back({t.name, global, t.tensor.dtype(), t.sharded});
+      if (t.sharded) job->virtuals.push_back({t.name, global, t.tensor.dtype(), ep});
+    }
+  }
+  if (job->writes_main) {
+    job->manifest = std::move(state.manifest);
+    if (state.tokenizer_blob) {
+      job->tokenizer = *state.tokenizer_blob;
+      job->has_tokenizer = true;
+      job->manifest.set_tokenizer_file("tokenizer.model");
+    }
+  }
+  job_ = job;
+  if (async) {
+    if (job->writes_main || job->shard >= 0) {
+      job->thread = std::thread([job] { job->write(); });  // the thread owns a reference to its job
+    } else {
+      job->done = true;  // another data-parallel replica: nothing to write
+    }
+    return "";
+  }
+  job->write();
+  return commit();
+}
+
+std::string CheckpointSaver::poll() {
+  if (!job_) return "";
+  double writing = job_->is_done() ? 0.0 : 1.0;
+  if (par_.size() > 1) par_.world().all_reduce_sum(&writing, 1);
+  if (writing > 0) return "";
+  job_->wait(0);
+  return commit();
+}
+
+std::string CheckpointSaver::finish() {
+  if (!job_) return "";
+  const double limit = par_.world().deadline();
+  if (!job_->wait(limit)) {
+    job_->cancel = true;
+    job_->thread.detach();  // it holds its own reference to the job
+    const int64_t step = job_->step;
+    job_.reset();
+    MOE_THROW("checkpoint of step " << step << ": the writer of rank " << par_.rank() << " did not finish within "
+                                    << limit << " s (parallel.collective_timeout_s)");
+  }
+  return commit();
+}
+
+std::string CheckpointSaver::commit() {
+  std::shared_ptr<Job> job = std::move(job_);
+  const std::string what = "checkpoint of step " + std::to_string(job->step);
+  // 3. every rank's outcome on every rank (under the communicator's deadline)
+  const std::vector<std::string> all =
+      all_gather_strings(par_.world(), encode_outcome(job->shard, job->shard_crcs, job->error));
+  std::vector<std::string> errors;
+  std::map<int, std::vector<uint32_t>> shard_crcs;
+  for (const std::string& s : all) {
+    int shard;
+    std::vector<uint32_t> crcs;
+    std::string error;
+    decode_outcome(s, shard, crcs, error);
+    if (!error.empty()) errors.push_back(error);
+    else if (shard >= 0) shard_crcs[shard] = std::move(crcs);
+  }
+  if (!errors.empty()) {
+    if (par_.rank() == 0) ckpt::abandon_save(opt_.root, job->step);
+    MOE_THROW(what << " failed, nothing was committed (`latest` still names the previous checkpoint): "
+                   << join_errors(errors));
+  }
+  // 4. rank 0 completes the manifest and commits; everyone learns whether that worked
+  std::string err, dir;
+  if (par_.rank() == 0) {
+    try {
+      proto::Manifest& m = job->manifest;
+      size_t plain = 0, sharded = 0;
+      const int ep = par_.ep_size();
+      for (const Job::Info& t : job->tensors) {
+        if (!t.sharded) {
+          *m.add_tensors() = ckpt::plain_entry(t.name, t.shape, t.dtype, job->main_crcs.at(plain++));
+          continue;
+        }
+        std::vector<uint32_t> crcs;
+        for (int s = 0; s < ep; ++s) {
+          auto it = shard_crcs.find(s);
+          MOE_CHECK(it != shard_crcs.end() && sharded < it->second.size(),
+                    "no checksums from the writer of shard " << s << " (" << ckpt::shard_file_name(s) << ")");
+          crcs.push_back(it->second[sharded]);
+        }
+        *m.add_tensors() = ckpt::sharded_entry(t.name, t.shape, t.dtype, crcs);
+        ++sharded;
+      }
+      dir = ckpt::commit_save(opt_.root, job->step, m, opt_.keep_last);
+    } catch (const std::exception& e) {
+      err = std::string("commit: ") + e.what();
+      ckpt::abandon_save(opt_.root, job->step);
+    }
+  }
+  agree(err, what);
+  return par_.rank() == 0 ? dir : opt_.root + "/step_" + std::to_string(job->step);
+}
+
+}  // namespace moe::launcher
