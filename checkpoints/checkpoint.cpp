@@ -453,10 +453,30 @@ void Reader::read_dataset(const std::string& file, const std::string& name, cons
                           << shape_str(Shape(dims.begin(), dims.end())) << ", manifest says " << shape_str(shape)
                           << what);
   const size_t nbytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(stored);
-  if (nbytes)
+  // read in blocks of rows of ~4 MiB and checksum each block while it is still in the cache (one pass over
+  // memory instead of two: the load runs at ~0.7x of a raw read with a separate checksum pass, see RESULTS.md)
+  const size_t row_bytes = row_bytes_of(shape, stored);
+  const int64_t rows = shape.empty() ? 0 : shape[0];
+  const int64_t block = row_bytes ? std::max<int64_t>(1, static_cast<int64_t>((size_t(4) << 20) / row_bytes)) : 1;
+  uint32_t got = 0;
+  if (nbytes && block >= rows) {
     MOE_H5_CHECK(H5Dread(ds, mem_type_of(stored), H5S_ALL, H5S_ALL, H5P_DEFAULT, out),
                  "reading dataset '" << name << "' from " << where << what << " (file truncated or corrupt?)");
-  const uint32_t got = crc32c(out, nbytes);
+    got = crc32c(out, nbytes);
+  } else if (nbytes) {
+    std::vector<hsize_t> start(dims.size(), 0), count = dims;
+    for (int64_t r = 0; r < rows; r += block) {
+      start[0] = static_cast<hsize_t>(r);
+      count[0] = static_cast<hsize_t>(std::min(block, rows - r));
+      MOE_H5_CHECK(H5Sselect_hyperslab(space, H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr),
+                   "selecting rows of dataset '" << name << "' in " << where);
+      Hid mem(H5Screate_simple(static_cast<int>(count.size()), count.data(), nullptr), H5Sclose);
+      uint8_t* dst = static_cast<uint8_t*>(out) + r * row_bytes;
+      MOE_H5_CHECK(H5Dread(ds, mem_type_of(stored), mem, space, H5P_DEFAULT, dst),
+                   "reading dataset '" << name << "' from " << where << what << " (file truncated or corrupt?)");
+      got = crc32c(dst, count[0] * row_bytes, got);
+    }
+  }
   MOE_CHECK(got == crc, "checkpoint " << where << ": checksum mismatch in tensor '" << name << "'" << what
                                       << " (stored " << crc << ", computed " << got << ")");
 }

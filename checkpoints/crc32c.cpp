@@ -27,8 +27,37 @@ uint32_t crc32c_table(const uint8_t* p, size_t n, uint32_t crc) {
 }
 }  // namespace
 
+namespace {
+#if defined(__SSE4_2__)
+// Large buffers: three independent CRC32 instruction chains over three thirds of the buffer in one loop (the
+// instruction has a 3-cycle latency but a 1-cycle throughput, so one chain leaves 2/3 of it idle), joined with
+// crc32c_combine: ~3x the single-chain speed (bench/RESULTS.md).
+constexpr size_t kThreeWayMin = size_t(1) << 20;
+uint32_t crc32c_three_way(const uint8_t* p, size_t n, uint32_t crc) {
+  const size_t part = (n / 3) & ~size_t(7);
+  const uint8_t *p0 = p, *p1 = p + part, *p2 = p + 2 * part;
+  uint64_t c0 = static_cast<uint32_t>(~crc), c1 = 0xFFFFFFFFu, c2 = 0xFFFFFFFFu;
+  for (size_t i = 0; i < part; i += 8) {
+    uint64_t w0, w1, w2;
+    std::memcpy(&w0, p0 + i, 8);
+    std::memcpy(&w1, p1 + i, 8);
+    std::memcpy(&w2, p2 + i, 8);
+    c0 = _mm_crc32_u64(c0, w0);
+    c1 = _mm_crc32_u64(c1, w1);
+    c2 = _mm_crc32_u64(c2, w2);
+  }
+  const uint32_t a = ~static_cast<uint32_t>(c0), b = ~static_cast<uint32_t>(c1);
+  const uint32_t c = crc32c(p2 + part, n - 3 * part, ~static_cast<uint32_t>(c2));  // the tail continues chain 2
+  return crc32c_combine(crc32c_combine(a, b, part), c, n - 2 * part);
+}
+#endif
+}  // namespace
+
 uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
   const auto* p = static_cast<const uint8_t*>(data);
+#if defined(__SSE4_2__)
+  if (n >= kThreeWayMin) return crc32c_three_way(p, n, crc);
+#endif
   crc = ~crc;
 #if defined(__SSE4_2__)
   // the CRC32 instruction computes CRC-32C (Castagnoli): 8 bytes per instruction

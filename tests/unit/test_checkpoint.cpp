@@ -195,6 +195,18 @@ namespace {
 namespace fs = std::filesystem;
 
 // The checksum of a concatenation from its parts' checksums (how a sharded tensor's global checksum is formed).
+// Buffers of >= 1 MiB take the three-chain path: it must equal the byte-wise reference at every length
+// remainder and with a chained initial value.
+TEST(Checkpoint, Crc32cThreeWayMatchesReference) {
+  Rng rng(11);
+  std::vector<uint8_t> buf((size_t(1) << 20) + 100);
+  for (auto& b : buf) b = static_cast<uint8_t>(rng.below(256));
+  for (size_t n : {size_t(1) << 20, (size_t(1) << 20) + 1, (size_t(1) << 20) + 23, (size_t(1) << 20) + 100}) {
+    EXPECT_EQ(ckpt::crc32c(buf.data(), n), ckpt::crc32c_reference(buf.data(), n)) << n;
+    EXPECT_EQ(ckpt::crc32c(buf.data() + 3, n - 3, 0x12345678u), ckpt::crc32c_reference(buf.data() + 3, n - 3, 0x12345678u));
+  }
+}
+
 TEST(Checkpoint, Crc32cCombineEqualsTheWholeBuffer) {
   Rng rng(7);
   std::vector<uint8_t> buf(4099);
@@ -352,6 +364,47 @@ TEST(Checkpoint, InconsistentShardManifestIsRefused) {
   e = error_of([&] { ckpt::read_manifest(fx.step_dir); });
   EXPECT_NE(e.find("do not combine"), std::string::npos) << e;
   EXPECT_NE(e.find("params/layers.0.ffn.experts.w_up"), std::string::npos) << e;
+}
+
+// Datasets over 4 MiB are read in blocks of rows, each checksummed while in the cache: the result and the
+// checksum chain must equal a whole read, for plain and sharded tensors, and a flipped byte in the last block is
+// still caught.
+TEST(Checkpoint, LargeDatasetsAreReadInBlocks) {
+  TempDir dir;
+  Config cfg;
+  cfg.mutable_parallel()->set_expert_parallel(2);
+  Tensor big = Tensor::empty({3001, 1000});  // 12 MB: blocks of 1048 rows, the last one partial
+  Tensor experts = Tensor::empty({4, 1100, 1000});  // shards of 2 x 4.4 MB
+  Rng rng(5);
+  for (int64_t i = 0; i < big.numel(); ++i) big.f32()[i] = rng.uniform();
+  for (int64_t i = 0; i < experts.numel(); ++i) experts.f32()[i] = rng.uniform();
+  ckpt::SaveRequest req;
+  req.config = &cfg;
+  req.tensors = {{"params/big", big}, {"params/layers.0.ffn.experts.w_up", experts}};
+  const std::string d = ckpt::save(dir.path(), req);
+  proto::Manifest m = ckpt::read_manifest(d);
+  {
+    ckpt::Reader r(d, m);
+    Tensor a = Tensor::empty({3001, 1000});
+    r.read("params/big", a);
+    EXPECT_EQ(0, std::memcmp(a.raw(), big.raw(), big.nbytes()));
+    Tensor e = Tensor::empty({2, 1100, 1000});
+    r.read("params/layers.0.ffn.experts.w_up", e, 1);  // straddles the two shards
+    EXPECT_EQ(0, std::memcmp(e.raw(), experts.f32() + 1100 * 1000, e.nbytes()));
+    EXPECT_NO_THROW(r.check_virtual("params/layers.0.ffn.experts.w_up"));
+  }
+  // flip a byte of the last row of params/big
+  const std::string h5 = d + "/model.h5";
+  std::string bytes = ckpt::read_file(h5);
+  const std::string needle(reinterpret_cast<const char*>(big.f32() + 3000 * 1000), 64);
+  const size_t pos = bytes.find(needle);
+  ASSERT_NE(pos, std::string::npos);
+  bytes[pos + 7] ^= 0x40;
+  std::ofstream(h5, std::ios::binary | std::ios::trunc) << bytes;
+  ckpt::Reader r(d, m);
+  Tensor a = Tensor::empty({3001, 1000});
+  const std::string e = error_of([&] { r.read("params/big", a); });
+  EXPECT_NE(e.find("checksum mismatch in tensor 'params/big'"), std::string::npos) << e;
 }
 
 // Stale step_<N>.tmp directories (an interrupted save) are removed; complete checkpoints are not.
