@@ -18,8 +18,8 @@
 // A rank that dies mid-write (SIGKILL) takes the job down (mpirun ends it); what it leaves is a step_<N>.tmp that
 // no reader looks at (`latest` and the step list ignore it) and the next run removes.
 //
-// Asynchronous saves (checkpoint.async): save() snapshots what this rank writes (a deep copy to host memory, on
-// the training thread) and starts the writer thread; poll(), called once per step, does one all-reduce of a
+// Asynchronous saves (checkpoint.async): save() snapshots what this rank writes (a copy into host buffers that are
+// reused from save to save, on the training thread) and starts the writer thread; poll(), called once per step, does one all-reduce of a
 // "still writing" flag while a save is pending and commits (steps 3-4) as soon as every rank's writer is done.
 // A new save first commits the pending one (never two in flight); finish() (the final save, the signal/requeue
 // path, the end of training) waits for it, so a pending save is always committed before the process exits
@@ -28,6 +28,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -89,15 +90,23 @@ class CheckpointSaver {
   // Waits for a pending save (this rank's writer at most the world deadline) and commits it; "" if none.
   std::string finish();
   bool pending() const { return job_ != nullptr; }
+  // Asynchronous saves copy into host buffers kept from one save to the next (fresh pages cost far more than the
+  // copy: ~1 s vs 0.02 s for 324 MiB on this VM). prepare() allocates and fills them ahead of the first save
+  // (e.g. before training starts); without it the first asynchronous save pays for the allocation. Not
+  // collective.
+  void prepare(const std::vector<LocalTensor>& tensors);
 
   struct Job;  // a save in progress (ckpt_save.cpp)
 
  private:
   std::string commit();
   void agree(const std::string& local_error, const std::string& what);
+  bool writes(const LocalTensor& t) const;  // does this rank write t (replicated: rank 0; sharded: replica 0)
+  Tensor snapshot(const LocalTensor& t);   // a copy of t in its reusable buffer
   Parallel& par_;
   SaverOptions opt_;
   std::shared_ptr<Job> job_;
+  std::map<std::string, Tensor> buffers_;  // asynchronous snapshots, by tensor name
 };
 
 }  // namespace moe::launcher

@@ -219,6 +219,8 @@ int cmd_train(const Args& a, Parallel& par) {
   // the background and are committed by the first step after every rank's writer finished (or by the next save,
   // or by the final save at the end / on a stop signal, which is synchronous).
   CheckpointSaver saver(par, {ckpt_root, cfg.checkpoint().async(), cfg.checkpoint().keep_last(), SaveFault::from_env()});
+  if (cfg.checkpoint().async())  // the snapshot buffers, allocated now rather than in the first save's step
+    saver.prepare(collect_local_state(model.params(), &trainer.optimizer(), experts::routing_tables(model)));
   auto log_commit = [&](const std::string& dir) {
     if (lead && !dir.empty()) MOE_INFO("checkpoint " << dir);
   };
