@@ -122,17 +122,19 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-void write_file_synced(const std::string& path, const std::string& bytes) {
+void write_file(const std::string& path, const std::string& bytes, bool sync) {
   std::ofstream f(path, std::ios::binary | std::ios::trunc);
   MOE_CHECK(f.good(), "cannot write '" << path << "'");
   f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   f.close();
   MOE_CHECK(f.good(), "writing '" << path << "' failed (disk full?)");
-  fsync_path(path, false);
+  if (sync) fsync_path(path, false);
 }
 
+void fsync_file(const std::string& path) { fsync_path(path, false); }
+
 std::vector<uint32_t> write_h5(const std::string& path, const std::vector<DatasetWrite>& datasets,
-                               const std::vector<VirtualDataset>& virtuals, const BeforeDataset& before) {
+                               const std::vector<VirtualDataset>& virtuals, const BeforeDataset& before, bool sync) {
   h5_quiet_this_thread();
   std::vector<uint32_t> crcs;
   int written = 0;
@@ -204,7 +206,7 @@ std::vector<uint32_t> write_h5(const std::string& path, const std::vector<Datase
     }
     MOE_H5_CHECK(H5Fflush(file, H5F_SCOPE_GLOBAL), "flushing " << path);
   }
-  fsync_path(path, false);
+  if (sync) fsync_path(path, false);
   return crcs;
 }
 
@@ -254,14 +256,16 @@ std::string commit_save(const std::string& root, int64_t step, const proto::Mani
   const std::string tmp_dir = final_dir + ".tmp";
   std::string bin;
   MOE_CHECK(m.SerializeToString(&bin), "serialising the manifest failed");
-  write_file_synced(tmp_dir + "/manifest.txt", config_to_text(m));
-  write_file_synced(tmp_dir + "/manifest.pb", bin);  // written last: its presence marks a complete directory
+  write_file(tmp_dir + "/manifest.txt", config_to_text(m), false);
+  write_file(tmp_dir + "/manifest.pb", bin, false);  // written last: its presence marks a complete directory
+  fsync_path(tmp_dir + "/manifest.txt", false);
+  fsync_path(tmp_dir + "/manifest.pb", false);
   fsync_path(tmp_dir, true);
   fs::remove_all(final_dir);
   fs::rename(tmp_dir, final_dir);
   fsync_path(root, true);
   // `latest`: write a temp file and rename over the old one
-  write_file_synced(root + "/latest.tmp", name + "\n");
+  write_file(root + "/latest.tmp", name + "\n");
   fs::rename(root + "/latest.tmp", root + "/latest");
   fsync_path(root, true);
   if (keep_last > 0) {
@@ -328,11 +332,20 @@ std::string save(const std::string& root, const SaveRequest& req) {
   }
   const std::string tmp_dir = begin_save(root, req.step);
   try {
-    const std::vector<uint32_t> main_crcs = write_h5(tmp_dir + "/model.h5", main_sets, virtuals);
+    // every file written first, then every file fsynced (see fsync_file)
+    std::vector<std::string> files = {tmp_dir + "/model.h5"};
+    const std::vector<uint32_t> main_crcs = write_h5(files[0], main_sets, virtuals, {}, false);
     std::vector<std::vector<uint32_t>> shard_crcs;  // [shard][expert tensor]
     if (!virtuals.empty())
-      for (int s = 0; s < S; ++s) shard_crcs.push_back(write_h5(tmp_dir + "/" + shard_file_name(s), shard_sets[s]));
-    if (req.tokenizer_blob) write_file_synced(tmp_dir + "/tokenizer.model", *req.tokenizer_blob);
+      for (int s = 0; s < S; ++s) {
+        files.push_back(tmp_dir + "/" + shard_file_name(s));
+        shard_crcs.push_back(write_h5(files.back(), shard_sets[s], {}, {}, false));
+      }
+    if (req.tokenizer_blob) {
+      files.push_back(tmp_dir + "/tokenizer.model");
+      write_file(files.back(), *req.tokenizer_blob, false);
+    }
+    for (const std::string& f : files) fsync_file(f);
     size_t plain = 0, sharded = 0;
     for (const NamedTensor& t : req.tensors) {
       if (!is_expert_sharded(t.name)) {
@@ -517,7 +530,8 @@ void Reader::read(const std::string& name, Tensor& dst, int64_t row_offset) {
   if (e.shards_size() == 0) {  // one plain dataset: read it whole (to verify its checksum), copy the rows
     Tensor full = (!widen && row_offset == 0 && want == shape) ? dst : Tensor::empty(shape, stored);
     read_dataset(e.file(), name, shape, stored, full.raw(), e.crc32c(), "");
-    if (full.raw() != dst.raw() && want_rows) copy_rows(static_cast<const uint8_t*>(full.raw()), 0, row_offset, want_rows);
+    if (full.raw() != dst.raw() && want_rows)
+      copy_rows(static_cast<const uint8_t*>(full.raw()), 0, row_offset, want_rows);
     return;
   }
   // a sharded tensor: only the shards overlapping [row_offset, row_offset + want_rows), each read whole

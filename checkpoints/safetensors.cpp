@@ -252,13 +252,6 @@ const JValue* field(const JValue& obj, const std::string& key) {
   return nullptr;
 }
 
-void fsync_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  MOE_CHECK(fd >= 0, "cannot open '" << path << "' to fsync");
-  const int rc = ::fsync(fd);
-  ::close(fd);
-  MOE_CHECK(rc == 0, "fsync of '" << path << "' failed");
-}
 
 }  // namespace
 

@@ -86,20 +86,27 @@ struct CheckpointSaver::Job {
       ++written;
     };
     try {
+      // all of this rank's files written, then all fsynced (ckpt::fsync_file says why)
+      std::vector<std::string> files;
       if (writes_main) {
         file = tmp_dir + "/model.h5";
-        main_crcs = ckpt::write_h5(file, main_sets, virtuals, before);
-        if (on_file_written) on_file_written(file);
+        main_crcs = ckpt::write_h5(file, main_sets, virtuals, before, false);
+        files.push_back(file);
         if (has_tokenizer) {
           file = tmp_dir + "/tokenizer.model";
-          ckpt::write_file_synced(file, tokenizer);
-          if (on_file_written) on_file_written(file);
+          ckpt::write_file(file, tokenizer, false);
+          files.push_back(file);
         }
       }
       if (shard >= 0) {
         file = tmp_dir + "/" + ckpt::shard_file_name(shard);
-        shard_crcs = ckpt::write_h5(file, shard_sets, {}, before);
-        if (on_file_written) on_file_written(file);
+        shard_crcs = ckpt::write_h5(file, shard_sets, {}, before, false);
+        files.push_back(file);
+      }
+      for (const std::string& f : files) {
+        file = f;
+        ckpt::fsync_file(f);
+        if (on_file_written) on_file_written(f);
       }
     } catch (const std::exception& e) {
       error = "rank " + std::to_string(rank) + " failed writing " + file + ": " + e.what();

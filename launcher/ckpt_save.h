@@ -19,8 +19,9 @@
 // no reader looks at (`latest` and the step list ignore it) and the next run removes.
 //
 // Asynchronous saves (checkpoint.async): save() snapshots what this rank writes (a copy into host buffers that are
-// reused from save to save, on the training thread) and starts the writer thread; poll(), called once per step, does one all-reduce of a
-// "still writing" flag while a save is pending and commits (steps 3-4) as soon as every rank's writer is done.
+// reused from save to save, on the training thread) and starts the writer thread; poll(), called once per step,
+// does one all-reduce of a "still writing" flag while a save is pending and commits (steps 3-4) as soon as every
+// rank's writer is done.
 // A new save first commits the pending one (never two in flight); finish() (the final save, the signal/requeue
 // path, the end of training) waits for it, so a pending save is always committed before the process exits
 // normally. On an error exit the pending save is abandoned (the writer stops at its next dataset, nothing is

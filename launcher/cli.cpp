@@ -172,8 +172,8 @@ int cmd_train(const Args& a, Parallel& par) {
     const int restored = restore_router_rng(model, manifest);
     if (lead) MOE_INFO("resumed from " << resume_dir << " at step " << start_step);
     if (lead && restored < routers && cfg.model().moe().jitter_eps() > 0)
-      MOE_INFO("checkpoint has no router jitter RNG state for " << routers - restored
-                                                                << " learned router(s): their noise restarts from the seed");
+      MOE_INFO("checkpoint has no router jitter RNG state for "
+               << routers - restored << " learned router(s): their noise restarts from the seed");
   } else if (a.resume) {
     if (lead) MOE_INFO("--resume: no checkpoint under " << ckpt_root << ", starting fresh");
   }
@@ -218,7 +218,8 @@ int cmd_train(const Args& a, Parallel& par) {
   // Checkpoints: every rank writes its own part (launcher/ckpt_save.h); with checkpoint.async the writes run in
   // the background and are committed by the first step after every rank's writer finished (or by the next save,
   // or by the final save at the end / on a stop signal, which is synchronous).
-  CheckpointSaver saver(par, {ckpt_root, cfg.checkpoint().async(), cfg.checkpoint().keep_last(), SaveFault::from_env()});
+  CheckpointSaver saver(par, {ckpt_root, cfg.checkpoint().async(), cfg.checkpoint().keep_last(),
+                              SaveFault::from_env(), {}});
   if (cfg.checkpoint().async())  // the snapshot buffers, allocated now rather than in the first save's step
     saver.prepare(collect_local_state(model.params(), &trainer.optimizer(), experts::routing_tables(model)));
   auto log_commit = [&](const std::string& dir) {

@@ -300,7 +300,8 @@ TEST(CheckpointSave, OneRankFailingFailsTheSaveEverywhere) {
       saver.save(state_of(t, par, 4, &tok), true);  // not the faulty step
       const std::string e = error_of([&] {
         saver.save(state_of(t, par, 5, &tok), false);
-        for (int i = 0; i < 100000 && saver.poll().empty(); ++i) std::this_thread::sleep_for(std::chrono::microseconds(200));
+        for (int i = 0; i < 100000 && saver.poll().empty(); ++i)
+          std::this_thread::sleep_for(std::chrono::microseconds(200));
       });
       const std::string file = failing == 0 ? "model.h5" : "experts_" + std::to_string(failing) + ".h5";
       EXPECT_NE(e.find("checkpoint of step 5 failed"), std::string::npos) << e;

@@ -203,7 +203,8 @@ TEST(Checkpoint, Crc32cThreeWayMatchesReference) {
   for (auto& b : buf) b = static_cast<uint8_t>(rng.below(256));
   for (size_t n : {size_t(1) << 20, (size_t(1) << 20) + 1, (size_t(1) << 20) + 23, (size_t(1) << 20) + 100}) {
     EXPECT_EQ(ckpt::crc32c(buf.data(), n), ckpt::crc32c_reference(buf.data(), n)) << n;
-    EXPECT_EQ(ckpt::crc32c(buf.data() + 3, n - 3, 0x12345678u), ckpt::crc32c_reference(buf.data() + 3, n - 3, 0x12345678u));
+    EXPECT_EQ(ckpt::crc32c(buf.data() + 3, n - 3, 0x12345678u),
+              ckpt::crc32c_reference(buf.data() + 3, n - 3, 0x12345678u));
   }
 }
 
