@@ -220,7 +220,9 @@ int cmd_train(const Args& a, Parallel& par) {
   // or by the final save at the end / on a stop signal, which is synchronous).
   CheckpointSaver saver(par, {ckpt_root, cfg.checkpoint().async(), cfg.checkpoint().keep_last(),
                               SaveFault::from_env(), {}});
-  if (cfg.checkpoint().async())  // the snapshot buffers, allocated now rather than in the first save's step
+  // the snapshot buffers, allocated now rather than in the first save's step (only the final save, which is
+  // synchronous, is taken when checkpoint.every is 0)
+  if (cfg.checkpoint().async() && cfg.checkpoint().every() > 0)
     saver.prepare(collect_local_state(model.params(), &trainer.optimizer(), experts::routing_tables(model)));
   auto log_commit = [&](const std::string& dir) {
     if (lead && !dir.empty()) MOE_INFO("checkpoint " << dir);
