@@ -568,7 +568,7 @@ void Reader::read_shard(const std::string& name, int shard, Tensor& dst) {
                           << shape_str(sshape));
   read_dataset(sh.file(), name, sshape, dst.dtype(), dst.raw(), sh.crc32c(),
                " shard " + std::to_string(shard) + " (rows " + std::to_string(sh.row_offset()) + ".." +
-                   std::to_string(sh.row_offset() + sh.rows() - 1) + ")");
+                   std::to_string(sh.row_offset() + sh.rows() - 1) + " of " + std::to_string(e.shape(0)) + ")");
 }
 
 void Reader::check_virtual(const std::string& name) {

@@ -126,6 +126,21 @@ expect_fail "model.moe.num_experts = 4: must be divisible by parallel.expert_par
 test ! -e "$work/moe3" || fail "failed reshard left $work/moe3"
 "$MOE_BIN" ckpt reshard "$work/moe/checkpoints" --ep 2 --out "$work/moe2/checkpoints" > /dev/null
 has "saved on 2 rank(s), expert parallel 2" "$MOE_BIN" ckpt inspect "$work/moe2/checkpoints" || fail "reshard"
+has "experts_1.h5 (expert rows 2..3)" "$MOE_BIN" ckpt inspect "$work/moe2/checkpoints" || fail "reshard: shard files"
+# a flipped byte in one shard file: verify names the tensor, the shard and the file; a missing shard file too
+cp -r "$work/moe2/checkpoints/step_6" "$work/flip2"
+"$PY" - "$work/flip2/experts_1.h5" <<'PY'
+import h5py, sys
+with h5py.File(sys.argv[1], "r") as f:
+    off = f["params/layers.1.ffn.experts.w_up"].id.get_offset()
+with open(sys.argv[1], "r+b") as g:
+    g.seek(off + 40); b = g.read(1); g.seek(off + 40); g.write(bytes([b[0] ^ 0x08]))
+PY
+expect_fail "checksum mismatch in tensor 'params/layers.1.ffn.experts.w_up' shard 1 (rows 2..3 of 4)" \
+  "$MOE_BIN" ckpt verify "$work/flip2"
+grep -q "flip2/experts_1.h5" "$work/out.txt" || fail "verify: shard file not named"
+rm "$work/flip2/experts_0.h5"
+expect_fail "experts_0.h5 is missing" "$MOE_BIN" ckpt verify "$work/flip2"
 # the tokenizer comes from data.tokenizer_model (both runs)
 mpiexec -n 2 "$MOE_BIN" train --config "$cfg" "${data[@]}" "${moe[@]}" --set train.out_dir="$work/moe2" \
   --set train.steps=9 --set parallel.expert_parallel=2 --threads 1 --resume > "$work/resume.txt" 2>&1 \
