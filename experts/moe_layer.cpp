@@ -46,20 +46,30 @@ void init_by_global_expert(Param* p, int64_t first_global, uint64_t seed, float 
   }
 }
 
-// Multiplier s, coprime to E and near 0.618 E: e -> (e * s) mod E is a permutation of [0, E) that scatters
-// consecutive ids over the whole range.
-int64_t spread_multiplier(int64_t E) {
-  int64_t s = std::max<int64_t>(1, static_cast<int64_t>(0.6180339887 * static_cast<double>(E)) | 1);
-  while (std::gcd(s, E) != 1) s += 2;
-  return s % std::max<int64_t>(E, 1);
-}
-
 uint64_t name_hash(const std::string& s) {
   uint64_t h = 1469598103934665603ULL;
   for (char c : s) h = (h ^ static_cast<uint8_t>(c)) * 1099511628211ULL;
   return h;
 }
 }  // namespace
+
+int64_t word_expert_row(int64_t l, int64_t E, proto::WordExpertConfig::Placement placement) {
+  MOE_CHECK(E > 0 && l >= 0 && l < E, "word expert " << l << " outside [0, " << E << ")");
+  if (placement == proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE) {
+    // s coprime to E and near 0.618 E: l -> (l * s) mod E is a permutation of [0, E)
+    int64_t s = std::max<int64_t>(1, static_cast<int64_t>(0.6180339887 * static_cast<double>(E)) | 1);
+    while (std::gcd(s, E) != 1) s += 2;
+    return (l * (s % E)) % E;
+  }
+  MOE_CHECK(placement == proto::WordExpertConfig::PLACEMENT_INTERLEAVED,
+            "model.word_experts.placement " << int(placement) << " is not a known placement");
+  int bits = 0;
+  while (bits < 6 && E % (int64_t(2) << bits) == 0) ++bits;  // Q = 2^bits, the largest power of two <= 64 | E
+  const int64_t Q = int64_t(1) << bits, j = l % Q;
+  int64_t rev = 0;
+  for (int b = 0; b < bits; ++b) rev |= ((j >> b) & 1) << (bits - 1 - b);
+  return rev * (E / Q) + l / Q;
+}
 
 // ================================================================== MoeFfn
 MoeFfn::MoeFfn(ParamStore& ps, const std::string& prefix, const proto::ModelConfig& cfg, comm::Communicator* ep,
@@ -134,8 +144,9 @@ WordExpertFfn::WordExpertFfn(ParamStore& ps, const std::string& prefix, const pr
       table_(ps, prefix + ".experts",
              WordExpertDims{cfg.word_experts().num_experts() / ep_size(ep), cfg.d_model(),
                             cfg.word_experts().d_expert(), cfg.activation()}) {
-  spread_ = spread_multiplier(E_);
   const auto& w = cfg.word_experts();
+  placement_ = w.placement() == proto::WordExpertConfig::PLACEMENT_UNSET ? proto::WordExpertConfig::PLACEMENT_INTERLEAVED
+                                                                         : w.placement();
   if (w.hash_routing()) {
     hash_.emplace(E_);
   } else if (table && !table->empty()) {
@@ -158,12 +169,13 @@ std::vector<int32_t> WordExpertFfn::routing_table() const { return vocab_ ? voca
 void WordExpertFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   MOE_CHECK(ctx.token_ids, "word-expert FFN needs the token ids of its rows");
   // The routing table gives logical experts (word experts 0..W-1 in descending token frequency, then shared ones).
-  // Experts are sharded over the EP group in contiguous blocks, so the logical ids are scattered by a fixed
-  // permutation of [0, E) first: otherwise every frequent token would land on the first rank.
+  // Experts are sharded over the EP group in contiguous blocks, so the logical ids are placed by a fixed
+  // permutation of [0, E) first (model.word_experts.placement): otherwise every frequent token would land on the
+  // first rank. The interleaved placement also keeps the frequent experts in a few dense runs of rows.
   expert_ids_.resize(N);
   for (int n = 0; n < N; ++n) {
     const int64_t logical = vocab_ ? vocab_->expert_of(ctx.token_ids[n]) : hash_->expert_of(ctx.token_ids[n]);
-    expert_ids_[n] = static_cast<int32_t>((logical * spread_) % E_);
+    expert_ids_[n] = static_cast<int32_t>(word_expert_row(logical, E_, placement_));
   }
   // a compact plan and the dispatcher's (expert, rows) exchange: nothing per step is O(E)
   plan_ = router::make_top1_plan_compact(expert_ids_.data(), N, E_);

@@ -30,6 +30,7 @@ class MoeFfn : public FfnUnit {
   FfnStats stats() const override;
   Dispatcher& dispatcher() { return dispatcher_; }
   ExpertBank& bank() { return bank_; }
+  router::LearnedRouter& router() { return router_; }  // e.g. its jitter RNG state, saved with checkpoints
   double expert_seconds() const { return expert_seconds_; }
   double route_seconds() const { return route_seconds_; }
   double combine_seconds() const { return combine_seconds_; }
@@ -46,6 +47,10 @@ class MoeFfn : public FfnUnit {
   std::vector<float> expert_out_, dexpert_in_, drows_, dgate_;
   double expert_seconds_ = 0, route_seconds_ = 0, combine_seconds_ = 0;
 };
+
+// Row of the global word-expert table that stores logical expert l of E (proto WordExpertConfig.Placement; UNSET
+// is not accepted here: fill_defaults resolves it). A permutation of [0, E) independent of the expert-parallel size.
+int64_t word_expert_row(int64_t l, int64_t E, proto::WordExpertConfig::Placement placement);
 
 class WordExpertFfn : public FfnUnit {
  public:
@@ -68,7 +73,7 @@ class WordExpertFfn : public FfnUnit {
   router::DispatchPlan plan_;
   Dispatcher dispatcher_;
   WordExpertTable table_;
-  int64_t spread_ = 1;                 // logical expert e is stored as expert (e * spread_) mod E
+  proto::WordExpertConfig::Placement placement_;  // logical expert -> row of the global table
   std::vector<int32_t> expert_ids_;    // [N] scattered expert of each token
   std::vector<float> expert_out_;
 };

@@ -88,20 +88,20 @@ void WordExpertTable::forward(float* y, const float* x, const int64_t* experts, 
     const int n = static_cast<int>(offsets[g + 1] - r0);
     if (n == 0) continue;
     const int64_t e = experts[g];
-    if (g + ahead < n_groups) {  // a later expert's weights (rows scattered over the table: core/prefetch.h)
-      const int64_t q = experts[g + ahead] * FC;
-      if (wg) prefetch_read(wg + q, FC);
-      prefetch_read(wu + q, FC);
-      prefetch_read(wd + q, FC);
-    }
+    // a later expert's row of each table is prefetched just before this expert's GEMM on that table, so the
+    // prefetches spread over the group's work (rows scattered over the table: core/prefetch.h)
+    const int64_t q = g + ahead < n_groups ? experts[g + ahead] * FC : -1;
     const float* xg = x + r0 * C;  // [n,C]
     float* upg = up + r0 * F;      // [n,F]
     float* actg = act + r0 * F;    // [n,F]
     // up = x Wu^T
+    if (q >= 0) prefetch_read(wu + q, FC);
     cpu::matmul(upg, xg, wu + e * FC, n, F, C, false, /*trans_b=*/true);
+    if (q >= 0) prefetch_read(wd + q, FC);
     if (gate) {
       // act = silu(x Wg^T) * up
       float* gateg = gate + r0 * F;  // [n,F]
+      if (q >= 0) prefetch_read(wg + q, FC);
       cpu::matmul(gateg, xg, wg + e * FC, n, F, C, false, /*trans_b=*/true);
       cpu::swiglu_forward(actg, gateg, upg, int64_t(n) * F);
     } else {
@@ -145,38 +145,36 @@ void WordExpertTable::backward(float* dx, const float* dy) {
     const int n = static_cast<int>(offsets[g + 1] - r0);
     if (n == 0) continue;
     const int64_t e = experts[g];
-    if (g + ahead < n_groups) {  // a later expert's weights and gradient rows
-      const int64_t q = experts[g + ahead] * FC;
-      if (wg) {
-        prefetch_read(wg + q, FC);
-        prefetch_write(dwg + q, FC);
-      }
-      prefetch_read(wu + q, FC);
-      prefetch_read(wd + q, FC);
-      prefetch_write(dwu + q, FC);
-      prefetch_write(dwd + q, FC);
-    }
+    // a later expert's weight and gradient rows, each prefetched just before this expert's GEMM on that table
+    const int64_t q = g + ahead < n_groups ? experts[g + ahead] * FC : -1;
     const float* xg = x + r0 * C;    // [n,C]
     const float* dyg = dy + r0 * C;  // [n,C]
     float* dxg = dx + r0 * C;        // [n,C]
     float* dactg = dact + r0 * F;    // [n,F]
     float* dupg = dup + r0 * F;      // [n,F]
     // dact = dy Wd;  dWd += dy^T act
+    if (q >= 0) prefetch_read(wd + q, FC);
     cpu::matmul(dactg, dyg, wd + e * FC, n, F, C, false, false);
+    if (q >= 0) prefetch_write(dwd + q, FC);
     cpu::matmul(dwd + e * FC, dyg, act + r0 * F, C, F, n, /*trans_a=*/true, false, 1.0f, 1.0f);
     if (gate) {
       // dgate, dup through silu(gate) * up;  dWg += dgate^T x;  dx = dgate Wg + dup Wu
       float* dgateg = dgate + r0 * F;  // [n,F]
       cpu::swiglu_backward(dgateg, dupg, dactg, gate + r0 * F, up + r0 * F, int64_t(n) * F);
+      if (q >= 0) prefetch_write(dwg + q, FC);
       cpu::matmul(dwg + e * FC, dgateg, xg, F, C, n, /*trans_a=*/true, false, 1.0f, 1.0f);
+      if (q >= 0) prefetch_read(wg + q, FC);
       cpu::matmul(dxg, dgateg, wg + e * FC, n, C, F, false, false);
+      if (q >= 0) prefetch_read(wu + q, FC);
       cpu::matmul(dxg, dupg, wu + e * FC, n, C, F, false, false, 1.0f, 1.0f);
     } else {
       // dup through gelu(up);  dx = dup Wu
       cpu::gelu_backward(dupg, dactg, up + r0 * F, int64_t(n) * F);
+      if (q >= 0) prefetch_read(wu + q, FC);
       cpu::matmul(dxg, dupg, wu + e * FC, n, C, F, false, false);
     }
     // dWu += dup^T x
+    if (q >= 0) prefetch_write(dwu + q, FC);
     cpu::matmul(dwu + e * FC, dupg, xg, F, C, n, /*trans_a=*/true, false, 1.0f, 1.0f);
   }
 

@@ -65,25 +65,10 @@ std::map<std::string, std::vector<int32_t>> read_routing_tables(ckpt::Reader& r,
 }
 
 // ---- the learned routers' jitter RNG
-// experts::MoeFfn keeps its LearnedRouter private and has no accessor yet; experts/ is being changed by other
-// work, so this reaches the member through the explicit-instantiation rule ([temp.spec.general]/6: access checks
-// do not apply to the arguments of an explicit instantiation), which is standard C++ and breaks the build (not
-// the behaviour) if the member is renamed. TODO: replace with a `router::LearnedRouter& router()` accessor on
-// MoeFfn.
 namespace {
-struct MoeFfnRouter {
-  using type = router::LearnedRouter experts::MoeFfn::*;
-  friend type member_of(MoeFfnRouter);
-};
-template <typename Tag, typename Tag::type M>
-struct ExposeMember {
-  friend typename Tag::type member_of(Tag) { return M; }
-};
-template struct ExposeMember<MoeFfnRouter, &experts::MoeFfn::router_>;
-
 router::LearnedRouter* learned_router(Model& model, int layer) {
   auto* m = dynamic_cast<experts::MoeFfn*>(&model.ffn(layer));
-  return m ? &(m->*member_of(MoeFfnRouter{})) : nullptr;
+  return m ? &m->router() : nullptr;
 }
 }  // namespace
 
