@@ -4,8 +4,9 @@
 //     (everything but expert GEMM and all-to-all) as a fraction of the layer time;
 //  2. all-to-all bandwidth of our communicator vs raw MPI_Alltoallv of the same bytes;
 //  3. expert GEMM (ExpertBank) vs raw cblas_sgemm of the same FLOPs;
-//  4. word-expert step time (forward + backward + zero_grad + AdamW) at 1k, 16k and 128k experts.
-// usage: mpirun -np N bench_moe [--section 1..4 (default all)] [--tokens 4096] [--d_model 512] [--experts 8] [--d_expert 1024] [--iters 3] [--word-sizes 1024,16384,131072]
+//  4. word-expert step time (forward + backward + zero_grad + AdamW) at 1k, 16k and 128k experts, and at 128k
+//     with the rows scattered (the multiplicative placement of format-1 checkpoints).
+// usage: mpirun -np N bench_moe [--section 1..4 (default all)] [--tokens 4096] [--d_model 512] [--experts 8] [--d_expert 1024] [--iters 3] [--word-sizes 1024,16384,131072] [--word-scattered 1]
 #include <cblas.h>
 #include <mpi.h>
 
@@ -53,7 +54,7 @@ proto::ModelConfig layer_config(int C, int E, int F, int k) {
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
-  int tokens = 4096, C = 512, E = 8, F = 1024, iters = 3, k = 2, threads = 0, section = 0;
+  int tokens = 4096, C = 512, E = 8, F = 1024, iters = 3, k = 2, threads = 0, section = 0, word_scattered = 1;
   std::vector<int> word_sizes = {1024, 16384, 131072};
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
@@ -65,6 +66,7 @@ int main(int argc, char** argv) {
     else if (a == "--iters") iters = v;
     else if (a == "--threads") threads = v;
     else if (a == "--section") section = v;
+    else if (a == "--word-scattered") word_scattered = v;
     else if (a == "--word-sizes") {  // comma-separated table sizes of section 4 (the first is the baseline)
       word_sizes.clear();
       for (const char* c = argv[i + 1]; *c;) {
@@ -238,6 +240,7 @@ int main(int argc, char** argv) {
     if (lead) std::printf("\n%-44s %10s %8s\n", "word-expert layer step (fwd+bwd+AdamW)", "ms", "vs first");
     struct Table {
       int E;
+      bool scattered;  // the multiplicative placement: the same rows scattered over the whole table
       ParamStore ps;
       std::unique_ptr<experts::WordExpertFfn> layer;
       std::unique_ptr<AdamW> opt;
@@ -247,9 +250,16 @@ int main(int argc, char** argv) {
     std::vector<std::unique_ptr<Table>> tables;
     proto::OptimizerConfig oc;
     oc.set_lr(1e-3f); oc.set_beta1(0.9f); oc.set_beta2(0.95f); oc.set_eps(1e-8f);
-    for (int Ew : word_sizes) {
+    // the configured sizes with the default (interleaved) placement, then the largest with the multiplicative
+    // one of format-1 checkpoints, which scatters the same frequent experts over the whole table (the memory
+    // system's cost of scattered rows, shown side by side)
+    std::vector<std::pair<int, bool>> cases;
+    for (int Ew : word_sizes) cases.push_back({Ew, false});
+    if (word_scattered && !word_sizes.empty()) cases.push_back({word_sizes.back(), true});
+    for (auto [Ew, scattered] : cases) {
       auto t = std::make_unique<Table>();
       t->E = Ew;
+      t->scattered = scattered;
       proto::ModelConfig wc;
       wc.set_d_model(Cw);
       wc.set_vocab_size(V);
@@ -257,6 +267,8 @@ int main(int argc, char** argv) {
       wc.mutable_word_experts()->set_num_experts(Ew);
       wc.mutable_word_experts()->set_d_expert(Fw);
       wc.mutable_word_experts()->set_num_frequent(V);  // every token its own expert: the same routing at every size
+      wc.mutable_word_experts()->set_placement(scattered ? proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE
+                                                         : proto::WordExpertConfig::PLACEMENT_INTERLEAVED);
       t->layer = std::make_unique<experts::WordExpertFfn>(t->ps, "we", wc, par.expert_group(), &counts, nullptr);
       t->opt = std::make_unique<AdamW>(t->ps, oc);
       tables.push_back(std::move(t));
@@ -293,12 +305,14 @@ int main(int argc, char** argv) {
       const double med = t->times[t->times.size() / 2];
       if (base == 0) base = med;
       if (lead) {
-        char name[64];
-        std::snprintf(name, sizeof name, "%d experts (d %d, d_expert %d, %d tokens)", t->E, Cw, Fw, Nw * W);
-        std::printf("%-44s %10.3f %7.2fx   (target <= 1.2x)\n", name, med * 1e3, med / base);
+        char name[96];
+        std::snprintf(name, sizeof name, "%d experts%s (d %d, d_expert %d, %d tokens)", t->E,
+                      t->scattered ? " scattered" : "", Cw, Fw, Nw * W);
+        std::printf("%-58s %10.3f %7.2fx   %s\n", name, med * 1e3, med / base,
+                    t->scattered ? "(multiplicative placement)" : "(target <= 1.2x)");
       }
     }
-    if (lead) std::printf("%-44s %10s %10s %10s %10s\n", "  split, rank 0 (median ms)", "zero_grad", "forward",
+    if (lead) std::printf("%-58s %10s %10s %10s %10s\n", "  split, rank 0 (median ms)", "zero_grad", "forward",
                           "backward", "AdamW");
     for (auto& t : tables) {
       double m[4];
@@ -307,9 +321,9 @@ int main(int argc, char** argv) {
         m[i] = t->phases[i][t->phases[i].size() / 2] * 1e3;
       }
       if (lead) {
-        char name[64];
-        std::snprintf(name, sizeof name, "  %d experts", t->E);
-        std::printf("%-44s %10.3f %10.3f %10.3f %10.3f\n", name, m[0], m[1], m[2], m[3]);
+        char name[96];
+        std::snprintf(name, sizeof name, "  %d experts%s", t->E, t->scattered ? " scattered" : "");
+        std::printf("%-58s %10.3f %10.3f %10.3f %10.3f\n", name, m[0], m[1], m[2], m[3]);
       }
     }
   }

@@ -385,6 +385,11 @@ proto::Manifest read_manifest(const std::string& step_dir) {
   MOE_CHECK(m.format_version() >= 1 && m.format_version() <= kFormatVersion,
             "checkpoint " << step_dir << ": manifest format version " << m.format_version()
                           << " is not supported (this build reads versions 1.." << kFormatVersion << ")");
+  // format 1 predates model.word_experts.placement: its word-expert tables were stored with the multiplicative one
+  auto* we = m.mutable_config()->mutable_model();
+  if (m.format_version() == 1 && we->has_word_experts() &&
+      we->word_experts().placement() == proto::WordExpertConfig::PLACEMENT_UNSET)
+    we->mutable_word_experts()->set_placement(proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE);
   // a sharded tensor's shards must tile its rows in order, and their checksums combine to the tensor's
   for (const auto& e : m.tensors()) {
     if (e.shards_size() == 0) continue;

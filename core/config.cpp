@@ -109,6 +109,8 @@ void fill_defaults(Config& cfg) {
   if (m->moe().top_k() == 0) m->mutable_moe()->set_top_k(2);
   if (m->moe().d_expert() == 0) m->mutable_moe()->set_d_expert(m->d_ff());
   if (m->moe().capacity_factor() == 0) m->mutable_moe()->set_capacity_factor(1.25f);
+  if (m->has_word_experts() && m->word_experts().placement() == proto::WordExpertConfig::PLACEMENT_UNSET)
+    m->mutable_word_experts()->set_placement(proto::WordExpertConfig::PLACEMENT_INTERLEAVED);
   auto* d = cfg.mutable_data();
   if (d->tokenizer_vocab_size() == 0) d->set_tokenizer_vocab_size(1024);
   if (d->tokenizer_type().empty()) d->set_tokenizer_type("bpe");

@@ -149,6 +149,14 @@ int cmd_train(const Args& a, Parallel& par) {
     resume_dir = ckpt::resolve(ckpt_root);
     manifest = ckpt::read_manifest(resume_dir);
     reader = std::make_unique<ckpt::Reader>(resume_dir, manifest);
+    // the stored tables keep the row placement they were trained with, whatever the config file says
+    const auto& saved = manifest.config().model().word_experts();
+    if (cfg.model().has_word_experts() && saved.placement() != cfg.model().word_experts().placement()) {
+      if (lead)
+        MOE_INFO("--resume: model.word_experts.placement " << proto::WordExpertConfig::Placement_Name(saved.placement())
+                                                          << " taken from the checkpoint");
+      cfg.mutable_model()->mutable_word_experts()->set_placement(saved.placement());
+    }
   }
   experts::FfnBuildContext fctx;
   fctx.ep = par.expert_group();

@@ -434,6 +434,8 @@ TEST(Checkpoint, FormatVersion1StillLoads) {
   const proto::Manifest m = ckpt::read_manifest(dir);
   EXPECT_EQ(m.format_version(), 1u);
   EXPECT_EQ(m.expert_parallel(), 2);
+  // its word-expert table was stored with the placement of that time (the manifest predates the field)
+  EXPECT_EQ(m.config().model().word_experts().placement(), proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE);
   ckpt::Reader r(dir, m);
   const std::string name = "params/layers.0.ffn.experts.w_up";
   EXPECT_EQ(r.num_shards(name), 0);

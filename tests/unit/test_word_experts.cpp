@@ -24,6 +24,7 @@
 #include "core/kernels/cpu/kernels.h"
 #include "core/optimizer.h"
 #include "core/params.h"
+#include "experts/moe_layer.h"
 #include "experts/word_experts.h"
 #include "tests/unit/oracle.h"
 
@@ -365,6 +366,52 @@ TEST(WordExperts, RejectsBadGroups) {
   EXPECT_NO_THROW(t.forward(y.data(), x.data(), ok.data(), off.data(), 2));
   EXPECT_THROW(WordExpertTable(ps, "bad", WordExpertDims{0, 4, 2, proto::GELU}), Error);
   EXPECT_THROW(WordExpertTable(ps, "we", WordExpertDims{10, 4, 2, proto::GELU}), Error);  // names taken
+}
+
+}  // namespace
+}  // namespace moe::test
+
+// ================================================================== placement of logical experts on table rows
+namespace moe::test {
+namespace {
+using Placement = proto::WordExpertConfig::Placement;
+
+TEST(WordExperts, PlacementIsABalancedPermutationIndependentOfRanks) {
+  for (Placement pl : {proto::WordExpertConfig::PLACEMENT_INTERLEAVED,
+                       proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE})
+    for (int64_t E : {1, 2, 6, 7, 64, 96, 1000, 1024, 131072}) {
+      std::vector<uint8_t> seen(E, 0);
+      for (int64_t l = 0; l < E; ++l) {
+        const int64_t r = experts::word_expert_row(l, E, pl);
+        ASSERT_TRUE(r >= 0 && r < E && !seen[r]) << "E " << E << " logical " << l << " -> " << r;
+        seen[r] = 1;
+      }
+    }
+  // the format-1 (multiplicative) placement is unchanged: checkpoints written with it still load correctly
+  EXPECT_EQ(experts::word_expert_row(1, 1024, proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE), 633);
+  EXPECT_EQ(experts::word_expert_row(3, 1024, proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE), (3 * 633) % 1024);
+  // interleaved: every P consecutive logical experts land on P different ranks (power-of-two P up to 64), the
+  // 1024 most frequent are split evenly, and they occupy 64 runs of 16 consecutive rows (dense, not scattered)
+  const int64_t E = 131072;
+  auto row = [&](int64_t l) { return experts::word_expert_row(l, E, proto::WordExpertConfig::PLACEMENT_INTERLEAVED); };
+  for (int64_t P : {2, 4, 8, 16, 32, 64}) {
+    const int64_t block = E / P;
+    for (int64_t start = 0; start < 1024; start += P) {
+      std::set<int64_t> ranks;
+      for (int64_t l = start; l < start + P; ++l) ranks.insert(row(l) / block);
+      EXPECT_EQ(int64_t(ranks.size()), P) << "P " << P << " logical experts from " << start;
+    }
+  }
+  std::vector<int64_t> rows;
+  for (int64_t l = 0; l < 1024; ++l) rows.push_back(row(l));
+  std::sort(rows.begin(), rows.end());
+  int runs = 1;
+  for (size_t i = 1; i < rows.size(); ++i) runs += rows[i] != rows[i - 1] + 1;
+  EXPECT_EQ(runs, 64);
+  EXPECT_NE(error_of([] { experts::word_expert_row(5, 4, proto::WordExpertConfig::PLACEMENT_INTERLEAVED); })
+                .find("outside"), std::string::npos);
+  EXPECT_NE(error_of([] { experts::word_expert_row(0, 4, proto::WordExpertConfig::PLACEMENT_UNSET); })
+                .find("placement"), std::string::npos);
 }
 
 }  // namespace
