@@ -10,6 +10,7 @@
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "checkpoints/checkpoint.h"
@@ -47,7 +48,8 @@ const char* kUsage =
     "            print the resolved config (defaults filled, overrides applied) and validate it\n"
     "options:\n"
     "  --set path=value   override any config field by path, e.g. --set model.d_model=256 (repeatable)\n"
-    "  --threads N        OpenMP/OpenBLAS threads (default: train.threads, 0 = all cores)\n"
+    "  --threads N        OpenMP/OpenBLAS threads per rank (default: train.threads; 0 = the node's cores divided\n"
+    "                     among the ranks on the node)\n"
     "  --loss-log FILE    train: append 'step loss' per step, the loss as an exact hex float (resume checks)\n";
 
 struct Args {
@@ -58,6 +60,7 @@ struct Args {
   bool prompt_set = false;
   bool resume = false;
   int threads = -1;
+  int ranks_on_node = 1;  // from the launcher: "all cores" is divided among the ranks of one node
   std::string loss_log;
   std::vector<std::string> overrides;
 };
@@ -123,13 +126,22 @@ std::vector<int64_t> token_counts(const Corpus& c, int V) {
   return counts;
 }
 
+// --threads, else the config's train.threads; 0 = this node's cores shared by the ranks on it (mpirun -np 2 on a
+// 2-core machine: 1 thread each, not 2 ranks x 2 threads fighting over 2 cores)
+int threads_for(const Args& a, int config_threads) {
+  const int n = a.threads >= 0 ? a.threads : config_threads;
+  if (n > 0) return n;
+  const int cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  return std::max(1, cores / std::max(1, a.ranks_on_node));
+}
+
 int cmd_train(const Args& a, Parallel& par) {
   Config cfg = resolve_config(a);
   validate_config(cfg, /*needs_data=*/true);
   MOE_CHECK(cfg.data().batch_size() % par.size() == 0,
             "config field data.batch_size = " << cfg.data().batch_size() << ": must be divisible by the world size "
                                               << par.size() << " (each rank trains on an equal share)");
-  const int threads = set_num_threads(a.threads >= 0 ? a.threads : cfg.train().threads());
+  const int threads = set_num_threads(threads_for(a, cfg.train().threads()));
   const std::string ckpt_root = cfg.train().out_dir() + "/checkpoints";
   const bool lead = par.rank() == 0;
 
@@ -316,7 +328,7 @@ LoadedModel load_from_checkpoint(const Args& a) {
 
 int cmd_generate(const Args& a) {
   LoadedModel lm = load_from_checkpoint(a);
-  set_num_threads(a.threads >= 0 ? a.threads : lm.cfg.train().threads());
+  set_num_threads(threads_for(a, lm.cfg.train().threads()));
   std::string prompt = a.prompt_set ? a.prompt : "\n";
   std::vector<int32_t> ids = lm.tok->encode(prompt);
   MOE_CHECK(!ids.empty(), "--prompt '" << prompt << "' encodes to no tokens");
@@ -327,7 +339,7 @@ int cmd_generate(const Args& a) {
 
 int cmd_eval(const Args& a) {
   LoadedModel lm = load_from_checkpoint(a);
-  set_num_threads(a.threads >= 0 ? a.threads : lm.cfg.train().threads());
+  set_num_threads(threads_for(a, lm.cfg.train().threads()));
   validate_config(lm.cfg, true);
   Corpus corpus = load_corpus(*lm.tok, lm.cfg.data().train_file(), lm.cfg.data().val_fraction());
   Trainer trainer(lm.cfg, *lm.model, corpus);
@@ -371,6 +383,7 @@ int run_cli(int argc, char** argv) {
       return rc;
     }
     Args a = parse_args(argc, argv);
+    a.ranks_on_node = launch.local_size;
     if (a.command != "train" && a.command != "help")
       MOE_CHECK(world == 1, "'moe " << a.command << "' runs on one rank (launched on " << world << ")");
     if (a.command == "train") {
