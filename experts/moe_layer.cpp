@@ -53,22 +53,32 @@ uint64_t name_hash(const std::string& s) {
 }
 }  // namespace
 
-int64_t word_expert_row(int64_t l, int64_t E, proto::WordExpertConfig::Placement placement) {
-  MOE_CHECK(E > 0 && l >= 0 && l < E, "word expert " << l << " outside [0, " << E << ")");
-  if (placement == proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE) {
+WordExpertPlacement::WordExpertPlacement(int64_t E, proto::WordExpertConfig::Placement placement)
+    : E_(E), multiplicative_(placement == proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE) {
+  MOE_CHECK(E > 0, "word experts: need at least one expert, got " << E);
+  if (multiplicative_) {
     // s coprime to E and near 0.618 E: l -> (l * s) mod E is a permutation of [0, E)
-    int64_t s = std::max<int64_t>(1, static_cast<int64_t>(0.6180339887 * static_cast<double>(E)) | 1);
-    while (std::gcd(s, E) != 1) s += 2;
-    return (l * (s % E)) % E;
+    s_ = std::max<int64_t>(1, static_cast<int64_t>(0.6180339887 * static_cast<double>(E)) | 1);
+    while (std::gcd(s_, E) != 1) s_ += 2;
+    s_ %= E;
+    return;
   }
   MOE_CHECK(placement == proto::WordExpertConfig::PLACEMENT_INTERLEAVED,
             "model.word_experts.placement " << int(placement) << " is not a known placement");
-  int bits = 0;
-  while (bits < 6 && E % (int64_t(2) << bits) == 0) ++bits;  // Q = 2^bits, the largest power of two <= 64 | E
-  const int64_t Q = int64_t(1) << bits, j = l % Q;
+  while (bits_ < 6 && E % (int64_t(2) << bits_) == 0) ++bits_;  // Q = 2^bits, the largest power of two <= 64 | E
+}
+
+int64_t WordExpertPlacement::row(int64_t l) const {
+  MOE_CHECK(l >= 0 && l < E_, "word expert " << l << " outside [0, " << E_ << ")");
+  if (multiplicative_) return (l * s_) % E_;
+  const int64_t Q = int64_t(1) << bits_, j = l % Q;
   int64_t rev = 0;
-  for (int b = 0; b < bits; ++b) rev |= ((j >> b) & 1) << (bits - 1 - b);
-  return rev * (E / Q) + l / Q;
+  for (int b = 0; b < bits_; ++b) rev |= ((j >> b) & 1) << (bits_ - 1 - b);
+  return rev * (E_ / Q) + l / Q;
+}
+
+int64_t word_expert_row(int64_t l, int64_t E, proto::WordExpertConfig::Placement placement) {
+  return WordExpertPlacement(E, placement).row(l);
 }
 
 // ================================================================== MoeFfn
@@ -143,10 +153,11 @@ WordExpertFfn::WordExpertFfn(ParamStore& ps, const std::string& prefix, const pr
       dispatcher_(ep, cfg.word_experts().num_experts()),
       table_(ps, prefix + ".experts",
              WordExpertDims{cfg.word_experts().num_experts() / ep_size(ep), cfg.d_model(),
-                            cfg.word_experts().d_expert(), cfg.activation()}) {
+                            cfg.word_experts().d_expert(), cfg.activation()}),
+      placement_(E_, cfg.word_experts().placement() == proto::WordExpertConfig::PLACEMENT_UNSET
+                         ? proto::WordExpertConfig::PLACEMENT_INTERLEAVED
+                         : cfg.word_experts().placement()) {
   const auto& w = cfg.word_experts();
-  placement_ = w.placement() == proto::WordExpertConfig::PLACEMENT_UNSET ? proto::WordExpertConfig::PLACEMENT_INTERLEAVED
-                                                                         : w.placement();
   if (w.hash_routing()) {
     hash_.emplace(E_);
   } else if (table && !table->empty()) {
@@ -175,7 +186,7 @@ void WordExpertFfn::forward(const FfnContext& ctx, float* y, const float* x, int
   expert_ids_.resize(N);
   for (int n = 0; n < N; ++n) {
     const int64_t logical = vocab_ ? vocab_->expert_of(ctx.token_ids[n]) : hash_->expert_of(ctx.token_ids[n]);
-    expert_ids_[n] = static_cast<int32_t>(word_expert_row(logical, E_, placement_));
+    expert_ids_[n] = static_cast<int32_t>(placement_.row(logical));
   }
   // a compact plan and the dispatcher's (expert, rows) exchange: nothing per step is O(E)
   plan_ = router::make_top1_plan_compact(expert_ids_.data(), N, E_);

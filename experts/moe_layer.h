@@ -48,8 +48,21 @@ class MoeFfn : public FfnUnit {
   double expert_seconds_ = 0, route_seconds_ = 0, combine_seconds_ = 0;
 };
 
-// Row of the global word-expert table that stores logical expert l of E (proto WordExpertConfig.Placement; UNSET
-// is not accepted here: fill_defaults resolves it). A permutation of [0, E) independent of the expert-parallel size.
+// Where logical word expert l of E is stored: row(l) of the global table (proto WordExpertConfig.Placement; UNSET
+// is not accepted here: fill_defaults resolves it). A permutation of [0, E) independent of the expert-parallel
+// size; its parameters are computed once, row() is on the per-token path.
+class WordExpertPlacement {
+ public:
+  WordExpertPlacement(int64_t E, proto::WordExpertConfig::Placement placement);
+  int64_t row(int64_t l) const;
+
+ private:
+  int64_t E_;
+  bool multiplicative_;
+  int64_t s_ = 1;  // multiplicative: l -> (l * s) mod E
+  int bits_ = 0;   // interleaved: Q = 2^bits segments of E / Q rows
+};
+// WordExpertPlacement(E, placement).row(l)
 int64_t word_expert_row(int64_t l, int64_t E, proto::WordExpertConfig::Placement placement);
 
 class WordExpertFfn : public FfnUnit {
@@ -73,7 +86,7 @@ class WordExpertFfn : public FfnUnit {
   router::DispatchPlan plan_;
   Dispatcher dispatcher_;
   WordExpertTable table_;
-  proto::WordExpertConfig::Placement placement_;  // logical expert -> row of the global table
+  WordExpertPlacement placement_;      // logical expert -> row of the global table
   std::vector<int32_t> expert_ids_;    // [N] scattered expert of each token
   std::vector<float> expert_out_;
 };
