@@ -186,44 +186,45 @@ void DispatchPlan::unpermute_combine_backward(float* dy /*[rows,C]*/, float* dga
 }
 
 // ---------------------------------------------------------------- table routers' plan
-DispatchPlan make_top1_plan(const int32_t* expert /*[N]*/, int N, int E) {
-  DispatchPlan plan;
-  plan.reset(N, 1, E, -1);
-  std::vector<int32_t> fill(E, 0);
-  for (int n = 0; n < N; ++n) {
-    const int e = expert[n];
-    MOE_CHECK(e >= 0 && e < E, "router: token " << n << " routed to expert " << e << " outside [0, " << E << ")");
-    plan.expert[n] = e;
-    plan.gate[n] = 1.0f;
-    plan.position[n] = fill[e]++;
-  }
-  plan.build_permutation();
-  return plan;
-}
-
-DispatchPlan make_top1_plan_compact(const int32_t* expert /*[N]*/, int N, int E) {
+namespace {
+// A dropless k=1 plan with gate 1 and positions in token order, expert ids checked against [0, E). Compact: the
+// plan's experts are the distinct ids used (ascending, global_expert), else all E.
+DispatchPlan top1_plan(const int32_t* expert /*[N]*/, int N, int E, bool compact) {
   MOE_CHECK(N >= 0 && E >= 1, "router: need N >= 0 and E >= 1 (got N " << N << ", E " << E << ")");
-  std::vector<int32_t> used(expert, expert + N);
   for (int n = 0; n < N; ++n)
-    MOE_CHECK(used[n] >= 0 && used[n] < E,
-              "router: token " << n << " routed to expert " << used[n] << " outside [0, " << E << ")");
-  std::sort(used.begin(), used.end());
-  used.erase(std::unique(used.begin(), used.end()), used.end());
+    MOE_CHECK(expert[n] >= 0 && expert[n] < E,
+              "router: token " << n << " routed to expert " << expert[n] << " outside [0, " << E << ")");
+  std::vector<int32_t> used;
+  if (compact) {
+    used.assign(expert, expert + N);
+    std::sort(used.begin(), used.end());
+    used.erase(std::unique(used.begin(), used.end()), used.end());
+  }
   DispatchPlan plan;
-  plan.reset(N, 1, std::max<int>(1, static_cast<int>(used.size())), -1);
+  // an empty compact plan keeps one (empty) plan expert, so the plan stays well formed
+  plan.reset(N, 1, compact ? std::max<int>(1, static_cast<int>(used.size())) : E, -1);
   std::vector<int32_t> fill(plan.num_experts, 0);
   for (int n = 0; n < N; ++n) {
-    const int i = static_cast<int>(std::lower_bound(used.begin(), used.end(), expert[n]) - used.begin());
+    const int i = compact ? static_cast<int>(std::lower_bound(used.begin(), used.end(), expert[n]) - used.begin())
+                          : expert[n];
     plan.expert[n] = i;
     plan.gate[n] = 1.0f;
     plan.position[n] = fill[i]++;
   }
   plan.build_permutation();
-  // an empty batch keeps one (empty) plan expert, so the plan stays well formed: name a real expert for it
-  if (used.empty()) used.push_back(0);
-  plan.global_expert = std::move(used);
-  plan.total_experts = E;
+  if (compact) {
+    if (used.empty()) used.push_back(0);  // the one empty plan expert names a real expert
+    plan.global_expert = std::move(used);
+    plan.total_experts = E;
+  }
   return plan;
+}
+}  // namespace
+
+DispatchPlan make_top1_plan(const int32_t* expert /*[N]*/, int N, int E) { return top1_plan(expert, N, E, false); }
+
+DispatchPlan make_top1_plan_compact(const int32_t* expert /*[N]*/, int N, int E) {
+  return top1_plan(expert, N, E, true);
 }
 
 }  // namespace moe::router
