@@ -92,6 +92,19 @@ class JsonParser {
     MOE_CHECK(s_[i_] == c, where() << "expected '" << c << "', found '" << s_[i_] << "'");
     ++i_;
   }
+  // After an element of an object or array: true if another element follows (a ',' consumed), false when the
+  // closing bracket `close` is (consumed); anything else is an error naming `inside`.
+  bool next_element(char close, const char* inside) {
+    ws();
+    MOE_CHECK(i_ < s_.size(), where() << "unexpected end of header inside " << inside);
+    if (s_[i_] == ',') {
+      ++i_;
+      return true;
+    }
+    MOE_CHECK(s_[i_] == close, where() << "expected ',' or '" << close << "', found '" << s_[i_] << "'");
+    ++i_;
+    return false;
+  }
   JValue value(int depth) {
     MOE_CHECK(depth < 8, where() << "nesting too deep");
     ws();
@@ -107,7 +120,7 @@ class JsonParser {
         return v;
       }
       std::set<std::string> seen;
-      while (true) {
+      do {
         ws();
         MOE_CHECK(peek() == '"', where() << "expected a string key");
         std::string key = string();
@@ -115,16 +128,8 @@ class JsonParser {
         expect(':');
         JValue item = value(depth + 1);
         v.object.emplace_back(std::move(key), std::move(item));
-        ws();
-        MOE_CHECK(i_ < s_.size(), where() << "unexpected end of header inside an object");
-        if (s_[i_] == ',') {
-          ++i_;
-          continue;
-        }
-        MOE_CHECK(s_[i_] == '}', where() << "expected ',' or '}', found '" << s_[i_] << "'");
-        ++i_;
-        return v;
-      }
+      } while (next_element('}', "an object"));
+      return v;
     }
     if (c == '[') {
       v.kind = JValue::kArray;
@@ -134,18 +139,9 @@ class JsonParser {
         ++i_;
         return v;
       }
-      while (true) {
-        v.array.push_back(value(depth + 1));
-        ws();
-        MOE_CHECK(i_ < s_.size(), where() << "unexpected end of header inside an array");
-        if (s_[i_] == ',') {
-          ++i_;
-          continue;
-        }
-        MOE_CHECK(s_[i_] == ']', where() << "expected ',' or ']', found '" << s_[i_] << "'");
-        ++i_;
-        return v;
-      }
+      do v.array.push_back(value(depth + 1));
+      while (next_element(']', "an array"));
+      return v;
     }
     if (c == '"') {
       v.kind = JValue::kString;
