@@ -10,11 +10,7 @@
 # asynchronous save is still being written: the pending save is committed, then the final one, exit code 3.
 # Every command runs under `timeout`: a hung rank fails the test instead of stalling it.
 set -euo pipefail
-: "${MOE_BIN:?run through ctest}" "${MOE_SOURCE_DIR:?}" "${MOE_DATA_DIR:?}"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-cfg="$MOE_SOURCE_DIR/deploy/configs/tiny_test.pbtxt"
-fail() { echo "FAIL: $*"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 T=120  # seconds any single command may take
 args=(--set data.train_file="$MOE_DATA_DIR/tinyshakespeare.txt" --set train.steps=6 --set checkpoint.every=2
       --set model.ffn_pattern=FFN_MOE,FFN_DENSE --set model.moe.num_experts=4 --set model.moe.d_expert=64

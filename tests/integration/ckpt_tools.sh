@@ -4,25 +4,8 @@
 # import, GQA conversion, sparse upcycling (the upcycled model's val loss equals the dense one), bf16 cast, and
 # resharding an expert-parallel checkpoint then resuming it on 2 ranks.
 set -euo pipefail
-: "${MOE_BIN:?run through ctest}" "${MOE_SOURCE_DIR:?}" "${MOE_DATA_DIR:?}"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-PY=${MOE_PYTHON:-python3}
-work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-cfg="$MOE_SOURCE_DIR/deploy/configs/tiny_test.pbtxt"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 data=(--set data.train_file="$MOE_DATA_DIR/tinyshakespeare.txt")
-fail() { echo "FAIL: $*"; exit 1; }
-# expect_fail PATTERN CMD...: the command must exit non-zero and print PATTERN
-expect_fail() {
-  local pat=$1; shift
-  if "$@" > "$work/out.txt" 2>&1; then cat "$work/out.txt"; fail "'$*' succeeded"; fi
-  grep -q -- "$pat" "$work/out.txt" || { cat "$work/out.txt"; fail "'$*' did not report '$pat'"; }
-}
-# has PATTERN CMD...: the command succeeds and its output matches PATTERN (no pipe: grep -q would SIGPIPE it)
-has() {
-  local pat=$1; shift
-  "$@" > "$work/has.txt" 2>&1 || { cat "$work/has.txt"; fail "'$*' failed"; }
-  grep -q -- "$pat" "$work/has.txt"
-}
 val_loss() { "$MOE_BIN" eval --checkpoint "$1" --threads 1 | sed -n 's/.*val loss \([0-9.]*\).*/\1/p'; }
 
 "$MOE_BIN" train --config "$cfg" "${data[@]}" --set train.out_dir="$work/run" --set train.steps=10 --threads 1 > /dev/null
@@ -38,13 +21,7 @@ has "params/<name> becomes the safetensors tensor <name>" "$MOE_BIN" ckpt --help
 
 # a flipped byte inside one dataset: verify names the tensor
 cp -r "$step" "$work/flip"
-"$PY" - "$work/flip/model.h5" <<'PY'
-import h5py, sys
-with h5py.File(sys.argv[1], "r") as f:
-    off = f["params/layers.1.attn.wv"].id.get_offset()
-with open(sys.argv[1], "r+b") as g:
-    g.seek(off + 100); b = g.read(1); g.seek(off + 100); g.write(bytes([b[0] ^ 0x10]))
-PY
+flip_byte "$work/flip/model.h5" params/layers.1.attn.wv 100 0x10
 expect_fail "checksum mismatch in tensor 'params/layers.1.attn.wv'" "$MOE_BIN" ckpt verify "$work/flip"
 grep -q "flip/model.h5" "$work/out.txt" || fail "verify: file not named"
 # truncated
@@ -129,13 +106,7 @@ has "saved on 2 rank(s), expert parallel 2" "$MOE_BIN" ckpt inspect "$work/moe2/
 has "experts_1.h5 (expert rows 2..3)" "$MOE_BIN" ckpt inspect "$work/moe2/checkpoints" || fail "reshard: shard files"
 # a flipped byte in one shard file: verify names the tensor, the shard and the file; a missing shard file too
 cp -r "$work/moe2/checkpoints/step_6" "$work/flip2"
-"$PY" - "$work/flip2/experts_1.h5" <<'PY'
-import h5py, sys
-with h5py.File(sys.argv[1], "r") as f:
-    off = f["params/layers.1.ffn.experts.w_up"].id.get_offset()
-with open(sys.argv[1], "r+b") as g:
-    g.seek(off + 40); b = g.read(1); g.seek(off + 40); g.write(bytes([b[0] ^ 0x08]))
-PY
+flip_byte "$work/flip2/experts_1.h5" params/layers.1.ffn.experts.w_up 40 0x08
 expect_fail "checksum mismatch in tensor 'params/layers.1.ffn.experts.w_up' shard 1 (rows 2..3 of 4)" \
   "$MOE_BIN" ckpt verify "$work/flip2"
 grep -q "flip2/experts_1.h5" "$work/out.txt" || fail "verify: shard file not named"

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # Bad input through the CLI: each case must exit non-zero with an error that names what was wrong.
 set -uo pipefail
-: "${MOE_BIN:?run through ctest}" "${MOE_SOURCE_DIR:?}" "${MOE_DATA_DIR:?}"
-work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-cfg="$MOE_SOURCE_DIR/deploy/configs/tiny_test.pbtxt"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 data="data.train_file=$MOE_DATA_DIR/tinyshakespeare.txt"
 fails=0
 expect_error() {  # expect_error "<pattern>" cmd...

@@ -9,27 +9,29 @@
 # (This test found that gradient clipping used each rank's local norm of the expert shards, so replicated
 # parameters drifted apart between ranks; the norm is now summed over the expert-parallel group.)
 set -euo pipefail
-: "${MOE_BIN:?run through ctest}" "${MOE_SOURCE_DIR:?}" "${MOE_DATA_DIR:?}"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-PY=${MOE_PYTHON:-python3}
-work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-cfg="$MOE_SOURCE_DIR/deploy/configs/tiny_test.pbtxt"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 args=(--set data.train_file="$MOE_DATA_DIR/tinyshakespeare.txt" --set train.steps=20 --set checkpoint.every=10
       --set model.moe.num_experts=4 --set model.moe.d_expert=64 --set model.moe.aux_loss_coef=0.01
       --set model.moe.z_loss_coef=0.001 --set model.word_experts.num_experts=64 --set model.word_experts.d_expert=16
       --set model.word_experts.num_frequent=32 --set train.eval_every=0 --threads 1)
+# resume_copy CKPT_DIR OUT ARGS...: a fresh run directory OUT holding only CKPT_DIR/step_10 (and the tokenizer of
+# $d/a), resumed with `launch` (the caller's) and ARGS; the losses of steps 11-20 go to OUT.log
+resume_copy() {
+  local src=$1 out=$2; shift 2
+  mkdir -p "$out/checkpoints"
+  cp -r "$src/step_10" "$out/checkpoints/"
+  echo step_10 > "$out/checkpoints/latest"
+  cp "$d/a/tokenizer.model" "$out/"
+  "${launch[@]}" "$MOE_BIN" train --config "$cfg" "${args[@]}" "$@" --set train.out_dir="$out" --resume \
+    --loss-log "$out.log" | grep "resumed from"
+}
 check() {  # check NAME LAUNCH... -- extra args
   local name=$1; shift
   local launch=(); while [ "$1" != "--" ]; do launch+=("$1"); shift; done; shift
   local d="$work/$name"
   "${launch[@]}" "$MOE_BIN" train --config "$cfg" "${args[@]}" "$@" --set train.out_dir="$d/a" --loss-log "$d/a.log" > /dev/null
   test "$(wc -l < "$d/a.log")" -eq 20
-  mkdir -p "$d/b/checkpoints"
-  cp -r "$d/a/checkpoints/step_10" "$d/b/checkpoints/"
-  echo step_10 > "$d/b/checkpoints/latest"
-  cp "$d/a/tokenizer.model" "$d/b/"
-  "${launch[@]}" "$MOE_BIN" train --config "$cfg" "${args[@]}" "$@" --set train.out_dir="$d/b" --resume \
-    --loss-log "$d/b.log" | grep "resumed from"
+  resume_copy "$d/a/checkpoints" "$d/b" "$@"
   tail -n 10 "$d/a.log" > "$d/a_tail.log"
   if ! diff "$d/a_tail.log" "$d/b.log"; then echo "FAIL ($name): resumed losses differ"; exit 1; fi
   echo "$name: steps 11-20 bit-identical after resume"
@@ -76,12 +78,7 @@ PY
     "$MOE_BIN" ckpt inspect "$d/async/checkpoints/step_$step" | grep -E "^(params|optim|routing)/" > "$d/async.tab"
     diff "$d/sync.tab" "$d/async.tab" || { echo "FAIL ($name): checksums differ"; exit 1; }
   done
-  mkdir -p "$d/c/checkpoints"
-  cp -r "$d/async/checkpoints/step_10" "$d/c/checkpoints/"
-  echo step_10 > "$d/c/checkpoints/latest"
-  cp "$d/a/tokenizer.model" "$d/c/"
-  "${launch[@]}" "$MOE_BIN" train --config "$cfg" "${args[@]}" "$@" --set train.out_dir="$d/c" --resume \
-    --loss-log "$d/c.log" | grep "resumed from"
+  resume_copy "$d/async/checkpoints" "$d/c" "$@"
   if ! diff "$d/a_tail.log" "$d/c.log"; then echo "FAIL ($name): losses after resuming an async checkpoint differ"; exit 1; fi
   echo "$name: asynchronous saves: same losses, byte-identical checkpoints, exact resume"
 }

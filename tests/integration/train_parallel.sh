@@ -5,10 +5,7 @@
 # the 2-rank one on 1 rank (2 -> 1), generate; and one rank's fatal error aborts the whole job quickly instead of
 # leaving the other rank waiting.
 set -euo pipefail
-: "${MOE_BIN:?run through ctest}" "${MOE_SOURCE_DIR:?}" "${MOE_DATA_DIR:?}"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-cfg="$MOE_SOURCE_DIR/deploy/configs/tiny_test.pbtxt"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 common=(--set data.train_file="$MOE_DATA_DIR/tinyshakespeare.txt" --set train.out_dir="$work/run"
         --set model.ffn_pattern=FFN_MOE,FFN_WORD_EXPERT --set model.moe.num_experts=4 --set model.moe.top_k=2
         --set model.moe.d_expert=64 --set model.moe.aux_loss_coef=0.01 --set model.word_experts.num_experts=256

@@ -2,9 +2,7 @@
 # End to end through the CLI: train a tiny model for 50 steps on tinyshakespeare, check that validation loss
 # ends clearly below the unigram entropy of the data, resume is a no-op at the end, generate text, eval.
 set -euo pipefail
-: "${MOE_BIN:?run through ctest}" "${MOE_SOURCE_DIR:?}" "${MOE_DATA_DIR:?}"
-work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-cfg="$MOE_SOURCE_DIR/deploy/configs/tiny_test.pbtxt"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 "$MOE_BIN" train --config "$cfg" --set data.train_file="$MOE_DATA_DIR/tinyshakespeare.txt" \
   --set train.out_dir="$work/run" --threads 2 | tee "$work/train.log"
 grep -q "^step    50/50" "$work/train.log" || { echo "FAIL: no progress line for step 50"; exit 1; }
@@ -28,17 +26,7 @@ grep -q "val loss" "$work/eval.txt"
 grep -q "params/layers.0.attn.wq .*\[64, 64\]" "$work/inspect.txt"
 "$MOE_BIN" ckpt verify "$work/run/checkpoints" | grep -q "^OK:"
 if [ -n "${MOE_PYTHON:-}" ]; then
-  "$MOE_PYTHON" - "$work/run/checkpoints/step_50/model.h5" <<'PY'
-import h5py, sys
-path = sys.argv[1]
-with h5py.File(path, "r") as f:
-    off = f["params/layers.1.ffn.w_up"].id.get_offset()
-with open(path, "r+b") as fh:
-    fh.seek(off + 5)
-    b = fh.read(1)
-    fh.seek(off + 5)
-    fh.write(bytes([b[0] ^ 0x40]))
-PY
+  flip_byte "$work/run/checkpoints/step_50/model.h5" params/layers.1.ffn.w_up 5 0x40
   set +e
   out=$("$MOE_BIN" ckpt verify "$work/run/checkpoints" 2>&1); rc=$?
   set -e
