@@ -30,7 +30,8 @@
 #include "core/threads.h"
 #include "experts/moe_layer.h"
 #include "launcher/ckpt_save.h"
-#include "launcher/model_state.h"
+#include "launcher/run_state.h"
+#include "experts/build_model.h"
 #include "launcher/parallel.h"
 
 using namespace moe;
@@ -193,10 +194,9 @@ int bench_stall(const Opts& o) {
   cfg.mutable_optimizer()->set_lr(1e-4f);
   fill_defaults(cfg);
   launcher::Parallel par(comm::Communicator::world(), 1);
-  experts::FfnBuildContext ctx;
-  Model model(cfg.model(), experts::make_ffn_factory(ctx));
-  model.init_weights(1);
-  experts::init_expert_weights(model, 1);
+  cfg.mutable_train()->set_seed(1);
+  auto owned = experts::build_model(cfg);
+  Model& model = *owned;
   AdamW opt(model.params(), cfg.optimizer());
   const int B = 4, T = 64, V = 1024;
   std::vector<int32_t> in(B * T), tg(B * T);
@@ -218,18 +218,18 @@ int bench_stall(const Opts& o) {
     base.tokenizer_blob = &tok;
     launcher::SaveState st;
     st.step = step;
-    st.tensors = launcher::collect_local_state(model.params(), &opt, {});
+    st.tensors = launcher::collect_local_state(model.params(), &opt);
     st.manifest = ckpt::base_manifest(base);
     st.tokenizer_blob = &tok;
     return st;
   };
   double ckpt_bytes = 0;
-  for (const auto& t : launcher::collect_local_state(model.params(), &opt, {})) ckpt_bytes += t.tensor.nbytes();
+  for (const auto& t : launcher::collect_local_state(model.params(), &opt)) ckpt_bytes += t.tensor.nbytes();
   launcher::CheckpointSaver sync(par, {o.dir, false, 2, {}, {}});
   launcher::CheckpointSaver async(par, {o.dir, true, 2, {}, {}});
 
   auto tp = clk::now();
-  async.prepare(launcher::collect_local_state(model.params(), &opt, {}));  // as `moe train` does before training
+  async.prepare(launcher::collect_local_state(model.params(), &opt));  // as `moe train` does before training
   const double prepare_s = since(tp);
   for (int i = 0; i < 3; ++i) train_step();  // warm-up (allocations, page faults)
   int64_t step = 3;

@@ -92,7 +92,8 @@ int main(int argc, char** argv) {
   if (section == 0 || section == 1) {
   proto::ModelConfig cfg = layer_config(C, E, F, k);
   ParamStore ps;
-  experts::MoeFfn layer(ps, "moe", cfg, par.expert_group(), 1);
+  Workspace ws;
+  experts::MoeFfn layer(ps, ws, "moe", cfg, par.expert_group(), 1);
   for (Param* p : ps.all())
     for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = rng.normal() * 0.02f;
   std::vector<float> x(size_t(N) * C), y(x.size()), dy(x.size()), dx(x.size());
@@ -187,7 +188,8 @@ int main(int argc, char** argv) {
     std::vector<int64_t> off(El + 1);
     for (int e = 0; e <= El; ++e) off[e] = rows_total * e / El;
     ParamStore bps;
-    experts::ExpertBank bank(bps, "bank", experts::ExpertBankDims{El, C, F, proto::SWIGLU});
+    Workspace bws;
+    experts::ExpertBank bank(bps, bws, "bank", experts::ExpertBankDims{El, C, F, proto::SWIGLU});
     for (Param* p : bps.all())
       for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = rng.normal() * 0.02f;
     std::vector<float> bx(size_t(rows_total) * C), by(bx.size()), bdy(bx.size()), bdx(bx.size());
@@ -242,6 +244,7 @@ int main(int argc, char** argv) {
       int E;
       bool scattered;  // the multiplicative placement: the same rows scattered over the whole table
       ParamStore ps;
+      Workspace ws;
       std::unique_ptr<experts::WordExpertFfn> layer;
       std::unique_ptr<AdamW> opt;
       std::vector<double> times;
@@ -269,7 +272,7 @@ int main(int argc, char** argv) {
       wc.mutable_word_experts()->set_num_frequent(V);  // every token its own expert: the same routing at every size
       wc.mutable_word_experts()->set_placement(scattered ? proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE
                                                          : proto::WordExpertConfig::PLACEMENT_INTERLEAVED);
-      t->layer = std::make_unique<experts::WordExpertFfn>(t->ps, "we", wc, par.expert_group(), &counts, nullptr);
+      t->layer = std::make_unique<experts::WordExpertFfn>(t->ps, t->ws, "we", wc, par.expert_group(), &counts);
       t->opt = std::make_unique<AdamW>(t->ps, oc);
       tables.push_back(std::move(t));
     }

@@ -15,6 +15,7 @@
 #include "core/config.h"
 #include "core/kernels/cpu/kernels.h"
 #include "core/model.h"
+#include "experts/build_model.h"
 #include "core/optimizer.h"
 #include "core/threads.h"
 #include "core/trainer.h"
@@ -116,8 +117,10 @@ int main(int argc, char** argv) {
   }
 
   // ---------------------------------------------------------------- training step
-  Model model(m);
-  model.init_weights(0);
+  Config mc;
+  *mc.mutable_model() = m;
+  auto owned = experts::build_model(mc);
+  Model& model = *owned;
   proto::OptimizerConfig oc;
   oc.set_lr(1e-3f); oc.set_beta1(0.9f); oc.set_beta2(0.95f); oc.set_eps(1e-8f); oc.set_weight_decay(0.1f);
   AdamW opt(model.params(), oc);

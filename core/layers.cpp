@@ -8,11 +8,10 @@
 namespace moe {
 
 // ================================================================== Norm
-Norm::Norm(ParamStore& ps, const std::string& name, int C, proto::NormKind kind, float eps)
-    : C_(C), kind_(kind), eps_(eps) {
-  w_ = ps.add(name + ".weight", {C}, /*decay=*/false);
-  w_->value.fill_(1.0f);
-  if (kind == proto::LAYERNORM) b_ = ps.add(name + ".bias", {C}, /*decay=*/false);
+Norm::Norm(ParamStore& ps, Workspace& ws, const std::string& name, int C, proto::NormKind kind, float eps)
+    : C_(C), kind_(kind), eps_(eps), mean_(ws.buffer()), rstd_(ws.buffer()) {
+  w_ = ps.add(name + ".weight", {C}, /*decay=*/false, Init::kOnes);
+  if (kind == proto::LAYERNORM) b_ = ps.add(name + ".bias", {C}, /*decay=*/false, Init::kZeros);
 }
 
 void Norm::forward(float* out, const float* inp, int N) {
@@ -34,11 +33,13 @@ void Norm::backward(float* dinp, const float* dout, int N) {
 }
 
 // ================================================================== Attention
-Attention::Attention(ParamStore& ps, const std::string& prefix, const AttentionDims& d) : d_(d) {
+Attention::Attention(ParamStore& ps, Workspace& ws, const std::string& prefix, const AttentionDims& d)
+    : d_(d), q_(ws.buffer()), k_(ws.buffer()), v_(ws.buffer()), att_(ws.buffer()), y_(ws.buffer()), dq_(ws.buffer()),
+      dk_(ws.buffer()), dv_(ws.buffer()), datt_(ws.buffer()), dy_(ws.buffer()), tmp_(ws.buffer()) {
   wq = ps.add(prefix + ".wq", {d.H * d.D, d.C}, true);
   wk = ps.add(prefix + ".wk", {d.Hkv * d.D, d.C}, true);
   wv = ps.add(prefix + ".wv", {d.Hkv * d.D, d.C}, true);
-  wo = ps.add(prefix + ".wo", {d.C, d.H * d.D}, true);
+  wo = ps.add(prefix + ".wo", {d.C, d.H * d.D}, true, Init::kNormalOut);
 }
 
 void Attention::forward(float* out, const float* inp, int B, int T) {
@@ -116,50 +117,21 @@ void Attention::decode(float* out, const float* inp, float* k_cache, float* v_ca
 }
 
 // ================================================================== DenseFfn
-DenseFfn::DenseFfn(ParamStore& ps, const std::string& prefix, int C, int F, proto::Activation act)
-    : C_(C), F_(F), act_(act) {
-  if (act == proto::SWIGLU) w_gate_ = ps.add(prefix + ".w_gate", {F, C}, true);
-  w_up_ = ps.add(prefix + ".w_up", {F, C}, true);
-  if (act == proto::GELU) b_up_ = ps.add(prefix + ".b_up", {F}, false);
-  w_down_ = ps.add(prefix + ".w_down", {C, F}, true);
-  if (act == proto::GELU) b_down_ = ps.add(prefix + ".b_down", {C}, false);
+DenseFfn::DenseFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, int C, int F, proto::Activation act) {
+  FfnWeights w;
+  if (act == proto::SWIGLU) w.w_gate = ps.add(prefix + ".w_gate", {F, C}, true);
+  w.w_up = ps.add(prefix + ".w_up", {F, C}, true);
+  if (act == proto::GELU) w.b_up = ps.add(prefix + ".b_up", {F}, false, Init::kZeros);
+  w.w_down = ps.add(prefix + ".w_down", {C, F}, true, Init::kNormalOut);
+  if (act == proto::GELU) w.b_down = ps.add(prefix + ".b_down", {C}, false, Init::kZeros);
+  ffn_ = std::make_unique<GroupedFfn>(ws, C, F, act, w);
 }
 
 void DenseFfn::forward(const FfnContext&, float* y, const float* x, int N) {
-  x_ = x;
-  const int64_t NF = int64_t(N) * F_;
-  float* up = up_.get(NF);
-  float* act = act_out_.get(NF);
-  if (act_ == proto::SWIGLU) {
-    float* gate = gate_.get(NF);
-    cpu::linear_forward(gate, x, w_gate_->value.f32(), nullptr, N, C_, F_);
-    cpu::linear_forward(up, x, w_up_->value.f32(), nullptr, N, C_, F_);
-    cpu::swiglu_forward(act, gate, up, NF);
-    cpu::linear_forward(y, act, w_down_->value.f32(), nullptr, N, F_, C_);
-  } else {
-    cpu::linear_forward(up, x, w_up_->value.f32(), b_up_->value.f32(), N, C_, F_);
-    cpu::gelu_forward(act, up, NF);
-    cpu::linear_forward(y, act, w_down_->value.f32(), b_down_->value.f32(), N, F_, C_);
-  }
+  const int64_t slot = 0, offsets[2] = {0, N};
+  ffn_->forward(y, x, &slot, offsets, 1);
 }
 
-void DenseFfn::backward(const FfnContext&, float* dx, const float* dy, int N) {
-  const int64_t NF = int64_t(N) * F_;
-  float* dact = dact_.get(NF);
-  float* dup = dup_.get(NF);
-  if (act_ == proto::SWIGLU) {
-    cpu::linear_backward(dact, w_down_->grad.f32(), nullptr, dy, act_out_.data(), w_down_->value.f32(), N, F_, C_);
-    float* dgate = dgate_.get(NF);
-    cpu::swiglu_backward(dgate, dup, dact, gate_.data(), up_.data(), NF);
-    cpu::linear_backward(dx, w_gate_->grad.f32(), nullptr, dgate, x_, w_gate_->value.f32(), N, C_, F_);
-    cpu::linear_backward(nullptr, w_up_->grad.f32(), nullptr, dup, x_, w_up_->value.f32(), N, C_, F_);
-    cpu::matmul(dx, dup, w_up_->value.f32(), N, C_, F_, false, false, 1.0f, 1.0f);
-  } else {
-    cpu::linear_backward(dact, w_down_->grad.f32(), b_down_->grad.f32(), dy, act_out_.data(), w_down_->value.f32(),
-                         N, F_, C_);
-    cpu::gelu_backward(dup, dact, up_.data(), NF);
-    cpu::linear_backward(dx, w_up_->grad.f32(), b_up_->grad.f32(), dup, x_, w_up_->value.f32(), N, C_, F_);
-  }
-}
+void DenseFfn::backward(const FfnContext&, float* dx, const float* dy, int N) { ffn_->backward(dx, dy); }
 
 }  // namespace moe

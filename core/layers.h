@@ -1,34 +1,26 @@
 // Layers of the decoder: normalisation, grouped-query attention with rotary embeddings, and the FFN unit
-// interface with its dense implementation. Each layer owns its parameters (registered in a ParamStore) and the
-// activations its backward needs; forward and backward sit side by side.
+// interface with its dense implementation. Each layer registers its parameters (with their init and sharding) in
+// a ParamStore and takes the activation buffers its backward needs from the model's workspace; forward and
+// backward sit side by side.
 #pragma once
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <array>
+#include <map>
+
+#include "core/grouped_ffn.h"
 #include "core/params.h"
+#include "core/workspace.h"
 #include "proto/config.pb.h"
 
 namespace moe {
 
-// Float buffer that grows on demand (activations sized by the largest batch seen).
-class Buffer {
- public:
-  float* get(int64_t n) {
-    if (static_cast<int64_t>(v_.size()) < n) v_.resize(n);
-    return v_.data();
-  }
-  float* data() { return v_.data(); }
-  const float* data() const { return v_.data(); }
-
- private:
-  std::vector<float> v_;
-};
-
 // ------------------------------------------------------------------ normalisation (RMSNorm or LayerNorm)
 class Norm {
  public:
-  Norm(ParamStore& ps, const std::string& name, int C, proto::NormKind kind, float eps);
+  Norm(ParamStore& ps, Workspace& ws, const std::string& name, int C, proto::NormKind kind, float eps);
   // out[N,C] = norm(inp[N,C]); keeps inp pointer and statistics for backward (inp must stay alive)
   void forward(float* out, const float* inp, int N);
   // dinp[N,C] written, parameter grads accumulated
@@ -41,7 +33,7 @@ class Norm {
   Param* w_;
   Param* b_ = nullptr;
   const float* inp_ = nullptr;
-  Buffer mean_, rstd_;
+  Workspace::Buffer &mean_, &rstd_;
 };
 
 // ------------------------------------------------------------------ causal self-attention (MHA / GQA / MQA)
@@ -55,7 +47,7 @@ struct AttentionDims {
 
 class Attention {
  public:
-  Attention(ParamStore& ps, const std::string& prefix, const AttentionDims& dims);
+  Attention(ParamStore& ps, Workspace& ws, const std::string& prefix, const AttentionDims& dims);
   // out[B*T,C] from inp[B*T,C] (positions 0..T-1 of each sequence); keeps activations for backward
   void forward(float* out, const float* inp, int B, int T);
   // dinp[B*T,C] written; parameter grads accumulated
@@ -70,21 +62,35 @@ class Attention {
  private:
   AttentionDims d_;
   const float* inp_ = nullptr;
-  Buffer q_, k_, v_, att_, y_, dq_, dk_, dv_, datt_, dy_, tmp_;
+  Workspace::Buffer &q_, &k_, &v_, &att_, &y_, &dq_, &dk_, &dv_, &datt_, &dy_, &tmp_;
 };
 
 // ------------------------------------------------------------------ FFN units (pluggable per layer)
 struct FfnContext {
   const int32_t* token_ids = nullptr;  // [N] the input token of each row (for vocabulary routing)
+  // Training: capacity limits and router jitter apply. Otherwise (evaluation, generation, serving) every token
+  // reaches all of its top-k experts (dropless), so a token's output never depends on the other tokens routed
+  // with it, at any world size.
   bool training = true;
 };
 
-// Aggregated statistics an FFN unit may report (routers fill them; dense leaves them empty).
+// What an FFN unit reports about its last forward (routers fill it; dense leaves it empty).
 struct FfnStats {
+  bool has_router = false;
   double aux_loss = 0;
   double dropped_fraction = 0;
-  int64_t load_min = 0, load_max = 0;
-  bool has_router = false;
+  int64_t load_min = 0, load_max = 0;  // rows per expert (this rank's tokens), over the experts of the plan
+  int64_t experts_used = 0;            // experts that got at least one row (this rank's tokens)
+  // rows per GLOBAL expert from this rank's tokens (learned MoE layers; empty for word-expert tables, whose
+  // expert count can be ~10^6)
+  std::vector<int64_t> expert_load;
+};
+
+// Non-parameter state of the FFN units that a checkpoint keeps, by layer prefix ("layers.<l>.ffn"): RNG streams
+// (a learned router's jitter noise) and integer tables (a word-expert layer's routing table).
+struct UnitState {
+  std::map<std::string, std::array<uint64_t, 4>> rngs;
+  std::map<std::string, std::vector<int32_t>> tables;
 };
 
 class FfnUnit {
@@ -97,21 +103,22 @@ class FfnUnit {
   // Extra scalar loss the unit adds to the objective (router aux losses); 0 for dense
   virtual double extra_loss() const { return 0.0; }
   virtual FfnStats stats() const { return {}; }
+  // Adds this unit's extra state to `s` (capture) / takes it from `s` (restore; returns false when `s` has none
+  // for this unit, which then keeps its own).
+  virtual void capture_state(UnitState& s) const {}
+  virtual bool restore_state(const UnitState& s) { return true; }
 };
 
 // Dense FFN: SwiGLU  y = (silu(x Wg^T) * (x Wu^T)) Wd^T   or   GELU  y = gelu(x Wu^T + bu) Wd^T + bd
+// (the grouped FFN with one group)
 class DenseFfn : public FfnUnit {
  public:
-  DenseFfn(ParamStore& ps, const std::string& prefix, int C, int F, proto::Activation act);
+  DenseFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, int C, int F, proto::Activation act);
   void forward(const FfnContext& ctx, float* y, const float* x, int N) override;
   void backward(const FfnContext& ctx, float* dx, const float* dy, int N) override;
 
  private:
-  int C_, F_;
-  proto::Activation act_;
-  Param *w_gate_ = nullptr, *w_up_, *b_up_ = nullptr, *w_down_, *b_down_ = nullptr;
-  const float* x_ = nullptr;
-  Buffer gate_, up_, act_out_, dact_, dgate_, dup_;
+  std::unique_ptr<GroupedFfn> ffn_;
 };
 
 }  // namespace moe

@@ -7,24 +7,17 @@
 
 namespace moe {
 
-std::unique_ptr<FfnUnit> make_dense_ffn(ParamStore& ps, const std::string& prefix, const proto::ModelConfig& cfg,
-                                        int layer) {
-  MOE_CHECK(cfg.ffn_pattern_size() == 0 || cfg.ffn_pattern(layer % cfg.ffn_pattern_size()) == proto::FFN_DENSE,
-            "layer " << layer << ": FFN kind "
-                     << proto::FfnKind_Name(cfg.ffn_pattern(layer % cfg.ffn_pattern_size()))
-                     << " needs the experts library (build the model through experts::make_ffn)");
-  return std::make_unique<DenseFfn>(ps, prefix, cfg.d_model(), cfg.d_ff(), cfg.activation());
-}
-
 // ================================================================== Block
-Block::Block(ParamStore& ps, const proto::ModelConfig& cfg, int layer, const FfnFactory& ffn_factory)
+Block::Block(ParamStore& ps, Workspace& ws, const proto::ModelConfig& cfg, int layer, const FfnFactory& ffn_factory)
     : C_(cfg.d_model()),
-      norm1_(ps, "layers." + std::to_string(layer) + ".attn_norm", cfg.d_model(), cfg.norm(), cfg.norm_eps()),
-      attn_(ps, "layers." + std::to_string(layer) + ".attn",
+      norm1_(ps, ws, "layers." + std::to_string(layer) + ".attn_norm", cfg.d_model(), cfg.norm(), cfg.norm_eps()),
+      attn_(ps, ws, "layers." + std::to_string(layer) + ".attn",
             AttentionDims{cfg.d_model(), cfg.n_heads(), cfg.n_kv_heads(), cfg.d_model() / cfg.n_heads(),
                           cfg.rope_theta()}),
-      norm2_(ps, "layers." + std::to_string(layer) + ".ffn_norm", cfg.d_model(), cfg.norm(), cfg.norm_eps()) {
-  ffn_ = ffn_factory(ps, "layers." + std::to_string(layer) + ".ffn", cfg, layer);
+      norm2_(ps, ws, "layers." + std::to_string(layer) + ".ffn_norm", cfg.d_model(), cfg.norm(), cfg.norm_eps()),
+      ln1_(ws.buffer()), attn_out_(ws.buffer()), x2_(ws.buffer()), ln2_(ws.buffer()), ffn_out_(ws.buffer()),
+      dtmp_(ws.buffer()), dx2_(ws.buffer()) {
+  ffn_ = ffn_factory(ps, ws, "layers." + std::to_string(layer) + ".ffn", cfg, layer);
 }
 
 void Block::forward(const FfnContext& ctx, float* out, const float* x, int B, int T) {
@@ -76,33 +69,33 @@ void Block::decode(float* out, const float* x, float* k_cache, float* v_cache, i
 
 // ================================================================== Model
 Model::Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory)
-    : cfg_(cfg), V_(cfg.vocab_size()), C_(cfg.d_model()) {
+    : cfg_(cfg), V_(cfg.vocab_size()), C_(cfg.d_model()), lnf_(ws_.buffer()), logits_(ws_.buffer()),
+      probs_(ws_.buffer()), losses_(ws_.buffer()), dlogits_(ws_.buffer()), dlnf_(ws_.buffer()), dres_a_(ws_.buffer()),
+      dres_b_(ws_.buffer()), dec_x_(ws_.buffer()), dec_y_(ws_.buffer()), dec_lnf_(ws_.buffer()),
+      dec_logits_(ws_.buffer()) {
   MOE_CHECK(V_ > 0, "model.vocab_size must be set (> 0) before building the model");
   wte_ = ps_.add("tok_emb.weight", {V_, C_}, true);
-  for (int l = 0; l < cfg.n_layers(); ++l) blocks_.push_back(std::make_unique<Block>(ps_, cfg, l, ffn_factory));
-  final_norm_ = std::make_unique<Norm>(ps_, "final_norm", C_, cfg.norm(), cfg.norm_eps());
+  for (int l = 0; l < cfg.n_layers(); ++l)
+    blocks_.push_back(std::make_unique<Block>(ps_, ws_, cfg, l, ffn_factory));
+  final_norm_ = std::make_unique<Norm>(ps_, ws_, "final_norm", C_, cfg.norm(), cfg.norm_eps());
   if (!cfg.tie_embeddings()) lm_head_ = ps_.add("lm_head.weight", {V_, C_}, true);
-  resid_.resize(cfg.n_layers() + 1);
+  for (int l = 0; l <= cfg.n_layers(); ++l) resid_.push_back(&ws_.buffer());
 }
 
 void Model::init_weights(uint64_t seed) {
-  Rng rng(seed);
-  const float std = cfg_.init_std();
-  const float proj_std = std / std::sqrt(2.0f * cfg_.n_layers());
-  for (Param* p : ps_.all()) {
-    const std::string& n = p->name;
-    auto ends_with = [&](const char* s) {
-      size_t l = std::strlen(s);
-      return n.size() >= l && n.compare(n.size() - l, l, s) == 0;
-    };
-    if (p->value.ndim() == 2) {
-      init_normal(p->value, rng, ends_with(".wo") || ends_with(".w_down") ? proj_std : std);
-    } else if (ends_with("norm.weight")) {
-      p->value.fill_(1.0f);
-    } else {
-      p->value.zero_();
-    }
-  }
+  init_params(ps_, seed, cfg_.init_std(), cfg_.init_std() / std::sqrt(2.0f * cfg_.n_layers()));
+}
+
+UnitState Model::unit_state() const {
+  UnitState s;
+  for (auto& b : blocks_) b->ffn().capture_state(s);
+  return s;
+}
+
+int Model::restore_unit_state(const UnitState& s) {
+  int missing = 0;
+  for (auto& b : blocks_) missing += b->ffn().restore_state(s) ? 0 : 1;
+  return missing;
 }
 
 float Model::forward(const int32_t* inputs, const int32_t* targets, int B, int T, bool training) {
@@ -119,11 +112,11 @@ float Model::forward(const int32_t* inputs, const int32_t* targets, int B, int T
   FfnContext ctx;
   ctx.token_ids = inputs;
   ctx.training = training;
-  cpu::embedding_forward(resid_[0].get(NC), inputs, wte_->value.f32(), N, C_);
+  cpu::embedding_forward(resid_[0]->get(NC), inputs, wte_->value.f32(), N, C_);
   for (size_t l = 0; l < blocks_.size(); ++l)
-    blocks_[l]->forward(ctx, resid_[l + 1].get(NC), resid_[l].data(), B, T);
+    blocks_[l]->forward(ctx, resid_[l + 1]->get(NC), resid_[l]->data(), B, T);
   float* lnf = lnf_.get(NC);
-  final_norm_->forward(lnf, resid_.back().data(), N);
+  final_norm_->forward(lnf, resid_.back()->data(), N);
   float* logits = logits_.get(int64_t(N) * V_);
   const float* w_out = lm_head_ ? lm_head_->value.f32() : wte_->value.f32();
   cpu::linear_forward(logits, lnf, w_out, nullptr, N, C_, V_);

@@ -1,7 +1,8 @@
 // Decoder-only causal language model built from ModelConfig: token embedding, n_layers blocks
 // (pre-norm attention + pre-norm FFN, each with a residual), final norm, output projection, cross-entropy.
 // The FFN of each block is a pluggable FfnUnit chosen per layer (model.ffn_pattern); a factory hook lets
-// higher layers (experts/) provide MoE and word-expert units without core knowing about them.
+// higher layers (experts/) provide MoE and word-expert units without core knowing about them: build a model with
+// experts::build_model (experts/build_model.h), the one way to make a model.
 #pragma once
 #include <functional>
 #include <memory>
@@ -14,14 +15,12 @@
 namespace moe {
 
 // Builds the FFN unit of layer `layer` (prefix "layers.<i>.ffn"). The default handles FFN_DENSE.
-using FfnFactory = std::function<std::unique_ptr<FfnUnit>(ParamStore& ps, const std::string& prefix,
+using FfnFactory = std::function<std::unique_ptr<FfnUnit>(ParamStore& ps, Workspace& ws, const std::string& prefix,
                                                           const proto::ModelConfig& cfg, int layer)>;
-std::unique_ptr<FfnUnit> make_dense_ffn(ParamStore& ps, const std::string& prefix, const proto::ModelConfig& cfg,
-                                        int layer);
 
 class Block {
  public:
-  Block(ParamStore& ps, const proto::ModelConfig& cfg, int layer, const FfnFactory& ffn_factory);
+  Block(ParamStore& ps, Workspace& ws, const proto::ModelConfig& cfg, int layer, const FfnFactory& ffn_factory);
   // out[N,C] = block(x[N,C]); keeps activations
   void forward(const FfnContext& ctx, float* out, const float* x, int B, int T);
   // dx[N,C] written from dout[N,C]
@@ -37,19 +36,23 @@ class Block {
   Attention attn_;
   Norm norm2_;
   std::unique_ptr<FfnUnit> ffn_;
-  Buffer ln1_, attn_out_, x2_, ln2_, ffn_out_, dtmp_, dx2_;
+  Workspace::Buffer &ln1_, &attn_out_, &x2_, &ln2_, &ffn_out_, &dtmp_, &dx2_;
 };
 
 class Model {
  public:
-  explicit Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory = make_dense_ffn);
+  // Registers every parameter (zeros, norms at 1) and takes activations from its own workspace; init_weights
+  // draws the weights. experts::build_model does both (and restores extra state): use it.
+  Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory);
   const proto::ModelConfig& config() const { return cfg_; }
   ParamStore& params() { return ps_; }
   const ParamStore& params() const { return ps_; }
 
-  // GPT-2 style init: N(0, init_std) for matrices and embeddings, residual output projections scaled by
-  // 1/sqrt(2 n_layers), norms 1, biases 0.
+  // GPT-2 style init by each parameter's declared Init (init_params): N(0, init_std) for matrices and
+  // embeddings, residual output projections scaled by 1/sqrt(2 n_layers), norms 1, biases 0; expert rows by
+  // global expert id.
   void init_weights(uint64_t seed);
+  Workspace& workspace() { return ws_; }
 
   // inputs[B,T], targets[B,T] (or null: logits only). Returns the mean cross-entropy (0 if no targets).
   // Logits [B*T, V] stay available through logits().
@@ -62,6 +65,10 @@ class Model {
   std::vector<FfnStats> ffn_stats() const;
   int n_layers() const { return static_cast<int>(blocks_.size()); }
   FfnUnit& ffn(int layer) { return blocks_.at(layer)->ffn(); }
+  // The FFN units' extra state (router RNGs, routing tables), and its restoration; restore returns the number of
+  // units that found no state of theirs in `s` (they keep their own).
+  UnitState unit_state() const;
+  int restore_unit_state(const UnitState& s);
 
   // ---- incremental decoding with a KV cache sized [n_layers, max_T, n_kv_heads, head_dim]
   struct KvCache {
@@ -77,6 +84,7 @@ class Model {
   proto::ModelConfig cfg_;
   int V_, C_;
   ParamStore ps_;
+  Workspace ws_;
   Param* wte_;
   Param* lm_head_ = nullptr;  // null when tied
   std::vector<std::unique_ptr<Block>> blocks_;
@@ -85,9 +93,9 @@ class Model {
   int B_ = 0, T_ = 0;
   const int32_t* inputs_ = nullptr;
   const int32_t* targets_ = nullptr;
-  std::vector<Buffer> resid_;  // n_layers + 1 residual streams [N,C]
-  Buffer lnf_, logits_, probs_, losses_, dlogits_, dlnf_, dres_a_, dres_b_;
-  Buffer dec_x_, dec_y_, dec_lnf_, dec_logits_;
+  std::vector<Workspace::Buffer*> resid_;  // n_layers + 1 residual streams [N,C]
+  Workspace::Buffer &lnf_, &logits_, &probs_, &losses_, &dlogits_, &dlnf_, &dres_a_, &dres_b_;
+  Workspace::Buffer &dec_x_, &dec_y_, &dec_lnf_, &dec_logits_;
 };
 
 }  // namespace moe

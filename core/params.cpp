@@ -6,23 +6,28 @@
 
 namespace moe {
 
-Param* ParamStore::add(const std::string& name, const Shape& shape, bool decay) {
+Param* ParamStore::add(const std::string& name, const Shape& shape, bool decay, Init init) {
   MOE_CHECK(find(name) == nullptr, "parameter '" << name << "' registered twice");
   auto p = std::make_unique<Param>();
   p->name = name;
-  p->value = Tensor::zeros(shape);
-  p->grad = Tensor::zeros(shape);
+  p->value = sized_only_ ? Tensor::shape_only(shape) : Tensor::zeros(shape);
+  p->grad = sized_only_ ? Tensor::shape_only(shape) : Tensor::zeros(shape);
   p->decay = decay;
+  p->init = init;
+  if (init == Init::kOnes && !sized_only_) p->value.fill_(1.0f);
   params_.push_back(std::move(p));
   view_.push_back(params_.back().get());
   return view_.back();
 }
 
-Param* ParamStore::add_row_sparse(const std::string& name, const Shape& shape, bool decay) {
-  MOE_CHECK(!shape.empty(), "row-sparse parameter '" << name << "' needs at least one dimension");
-  Param* p = add(name, shape, decay);
-  p->row_sparse = true;
-  p->touched_mask.assign(shape[0], 0);
+Param* ParamStore::add_expert(const std::string& name, const Shape& shape, bool decay, Init init, int64_t first_row,
+                              bool row_sparse) {
+  MOE_CHECK(!shape.empty(), "expert parameter '" << name << "' needs at least one dimension (experts)");
+  Param* p = add(name, shape, decay, init);
+  p->expert_sharded = true;
+  p->first_row = first_row;
+  p->row_sparse = row_sparse;
+  if (row_sparse && !sized_only_) p->touched_mask.assign(shape[0], 0);
   return p;
 }
 
@@ -72,6 +77,31 @@ int64_t ParamStore::numel() const {
 void init_normal(Tensor& t, Rng& rng, float std) {
   float* d = t.f32();
   for (int64_t i = 0; i < t.numel(); ++i) d[i] = rng.normal() * std;
+}
+
+namespace {
+// Rows of an expert-sharded parameter, global row g from Rng(seed ^ hash(name) ^ golden * (g + 1)).
+void init_expert_rows(Param& p, uint64_t seed, float std) {
+  const int64_t rows = p.value.dim(0), per = p.value.numel() / std::max<int64_t>(rows, 1);
+  const uint64_t base = seed ^ hash_name(p.name);
+  float* w = p.value.f32();
+#pragma omp parallel for schedule(dynamic, 64) if (rows * per > (1 << 20))
+  for (int64_t e = 0; e < rows; ++e) {
+    Rng rng(base ^ (0x9e3779b97f4a7c15ULL * static_cast<uint64_t>(p.first_row + e + 1)));
+    for (int64_t i = 0; i < per; ++i) w[e * per + i] = rng.normal() * std;
+  }
+}
+}  // namespace
+
+void init_params(ParamStore& ps, uint64_t seed, float std, float out_std) {
+  Rng rng(seed);
+  for (Param* p : ps.all()) {
+    const bool normal = p->init == Init::kNormal || p->init == Init::kNormalOut;
+    const float s = p->init == Init::kNormalOut ? out_std : std;
+    if (!normal) p->init == Init::kOnes ? p->value.fill_(1.0f) : p->value.zero_();
+    else if (p->expert_sharded) init_expert_rows(*p, seed, s);
+    else init_normal(p->value, rng, s);
+  }
 }
 
 }  // namespace moe

@@ -4,8 +4,16 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 namespace moe {
+
+// FNV-1a of a name: mixes a parameter's or layer's name into a seed (fixed: stored models depend on it).
+inline uint64_t hash_name(const std::string& s) {
+  uint64_t h = 1469598103934665603ULL;
+  for (char c : s) h = (h ^ static_cast<uint8_t>(c)) * 1099511628211ULL;
+  return h;
+}
 
 class Rng {
  public:

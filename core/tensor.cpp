@@ -83,6 +83,14 @@ Tensor Tensor::empty(const Shape& shape, DType dt, Device dev) {
   return t;
 }
 
+Tensor Tensor::shape_only(const Shape& shape, DType dt) {
+  Tensor t;
+  t.shape_ = shape;
+  t.numel_ = shape_numel(shape);
+  t.dtype_ = dt;
+  return t;
+}
+
 Tensor Tensor::zeros(const Shape& shape, DType dt, Device dev) {
   Tensor t = empty(shape, dt, dev);
   t.zero_();

@@ -38,6 +38,8 @@ class Tensor {
   static Tensor zeros(const Shape& shape, DType dt = DType::kF32, Device dev = Device::kCPU);
   static Tensor from_vector(const std::vector<float>& v, const Shape& shape);
   static Tensor from_vector(const std::vector<int32_t>& v, const Shape& shape);
+  // A shape without storage (defined() is false): for sizing a model without allocating it.
+  static Tensor shape_only(const Shape& shape, DType dt = DType::kF32);
 
   bool defined() const { return static_cast<bool>(storage_); }
   const Shape& shape() const { return shape_; }

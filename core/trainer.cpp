@@ -19,25 +19,6 @@ std::string fmt_secs(double s) {
   else std::snprintf(buf, sizeof buf, "%dh%02dm", int(s) / 3600, (int(s) % 3600) / 60);
   return buf;
 }
-// " | aux 0.012 | drop 1.2% | load 10..90" over the model's routed FFN layers (empty for dense models)
-std::string router_summary(const std::vector<FfnStats>& stats, double router_loss) {
-  int n = 0;
-  double aux = 0, drop = 0;
-  int64_t lo = INT64_MAX, hi = 0;
-  for (const auto& s : stats) {
-    if (!s.has_router) continue;
-    ++n;
-    aux += s.aux_loss;
-    drop += s.dropped_fraction;
-    lo = std::min(lo, s.load_min);
-    hi = std::max(hi, s.load_max);
-  }
-  if (n == 0) return "";
-  char buf[160];
-  std::snprintf(buf, sizeof buf, " | router loss %.4f | aux %.3f | dropped %.1f%% | expert load %lld..%lld",
-                router_loss, aux / n, 100.0 * drop / n, static_cast<long long>(lo), static_cast<long long>(hi));
-  return buf;
-}
 }  // namespace
 
 Trainer::Trainer(const Config& cfg, Model& model, const Corpus& corpus)
@@ -89,59 +70,96 @@ float Trainer::evaluate(const TrainHooks& hooks) {
   return last_val_;
 }
 
-std::vector<StepRecord> Trainer::run(const TrainHooks& hooks, int start_step) {
+std::string progress_line(const LogRecord& r) {
+  char line[256];
+  std::snprintf(line, sizeof line, "step %5d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | elapsed %s | eta %s",
+                r.step, r.total, r.loss, r.lr, r.grad_norm, r.tokens_per_s, fmt_secs(r.elapsed_s).c_str(),
+                fmt_secs(r.eta_s).c_str());
+  int n = 0;
+  double aux = 0, drop = 0;
+  int64_t lo = INT64_MAX, hi = 0;
+  for (const FfnStats& s : r.layers) {
+    if (!s.has_router) continue;
+    ++n;
+    aux += s.aux_loss;
+    drop += s.dropped_fraction;
+    lo = std::min(lo, s.load_min);
+    hi = std::max(hi, s.load_max);
+  }
+  if (n == 0) return line;
+  char router[160];
+  std::snprintf(router, sizeof router, " | router loss %.4f | aux %.3f | dropped %.1f%% | expert load %lld..%lld",
+                r.router_loss, aux / n, 100.0 * drop / n, static_cast<long long>(lo), static_cast<long long>(hi));
+  return std::string(line) + router;
+}
+
+// The record of a logged step: window means, and the last step's per-layer router statistics. With
+// hooks.sum_over_ranks (collective: every rank logs the same steps) the per-layer scalars become means over the
+// ranks and the per-expert loads sums; the min/max loads stay this rank's (as the progress line always showed).
+LogRecord Trainer::log_record(int step, int start_step, const std::vector<StepRecord>& window, double window_s,
+                              double elapsed_s, const TrainHooks& hooks) {
+  const int total = cfg_.train().steps();
+  LogRecord r{step, total, 0, 0, window.back().lr, window.back().grad_norm, 0, elapsed_s, 0, {}, model_.ffn_stats()};
+  for (const StepRecord& s : window) {
+    r.loss += s.loss / window.size();
+    r.router_loss += s.router_loss / window.size();
+  }
+  const double tokens = double(cfg_.data().batch_size()) * cfg_.data().seq_len() * window.size();
+  r.tokens_per_s = window_s > 0 ? tokens / window_s : 0;
+  r.eta_s = step > start_step ? elapsed_s / (step - start_step) * (total - step) : 0;
+  for (int l = 0; l < model_.n_layers(); ++l) r.layer_router_loss.push_back(model_.ffn(l).extra_loss());
+  if (!hooks.sum_over_ranks) return r;
+  std::vector<double> v = r.layer_router_loss;  // [L] losses, [L] aux, [L] dropped, then every expert load
+  for (const FfnStats& s : r.layers) v.push_back(s.aux_loss);
+  for (const FfnStats& s : r.layers) v.push_back(s.dropped_fraction);
+  for (const FfnStats& s : r.layers) v.insert(v.end(), s.expert_load.begin(), s.expert_load.end());
+  hooks.sum_over_ranks(v);
+  const double ranks = hooks.shard_count;
+  size_t k = 0;
+  for (double& x : r.layer_router_loss) x = v[k++] / ranks;
+  for (FfnStats& s : r.layers) s.aux_loss = v[k++] / ranks;
+  for (FfnStats& s : r.layers) s.dropped_fraction = v[k++] / ranks;
+  for (FfnStats& s : r.layers)
+    for (int64_t& x : s.expert_load) x = std::llround(v[k++]);
+  return r;
+}
+
+RunOutcome Trainer::run(const TrainHooks& hooks, int start_step) {
   const int total = cfg_.train().steps();
   const int log_every = cfg_.train().log_every();
   const int eval_every = cfg_.train().eval_every();
-  const int64_t tokens_per_step = int64_t(cfg_.data().batch_size()) * cfg_.data().seq_len();
-  std::vector<StepRecord> records;
+  RunOutcome out;
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   auto window_start = t0;
-  int window_steps = 0;
-  double window_loss = 0, window_router = 0;
+  std::vector<StepRecord> window;
   for (int s = start_step; s < total; ++s) {
     Batch batch = loader_.next();
     StepRecord r = step(batch, s, hooks);
-    records.push_back(r);
+    out.records.push_back(r);
+    out.last_step = r.step;
     if (hooks.on_step) hooks.on_step(r);
-    window_loss += r.loss;
-    window_router += r.router_loss;
-    ++window_steps;
+    window.push_back(r);
     const bool last = r.step == total;
-    const bool stop = hooks.should_stop && hooks.should_stop();
-    if (r.step % log_every == 0 || last || stop) {
+    // agreed by every rank (a signal during the last step changes nothing: the run is complete)
+    out.stopped = hooks.should_stop && hooks.should_stop(r.step) && !last;
+    if (r.step % log_every == 0 || last || out.stopped) {
       const auto now = clock::now();
       const double elapsed = std::chrono::duration<double>(now - t0).count();
-      const double window = std::chrono::duration<double>(now - window_start).count();
-      const double tok_s = window > 0 ? tokens_per_step * window_steps / window : 0;
-      const double eta = (r.step - start_step) > 0 ? elapsed / (r.step - start_step) * (total - r.step) : 0;
-      if (hooks.print) {
-        char line[256];
-        std::snprintf(line, sizeof line,
-                      "step %5d/%d | loss %.4f | lr %.2e | grad %.2f | %.0f tok/s | elapsed %s | eta %s", r.step,
-                      total, window_loss / window_steps, r.lr, r.grad_norm, tok_s, fmt_secs(elapsed).c_str(),
-                      fmt_secs(eta).c_str());
-        std::string router = router_summary(model_.ffn_stats(), window_router / window_steps);
-        MOE_INFO(line << router);
-      }
+      const double win = std::chrono::duration<double>(now - window_start).count();
+      const LogRecord rec = log_record(r.step, start_step, window, win, elapsed, hooks);
+      if (hooks.on_log) hooks.on_log(rec);
       window_start = now;
-      window_steps = 0;
-      window_loss = 0;
-      window_router = 0;
+      window.clear();
     }
-    if ((eval_every > 0 && r.step % eval_every == 0) || last || stop) {
+    if ((eval_every > 0 && r.step % eval_every == 0) || last || out.stopped) {
       const float vl = evaluate(hooks);
-      if (hooks.print) {
-        char line[128];
-        std::snprintf(line, sizeof line, "eval  %5d | val loss %.4f | val ppl %.2f", r.step, vl, std::exp(vl));
-        MOE_INFO(line);
-      }
+      if (hooks.on_eval) hooks.on_eval({r.step, vl});
     }
-    if (hooks.maybe_checkpoint) hooks.maybe_checkpoint(r.step, last || stop);
-    if (stop) break;
+    if (hooks.maybe_checkpoint) hooks.maybe_checkpoint(r.step, last || out.stopped);
+    if (out.stopped) break;
   }
-  return records;
+  return out;
 }
 
 std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& prompt, const proto::GenerateConfig& g) {

@@ -1,5 +1,6 @@
 #include "experts/moe_layer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -32,25 +33,6 @@ router::LearnedRouterOptions router_options(const proto::MoeConfig& m, uint64_t 
 
 int ep_size(comm::Communicator* ep) { return ep ? ep->size() : 1; }
 
-// Fills expert slices [E_local, ...] of `p` from per-GLOBAL-expert seeded streams: the same expert gets the same
-// weights whatever the expert-parallel layout.
-void init_by_global_expert(Param* p, int64_t first_global, uint64_t seed, float std) {
-  if (!p) return;
-  const int64_t el = p->value.dim(0), per = p->value.numel() / el;
-  float* w = p->value.f32();
-  for (int64_t e = 0; e < el; ++e) {
-    Rng rng(seed ^ (0x9e3779b97f4a7c15ULL * static_cast<uint64_t>(first_global + e + 1)));
-    if (std == 0) std::fill(w + e * per, w + (e + 1) * per, 0.0f);
-    else
-      for (int64_t i = 0; i < per; ++i) w[e * per + i] = rng.normal() * std;
-  }
-}
-
-uint64_t name_hash(const std::string& s) {
-  uint64_t h = 1469598103934665603ULL;
-  for (char c : s) h = (h ^ static_cast<uint8_t>(c)) * 1099511628211ULL;
-  return h;
-}
 }  // namespace
 
 WordExpertPlacement::WordExpertPlacement(int64_t E, proto::WordExpertConfig::Placement placement)
@@ -82,16 +64,26 @@ int64_t word_expert_row(int64_t l, int64_t E, proto::WordExpertConfig::Placement
 }
 
 // ================================================================== MoeFfn
-MoeFfn::MoeFfn(ParamStore& ps, const std::string& prefix, const proto::ModelConfig& cfg, comm::Communicator* ep,
-               uint64_t seed)
-    : C_(cfg.d_model()),
+MoeFfn::MoeFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const proto::ModelConfig& cfg,
+               comm::Communicator* ep, uint64_t seed)
+    : prefix_(prefix),
+      C_(cfg.d_model()),
       E_(cfg.moe().num_experts()),
       w_router_(ps.add(prefix + ".router.weight", {cfg.moe().num_experts(), cfg.d_model()}, false)),
       router_(cfg.moe().num_experts(), cfg.moe().top_k(), cfg.d_model(), router_options(cfg.moe(), seed)),
       dispatcher_(ep, cfg.moe().num_experts()),
-      bank_(ps, prefix + ".experts",
+      bank_(ps, ws, prefix + ".experts",
             ExpertBankDims{cfg.moe().num_experts() / ep_size(ep), cfg.d_model(), cfg.moe().d_expert(),
-                           cfg.activation()}) {}
+                           cfg.activation(), dispatcher_.first_local_expert()}) {}
+
+void MoeFfn::capture_state(UnitState& s) const { s.rngs[prefix_] = router_.rng_state(); }
+
+bool MoeFfn::restore_state(const UnitState& s) {
+  auto it = s.rngs.find(prefix_);
+  if (it == s.rngs.end()) return false;
+  router_.set_rng_state(it->second);
+  return true;
+}
 
 void MoeFfn::reset_timings() {
   expert_seconds_ = route_seconds_ = combine_seconds_ = 0;
@@ -105,7 +97,8 @@ void MoeFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   const float* rows = dispatcher_.dispatch(last_.plan, x, C_);
   t0 = clk::now();
   float* out = grow(expert_out_, std::max<int64_t>(dispatcher_.local_rows(), 1) * C_);
-  bank_.forward(out, rows, dispatcher_.local_offsets().data());
+  const auto& used = dispatcher_.local_experts();
+  bank_.forward(out, rows, used.data(), dispatcher_.group_offsets().data(), static_cast<int64_t>(used.size()));
   expert_seconds_ += since(t0);
   y_rows_ = dispatcher_.combine_rows(out, C_);
   t0 = clk::now();
@@ -134,40 +127,39 @@ void MoeFfn::backward(const FfnContext&, float* dx, const float* dy, int N) {
 }
 
 FfnStats MoeFfn::stats() const {
+  const router::DispatchPlan& plan = last_.plan;
   FfnStats s;
   s.has_router = true;
   s.aux_loss = last_.aux_loss;
-  s.dropped_fraction = last_.plan.dropped_fraction();
-  s.load_min = last_.plan.load_min();
-  s.load_max = last_.plan.load_max();
+  s.dropped_fraction = plan.dropped_fraction();
+  s.load_min = plan.load_min();
+  s.load_max = plan.load_max();
+  s.expert_load.assign(plan.counts.begin(), plan.counts.end());
+  s.experts_used = std::count_if(plan.counts.begin(), plan.counts.end(), [](int32_t c) { return c > 0; });
   return s;
 }
 
 
 // ================================================================== WordExpertFfn
-WordExpertFfn::WordExpertFfn(ParamStore& ps, const std::string& prefix, const proto::ModelConfig& cfg,
-                             comm::Communicator* ep, const std::vector<int64_t>* token_counts,
-                             const std::vector<int32_t>* table)
-    : C_(cfg.d_model()),
+WordExpertFfn::WordExpertFfn(ParamStore& ps, Workspace& ws, const std::string& prefix,
+                             const proto::ModelConfig& cfg, comm::Communicator* ep,
+                             const std::vector<int64_t>* token_counts)
+    : prefix_(prefix),
+      vocab_size_(cfg.vocab_size()),
+      num_frequent_(cfg.word_experts().num_frequent()),
+      C_(cfg.d_model()),
       E_(cfg.word_experts().num_experts()),
       dispatcher_(ep, cfg.word_experts().num_experts()),
-      table_(ps, prefix + ".experts",
+      table_(ps, ws, prefix + ".experts",
              WordExpertDims{cfg.word_experts().num_experts() / ep_size(ep), cfg.d_model(),
-                            cfg.word_experts().d_expert(), cfg.activation()}),
+                            cfg.word_experts().d_expert(), cfg.activation(), dispatcher_.first_local_expert()}),
       placement_(E_, cfg.word_experts().placement() == proto::WordExpertConfig::PLACEMENT_UNSET
                          ? proto::WordExpertConfig::PLACEMENT_INTERLEAVED
                          : cfg.word_experts().placement()) {
   const auto& w = cfg.word_experts();
   if (w.hash_routing()) {
     hash_.emplace(E_);
-  } else if (table && !table->empty()) {
-    MOE_CHECK(static_cast<int>(table->size()) == cfg.vocab_size(),
-              prefix << ": stored routing table has " << table->size() << " entries, model.vocab_size is "
-                     << cfg.vocab_size());
-    vocab_.emplace(router::VocabRouter::load(*table, E_, w.num_frequent()));
-  } else {
-    MOE_CHECK(token_counts, prefix << ": vocabulary routing needs corpus token counts (or a stored table); "
-                                      "set model.word_experts.hash_routing to route by hash");
+  } else if (token_counts) {
     MOE_CHECK(static_cast<int>(token_counts->size()) == cfg.vocab_size(),
               prefix << ": token counts cover " << token_counts->size() << " ids, model.vocab_size is "
                      << cfg.vocab_size());
@@ -175,10 +167,25 @@ WordExpertFfn::WordExpertFfn(ParamStore& ps, const std::string& prefix, const pr
   }
 }
 
-std::vector<int32_t> WordExpertFfn::routing_table() const { return vocab_ ? vocab_->table() : std::vector<int32_t>(); }
+void WordExpertFfn::capture_state(UnitState& s) const {
+  if (vocab_) s.tables[prefix_] = vocab_->table();
+}
+
+bool WordExpertFfn::restore_state(const UnitState& s) {
+  if (hash_) return true;  // nothing to restore
+  auto it = s.tables.find(prefix_);
+  if (it == s.tables.end()) return false;
+  MOE_CHECK(static_cast<int>(it->second.size()) == vocab_size_,
+            prefix_ << ": stored routing table has " << it->second.size() << " entries, model.vocab_size is "
+                    << vocab_size_);
+  vocab_.emplace(router::VocabRouter::load(it->second, E_, num_frequent_));
+  return true;
+}
 
 void WordExpertFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   MOE_CHECK(ctx.token_ids, "word-expert FFN needs the token ids of its rows");
+  MOE_CHECK(vocab_ || hash_, prefix_ << ": no routing table (build the model with corpus token counts, or load the "
+                                        "table from a checkpoint)");
   // The routing table gives logical experts (word experts 0..W-1 in descending token frequency, then shared ones).
   // Experts are sharded over the EP group in contiguous blocks, so the logical ids are placed by a fixed
   // permutation of [0, E) first (model.word_experts.placement): otherwise every frequent token would land on the
@@ -217,52 +224,8 @@ FfnStats WordExpertFfn::stats() const {
   s.dropped_fraction = plan_.dropped_fraction();
   s.load_min = plan_.load_min();
   s.load_max = plan_.load_max();
+  s.experts_used = std::count_if(plan_.counts.begin(), plan_.counts.end(), [](int32_t c) { return c > 0; });
   return s;
-}
-
-// ================================================================== factory and helpers
-FfnFactory make_ffn_factory(const FfnBuildContext& ctx) {
-  return [ctx](ParamStore& ps, const std::string& prefix, const proto::ModelConfig& cfg,
-               int layer) -> std::unique_ptr<FfnUnit> {
-    switch (layer_ffn_kind(cfg, layer)) {
-      case proto::FFN_MOE:
-        return std::make_unique<MoeFfn>(ps, prefix, cfg, ctx.ep, ctx.seed ^ name_hash(prefix));
-      case proto::FFN_WORD_EXPERT: {
-        auto it = ctx.routing_tables.find(prefix);
-        return std::make_unique<WordExpertFfn>(ps, prefix, cfg, ctx.ep, ctx.token_counts,
-                                               it == ctx.routing_tables.end() ? nullptr : &it->second);
-      }
-      default:
-        return std::make_unique<DenseFfn>(ps, prefix, cfg.d_model(), cfg.d_ff(), cfg.activation());
-    }
-  };
-}
-
-void init_expert_weights(Model& model, uint64_t seed) {
-  const auto& cfg = model.config();
-  const float std = cfg.init_std();
-  const float down_std = std / std::sqrt(2.0f * cfg.n_layers());
-  for (int l = 0; l < model.n_layers(); ++l) {
-    const Dispatcher* d = nullptr;
-    if (auto* m = dynamic_cast<MoeFfn*>(&model.ffn(l))) d = &m->dispatcher();
-    if (auto* w = dynamic_cast<WordExpertFfn*>(&model.ffn(l))) d = &w->dispatcher();
-    if (!d) continue;
-    const std::string prefix = "layers." + std::to_string(l) + ".ffn.experts";
-    for (const std::string name : {".w_gate", ".w_up", ".w_down", ".b_up", ".b_down"}) {
-      Param* p = model.params().find(prefix + name);
-      if (!p) continue;
-      const float s = name[1] == 'b' ? 0.0f : (name == ".w_down" ? down_std : std);
-      init_by_global_expert(p, d->first_local_expert(), seed ^ name_hash(prefix + name), s);
-    }
-  }
-}
-
-std::map<std::string, std::vector<int32_t>> routing_tables(Model& model) {
-  std::map<std::string, std::vector<int32_t>> out;
-  for (int l = 0; l < model.n_layers(); ++l)
-    if (auto* w = dynamic_cast<WordExpertFfn*>(&model.ffn(l)))
-      out["layers." + std::to_string(l) + ".ffn"] = w->routing_table();
-  return out;
 }
 
 }  // namespace moe::experts

@@ -1,7 +1,8 @@
 // The MoE FFN units that plug into a decoder block (core/layers.h FfnUnit):
 //   MoeFfn         learned top-k router + dispatcher (all-to-all over the expert-parallel group) + ExpertBank
 //   WordExpertFfn  vocabulary (or hash) router + dispatcher + WordExpertTable (MoWE)
-// and the factory that builds a model's FFN units from its config (dense / MoE / word-expert per layer).
+// Each unit owns its parameters (with their init and sharding), its extra state (a router's jitter RNG, a routing
+// table: capture_state / restore_state) and its statistics. experts/build_model.h puts them into a model.
 #pragma once
 #include <map>
 #include <memory>
@@ -22,21 +23,22 @@ namespace moe::experts {
 class MoeFfn : public FfnUnit {
  public:
   // Registers <prefix>.router.weight [E,C] (replicated) and <prefix>.experts.* (this rank's E/P experts).
-  MoeFfn(ParamStore& ps, const std::string& prefix, const proto::ModelConfig& cfg, comm::Communicator* ep,
-         uint64_t seed);
+  MoeFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const proto::ModelConfig& cfg,
+         comm::Communicator* ep, uint64_t seed);
   void forward(const FfnContext& ctx, float* y, const float* x, int N) override;
   void backward(const FfnContext& ctx, float* dx, const float* dy, int N) override;
   double extra_loss() const override { return last_.loss; }
   FfnStats stats() const override;
+  void capture_state(UnitState& s) const override;  // the jitter RNG
+  bool restore_state(const UnitState& s) override;
   Dispatcher& dispatcher() { return dispatcher_; }
-  ExpertBank& bank() { return bank_; }
-  router::LearnedRouter& router() { return router_; }  // e.g. its jitter RNG state, saved with checkpoints
   double expert_seconds() const { return expert_seconds_; }
   double route_seconds() const { return route_seconds_; }
   double combine_seconds() const { return combine_seconds_; }
   void reset_timings();
 
  private:
+  std::string prefix_;
   int C_, E_;
   Param* w_router_;
   router::LearnedRouter router_;
@@ -69,17 +71,20 @@ class WordExpertFfn : public FfnUnit {
  public:
   // Registers <prefix>.experts.* (this rank's E/P word experts, row-sparse). The routing table comes from
   // `table` (a checkpoint) or, if empty, is built from `token_counts` (vocabulary routing) or is a hash.
-  WordExpertFfn(ParamStore& ps, const std::string& prefix, const proto::ModelConfig& cfg, comm::Communicator* ep,
-                const std::vector<int64_t>* token_counts, const std::vector<int32_t>* table);
+  // The routing table is built from `token_counts` (vocabulary routing, new models) or set by restore_state (a
+  // checkpoint's table); with neither, forward throws naming the layer. Hash routing needs neither.
+  WordExpertFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const proto::ModelConfig& cfg,
+                comm::Communicator* ep, const std::vector<int64_t>* token_counts);
   void forward(const FfnContext& ctx, float* y, const float* x, int N) override;
   void backward(const FfnContext& ctx, float* dx, const float* dy, int N) override;
   FfnStats stats() const override;
-  // the routing table to store with the model (empty for hash routing)
-  std::vector<int32_t> routing_table() const;
-  WordExpertTable& table() { return table_; }
+  void capture_state(UnitState& s) const override;  // the routing table (vocabulary routing)
+  bool restore_state(const UnitState& s) override;
   Dispatcher& dispatcher() { return dispatcher_; }
 
  private:
+  std::string prefix_;
+  int vocab_size_, num_frequent_;
   int C_, E_;
   std::optional<router::VocabRouter> vocab_;
   std::optional<router::HashRouter> hash_;
@@ -90,24 +95,5 @@ class WordExpertFfn : public FfnUnit {
   std::vector<int32_t> expert_ids_;    // [N] scattered expert of each token
   std::vector<float> expert_out_;
 };
-
-// What the FFN factory needs beyond the config: the expert-parallel communicator, corpus token counts (to build
-// vocabulary routing tables) and routing tables loaded from a checkpoint (by layer prefix).
-struct FfnBuildContext {
-  comm::Communicator* ep = nullptr;
-  const std::vector<int64_t>* token_counts = nullptr;
-  std::map<std::string, std::vector<int32_t>> routing_tables;
-  uint64_t seed = 0;
-};
-
-// An FfnFactory for core::Model: dense, MoE or word-expert FFN per layer (model.ffn_pattern).
-FfnFactory make_ffn_factory(const FfnBuildContext& ctx);
-
-// Initialises the expert weights of every MoE / word-expert unit of the model deterministically by GLOBAL expert
-// id (so 1-rank and N-rank models hold the same experts). Call after Model::init_weights.
-void init_expert_weights(Model& model, uint64_t seed);
-
-// Routing tables of the model's word-expert layers, by layer prefix (to save with a checkpoint).
-std::map<std::string, std::vector<int32_t>> routing_tables(Model& model);
 
 }  // namespace moe::experts

@@ -34,7 +34,7 @@
 #include <string>
 #include <vector>
 
-#include "launcher/model_state.h"
+#include "core/tensor.h"
 #include "launcher/parallel.h"
 #include "proto/manifest.pb.h"
 
@@ -49,6 +49,15 @@ namespace moe::launcher {
 //   MOE_CKPT_FAULT_RANK=r       the rank whose writer fails (default 0)
 //   MOE_CKPT_FAULT_STEP=s       only the save of step s (default: every save)
 //   MOE_CKPT_FAULT_AFTER=k      after that rank has written k datasets of the save (default 0: before the first)
+// One tensor of this rank's state. A replicated tensor is the same on every rank; an expert-sharded one holds
+// this rank's rows [ep_rank * El, (ep_rank + 1) * El) of the global [E, ...] tensor. Tensors alias the live
+// state (no copy).
+struct LocalTensor {
+  std::string name;
+  Tensor tensor;
+  bool sharded = false;
+};
+
 struct SaveFault {
   enum Mode { kNone, kKill, kError, kSlow };
   Mode mode = kNone;

@@ -22,7 +22,7 @@
 #include "core/model.h"
 #include "core/params.h"
 #include "core/rng.h"
-#include "experts/moe_layer.h"
+#include "experts/build_model.h"
 
 namespace fs = std::filesystem;
 
@@ -165,11 +165,11 @@ std::map<std::string, std::vector<int32_t>> routing_of(const std::vector<ckpt::N
 // rank holding every expert.
 std::vector<std::pair<std::string, Shape>> expected_params(const Config& cfg,
                                                            const std::map<std::string, std::vector<int32_t>>& rt) {
-  experts::FfnBuildContext fctx;
-  fctx.routing_tables = rt;
-  Model model(cfg.model(), experts::make_ffn_factory(fctx));
+  UnitState state;
+  state.tables = rt;
+  auto model = experts::build_model(cfg, {.state = &state, .init = false});
   std::vector<std::pair<std::string, Shape>> out;
-  for (const Param* p : model.params().all()) out.emplace_back(p->name, p->value.shape());
+  for (const Param* p : model->params().all()) out.emplace_back(p->name, p->value.shape());
   return out;
 }
 

@@ -21,12 +21,11 @@
 #include "core/model.h"
 #include "core/threads.h"
 #include "core/trainer.h"
-#include "experts/moe_layer.h"
-#include "launcher/ckpt_save.h"
 #include "launcher/ckpt_tool.h"
 #include "launcher/launch_env.h"
-#include "launcher/model_state.h"
 #include "launcher/parallel.h"
+#include "launcher/run_state.h"
+#include "launcher/train.h"
 
 namespace fs = std::filesystem;
 
@@ -50,7 +49,9 @@ const char* kUsage =
     "  --set path=value   override any config field by path, e.g. --set model.d_model=256 (repeatable)\n"
     "  --threads N        OpenMP/OpenBLAS threads per rank (default: train.threads; 0 = the node's cores divided\n"
     "                     among the ranks on the node)\n"
-    "  --loss-log FILE    train: append 'step loss' per step, the loss as an exact hex float (resume checks)\n";
+    "  --loss-log FILE    train: append 'step loss' per step, the loss as an exact hex float (resume checks)\n"
+    "  --metrics FILE     train: append one JSON line per logged step and per evaluation (loss, lr, grad norm,\n"
+    "                     tokens/s, per-layer router loss, dropped fraction, per-expert load)\n";
 
 struct Args {
   std::string command;
@@ -62,6 +63,7 @@ struct Args {
   int threads = -1;
   int ranks_on_node = 1;  // from the launcher: "all cores" is divided among the ranks of one node
   std::string loss_log;
+  std::string metrics;
   std::vector<std::string> overrides;
 };
 
@@ -81,6 +83,7 @@ Args parse_args(int argc, char** argv) {
     else if (k == "--set") a.overrides.push_back(value("--set"));
     else if (k == "--resume") a.resume = true;
     else if (k == "--loss-log") a.loss_log = value("--loss-log");
+    else if (k == "--metrics") a.metrics = value("--metrics");
     else if (k == "--threads") {
       std::string v = value("--threads");
       try { a.threads = std::stoi(v); } catch (...) { MOE_THROW("--threads: '" << v << "' is not an integer"); }
@@ -98,34 +101,6 @@ Config resolve_config(const Args& a) {
   return cfg;
 }
 
-volatile std::sig_atomic_t g_stop_signal = 0;
-void on_signal(int sig) { g_stop_signal = sig; }
-
-// Tokenizer: the configured model, or one trained from the corpus into out_dir (reused when present).
-std::string prepare_tokenizer(const Config& cfg, Parallel& par) {
-  if (!cfg.data().tokenizer_model().empty()) return cfg.data().tokenizer_model();
-  const std::string path = cfg.train().out_dir() + "/tokenizer.model";
-  // rank 0 trains it (once per run directory); the others wait for it
-  const bool need = !fs::exists(path);
-  if (need && par.rank() == 0) {
-    fs::create_directories(cfg.train().out_dir());
-    MOE_INFO("training a " << cfg.data().tokenizer_type() << " tokenizer (" << cfg.data().tokenizer_vocab_size()
-                           << " pieces) on " << cfg.data().train_file() << " -> " << path);
-    Tokenizer::train(cfg.data().train_file(), path + ".tmp.model", cfg.data().tokenizer_vocab_size(),
-                     cfg.data().tokenizer_type(), cfg.train().threads());
-    fs::rename(path + ".tmp.model", path);
-    fs::remove(path + ".tmp.vocab");
-  }
-  par.world().barrier();
-  return path;
-}
-
-std::vector<int64_t> token_counts(const Corpus& c, int V) {
-  std::vector<int64_t> counts(V, 0);
-  for (int32_t t : c.train) ++counts[t];
-  return counts;
-}
-
 // --threads, else the config's train.threads; 0 = this node's cores shared by the ranks on it (mpirun -np 2 on a
 // 2-core machine: 1 thread each, not 2 ranks x 2 threads fighting over 2 cores)
 int threads_for(const Args& a, int config_threads) {
@@ -137,197 +112,13 @@ int threads_for(const Args& a, int config_threads) {
 
 int cmd_train(const Args& a, Parallel& par) {
   Config cfg = resolve_config(a);
-  validate_config(cfg, /*needs_data=*/true);
-  MOE_CHECK(cfg.data().batch_size() % par.size() == 0,
-            "config field data.batch_size = " << cfg.data().batch_size() << ": must be divisible by the world size "
-                                              << par.size() << " (each rank trains on an equal share)");
-  const int threads = set_num_threads(threads_for(a, cfg.train().threads()));
-  const std::string ckpt_root = cfg.train().out_dir() + "/checkpoints";
-  const bool lead = par.rank() == 0;
-
-  Tokenizer tok(prepare_tokenizer(cfg, par));
-  if (cfg.model().vocab_size() == 0) cfg.mutable_model()->set_vocab_size(tok.vocab_size());
-  MOE_CHECK(cfg.model().vocab_size() == tok.vocab_size(),
-            "config field model.vocab_size = " << cfg.model().vocab_size() << " does not match the tokenizer's "
-                                               << tok.vocab_size() << " pieces (set it to 0 to take it from the tokenizer)");
-  Corpus corpus = load_corpus(tok, cfg.data().train_file(), cfg.data().val_fraction());
-  const std::vector<int64_t> counts = token_counts(corpus, tok.vocab_size());
-
-  // a checkpoint to resume from (its routing tables are needed to build the model)
-  std::string resume_dir;
-  proto::Manifest manifest;
-  std::unique_ptr<ckpt::Reader> reader;
-  if (a.resume && fs::exists(ckpt_root + "/latest")) {
-    resume_dir = ckpt::resolve(ckpt_root);
-    manifest = ckpt::read_manifest(resume_dir);
-    reader = std::make_unique<ckpt::Reader>(resume_dir, manifest);
-    // the stored tables keep the row placement they were trained with, whatever the config file says
-    const auto& saved = manifest.config().model().word_experts();
-    if (cfg.model().has_word_experts() && saved.placement() != cfg.model().word_experts().placement()) {
-      if (lead)
-        MOE_INFO("--resume: model.word_experts.placement " << proto::WordExpertConfig::Placement_Name(saved.placement())
-                                                          << " taken from the checkpoint");
-      cfg.mutable_model()->mutable_word_experts()->set_placement(saved.placement());
-    }
-  }
-  experts::FfnBuildContext fctx;
-  fctx.ep = par.expert_group();
-  fctx.token_counts = &counts;
-  fctx.seed = cfg.train().seed();
-  if (reader) fctx.routing_tables = read_routing_tables(*reader, manifest);
-  Model model(cfg.model(), experts::make_ffn_factory(fctx));
-  model.init_weights(cfg.train().seed());
-  experts::init_expert_weights(model, cfg.train().seed());
-  Trainer trainer(cfg, model, corpus);
-
-  int start_step = 0;
-  if (reader) {
-    restore_state(*reader, model.params(), &trainer.optimizer(), par.ep_rank());
-    trainer.optimizer().set_t(manifest.optimizer_t());
-    MOE_CHECK(manifest.loader_rng_size() == 4, "checkpoint " << resume_dir << ": manifest has no data-loader state");
-    trainer.loader().set_state({manifest.loader_rng(0), manifest.loader_rng(1), manifest.loader_rng(2),
-                                manifest.loader_rng(3)});
-    start_step = static_cast<int>(manifest.step());
-    const int routers = static_cast<int>(router_rng_states(model).size());
-    const int restored = restore_router_rng(model, manifest);
-    if (lead) MOE_INFO("resumed from " << resume_dir << " at step " << start_step);
-    if (lead && restored < routers && cfg.model().moe().jitter_eps() > 0)
-      MOE_INFO("checkpoint has no router jitter RNG state for "
-               << routers - restored << " learned router(s): their noise restarts from the seed");
-  } else if (a.resume) {
-    if (lead) MOE_INFO("--resume: no checkpoint under " << ckpt_root << ", starting fresh");
-  }
-  if (lead) {
-    // leftovers of an interrupted save (a crash or kill while writing): never loaded, removed here
-    for (const std::string& n : ckpt::remove_stale_saves(ckpt_root))
-      MOE_INFO("removed " << ckpt_root << "/" << n << " (an incomplete checkpoint from an interrupted save)");
-    fs::create_directories(cfg.train().out_dir());
-    std::ofstream f(cfg.train().out_dir() + "/config.txt");
-    f << config_to_text(cfg);
-    MOE_INFO("model: " << cfg.model().n_layers() << " layers, d_model " << cfg.model().d_model() << ", heads "
-                       << cfg.model().n_heads() << "/" << cfg.model().n_kv_heads() << " (q/kv), vocab "
-                       << cfg.model().vocab_size() << ", " << model.params().numel() << " parameters on rank 0");
-    MOE_INFO("parallel: world " << par.size() << " = data " << par.dp_size() << " x expert " << par.ep_size()
-                                << "; threads per rank " << threads);
-    MOE_INFO("data: " << corpus.train.size() << " train / " << corpus.val.size()
-                      << " val tokens; unigram entropy (context-free baseline) " << corpus.unigram_entropy << " nats");
-  }
-
-  std::signal(SIGTERM, on_signal);
-  std::signal(SIGUSR1, on_signal);
-  std::signal(SIGINT, on_signal);
-  TrainHooks hooks;
-  hooks.print = lead;
-  hooks.shard_rank = par.rank();
-  hooks.shard_count = par.size();
-  if (par.size() > 1) {
-    hooks.mean_over_ranks = [&](double v) { return par.mean(v); };
-    hooks.reduce_grads = [&](ParamStore& ps) { par.reduce_grads(ps); };
-    hooks.sum_over_expert_group = [&](double v) { return par.sum_expert_group(v); };
-  }
-  // Fault injection for tests of the failure path: MOE_FAULT_RANK=r MOE_FAULT_STEP=s makes rank r throw at step s.
-  const char* fault_rank = std::getenv("MOE_FAULT_RANK");
-  const char* fault_step = std::getenv("MOE_FAULT_STEP");
-  int step_seen = start_step;
-  hooks.should_stop = [&] {
-    ++step_seen;
-    if (fault_rank && fault_step && std::atoi(fault_rank) == par.rank() && std::atoi(fault_step) == step_seen)
-      MOE_THROW("injected fault (MOE_FAULT_RANK=" << fault_rank << ", MOE_FAULT_STEP=" << fault_step << ")");
-    return par.any(g_stop_signal != 0);
-  };
-  // Checkpoints: every rank writes its own part (launcher/ckpt_save.h); with checkpoint.async the writes run in
-  // the background and are committed by the first step after every rank's writer finished (or by the next save,
-  // or by the final save at the end / on a stop signal, which is synchronous).
-  CheckpointSaver saver(par, {ckpt_root, cfg.checkpoint().async(), cfg.checkpoint().keep_last(),
-                              SaveFault::from_env(), {}});
-  // the snapshot buffers, allocated now rather than in the first save's step (only the final save, which is
-  // synchronous, is taken when checkpoint.every is 0)
-  if (cfg.checkpoint().async() && cfg.checkpoint().every() > 0)
-    saver.prepare(collect_local_state(model.params(), &trainer.optimizer(), experts::routing_tables(model)));
-  auto log_commit = [&](const std::string& dir) {
-    if (lead && !dir.empty()) MOE_INFO("checkpoint " << dir);
-  };
-  hooks.maybe_checkpoint = [&](int step, bool final) {
-    log_commit(saver.poll());  // collective while an asynchronous save is pending
-    const int every = cfg.checkpoint().every();
-    if (!final && !(every > 0 && step % every == 0)) return;
-    if (lead && saver.pending())
-      MOE_INFO("waiting for the background checkpoint to finish before the checkpoint of step " << step);
-    log_commit(saver.finish());  // the previous save first: never two in flight
-    ckpt::SaveRequest base;
-    base.config = &cfg;
-    base.step = step;
-    base.optimizer_t = trainer.optimizer().t();
-    base.loader_rng = trainer.loader().state();
-    base.router_rng = router_rng_states(model);
-    base.tokenizer_blob = &tok.serialized();
-    base.world_size = par.size();
-    SaveState st;
-    st.step = step;
-    st.tensors = collect_local_state(model.params(), &trainer.optimizer(), experts::routing_tables(model));
-    st.manifest = ckpt::base_manifest(base);
-    st.tokenizer_blob = &tok.serialized();
-    const std::string dir = saver.save(std::move(st), /*wait=*/final);
-    if (dir.empty()) {
-      if (lead) MOE_INFO("checkpoint of step " << step << ": writing in the background");
-    } else {
-      log_commit(dir);
-    }
-  };
-  std::ofstream loss_log;
-  if (!a.loss_log.empty() && lead) {
-    loss_log.open(a.loss_log, std::ios::app);
-    MOE_CHECK(loss_log.good(), "--loss-log: cannot open '" << a.loss_log << "'");
-    hooks.on_step = [&](const StepRecord& r) {
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "%d %a\n", r.step, static_cast<double>(r.loss));
-      loss_log << buf << std::flush;
-    };
-  }
-  if (start_step >= cfg.train().steps()) {
-    if (lead) MOE_INFO("nothing to do: checkpoint step " << start_step << " >= train.steps " << cfg.train().steps());
-    return 0;
-  }
-  trainer.run(hooks, start_step);
-  log_commit(saver.finish());  // (the final save is synchronous; this only guards against a pending one)
-  if (g_stop_signal || par.any(false)) {
-    if (lead) MOE_INFO("stopped by a signal after checkpointing");
-    return 3;  // requeue code for batch scripts
-  }
-  return 0;
-}
-
-struct LoadedModel {
-  Config cfg;
-  std::string dir;
-  std::unique_ptr<Tokenizer> tok;
-  std::unique_ptr<Model> model;
-  proto::Manifest manifest;
-};
-
-LoadedModel load_from_checkpoint(const Args& a) {
-  MOE_CHECK(!a.checkpoint.empty(), "'moe " << a.command << "' needs --checkpoint DIR");
-  LoadedModel lm;
-  lm.dir = ckpt::resolve(a.checkpoint);
-  lm.manifest = ckpt::read_manifest(lm.dir);
-  lm.cfg = lm.manifest.config();
-  for (const auto& o : a.overrides) apply_override(lm.cfg, o);
-  fill_defaults(lm.cfg);
-  validate_config(lm.cfg, false);
-  MOE_CHECK(!lm.manifest.tokenizer_file().empty(), "checkpoint " << lm.dir << " has no tokenizer");
-  lm.tok = std::make_unique<Tokenizer>(lm.dir + "/" + lm.manifest.tokenizer_file());
-  // a single-rank model holds every expert: the checkpoint stores expert tensors with their global shapes
-  lm.cfg.mutable_parallel()->set_expert_parallel(1);
-  ckpt::Reader reader(lm.dir, lm.manifest);
-  experts::FfnBuildContext fctx;
-  fctx.routing_tables = read_routing_tables(reader, lm.manifest);
-  lm.model = std::make_unique<Model>(lm.cfg.model(), experts::make_ffn_factory(fctx));
-  restore_state(reader, lm.model->params(), nullptr, 0);
-  return lm;
+  TrainOptions opt{a.resume, set_num_threads(threads_for(a, cfg.train().threads())), a.ranks_on_node, a.loss_log,
+                   a.metrics};
+  return run_training(std::move(cfg), opt, par);
 }
 
 int cmd_generate(const Args& a) {
-  LoadedModel lm = load_from_checkpoint(a);
+  LoadedModel lm = load_for_inference(a.checkpoint, a.overrides);
   set_num_threads(threads_for(a, lm.cfg.train().threads()));
   std::string prompt = a.prompt_set ? a.prompt : "\n";
   std::vector<int32_t> ids = lm.tok->encode(prompt);
@@ -338,7 +129,7 @@ int cmd_generate(const Args& a) {
 }
 
 int cmd_eval(const Args& a) {
-  LoadedModel lm = load_from_checkpoint(a);
+  LoadedModel lm = load_for_inference(a.checkpoint, a.overrides);
   set_num_threads(threads_for(a, lm.cfg.train().threads()));
   validate_config(lm.cfg, true);
   Corpus corpus = load_corpus(*lm.tok, lm.cfg.data().train_file(), lm.cfg.data().val_fraction());

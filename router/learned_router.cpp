@@ -80,7 +80,7 @@ RouterOutput LearnedRouter::forward(const float* x /*[N,C]*/, const float* w_rou
   // 4. capacity assignment, slot-major (all 1st choices before any 2nd choice), tokens by index within a slot
   RouterOutput out;
   DispatchPlan& plan = out.plan;
-  const int cap = opts_.dropless ? -1 : expert_capacity(N, k, E, opts_.capacity_factor);
+  const int cap = opts_.dropless || !training ? -1 : expert_capacity(N, k, E, opts_.capacity_factor);
   plan.reset(N, k, E, cap);
   kept_.assign(static_cast<size_t>(N) * k, 0);
   std::vector<int32_t> fill(E, 0);

@@ -13,6 +13,7 @@
 // of token n, rows = number of kept slots = length of the permuted buffer.
 // Everything is deterministic given the inputs and the seed; nothing here knows about MPI or devices.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -127,7 +128,7 @@ struct RouterOutput {
 //   top-k on the logits (same order as the scores for both score functions), descending, TIE-BREAK: the lower
 //   expert index wins; the k experts of a token are always distinct;
 //   gates: the selected scores, renormalised to sum 1 when normalize_topk and k > 1;
-//   capacity (unless dropless): slot-major priority as GShard / Switch: every token's 1st choice is assigned a
+//   capacity (unless dropless, or not training): slot-major priority as GShard / Switch: every token's 1st choice is assigned a
 //   position before any 2nd choice, and within a slot tokens go by index; a slot finding its expert full is
 //   dropped (expert -1, gate 0, position -1). Gates are normalised BEFORE dropping.
 //   aux loss = E * sum_e f_e * P_e, f_e = (token-slots choosing e before dropping) / (N*k) (a constant),
@@ -142,6 +143,7 @@ class LearnedRouter {
   LearnedRouter(int num_experts, int k, int channels, const LearnedRouterOptions& opts = {});
 
   // x[N,C], w_router[E,C]. Keeps what backward needs (a copy of x', scores, choices) until the next forward.
+  // Capacity and jitter apply only when `training`: inference (evaluation, generation, serving) is dropless.
   RouterOutput forward(const float* x /*[N,C]*/, const float* w_router /*[E,C]*/, int N, bool training);
 
   // Backward of L = sum_s dgate[s] * gate[s] + loss_scale * (aux_loss_coef * aux + z_loss_coef * z) for the
@@ -164,6 +166,8 @@ class LearnedRouter {
   const std::vector<float>& expert_fraction() const { return f_; }      // [E] f_e of the aux loss
   // The jitter RNG (its state belongs in a checkpoint for bit-exact resumption).
   Rng& rng() { return rng_; }
+  std::array<uint64_t, 4> rng_state() const { return rng_.state(); }
+  void set_rng_state(const std::array<uint64_t, 4>& s) { rng_.set_state(s); }
 
  private:
   int E_, k_, C_;

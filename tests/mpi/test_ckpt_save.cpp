@@ -19,7 +19,8 @@
 #include "core/optimizer.h"
 #include "experts/moe_layer.h"
 #include "launcher/ckpt_save.h"
-#include "launcher/model_state.h"
+#include "launcher/run_state.h"
+#include "experts/build_model.h"
 #include "launcher/parallel.h"
 #include "tests/unit/oracle.h"
 
@@ -99,13 +100,8 @@ struct Trained {
   std::unique_ptr<Model> model;
   std::unique_ptr<AdamW> opt;
   Trained(launcher::Parallel* par, int ep) : cfg(save_config(ep)), counts(counts_for(41)) {
-    experts::FfnBuildContext ctx;
-    ctx.ep = par ? par->expert_group() : nullptr;
-    ctx.token_counts = &counts;
-    ctx.seed = 5;
-    model = std::make_unique<Model>(cfg.model(), experts::make_ffn_factory(ctx));
-    model->init_weights(5);
-    experts::init_expert_weights(*model, 5);
+    cfg.mutable_train()->set_seed(5);
+    model = experts::build_model(cfg, {.ep = par ? par->expert_group() : nullptr, .token_counts = &counts});
     opt = std::make_unique<AdamW>(model->params(), cfg.optimizer());
   }
   void step(launcher::Parallel& par) {
@@ -129,13 +125,15 @@ launcher::SaveState state_of(Trained& t, launcher::Parallel& par, int64_t step, 
   base.step = step;
   base.optimizer_t = t.opt->t();
   base.loader_rng = {1, 2, 3, 4};
-  base.router_rng = launcher::router_rng_states(*t.model);
   base.tokenizer_blob = tok;
   base.world_size = par.size();
   launcher::SaveState st;
   st.step = step;
-  st.tensors = launcher::collect_local_state(t.model->params(), t.opt.get(), experts::routing_tables(*t.model));
+  const launcher::RunState rs{step, t.opt->t(), {1, 2, 3, 4}, t.model->unit_state()};
+  st.tensors = launcher::collect_local_state(t.model->params(), t.opt.get());
+  for (auto& r : rs.tensors()) st.tensors.push_back(r);
   st.manifest = ckpt::base_manifest(base);
+  rs.to_manifest(st.manifest);
   st.tokenizer_blob = tok;
   return st;
 }
@@ -249,8 +247,8 @@ TEST(CheckpointSave, PerRankShardsSyncAndAsyncAgreeAndRestore) {
       const proto::Manifest m = ckpt::read_manifest(dir.path + "/step_2");
       ckpt::Reader r(dir.path + "/step_2", m);
       Trained back(&par, ep);
-      launcher::restore_state(r, back.model->params(), back.opt.get(), par.ep_rank());
-      EXPECT_EQ(launcher::restore_router_rng(*back.model, m), 1);
+      launcher::restore_state(r, back.model->params(), back.opt.get());
+      EXPECT_EQ(back.model->restore_unit_state(launcher::RunState::read(r, m).units), 0);
       const auto& pa = t.model->params().all();
       const auto& pb = back.model->params().all();
       for (size_t i = 0; i < pa.size(); ++i) {
@@ -259,9 +257,9 @@ TEST(CheckpointSave, PerRankShardsSyncAndAsyncAgreeAndRestore) {
         expect_same_bytes(t.opt->v()[i], back.opt->v()[i], "v of " + pa[i]->name);
         if (pa[i]->row_sparse) expect_same_bytes(t.opt->row_t()[i], back.opt->row_t()[i], "row_t of " + pa[i]->name);
       }
-      const auto sa = launcher::router_rng_states(*t.model), sb = launcher::router_rng_states(*back.model);
+      const auto sa = t.model->unit_state().rngs, sb = back.model->unit_state().rngs;
       ASSERT_EQ(sa.size(), 1u);
-      EXPECT_EQ(sa[0].SerializeAsString(), sb[0].SerializeAsString());
+      EXPECT_EQ(sa, sb);
     }
     // a one-rank model (every expert) restores the gathered global state
     std::vector<Tensor> global;
@@ -271,7 +269,7 @@ TEST(CheckpointSave, PerRankShardsSyncAndAsyncAgreeAndRestore) {
       const proto::Manifest m = ckpt::read_manifest(dir.path + "/step_1");
       ckpt::Reader r(dir.path + "/step_1", m);
       Trained one(nullptr, 1);
-      launcher::restore_state(r, one.model->params(), one.opt.get(), 0);
+      launcher::restore_state(r, one.model->params(), one.opt.get());
       const auto& ps = one.model->params().all();
       for (size_t i = 0; i < ps.size(); ++i) expect_same_bytes(ps[i]->value, global[i], "global " + ps[i]->name);
     }

@@ -10,7 +10,7 @@
 #include "core/config.h"
 #include "core/model.h"
 #include "core/optimizer.h"
-#include "experts/moe_layer.h"
+#include "tests/unit/model_helpers.h"
 #include "launcher/parallel.h"
 #include "tests/unit/oracle.h"
 
@@ -76,13 +76,8 @@ void make_batch(int B, int T, int V, std::vector<int32_t>& in, std::vector<int32
 // the reduced gradients, expert shards in their global positions (only this rank's rows filled).
 StepResult run_step(const proto::ModelConfig& cfg, launcher::Parallel* par, int B, int T) {
   const std::vector<int64_t> counts = counts_for(cfg.vocab_size());
-  experts::FfnBuildContext ctx;
-  ctx.ep = par ? par->expert_group() : nullptr;
-  ctx.token_counts = &counts;
-  ctx.seed = 5;
-  Model model(cfg, experts::make_ffn_factory(ctx));
-  model.init_weights(5);
-  experts::init_expert_weights(model, 5);
+  auto owned = make_model(cfg, 5, {.ep = par ? par->expert_group() : nullptr, .token_counts = &counts});
+  Model& model = *owned;
   std::vector<int32_t> in, tg;
   make_batch(B, T, cfg.vocab_size(), in, tg);
   const int W = par ? par->size() : 1, r = par ? par->rank() : 0;

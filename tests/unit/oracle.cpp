@@ -189,4 +189,11 @@ double max_rel_err(const std::vector<float>& a, const std::vector<float>& b, dou
   return max_rel_err(a.data(), b.data(), static_cast<int64_t>(a.size()), floor);
 }
 
+void fill_weights(ParamStore& ps, Rng& rng, float std, float down_std) {
+  for (Param* p : ps.all()) {
+    if (p->init == Init::kZeros) p->value.zero_();
+    else if (p->init != Init::kOnes) init_normal(p->value, rng, p->init == Init::kNormalOut ? down_std : std);
+  }
+}
+
 }  // namespace moe::test

@@ -2,6 +2,7 @@
 // The oracle runs under the Python named by $MOE_PYTHON (Debian's /usr/bin/python3 with python3-torch).
 // A missing oracle is a test FAILURE, never a skip.
 #pragma once
+#include "core/params.h"
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -51,5 +52,9 @@ std::string env_or_fail(const char* name);
 
 // The message of the moe::Error that f throws ("" if it throws none).
 std::string error_of(const std::function<void()>& f);
+
+// Deterministic random weights for tests: every parameter of `ps` in order, matrices N(0, std^2) (residual
+// projections, Init::kNormalOut: N(0, down_std^2)) drawn from rng, Init::kZeros ones zeroed, norms left as they are.
+void fill_weights(ParamStore& ps, Rng& rng, float std, float down_std);
 
 }  // namespace moe::test

@@ -6,7 +6,8 @@
 #include <fstream>
 
 #include "checkpoints/checkpoint.h"
-#include "launcher/model_state.h"
+#include "launcher/run_state.h"
+#include "experts/build_model.h"
 #include "core/bf16.h"
 #include "core/model.h"
 #include "experts/moe_layer.h"
@@ -33,8 +34,10 @@ Config small_config() {
 TEST(Checkpoint, RoundTripLatestAndRetention) {
   TempDir dir;
   Config cfg = small_config();
-  Model a(cfg.model());
-  a.init_weights(1);
+  Config a_cfg = cfg;
+  a_cfg.mutable_train()->set_seed(1);
+  auto a_owned = experts::build_model(a_cfg);
+  Model& a = *a_owned;
   AdamW opt_a(a.params(), cfg.optimizer());
   for (Param* p : a.params().all()) p->grad.fill_(0.5f);
   opt_a.step(0.01f);
@@ -62,12 +65,13 @@ TEST(Checkpoint, RoundTripLatestAndRetention) {
   EXPECT_EQ(m.optimizer_t(), 1);
   EXPECT_EQ(m.config().model().d_model(), 16);
 
-  Model b(cfg.model());
+  auto b_owned = experts::build_model(cfg);
+  Model& b = *b_owned;
   AdamW opt_b(b.params(), cfg.optimizer());
   ckpt::Reader reader(latest, m);
-  launcher::restore_state(reader, b.params(), &opt_b, 0);
+  launcher::restore_state(reader, b.params(), &opt_b);
   opt_b.set_t(m.optimizer_t());
-  auto tables = launcher::read_routing_tables(reader, m);
+  auto tables = launcher::RunState::read(reader, m).units.tables;
   ASSERT_EQ(tables.size(), 1u);
   EXPECT_EQ(tables["layers.0.ffn"], (std::vector<int32_t>{3, 1, 4}));
   for (size_t i = 0; i < a.params().all().size(); ++i) {
@@ -104,8 +108,10 @@ TEST(Checkpoint, RowSliceReads) {
 TEST(Checkpoint, CorruptionShapeMismatchAndNonCheckpointAreClearErrors) {
   TempDir dir;
   Config cfg = small_config();
-  Model a(cfg.model());
-  a.init_weights(2);
+  Config a_cfg = cfg;
+  a_cfg.mutable_train()->set_seed(2);
+  auto a_owned = experts::build_model(a_cfg);
+  Model& a = *a_owned;
   ckpt::SaveRequest req;
   req.config = &cfg;
   req.tensors = launcher::collect_state(a.params(), nullptr, {});
@@ -116,10 +122,11 @@ TEST(Checkpoint, CorruptionShapeMismatchAndNonCheckpointAreClearErrors) {
   // wrong shape: a model with a different d_ff
   Config other = cfg;
   other.mutable_model()->set_d_ff(32);
-  Model c(other.model());
+  auto c_owned = experts::build_model(other);
+  Model& c = *c_owned;
   std::string e = error_of([&] {
     ckpt::Reader r(d, m);
-    launcher::restore_state(r, c.params(), nullptr, 0);
+    launcher::restore_state(r, c.params(), nullptr);
   });
   EXPECT_NE(e.find("layers.0.ffn.w_gate"), std::string::npos) << e;
   EXPECT_NE(e.find("shape"), std::string::npos) << e;
@@ -140,10 +147,11 @@ TEST(Checkpoint, CorruptionShapeMismatchAndNonCheckpointAreClearErrors) {
     std::ofstream f(h5, std::ios::binary | std::ios::trunc);
     f.write(bytes.data(), bytes.size());
   }
-  Model b(cfg.model());
+  auto b_owned = experts::build_model(cfg);
+  Model& b = *b_owned;
   e = error_of([&] {
     ckpt::Reader r(d, m);
-    launcher::restore_state(r, b.params(), nullptr, 0);
+    launcher::restore_state(r, b.params(), nullptr);
   });
   EXPECT_NE(e.find("checksum mismatch"), std::string::npos) << e;
   EXPECT_NE(e.find("tok_emb.weight"), std::string::npos) << e;
@@ -152,7 +160,7 @@ TEST(Checkpoint, CorruptionShapeMismatchAndNonCheckpointAreClearErrors) {
   std::filesystem::resize_file(h5, 100);
   e = error_of([&] {
     ckpt::Reader r(d, m);
-    launcher::restore_state(r, b.params(), nullptr, 0);
+    launcher::restore_state(r, b.params(), nullptr);
   });
   EXPECT_NE(e.find("model.h5"), std::string::npos) << e;
 
@@ -449,11 +457,10 @@ TEST(Checkpoint, FormatVersion1StillLoads) {
   // the whole model with its optimizer state restores on one rank
   Config cfg = m.config();
   cfg.mutable_parallel()->set_expert_parallel(1);
-  experts::FfnBuildContext fctx;
-  fctx.routing_tables = launcher::read_routing_tables(r, m);
-  Model model(cfg.model(), experts::make_ffn_factory(fctx));
-  AdamW opt(model.params(), cfg.optimizer());
-  EXPECT_NO_THROW(launcher::restore_state(r, model.params(), &opt, 0));
+  const launcher::RunState rs = launcher::RunState::read(r, m);
+  auto model = experts::build_model(cfg, {.state = &rs.units, .init = false});
+  AdamW opt(model->params(), cfg.optimizer());
+  EXPECT_NO_THROW(launcher::restore_state(r, model->params(), &opt));
 }
 
 }  // namespace

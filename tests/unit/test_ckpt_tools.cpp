@@ -14,7 +14,8 @@
 #include "core/model.h"
 #include "experts/moe_layer.h"
 #include "launcher/ckpt_tool.h"
-#include "launcher/model_state.h"
+#include "launcher/run_state.h"
+#include "experts/build_model.h"
 #include "tests/unit/oracle.h"
 
 namespace moe::test {
@@ -52,10 +53,10 @@ Config tool_config(int n_heads, int n_kv_heads, proto::Activation act = proto::S
 
 // Builds a model of `cfg` (initialised with `seed`), saves it with AdamW state under root; returns the step dir.
 std::string save_model(const Config& cfg, const std::string& root, uint64_t seed = 7) {
-  experts::FfnBuildContext fctx;
-  Model model(cfg.model(), experts::make_ffn_factory(fctx));
-  model.init_weights(seed);
-  experts::init_expert_weights(model, seed);
+  Config seeded = cfg;
+  seeded.mutable_train()->set_seed(seed);
+  auto owned = experts::build_model(seeded);
+  Model& model = *owned;
   AdamW opt(model.params(), cfg.optimizer());
   for (Param* p : model.params().all()) p->grad.fill_(0.25f);
   opt.step(0.01f);
@@ -73,9 +74,9 @@ std::unique_ptr<Model> load_model(const std::string& path, proto::Manifest* mani
   const std::string dir = ckpt::resolve(path);
   proto::Manifest m = ckpt::read_manifest(dir);
   ckpt::Reader reader(dir, m);
-  experts::FfnBuildContext fctx;
-  auto model = std::make_unique<Model>(m.config().model(), experts::make_ffn_factory(fctx));
-  launcher::restore_state(reader, model->params(), nullptr, 0);
+  const launcher::RunState rs = launcher::RunState::read(reader, m);
+  auto model = experts::build_model(m.config(), {.state = &rs.units, .init = false});
+  launcher::restore_state(reader, model->params(), nullptr);
   if (manifest_out) *manifest_out = m;
   return model;
 }

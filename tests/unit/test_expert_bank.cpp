@@ -7,8 +7,8 @@
 //                                   per expert, over steps of changing size (buffer reuse);
 //   ExpertBank.BackwardConventions  grads +=, y and dx =, empty experts' grads untouched bit for bit, one backward
 //                                   per forward, bad offsets rejected, zero rows a no-op;
-//   ExpertBank.ParamsAndInit        names, shapes, flags; init deterministic per expert (independent of E, thread
-//                                   count, and of the expert-parallel split).
+//   ExpertBank.ParamsAndInit        names, shapes, flags, first rows; init_params draws rows by global expert id
+//                                   (independent of E, thread count, and of the expert-parallel split).
 // One oracle process for the whole file (importing torch costs ~1.5 s).
 #include <gtest/gtest.h>
 
@@ -60,6 +60,7 @@ class ThreadScope {
 // A bank with random weights (biases random too, so their gradients are tested), random x and dy.
 struct BankCase {
   ParamStore ps;
+  Workspace ws;
   std::unique_ptr<ExpertBank> bank;
   ExpertBankDims dims;
   std::vector<int64_t> counts, offsets;
@@ -68,9 +69,9 @@ struct BankCase {
 
   BankCase(proto::Activation act, int C, int F, std::vector<int64_t> counts_, uint64_t seed)
       : dims{static_cast<int>(counts_.size()), C, F, act}, counts(std::move(counts_)) {
-    bank = std::make_unique<ExpertBank>(ps, "blk", dims);
+    bank = std::make_unique<ExpertBank>(ps, ws, "blk", dims);
     Rng rng(seed);
-    bank->init_weights(rng, 0.3f, 0.2f);
+    fill_weights(ps, rng, 0.3f, 0.2f);
     for (const char* b : {"blk.b_up", "blk.b_down"})
       if (Param* p = ps.find(b)) {
         Vec v = randn(rng, p->value.numel(), 0.1f);
@@ -175,7 +176,8 @@ void one_expert_is_dense_ffn() {
     const int C = 24, F = 56;
     BankCase s(act, C, F, {37}, 7);
     ParamStore dps;
-    DenseFfn dense(dps, "ffn", C, F, act);
+    Workspace dws;
+    DenseFfn dense(dps, dws, "ffn", C, F, act);
     for (const std::string& n : s.param_names()) {
       Param& dp = dps.get("ffn." + n);
       ASSERT_EQ(dp.value.numel(), s.p(n).value.numel()) << n;
@@ -204,9 +206,10 @@ void threading_paths_match_dense_ffns() {
   for (proto::Activation act : {proto::SWIGLU, proto::GELU}) {
     const int C = 32, F = 64, E = 16;  // every expert's GEMM small enough for the parallel path
     ParamStore ps;
-    ExpertBank bank(ps, "blk", {E, C, F, act});
+    Workspace ws;
+    ExpertBank bank(ps, ws, "blk", {E, C, F, act});
     Rng rng(11);
-    bank.init_weights(rng, 0.4f, 0.3f);
+    fill_weights(ps, rng, 0.4f, 0.3f);
     const std::vector<std::string> names =
         act == proto::SWIGLU ? std::vector<std::string>{"w_gate", "w_up", "w_down"}
                              : std::vector<std::string>{"w_up", "b_up", "w_down", "b_down"};
@@ -220,7 +223,7 @@ void threading_paths_match_dense_ffns() {
     std::vector<std::unique_ptr<DenseFfn>> dense;
     for (int e = 0; e < E; ++e) {
       dps.push_back(std::make_unique<ParamStore>());
-      dense.push_back(std::make_unique<DenseFfn>(*dps.back(), "ffn", C, F, act));
+      dense.push_back(std::make_unique<DenseFfn>(*dps.back(), ws, "ffn", C, F, act));
       for (const std::string& n : names) {
         Param& src = ps.get("blk." + n);
         Param& dst = dps.back()->get("ffn." + n);
@@ -308,8 +311,9 @@ void backward_accumulates() {
 // ================================================================== parameters, init, errors
 void registers_params() {
   ParamStore sw, ge;
-  ExpertBank a(sw, "l0.experts", {4, 6, 10, proto::SWIGLU});
-  ExpertBank b(ge, "l1.experts", {3, 6, 10, proto::GELU});
+  Workspace ws;
+  ExpertBank a(sw, ws, "l0.experts", {4, 6, 10, proto::SWIGLU});
+  ExpertBank b(ge, ws, "l1.experts", {3, 6, 10, proto::GELU, /*first_expert=*/3});
   EXPECT_EQ(a.dims().num_local_experts, 4);
   EXPECT_EQ(b.dims().activation, proto::GELU);
   ASSERT_EQ(sw.all().size(), 3u);
@@ -325,35 +329,32 @@ void registers_params() {
   for (ParamStore* ps : {&sw, &ge})
     for (const Param* p : ps->all()) {
       EXPECT_TRUE(p->expert_sharded) << p->name;
+      EXPECT_EQ(p->first_row, ps == &sw ? 0 : 3) << p->name;
       EXPECT_EQ(p->decay, p->value.ndim() == 3) << p->name;  // matrices decay, biases do not
     }
 }
 
+// init_params draws expert rows by GLOBAL expert id: a rank holding experts 3..5 gets exactly rows 3..5 of a
+// rank holding all six, whatever the thread count; matrices get the requested spread, biases 0.
 void init_weights_per_expert() {
   const int C = 32, F = 48;
-  auto init = [&](int E, int threads, float std, float down_std, int skip = 0) {
+  auto init = [&](int E, int threads, int first) {
     ThreadScope ts(threads);
     auto ps = std::make_unique<ParamStore>();
-    ExpertBank bank(*ps, "b", {E, C, F, proto::GELU});
-    Param& bu = ps->get("b.b_up");
-    bu.value.fill_(1.0f);
-    Rng rng(99);
-    for (int i = 0; i < skip; ++i) rng.next_u64();
-    bank.init_weights(rng, std, down_std);
-    EXPECT_EQ(bu.value.to_float_vector(), Vec(E * F, 0.0f)) << "biases zeroed";
+    Workspace ws;
+    ExpertBank bank(*ps, ws, "b", {E, C, F, proto::GELU, first});
+    ps->get("b.b_up").value.fill_(1.0f);
+    init_params(*ps, 99, 0.02f, 0.01f);
+    EXPECT_EQ(ps->get("b.b_up").value.to_float_vector(), Vec(E * F, 0.0f)) << "biases zeroed";
     return ps;
   };
-  auto three = init(3, 1, 0.02f, 0.01f);
-  auto six = init(6, 4, 0.02f, 0.01f);
-  auto last_three = init(3, 2, 0.02f, 0.01f, /*skip=*/3);  // a second expert-parallel rank: global experts 3..5
+  auto three = init(3, 1, 0), six = init(6, 4, 0), last_three = init(3, 2, 3);
   const int64_t FC = int64_t(F) * C;
   for (const char* n : {"b.w_up", "b.w_down"}) {
     const Vec a = three->get(n).value.to_float_vector(), b = six->get(n).value.to_float_vector();
     const Vec a2 = last_three->get(n).value.to_float_vector();
-    // expert e's weights depend only on the seed and e: not on E, not on the thread count
     EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin())) << n;
     EXPECT_TRUE(std::equal(a2.begin(), a2.end(), b.begin() + 3 * FC)) << n;
-    // distinct experts, the requested spread
     EXPECT_NE(Vec(b.begin(), b.begin() + FC), Vec(b.begin() + FC, b.begin() + 2 * FC)) << n;
     double ss = 0, sum = 0;
     for (float v : b) ss += double(v) * v, sum += v;
@@ -361,19 +362,20 @@ void init_weights_per_expert() {
     EXPECT_NEAR(std::sqrt(ss / b.size()), want, 0.05 * want) << n;
     EXPECT_NEAR(sum / b.size(), 0.0, 0.05 * want) << n;
   }
-  // SwiGLU also fills w_gate (its own draws: not a copy of w_up)
+  // SwiGLU also fills w_gate (its own stream: not a copy of w_up)
   ParamStore ps;
-  ExpertBank sw(ps, "s", {2, C, F, proto::SWIGLU});
-  Rng rng(3);
-  sw.init_weights(rng, 0.5f, 0.5f);
+  Workspace ws;
+  ExpertBank sw(ps, ws, "s", {2, C, F, proto::SWIGLU});
+  init_params(ps, 3, 0.5f, 0.5f);
   EXPECT_NE(ps.get("s.w_gate").value.to_float_vector(), ps.get("s.w_up").value.to_float_vector());
   EXPECT_NE(ps.get("s.w_gate").value.to_float_vector(), Vec(2 * FC, 0.0f));
 }
 
 void rejects_bad_input() {
   ParamStore ps;
-  EXPECT_THROW(ExpertBank(ps, "z", {0, 4, 4, proto::SWIGLU}), Error);
-  ExpertBank bank(ps, "b", {3, 4, 5, proto::SWIGLU});
+  Workspace ws;
+  EXPECT_THROW(ExpertBank(ps, ws, "z", {0, 4, 4, proto::SWIGLU}), Error);
+  ExpertBank bank(ps, ws, "b", {3, 4, 5, proto::SWIGLU});
   Vec x(40, 1.0f), y(40), dx(40);
   const int64_t bad_start[] = {1, 2, 3, 4};
   const int64_t decreasing[] = {0, 5, 3, 8};

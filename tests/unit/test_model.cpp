@@ -9,6 +9,7 @@
 #include "core/config.h"
 #include "core/model.h"
 #include "core/optimizer.h"
+#include "tests/unit/model_helpers.h"
 #include "tests/unit/oracle.h"
 
 namespace moe::test {
@@ -61,8 +62,8 @@ class ModelVsTorch : public ::testing::TestWithParam<Case> {};
 TEST_P(ModelVsTorch, LossLogitsAndAllGradients) {
   const Case& c = GetParam();
   proto::ModelConfig cfg = tiny_config(c.H, c.Hkv, c.act, c.norm, c.tied);
-  Model model(cfg);
-  model.init_weights(42);
+  auto owned = make_model(cfg, 42);
+  Model& model = *owned;
   // non-trivial norm weights/biases so their gradients are tested in general position
   Rng rng(7);
   for (Param* p : model.params().all())
@@ -109,8 +110,8 @@ INSTANTIATE_TEST_SUITE_P(
 // Central finite differences of the loss in a few coordinates of every parameter tensor.
 TEST(ModelGradCheck, FiniteDifferences) {
   proto::ModelConfig cfg = tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, false);
-  Model model(cfg);
-  model.init_weights(3);
+  auto owned = make_model(cfg, 3);
+  Model& model = *owned;
   Rng rng(11);
   const int B = 2, T = 6, N = B * T;
   std::vector<int32_t> inputs, targets;
@@ -144,8 +145,8 @@ TEST(ModelGradCheck, FiniteDifferences) {
 TEST(ModelDecode, KvCacheMatchesFullForward) {
   for (int Hkv : {4, 2, 1}) {
     proto::ModelConfig cfg = tiny_config(4, Hkv, proto::SWIGLU, proto::RMSNORM, false);
-    Model model(cfg);
-    model.init_weights(5);
+    auto owned = make_model(cfg, 5);
+    Model& model = *owned;
     Rng rng(9);
     const int T = 9;
     std::vector<int32_t> toks;
@@ -165,7 +166,8 @@ TEST(ModelDecode, KvCacheMatchesFullForward) {
 
 TEST(ModelErrors, TokenOutsideVocabularyIsRejected) {
   proto::ModelConfig cfg = tiny_config(4, 4, proto::SWIGLU, proto::RMSNORM, false);
-  Model model(cfg);
+  auto owned = make_model(cfg, 0);
+  Model& model = *owned;
   std::vector<int32_t> toks = {1, 2, 99};
   try {
     model.forward(toks.data(), nullptr, 1, 3, false);
@@ -233,8 +235,8 @@ TEST(Optimizer, RowSparseAdamW) {
   oc.set_weight_decay(0.1f);
   ParamStore dense_ps, sparse_ps, lazy_ps;
   Param* d = dense_ps.add("t", {6, 3}, true);
-  Param* s = sparse_ps.add_row_sparse("t", {6, 3}, true);
-  Param* l = lazy_ps.add_row_sparse("t", {6, 3}, true);
+  Param* s = sparse_ps.add_expert("t", {6, 3}, true, Init::kNormal, 0, /*row_sparse=*/true);
+  Param* l = lazy_ps.add_expert("t", {6, 3}, true, Init::kNormal, 0, /*row_sparse=*/true);
   Rng rng(4);
   for (int64_t i = 0; i < 18; ++i) d->value.f32()[i] = s->value.f32()[i] = l->value.f32()[i] = rng.normal();
   AdamW od(dense_ps, oc), os(sparse_ps, oc), ol(lazy_ps, oc);

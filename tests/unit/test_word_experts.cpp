@@ -86,6 +86,7 @@ TEST(WordExperts, VsTorch) {
   std::vector<std::string> args;
   struct Result {
     ParamStore ps;
+    Workspace ws;
     std::unique_ptr<WordExpertTable> table;
     Vec x, dy, y, dx;
     std::string dir;
@@ -95,8 +96,8 @@ TEST(WordExperts, VsTorch) {
     auto r = std::make_unique<Result>();
     r->dir = td.file(c.name);
     std::filesystem::create_directories(r->dir);
-    r->table = std::make_unique<WordExpertTable>(r->ps, "we", WordExpertDims{E, C, F, c.act});
-    r->table->init_weights(rng, 0.3f, 0.2f);
+    r->table = std::make_unique<WordExpertTable>(r->ps, r->ws, "we", WordExpertDims{E, C, F, c.act});
+    fill_weights(r->ps, rng, 0.3f, 0.2f);
     r->x = randn(rng, rows * C);
     r->dy = randn(rng, rows * C);
     r->y.assign(rows * C, kSentinel);
@@ -215,9 +216,10 @@ TEST(WordExperts, AdamWTouchesOnlyUsedRows) {
   // 65,536 x 16 floats = 4 MiB per tensor: 3 tables x (value, grad, m, v, initial copy) = 60 MiB
   const int C = 4, F = 4;
   ParamStore ps;
-  WordExpertTable table(ps, "mowe", WordExpertDims{E, C, F, proto::SWIGLU});
+  Workspace ws;
+  WordExpertTable table(ps, ws, "mowe", WordExpertDims{E, C, F, proto::SWIGLU});
   Rng rng(7);
-  table.init_weights(rng, 0.5f, 0.5f);
+  fill_weights(ps, rng, 0.5f, 0.5f);
   std::vector<Tensor> init;
   for (auto& [name, p] : tables(table)) init.push_back(p->value.clone());
 
@@ -305,12 +307,13 @@ TEST(WordExperts, StepCostIndependentOfTableSize) {
 
   struct Setup {
     ParamStore ps;
+    Workspace ws;
     std::unique_ptr<WordExpertTable> table;
     std::unique_ptr<AdamW> opt;
   };
   Setup s[2];
   for (int i = 0; i < 2; ++i) {
-    s[i].table = std::make_unique<WordExpertTable>(s[i].ps, "mowe", WordExpertDims{sizes_E[i], C, F, proto::GELU});
+    s[i].table = std::make_unique<WordExpertTable>(s[i].ps, s[i].ws, "mowe", WordExpertDims{sizes_E[i], C, F, proto::GELU});
     // the values do not change the cost; a random init of 8M values would take longer than the measurement
     for (auto& [name, p] : tables(*s[i].table)) p->value.fill_(0.05f);
     s[i].opt = std::make_unique<AdamW>(s[i].ps, adamw_config(0.1f));
@@ -352,7 +355,8 @@ TEST(WordExperts, StepCostIndependentOfTableSize) {
 // ------------------------------------------------------------------ malformed layouts
 TEST(WordExperts, RejectsBadGroups) {
   ParamStore ps;
-  WordExpertTable t(ps, "we", WordExpertDims{10, 4, 2, proto::GELU});
+  Workspace ws;
+  WordExpertTable t(ps, ws, "we", WordExpertDims{10, 4, 2, proto::GELU});
   Vec x(8 * 4, 1.0f), y(8 * 4), dx(8 * 4);
   EXPECT_THROW(t.backward(dx.data(), x.data()), Error);  // no forward yet
   const I64 off{0, 3, 8};
@@ -364,8 +368,8 @@ TEST(WordExperts, RejectsBadGroups) {
   EXPECT_THROW(t.forward(y.data(), x.data(), ok.data(), bad_start.data(), 2), Error);
   EXPECT_THROW(t.forward(y.data(), x.data(), ok.data(), decreasing.data(), 2), Error);
   EXPECT_NO_THROW(t.forward(y.data(), x.data(), ok.data(), off.data(), 2));
-  EXPECT_THROW(WordExpertTable(ps, "bad", WordExpertDims{0, 4, 2, proto::GELU}), Error);
-  EXPECT_THROW(WordExpertTable(ps, "we", WordExpertDims{10, 4, 2, proto::GELU}), Error);  // names taken
+  EXPECT_THROW(WordExpertTable(ps, ws, "bad", WordExpertDims{0, 4, 2, proto::GELU}), Error);
+  EXPECT_THROW(WordExpertTable(ps, ws, "we", WordExpertDims{10, 4, 2, proto::GELU}), Error);  // names taken
 }
 
 }  // namespace

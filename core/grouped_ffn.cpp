@@ -1,0 +1,183 @@
+// The grouped FFN: forward, backward_data and backward_weights side by side (see grouped_ffn.h).
+#include "core/grouped_ffn.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <climits>
+
+#include "core/error.h"
+#include "core/kernels/cpu/kernels.h"
+#include "core/prefetch.h"
+
+namespace moe {
+namespace {
+
+// Multiply-adds below which one group's GEMM gains little from BLAS threads (OpenBLAS itself stays on one thread
+// below 65536 * 4 = 262144): there, running different groups on different threads is the only parallelism.
+constexpr double kSmallGemm = double(1 << 21);
+
+// Groups in parallel (each BLAS call single-threaded), or one after another with threaded BLAS. Group-level
+// parallelism wins when the groups are small, or when there are at least as many busy groups as threads and none
+// dominates (dynamic scheduling, largest first, then balances the load).
+bool choose_parallel(int active, int64_t max_rows, int64_t rows, int C, int F) {
+  const int nth = omp_get_max_threads();
+  if (nth <= 1 || active < 2 || omp_in_parallel()) return false;
+  if (double(max_rows) * C * F <= kSmallGemm) return true;
+  return active >= nth && max_rows * nth <= 2 * rows;
+}
+
+float* ptr(Param* p) { return p ? p->value.f32() : nullptr; }
+float* grad(Param* p) { return p ? p->grad.f32() : nullptr; }
+
+}  // namespace
+
+GroupedFfn::GroupedFfn(Workspace& ws, int C, int F, proto::Activation act, const FfnWeights& w)
+    : C_(C), F_(F), act_(act), w_(w), gate_(ws.buffer()), up_(ws.buffer()), aout_(ws.buffer()), dact_(ws.buffer()),
+      dgate_(ws.buffer()), dup_(ws.buffer()) {
+  MOE_CHECK(C >= 1 && F >= 1, "grouped FFN: d_model and hidden size must be >= 1, got " << C << ", " << F);
+  MOE_CHECK(act == proto::SWIGLU || act == proto::GELU, "grouped FFN: unsupported activation " << int(act));
+  MOE_CHECK(w.w_up && w.w_down && (act != proto::SWIGLU || w.w_gate), "grouped FFN: missing weights");
+}
+
+// fn(g, q): group g, and q the group whose weight rows to prefetch (row-sparse weights only; -1: none)
+template <class Fn>
+void GroupedFfn::for_each_group(const Fn& fn) {
+  const int n = static_cast<int>(order_.size());
+  const int ahead = parallel_ ? std::max(1, omp_get_max_threads()) : 1;
+  const bool pf = sparse();
+  if (parallel_) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int i = 0; i < n; ++i) fn(order_[i], pf && i + ahead < n ? order_[i + ahead] : -1);
+  } else {
+    for (int i = 0; i < n; ++i) fn(order_[i], pf && i + ahead < n ? order_[i + ahead] : -1);
+  }
+}
+
+// y[rows,C] = ffn_{slots[g]}(x[rows,C]) group by group
+void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const int64_t* offsets, int64_t n_groups) {
+  const int64_t S = num_slots();
+  MOE_CHECK(n_groups >= 0 && offsets[0] == 0, "grouped FFN: bad layout (" << n_groups << " groups, offsets[0] "
+                                                                          << offsets[0] << ")");
+  slots_.assign(slots, slots + n_groups);
+  offsets_.assign(offsets, offsets + n_groups + 1);
+  order_.clear();
+  max_rows_ = 0;
+  std::vector<int64_t> seen(slots_);
+  std::sort(seen.begin(), seen.end());
+  MOE_CHECK(std::adjacent_find(seen.begin(), seen.end()) == seen.end(),
+            "grouped FFN: a weight slot appears in more than one group");
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const int64_t n = offsets_[g + 1] - offsets_[g];
+    MOE_CHECK(slots_[g] >= 0 && slots_[g] < S, "grouped FFN: group " << g << " names slot " << slots_[g]
+                                                                     << ", outside [0, " << S << ")");
+    MOE_CHECK(n >= 0 && n <= INT_MAX, "grouped FFN: group " << g << " has rows " << offsets_[g] << ".."
+                                                            << offsets_[g + 1]);
+    if (n > 0) order_.push_back(static_cast<int>(g));
+    max_rows_ = std::max(max_rows_, n);
+  }
+  std::stable_sort(order_.begin(), order_.end(), [&](int a, int b) {
+    return offsets_[a + 1] - offsets_[a] > offsets_[b + 1] - offsets_[b];
+  });
+  const int64_t rows = offsets_[n_groups];
+  x_ = x;
+  stage_ = 1;
+  parallel_ = choose_parallel(static_cast<int>(order_.size()), max_rows_, rows, C_, F_);
+  const int C = C_, F = F_;
+  const int64_t FC = int64_t(F) * C;
+  const bool swiglu = act_ == proto::SWIGLU;
+  float* gate = swiglu ? gate_.get(rows * F) : nullptr;  // [rows,F]
+  float* up = up_.get(rows * F);                          // [rows,F]
+  float* act = aout_.get(rows * F);                        // [rows,F]
+  const float *wg = ptr(w_.w_gate), *wu = ptr(w_.w_up), *wd = ptr(w_.w_down);
+  const float *bu = ptr(w_.b_up), *bd = ptr(w_.b_down);
+  for_each_group([&](int g, int q) {
+    const int64_t r0 = offsets_[g], s = slots_[g];
+    const int n = static_cast<int>(offsets_[g + 1] - r0);
+    const float* xg = x + r0 * C;  // [n,C]
+    float* ug = up + r0 * F;       // [n,F]
+    float* ag = act + r0 * F;      // [n,F]
+    const int64_t qs = q >= 0 ? slots_[q] * FC : -1;
+    if (qs >= 0) prefetch_read(wu + qs, FC);
+    cpu::linear_forward(ug, xg, wu + s * FC, bu ? bu + s * F : nullptr, n, C, F);
+    if (qs >= 0) prefetch_read(wd + qs, FC);
+    if (swiglu) {
+      float* gg = gate + r0 * F;  // [n,F]
+      if (qs >= 0) prefetch_read(wg + qs, FC);
+      cpu::linear_forward(gg, xg, wg + s * FC, nullptr, n, C, F);
+      cpu::swiglu_forward(ag, gg, ug, int64_t(n) * F);
+    } else {
+      cpu::gelu_forward(ag, ug, int64_t(n) * F);
+    }
+    cpu::linear_forward(y + r0 * C, ag, wd + s * FC, bd ? bd + s * C : nullptr, n, F, C);
+  });
+}
+
+// dx[rows,C] written; d(act), d(gate), d(up) kept for backward_weights
+void GroupedFfn::backward_data(float* dx, const float* dy) {
+  MOE_CHECK(stage_ == 1, "grouped FFN: backward_data must follow exactly one forward");
+  stage_ = 2;
+  dy_ = dy;
+  const int C = C_, F = F_;
+  const int64_t FC = int64_t(F) * C, rows = offsets_.back();
+  const bool swiglu = act_ == proto::SWIGLU;
+  float* dact = dact_.get(rows * F);                       // [rows,F]
+  float* dup = dup_.get(rows * F);                         // [rows,F]
+  float* dgate = swiglu ? dgate_.get(rows * F) : nullptr;  // [rows,F]
+  const float *wg = ptr(w_.w_gate), *wu = ptr(w_.w_up), *wd = ptr(w_.w_down);
+  for_each_group([&](int g, int q) {
+    const int64_t r0 = offsets_[g], s = slots_[g];
+    const int n = static_cast<int>(offsets_[g + 1] - r0);
+    const int64_t qs = q >= 0 ? slots_[q] * FC : -1;
+    float* dag = dact + r0 * F;  // [n,F]
+    float* dug = dup + r0 * F;   // [n,F]
+    float* dxg = dx + r0 * C;    // [n,C]
+    if (qs >= 0) prefetch_read(wd + qs, FC);
+    cpu::matmul(dag, dy + r0 * C, wd + s * FC, n, F, C, false, false);  // dact = dy Wd
+    if (swiglu) {
+      float* dgg = dgate + r0 * F;  // [n,F]
+      cpu::swiglu_backward(dgg, dug, dag, gate_.data() + r0 * F, up_.data() + r0 * F, int64_t(n) * F);
+      if (qs >= 0) prefetch_read(wg + qs, FC);
+      cpu::matmul(dxg, dgg, wg + s * FC, n, C, F, false, false);  // dx = dgate Wg
+      if (qs >= 0) prefetch_read(wu + qs, FC);
+      cpu::matmul(dxg, dug, wu + s * FC, n, C, F, false, false, 1.0f, 1.0f);  // dx += dup Wu
+    } else {
+      cpu::gelu_backward(dug, dag, up_.data() + r0 * F, int64_t(n) * F);
+      if (qs >= 0) prefetch_read(wu + qs, FC);
+      cpu::matmul(dxg, dug, wu + s * FC, n, C, F, false, false);  // dx = dup Wu
+    }
+  });
+}
+
+// dWd += dy^T act, dWg += dgate^T x, dWu += dup^T x (+ bias sums) for the used slots
+void GroupedFfn::backward_weights() {
+  MOE_CHECK(stage_ == 2, "grouped FFN: backward_weights must follow backward_data");
+  stage_ = 0;
+  const int C = C_, F = F_;
+  const int64_t FC = int64_t(F) * C;
+  const bool swiglu = act_ == proto::SWIGLU;
+  float *dwg = grad(w_.w_gate), *dwu = grad(w_.w_up), *dwd = grad(w_.w_down);
+  float *dbu = grad(w_.b_up), *dbd = grad(w_.b_down);
+  for_each_group([&](int g, int q) {
+    const int64_t r0 = offsets_[g], s = slots_[g];
+    const int n = static_cast<int>(offsets_[g + 1] - r0);
+    const int64_t qs = q >= 0 ? slots_[q] * FC : -1;
+    const float* xg = x_ + r0 * C;  // [n,C]
+    if (qs >= 0) prefetch_write(dwd + qs, FC);
+    cpu::linear_backward(nullptr, dwd + s * FC, dbd ? dbd + s * C : nullptr, dy_ + r0 * C, aout_.data() + r0 * F,
+                         nullptr, n, F, C);
+    if (swiglu) {
+      if (qs >= 0) prefetch_write(dwg + qs, FC);
+      cpu::linear_backward(nullptr, dwg + s * FC, nullptr, dgate_.data() + r0 * F, xg, nullptr, n, C, F);
+    }
+    if (qs >= 0) prefetch_write(dwu + qs, FC);
+    cpu::linear_backward(nullptr, dwu + s * FC, dbu ? dbu + s * F : nullptr, dup_.data() + r0 * F, xg, nullptr, n,
+                         C, F);
+  });
+  if (!sparse()) return;
+  for (int g : order_)
+    for (Param* p : {w_.w_gate, w_.w_up, w_.b_up, w_.w_down, w_.b_down})
+      if (p) p->touch_row(slots_[g]);
+}
+
+}  // namespace moe

@@ -1,0 +1,80 @@
+// The grouped FFN: the one feed-forward compute of the system. The dense FFN (one group), the MoE expert bank
+// (one group per local expert that received rows) and the word-expert table (one group per used row of a huge,
+// row-sparse table) all run it. Group g applies weight slot slots[g] to rows [offsets[g], offsets[g+1]) of x:
+//   SwiGLU  y = (silu(x Wg^T) * (x Wu^T)) Wd^T        GELU  y = gelu(x Wu^T + bu) Wd^T + bd   (tanh approximation)
+// with Wg, Wu [S,F,C], Wd [S,C,F], bu [S,F], bd [S,C] stacked along a leading slot dimension (a dense FFN's
+// [F,C] weights are one slot). One GEMM per group and weight matrix, never a per-token loop. Backward is split:
+// backward_data (dx) and backward_weights (dW, db), so the weight gradients can be scheduled apart from the
+// critical path of dx.
+//
+// Threads: with many small groups the groups run in parallel under OpenMP (each BLAS call single-threaded in the
+// OpenMP build of OpenBLAS); with few or large groups they run one after another and BLAS uses the threads. A
+// group's result does not depend on which path ran beyond BLAS rounding.
+//
+// Row-sparse weights (word-expert tables, Param::row_sparse): the weight gradients touch only the slots used,
+// registered with Param::touch_row; the next slots' rows are prefetched (they are scattered over a large table).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/params.h"
+#include "core/workspace.h"
+#include "proto/config.pb.h"
+
+namespace moe {
+
+// The parameters of a grouped FFN. SwiGLU: w_gate, w_up, w_down; GELU: w_up, b_up, w_down, b_down (the biases
+// may be null: word experts have none).
+struct FfnWeights {
+  Param* w_gate = nullptr;  // [S,F,C] (SwiGLU)
+  Param* w_up = nullptr;    // [S,F,C]
+  Param* b_up = nullptr;    // [S,F]   (GELU, optional)
+  Param* w_down = nullptr;  // [S,C,F]
+  Param* b_down = nullptr;  // [S,C]   (GELU, optional)
+};
+
+class GroupedFfn {
+ public:
+  // C: model width, F: hidden width of one slot. Activation buffers come from the workspace.
+  GroupedFfn(Workspace& ws, int C, int F, proto::Activation act, const FfnWeights& w);
+
+  // y[rows,C] written from x[rows,C], rows = offsets[n_groups]. slots[n_groups]: distinct weight slots in
+  // [0, S); offsets[n_groups+1]: offsets[0] = 0, non-decreasing (empty groups allowed, they do nothing). Keeps the
+  // layout, the x pointer (x must stay alive and unchanged until backward) and the activations.
+  void forward(float* y, const float* x, const int64_t* slots, const int64_t* offsets, int64_t n_groups);
+  // dx[rows,C] written from dy[rows,C] of the last forward (keeps the dy pointer and the activation gradients
+  // for backward_weights: dy must stay alive until then).
+  void backward_data(float* dx, const float* dy);
+  // Weight (and bias) gradients accumulated (+=) into the slots of non-empty groups; the other slots are not
+  // touched. Row-sparse weights register the slots with touch_row. Exactly once after backward_data.
+  void backward_weights();
+  void backward(float* dx, const float* dy) {
+    backward_data(dx, dy);
+    backward_weights();
+  }
+
+  int d_model() const { return C_; }
+  int d_hidden() const { return F_; }
+  int64_t num_slots() const { return w_.w_up->value.dim(0); }
+
+ private:
+  template <class Fn>
+  void for_each_group(const Fn& fn);  // fn(group index, prefetch-ahead group or -1), largest groups first
+  bool sparse() const { return w_.w_up->row_sparse; }
+  int C_, F_;
+  proto::Activation act_;
+  FfnWeights w_;
+  // saved by forward
+  const float* x_ = nullptr;      // [rows,C]
+  const float* dy_ = nullptr;     // [rows,C] (backward_data)
+  std::vector<int64_t> slots_;    // [G]
+  std::vector<int64_t> offsets_;  // [G+1]
+  std::vector<int> order_;        // non-empty groups, largest first (the schedule)
+  int64_t max_rows_ = 0;          // most rows of one group
+  bool parallel_ = false;         // the threading decision of the last forward (backward reuses it)
+  int stage_ = 0;                 // 1: forward done, 2: backward_data done
+  // [rows,F]: gate and up pre-activations, activation output; their gradients
+  Workspace::Buffer &gate_, &up_, &aout_, &dact_, &dgate_, &dup_;
+};
+
+}  // namespace moe

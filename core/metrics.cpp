@@ -1,0 +1,93 @@
+#include "core/metrics.h"
+
+#include <cmath>
+#include <cstdio>
+
+#include "core/error.h"
+
+namespace moe {
+
+std::string json_escape(const std::string& s) {
+  std::string o = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      o += '\\';
+      o += static_cast<char>(c);
+    } else if (c < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      o += buf;
+    } else {
+      o += static_cast<char>(c);
+    }
+  }
+  return o + "\"";
+}
+
+JsonObject& JsonObject::raw(const std::string& key, const std::string& json) {
+  if (!body_.empty()) body_ += ",";
+  body_ += json_escape(key) + ":" + json;
+  return *this;
+}
+
+JsonObject& JsonObject::num(const std::string& key, double v) {
+  if (!std::isfinite(v)) return raw(key, "null");  // JSON has no NaN / Infinity
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return raw(key, buf);
+}
+
+JsonObject& JsonObject::num(const std::string& key, int64_t v) { return raw(key, std::to_string(v)); }
+JsonObject& JsonObject::str(const std::string& key, const std::string& v) { return raw(key, json_escape(v)); }
+JsonObject& JsonObject::obj(const std::string& key, const JsonObject& v) { return raw(key, v.text()); }
+
+JsonObject& JsonObject::nums(const std::string& key, const std::vector<int64_t>& v) {
+  std::string a = "[";
+  for (size_t i = 0; i < v.size(); ++i) a += (i ? "," : "") + std::to_string(v[i]);
+  return raw(key, a + "]");
+}
+
+JsonObject& JsonObject::objs(const std::string& key, const std::vector<JsonObject>& v) {
+  std::string a = "[";
+  for (size_t i = 0; i < v.size(); ++i) a += (i ? "," : "") + v[i].text();
+  return raw(key, a + "]");
+}
+
+MetricsSink::MetricsSink(const std::string& path) : out_(path, std::ios::app), path_(path) {
+  MOE_CHECK(out_.good(), "--metrics: cannot open '" << path << "' for appending");
+}
+
+void MetricsSink::write(const JsonObject& record) {
+  if (!enabled()) return;
+  out_ << record.text() << '\n' << std::flush;
+  MOE_CHECK(out_.good(), "metrics stream '" << path_ << "': write failed");
+}
+
+JsonObject train_record(const LogRecord& r) {
+  std::vector<JsonObject> layers;
+  for (size_t l = 0; l < r.layers.size(); ++l) {
+    const FfnStats& s = r.layers[l];
+    JsonObject o;
+    o.num("layer", int64_t(l));
+    if (s.has_router) {
+      o.num("router_loss", r.layer_router_loss[l]).num("aux_loss", s.aux_loss);
+      o.num("dropped_fraction", s.dropped_fraction).num("load_min", s.load_min).num("load_max", s.load_max);
+      o.num("experts_used", s.experts_used);
+      if (!s.expert_load.empty()) o.nums("expert_load", s.expert_load);
+    }
+    layers.push_back(o);
+  }
+  JsonObject o;
+  o.str("type", "train").num("step", int64_t(r.step)).num("total_steps", int64_t(r.total)).num("loss", r.loss);
+  o.num("router_loss", r.router_loss).num("lr", r.lr).num("grad_norm", r.grad_norm);
+  o.num("tokens_per_s", r.tokens_per_s).num("elapsed_s", r.elapsed_s).objs("layers", layers);
+  return o;
+}
+
+JsonObject eval_record(const EvalRecord& r) {
+  JsonObject o;
+  o.str("type", "eval").num("step", int64_t(r.step)).num("val_loss", r.val_loss).num("val_ppl", std::exp(r.val_loss));
+  return o;
+}
+
+}  // namespace moe

@@ -1,0 +1,53 @@
+// The metrics stream: one JSON object per line (JSON Lines), appended and flushed as it happens, so a reader (a
+// test, a dashboard, the coordinator) can follow a run. Training writes one line per logged step and one per
+// evaluation (train_record / eval_record below); the serving and coordinator processes reuse the same sink.
+//
+//   {"type":"train","step":20,"total_steps":300,"loss":5.1,"router_loss":0.04,"lr":0.003,"grad_norm":0.9,
+//    "tokens_per_s":12000,"elapsed_s":3.2,"layers":[{"layer":0,"router_loss":0.01,"aux_loss":1.0,
+//    "dropped_fraction":0.0,"load_min":200,"load_max":300,"experts_used":8,"expert_load":[...]}, ...]}
+//   {"type":"eval","step":100,"val_loss":4.2,"val_ppl":66.7}
+// Dense layers appear in "layers" without router fields. Losses are means over the steps since the previous line.
+#pragma once
+#include <cstdint>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "core/trainer.h"
+
+namespace moe {
+
+// A JSON object built field by field (numbers, strings, nested objects and arrays; keys in insertion order).
+class JsonObject {
+ public:
+  JsonObject& num(const std::string& key, double v);
+  JsonObject& num(const std::string& key, int64_t v);
+  JsonObject& str(const std::string& key, const std::string& v);
+  JsonObject& nums(const std::string& key, const std::vector<int64_t>& v);
+  JsonObject& obj(const std::string& key, const JsonObject& v);
+  JsonObject& objs(const std::string& key, const std::vector<JsonObject>& v);
+  std::string text() const { return "{" + body_ + "}"; }
+
+ private:
+  JsonObject& raw(const std::string& key, const std::string& json);
+  std::string body_;
+};
+std::string json_escape(const std::string& s);
+
+class MetricsSink {
+ public:
+  MetricsSink() = default;
+  // Opens `path` for appending (its directory must exist); throws naming the path when it cannot.
+  explicit MetricsSink(const std::string& path);
+  bool enabled() const { return out_.is_open(); }
+  void write(const JsonObject& record);  // one line, flushed
+
+ private:
+  std::ofstream out_;
+  std::string path_;
+};
+
+JsonObject train_record(const LogRecord& r);
+JsonObject eval_record(const EvalRecord& r);
+
+}  // namespace moe

@@ -1,0 +1,125 @@
+#include "launcher/run_state.h"
+
+#include "core/config.h"
+#include "core/error.h"
+#include "experts/build_model.h"
+
+namespace moe::launcher {
+namespace {
+const std::string kRouting = "routing/";
+}
+
+RunState RunState::capture(int64_t step, const Model& model, const AdamW& opt, const BatchLoader& loader) {
+  RunState s;
+  s.step = step;
+  s.optimizer_t = opt.t();
+  s.loader_rng = loader.state();
+  s.units = model.unit_state();
+  return s;
+}
+
+RunState RunState::read(ckpt::Reader& r, const proto::Manifest& m) {
+  RunState s;
+  s.step = m.step();
+  s.optimizer_t = m.optimizer_t();
+  MOE_CHECK(m.loader_rng_size() == 4 || m.loader_rng_size() == 0,
+            "checkpoint manifest: data-loader state has " << m.loader_rng_size() << " words, expected 4");
+  for (int i = 0; i < m.loader_rng_size(); ++i) s.loader_rng[i] = m.loader_rng(i);
+  for (const auto& rs : m.router_rng()) {
+    MOE_CHECK(rs.state_size() == 4, "checkpoint manifest: router RNG state '" << rs.name() << "' has "
+                                                                            << rs.state_size() << " words, expected 4");
+    s.units.rngs[rs.name()] = {rs.state(0), rs.state(1), rs.state(2), rs.state(3)};
+  }
+  for (const auto& e : m.tensors()) {
+    if (e.name().rfind(kRouting, 0) != 0) continue;
+    Tensor t = Tensor::empty(r.shape(e.name()), DType::kI32);
+    r.read(e.name(), t);
+    s.units.tables[e.name().substr(kRouting.size())].assign(t.i32(), t.i32() + t.numel());
+  }
+  return s;
+}
+
+int RunState::restore(Model& model, AdamW& opt, BatchLoader& loader) const {
+  opt.set_t(optimizer_t);
+  loader.set_state(loader_rng);
+  return model.restore_unit_state(units);
+}
+
+void RunState::to_manifest(proto::Manifest& m) const {
+  m.set_step(step);
+  m.set_optimizer_t(optimizer_t);
+  m.clear_loader_rng();
+  for (uint64_t w : loader_rng) m.add_loader_rng(w);
+  m.clear_router_rng();
+  for (const auto& [name, state] : units.rngs) {
+    proto::RngState* r = m.add_router_rng();
+    r->set_name(name);
+    for (uint64_t w : state) r->add_state(w);
+  }
+}
+
+std::vector<LocalTensor> RunState::tensors() const {
+  std::vector<LocalTensor> out;
+  for (const auto& [prefix, table] : units.tables)
+    if (!table.empty())
+      out.push_back({kRouting + prefix, Tensor::from_vector(table, {static_cast<int64_t>(table.size())}), false});
+  return out;
+}
+
+std::vector<LocalTensor> collect_local_state(const ParamStore& ps, const AdamW* opt) {
+  std::vector<LocalTensor> out;
+  const auto& all = ps.all();
+  for (const Param* p : all) out.push_back({"params/" + p->name, p->value, p->expert_sharded});
+  if (!opt) return out;
+  auto& o = const_cast<AdamW&>(*opt);  // the moments alias the live optimizer state (read only here)
+  for (size_t i = 0; i < all.size(); ++i) {
+    out.push_back({"optim/m/" + all[i]->name, o.m()[i], all[i]->expert_sharded});
+    out.push_back({"optim/v/" + all[i]->name, o.v()[i], all[i]->expert_sharded});
+    if (all[i]->row_sparse) out.push_back({"optim/row_t/" + all[i]->name, o.row_t()[i], all[i]->expert_sharded});
+  }
+  return out;
+}
+
+std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, const AdamW* opt,
+                                             const std::map<std::string, std::vector<int32_t>>& tables) {
+  RunState rs;
+  rs.units.tables = tables;
+  std::vector<ckpt::NamedTensor> out;
+  for (auto& t : collect_local_state(ps, opt)) out.push_back({t.name, t.tensor});
+  for (auto& t : rs.tensors()) out.push_back({t.name, t.tensor});
+  return out;
+}
+
+void restore_state(ckpt::Reader& r, ParamStore& ps, AdamW* opt) {
+  const auto& all = ps.all();
+  auto offset = [](const Param* p) { return p->expert_sharded ? p->first_row : 0; };
+  for (Param* p : all) r.read("params/" + p->name, p->value, offset(p));
+  if (!opt) return;
+  for (size_t i = 0; i < all.size(); ++i) {
+    r.read("optim/m/" + all[i]->name, opt->m()[i], offset(all[i]));
+    r.read("optim/v/" + all[i]->name, opt->v()[i], offset(all[i]));
+    if (all[i]->row_sparse) r.read("optim/row_t/" + all[i]->name, opt->row_t()[i], offset(all[i]));
+  }
+}
+
+LoadedModel load_for_inference(const std::string& checkpoint, const std::vector<std::string>& overrides) {
+  MOE_CHECK(!checkpoint.empty(), "needs --checkpoint DIR");
+  LoadedModel lm;
+  lm.dir = ckpt::resolve(checkpoint);
+  lm.manifest = ckpt::read_manifest(lm.dir);
+  lm.cfg = lm.manifest.config();
+  for (const auto& o : overrides) apply_override(lm.cfg, o);
+  fill_defaults(lm.cfg);
+  // a single-rank model holds every expert: the checkpoint stores expert tensors with their global shapes
+  lm.cfg.mutable_parallel()->set_expert_parallel(1);
+  validate_config(lm.cfg, false);
+  MOE_CHECK(!lm.manifest.tokenizer_file().empty(), "checkpoint " << lm.dir << " has no tokenizer");
+  lm.tok = std::make_unique<Tokenizer>(lm.dir + "/" + lm.manifest.tokenizer_file());
+  ckpt::Reader reader(lm.dir, lm.manifest);
+  const RunState rs = RunState::read(reader, lm.manifest);
+  lm.model = experts::build_model(lm.cfg, {.state = &rs.units, .init = false});
+  restore_state(reader, lm.model->params(), nullptr);
+  return lm;
+}
+
+}  // namespace moe::launcher

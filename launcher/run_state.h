@@ -1,0 +1,66 @@
+// The state of a training run that a checkpoint captures besides the parameter and optimizer tensors: the step,
+// the AdamW step counter, the data loader's position and the FFN units' extra state (learned routers' jitter
+// RNGs, word-expert routing tables). One struct, captured from a live run, written into a save, read back from a
+// checkpoint and restored: nothing else in the launcher handles these pieces one by one.
+//
+// The model/optimizer tensors map onto checkpoint datasets here too:
+//   params/<name>, optim/m/<name>, optim/v/<name>, optim/row_t/<name> (row-sparse params), routing/<layer prefix>
+// Expert-sharded tensors are written by the expert-parallel rank that owns them and stored with their global shape
+// [E, ...]; they are read back as this rank's rows (Param::first_row), so a checkpoint loads at any
+// expert-parallel size that divides E.
+#pragma once
+#include <array>
+#include <map>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "checkpoints/checkpoint.h"
+#include "core/data.h"
+#include "core/model.h"
+#include "core/optimizer.h"
+#include "core/params.h"
+#include "launcher/ckpt_save.h"
+
+namespace moe::launcher {
+
+struct RunState {
+  int64_t step = 0;
+  int64_t optimizer_t = 0;
+  std::array<uint64_t, 4> loader_rng{};
+  UnitState units;  // by layer prefix: learned routers' jitter RNGs, word-expert routing tables
+
+  static RunState capture(int64_t step, const Model& model, const AdamW& opt, const BatchLoader& loader);
+  // The manifest fields and routing tables of a checkpoint.
+  static RunState read(ckpt::Reader& r, const proto::Manifest& m);
+  // Restores the optimizer step, the loader position and the units' state; returns the number of FFN units that
+  // found no state of theirs (e.g. router RNGs of a checkpoint older than them: they keep their seed's stream).
+  int restore(Model& model, AdamW& opt, BatchLoader& loader) const;
+  // Fills the manifest fields it owns (step, optimizer step, loader and router RNGs).
+  void to_manifest(proto::Manifest& m) const;
+  // The routing tables as tensors routing/<prefix> (replicated, i32).
+  std::vector<LocalTensor> tensors() const;
+};
+
+// This rank's parameters (and optimizer moments if opt) as checkpoint tensors; they alias the live state.
+std::vector<LocalTensor> collect_local_state(const ParamStore& ps, const AdamW* opt);
+// The state of a one-rank model (which holds every expert) as global tensors, for ckpt::save (tools and tests),
+// with the given routing tables by layer prefix.
+std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, const AdamW* opt,
+                                             const std::map<std::string, std::vector<int32_t>>& tables = {});
+// Loads params (and optimizer state if opt) from the reader; expert-sharded ones read rows [first_row, ...).
+void restore_state(ckpt::Reader& r, ParamStore& ps, AdamW* opt);
+
+// A model loaded from a checkpoint for inference (eval, generate): one rank holding every expert, the checkpoint's
+// config with `overrides` applied (validated), its tokenizer, weights and routing tables.
+struct LoadedModel {
+  Config cfg;
+  std::string dir;
+  proto::Manifest manifest;
+  std::unique_ptr<Tokenizer> tok;
+  std::unique_ptr<Model> model;
+};
+LoadedModel load_for_inference(const std::string& checkpoint, const std::vector<std::string>& overrides);
+
+}  // namespace moe::launcher

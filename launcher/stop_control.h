@@ -1,0 +1,26 @@
+// Stopping a training run early, agreed by every rank: SIGTERM, SIGUSR1 (Slurm's warning before the time limit)
+// and SIGINT set a flag on the rank that receives them (any one rank, or all of them through mpirun); every step
+// the ranks agree with one scalar all-reduce whether any rank has the flag, so all of them finish the same step,
+// checkpoint once and exit with the requeue code 3 together. Fault injection for tests of the failure path lives
+// here too: MOE_FAULT_RANK=r MOE_FAULT_STEP=s makes rank r throw at step s.
+#pragma once
+#include "launcher/parallel.h"
+
+namespace moe::launcher {
+
+class StopControl {
+ public:
+  explicit StopControl(Parallel& par);  // installs the signal handlers (process-wide)
+  ~StopControl();                       // restores the default handlers
+  StopControl(const StopControl&) = delete;
+  StopControl& operator=(const StopControl&) = delete;
+  // Collective, after every step (1-based `step`): true on every rank when any rank received a stop signal.
+  bool should_stop(int step);
+  int signal() const;  // the signal this rank received, 0 if none
+
+ private:
+  Parallel& par_;
+  int fault_rank_ = -1, fault_step_ = -1;
+};
+
+}  // namespace moe::launcher

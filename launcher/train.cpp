@@ -1,0 +1,260 @@
+#include "launcher/train.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+
+#include "checkpoints/checkpoint.h"
+#include "core/data.h"
+#include "core/log.h"
+#include "core/metrics.h"
+#include "core/trainer.h"
+#include "experts/build_model.h"
+#include "launcher/ckpt_save.h"
+#include "launcher/run_state.h"
+#include "launcher/stop_control.h"
+
+namespace fs = std::filesystem;
+
+namespace moe::launcher {
+namespace {
+
+// Tokenizer: the configured model, or one trained from the corpus into out_dir (reused when present).
+std::string prepare_tokenizer(const Config& cfg, Parallel& par) {
+  if (!cfg.data().tokenizer_model().empty()) return cfg.data().tokenizer_model();
+  const std::string path = cfg.train().out_dir() + "/tokenizer.model";
+  // rank 0 trains it (once per run directory); the others wait for it
+  if (!fs::exists(path) && par.rank() == 0) {
+    fs::create_directories(cfg.train().out_dir());
+    MOE_INFO("training a " << cfg.data().tokenizer_type() << " tokenizer (" << cfg.data().tokenizer_vocab_size()
+                           << " pieces) on " << cfg.data().train_file() << " -> " << path);
+    Tokenizer::train(cfg.data().train_file(), path + ".tmp.model", cfg.data().tokenizer_vocab_size(),
+                     cfg.data().tokenizer_type(), cfg.train().threads());
+    fs::rename(path + ".tmp.model", path);
+    fs::remove(path + ".tmp.vocab");
+  }
+  par.world().barrier();
+  return path;
+}
+
+void check_world(const Config& cfg, int world) {
+  MOE_CHECK(cfg.data().batch_size() % world == 0,
+            "config field data.batch_size = " << cfg.data().batch_size() << ": must be divisible by the world size "
+                                              << world << " (each rank trains on an equal share)");
+}
+
+void set_vocab(Config& cfg, const Tokenizer& tok) {
+  if (cfg.model().vocab_size() == 0) cfg.mutable_model()->set_vocab_size(tok.vocab_size());
+  MOE_CHECK(cfg.model().vocab_size() == tok.vocab_size(),
+            "config field model.vocab_size = " << cfg.model().vocab_size() << " does not match the tokenizer's "
+                                               << tok.vocab_size() << " pieces (set it to 0 to take it from the tokenizer)");
+}
+
+std::vector<int64_t> token_counts(const Corpus& c, int V) {
+  std::vector<int64_t> counts(V, 0);
+  for (int32_t t : c.train) ++counts[t];
+  return counts;
+}
+
+// The checkpoint `--resume` continues from (none: a fresh run).
+struct Resume {
+  std::string dir;
+  proto::Manifest manifest;
+  std::unique_ptr<ckpt::Reader> reader;
+  RunState state;
+  explicit operator bool() const { return reader != nullptr; }
+};
+
+Resume open_resume(bool resume, const std::string& root, Config& cfg, bool lead) {
+  Resume r;
+  if (!resume) return r;
+  if (!fs::exists(root + "/latest")) {
+    if (lead) MOE_INFO("--resume: no checkpoint under " << root << ", starting fresh");
+    return r;
+  }
+  r.dir = ckpt::resolve(root);
+  r.manifest = ckpt::read_manifest(r.dir);
+  r.reader = std::make_unique<ckpt::Reader>(r.dir, r.manifest);
+  r.state = RunState::read(*r.reader, r.manifest);
+  // the stored tables keep the row placement they were trained with, whatever the config file says
+  const auto saved = r.manifest.config().model().word_experts().placement();
+  if (cfg.model().has_word_experts() && saved != cfg.model().word_experts().placement()) {
+    if (lead)
+      MOE_INFO("--resume: model.word_experts.placement " << proto::WordExpertConfig::Placement_Name(saved)
+                                                        << " taken from the checkpoint");
+    cfg.mutable_model()->mutable_word_experts()->set_placement(saved);
+  }
+  return r;
+}
+
+// Loads the checkpoint's tensors and run state into the model and trainer; returns the step to start from.
+int apply_resume(Resume& r, const Config& cfg, Model& model, Trainer& trainer, bool lead) {
+  if (!r) return 0;
+  restore_state(*r.reader, model.params(), &trainer.optimizer());
+  MOE_CHECK(r.manifest.loader_rng_size() == 4, "checkpoint " << r.dir << ": manifest has no data-loader state");
+  const int missing_rng = static_cast<int>(model.unit_state().rngs.size() - r.state.units.rngs.size());
+  r.state.restore(model, trainer.optimizer(), trainer.loader());
+  if (lead) MOE_INFO("resumed from " << r.dir << " at step " << r.state.step);
+  if (lead && missing_rng > 0 && cfg.model().moe().jitter_eps() > 0)
+    MOE_INFO("checkpoint has no router jitter RNG state for " << missing_rng
+                                                              << " learned router(s): their noise restarts from the seed");
+  return static_cast<int>(r.state.step);
+}
+
+void announce(const Config& cfg, const Model& model, const Parallel& par, int threads, const Corpus& corpus,
+              const std::string& root) {
+  // leftovers of an interrupted save (a crash or kill while writing): never loaded, removed here
+  for (const std::string& n : ckpt::remove_stale_saves(root))
+    MOE_INFO("removed " << root << "/" << n << " (an incomplete checkpoint from an interrupted save)");
+  fs::create_directories(cfg.train().out_dir());
+  std::ofstream(cfg.train().out_dir() + "/config.txt") << config_to_text(cfg);
+  const auto& m = cfg.model();
+  MOE_INFO("model: " << m.n_layers() << " layers, d_model " << m.d_model() << ", heads " << m.n_heads() << "/"
+                     << m.n_kv_heads() << " (q/kv), vocab " << m.vocab_size() << ", " << model.params().numel()
+                     << " parameters on rank 0");
+  MOE_INFO("parallel: world " << par.size() << " = data " << par.dp_size() << " x expert " << par.ep_size()
+                              << "; threads per rank " << threads);
+  MOE_INFO("data: " << corpus.train.size() << " train / " << corpus.val.size()
+                    << " val tokens; unigram entropy (context-free baseline) " << corpus.unigram_entropy << " nats");
+}
+
+// Checkpoints of the run: every rank writes its own part (launcher/ckpt_save.h); with checkpoint.async the writes
+// run in the background and are committed by the first step after every rank's writer finished (or by the next
+// save, or by the final save at the end / on a stop signal, which is synchronous).
+class Checkpoints {
+ public:
+  Checkpoints(const Config& cfg, Parallel& par, const Tokenizer& tok, const Model& model, const Trainer& trainer,
+              const std::string& root)
+      : cfg_(cfg), par_(par), tok_(tok), model_(model), trainer_(trainer),
+        saver_(par, {root, cfg.checkpoint().async(), cfg.checkpoint().keep_last(), SaveFault::from_env(), {}}) {
+    // the snapshot buffers, allocated now rather than in the first save's step (only the final save, which is
+    // synchronous, is taken when checkpoint.every is 0)
+    if (cfg.checkpoint().async() && cfg.checkpoint().every() > 0) saver_.prepare(tensors());
+  }
+  void on_step(int step, bool final) {
+    log_commit(saver_.poll());  // collective while an asynchronous save is pending
+    const int every = cfg_.checkpoint().every();
+    if (!final && !(every > 0 && step % every == 0)) return;
+    if (lead() && saver_.pending())
+      MOE_INFO("waiting for the background checkpoint to finish before the checkpoint of step " << step);
+    log_commit(saver_.finish());  // the previous save first: never two in flight
+    SaveState st;
+    st.step = step;
+    st.tensors = tensors();
+    ckpt::SaveRequest base;
+    base.config = &cfg_;
+    base.world_size = par_.size();
+    base.tokenizer_blob = &tok_.serialized();
+    st.manifest = ckpt::base_manifest(base);
+    RunState::capture(step, model_, trainer_.optimizer(), trainer_.loader()).to_manifest(st.manifest);
+    st.tokenizer_blob = &tok_.serialized();
+    const std::string dir = saver_.save(std::move(st), /*wait=*/final);
+    if (dir.empty() && lead()) MOE_INFO("checkpoint of step " << step << ": writing in the background");
+    log_commit(dir);
+  }
+  void finish() { log_commit(saver_.finish()); }
+
+ private:
+  bool lead() const { return par_.rank() == 0; }
+  void log_commit(const std::string& dir) {
+    if (lead() && !dir.empty()) MOE_INFO("checkpoint " << dir);
+  }
+  std::vector<LocalTensor> tensors() const {
+    std::vector<LocalTensor> t = collect_local_state(model_.params(), &trainer_.optimizer());
+    for (LocalTensor& r : RunState::capture(0, model_, trainer_.optimizer(), trainer_.loader()).tensors())
+      t.push_back(std::move(r));
+    return t;
+  }
+  const Config& cfg_;
+  Parallel& par_;
+  const Tokenizer& tok_;
+  const Model& model_;
+  const Trainer& trainer_;
+  CheckpointSaver saver_;
+};
+
+// What the lead rank reports: the progress line, the exact loss log, the metrics stream.
+struct Reports {
+  std::ofstream loss_log;
+  MetricsSink metrics;
+  Reports(const TrainOptions& opt, bool lead) {
+    if (!lead) return;
+    if (!opt.loss_log.empty()) {
+      loss_log.open(opt.loss_log, std::ios::app);
+      MOE_CHECK(loss_log.good(), "--loss-log: cannot open '" << opt.loss_log << "'");
+    }
+    if (!opt.metrics.empty()) metrics = MetricsSink(opt.metrics);
+  }
+  void hook(TrainHooks& h, bool lead) {
+    if (!lead) return;
+    if (loss_log.is_open())
+      h.on_step = [this](const StepRecord& r) {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "%d %a\n", r.step, static_cast<double>(r.loss));
+        loss_log << buf << std::flush;
+      };
+    h.on_log = [this](const LogRecord& r) {
+      MOE_INFO(progress_line(r));
+      metrics.write(train_record(r));
+    };
+    h.on_eval = [this](const EvalRecord& r) {
+      char line[128];
+      std::snprintf(line, sizeof line, "eval  %5d | val loss %.4f | val ppl %.2f", r.step, r.val_loss,
+                    std::exp(r.val_loss));
+      MOE_INFO(line);
+      metrics.write(eval_record(r));
+    };
+  }
+};
+
+TrainHooks parallel_hooks(Parallel& par) {
+  TrainHooks h;
+  h.shard_rank = par.rank();
+  h.shard_count = par.size();
+  if (par.size() == 1) return h;
+  h.mean_over_ranks = [&par](double v) { return par.mean(v); };
+  h.reduce_grads = [&par](ParamStore& ps) { par.reduce_grads(ps); };
+  h.sum_over_expert_group = [&par](double v) { return par.sum_expert_group(v); };
+  // router statistics of logged steps over the world (every rank logs the same steps)
+  h.sum_over_ranks = [&par](std::vector<double>& v) { par.world().all_reduce_sum(v.data(), v.size()); };
+  return h;
+}
+
+}  // namespace
+
+int run_training(Config cfg, const TrainOptions& opt, Parallel& par) {
+  validate_config(cfg, /*needs_data=*/true);
+  check_world(cfg, par.size());
+  experts::check_memory(cfg, par.size(), opt.ranks_on_node, "training");
+  const bool lead = par.rank() == 0;
+  const std::string root = cfg.train().out_dir() + "/checkpoints";
+  Tokenizer tok(prepare_tokenizer(cfg, par));
+  set_vocab(cfg, tok);
+  Corpus corpus = load_corpus(tok, cfg.data().train_file(), cfg.data().val_fraction());
+  const std::vector<int64_t> counts = token_counts(corpus, tok.vocab_size());
+  Resume resume = open_resume(opt.resume, root, cfg, lead);
+  auto model = experts::build_model(
+      cfg, {.ep = par.expert_group(), .token_counts = &counts, .state = resume ? &resume.state.units : nullptr});
+  Trainer trainer(cfg, *model, corpus);
+  const int start = apply_resume(resume, cfg, *model, trainer, lead);
+  if (lead) announce(cfg, *model, par, opt.threads, corpus, root);
+  if (start >= cfg.train().steps()) {
+    if (lead) MOE_INFO("nothing to do: checkpoint step " << start << " >= train.steps " << cfg.train().steps());
+    return 0;
+  }
+  StopControl stop(par);
+  Checkpoints ckpts(cfg, par, tok, *model, trainer, root);
+  Reports reports(opt, lead);
+  TrainHooks hooks = parallel_hooks(par);
+  reports.hook(hooks, lead);
+  hooks.should_stop = [&stop](int step) { return stop.should_stop(step); };
+  hooks.maybe_checkpoint = [&ckpts](int step, bool final) { ckpts.on_step(step, final); };
+  const RunOutcome out = trainer.run(hooks, start);
+  ckpts.finish();  // (the final save is synchronous; this only guards against a pending one)
+  if (!out.stopped) return 0;
+  if (lead) MOE_INFO("stopped by a signal after step " << out.last_step << " (checkpointed); exit code 3 (requeue)");
+  return 3;
+}
+
+}  // namespace moe::launcher

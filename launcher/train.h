@@ -1,0 +1,24 @@
+// `moe train`: the orchestration of a training run over the process groups (tokenizer, corpus, the model from
+// build_model, resume from `latest`, the trainer, checkpoints, the progress line, the exact loss log and the
+// metrics stream). Returns the process exit code: 0 when train.steps were done, 3 when a stop signal ended the
+// run early after its checkpoint (the requeue code of deploy/slurm/train.sbatch).
+#pragma once
+#include <string>
+
+#include "core/config.h"
+#include "launcher/parallel.h"
+
+namespace moe::launcher {
+
+struct TrainOptions {
+  bool resume = false;    // continue from train.out_dir/checkpoints/latest if there is one
+  int threads = 1;        // OpenMP/OpenBLAS threads of this rank (already set)
+  int ranks_on_node = 1;  // ranks sharing this node's memory (the memory check)
+  std::string loss_log;   // append "step hexfloat-loss" per step (rank 0)
+  std::string metrics;    // append one JSON line per logged step and evaluation (rank 0)
+};
+
+// cfg: resolved (overrides applied, defaults filled), not yet validated.
+int run_training(Config cfg, const TrainOptions& opt, Parallel& par);
+
+}  // namespace moe::launcher
