@@ -22,8 +22,9 @@ class Backend {
   virtual const char* name() const = 0;  // "cpu" | "cuda"
 
   // ---------------------------------------------------------------- memory on this backend's device
-  virtual void* alloc(size_t bytes) = 0;  // never null (0 bytes gives a valid pointer); throws moe::Error on failure
-  virtual void free(void* p) noexcept = 0;  // p from alloc (or null)
+  // [bytes] on the device, at least 64-byte aligned; never null (0 bytes gives a valid pointer); throws moe::Error
+  virtual void* alloc(size_t bytes) = 0;
+  virtual void free(void* p) noexcept = 0;  // p from alloc (or null); waits for pending work on p where needed
   virtual void memset0(void* p, size_t bytes) = 0;                      // p[bytes] = 0
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;       // dst[bytes] = src[bytes], both on device
   virtual void to_host(void* host_dst, const void* src, size_t bytes) = 0;    // host_dst[bytes] <- src; completes
@@ -84,8 +85,10 @@ class Backend {
                                 const float* v_cache, int len, int H, int Hkv, int D) = 0;
 
   // ---------------------------------------------------------------- activations
-  virtual void gelu_forward(float* out, const float* inp, int64_t N) = 0;                    // out[N], inp[N]
-  virtual void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t N) = 0;  // dinp[N] written
+  // GELU, tanh approximation: out[N], inp[N]
+  virtual void gelu_forward(float* out, const float* inp, int64_t N) = 0;
+  // dinp[N] = dout[N] * gelu'(inp[N]) (written)
+  virtual void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t N) = 0;
   // out[NF] = silu(gate[NF]) * up[NF]
   virtual void swiglu_forward(float* out, const float* gate, const float* up, int64_t NF) = 0;
   // dgate[NF], dup[NF] written; dout[NF], gate[NF], up[NF]
@@ -105,7 +108,8 @@ class Backend {
   virtual void add_inplace(float* y, const float* x, int64_t n) = 0;            // y[n] += x[n]
   virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;  // out[n] = a[n] + b[n]
   virtual void scale_inplace(float* y, float s, int64_t n) = 0;                 // y[n] *= s
-  virtual double sum_squares(const float* x, int64_t n) = 0;  // sum of x[n]^2 in double, on the host (synchronises)
+  // sum of x[n]^2 accumulated in double, returned on the host (synchronises)
+  virtual double sum_squares(const float* x, int64_t n) = 0;
 };
 
 // The process-wide CPU backend.

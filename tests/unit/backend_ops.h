@@ -154,8 +154,8 @@ struct NormCase {
   Vec inp, w, b, dout, dw0, db0;  // inp[N,C], w[C], b[C], dout[N,C], initial dw[C], db[C]
 };
 inline NormCase make_norm(Rng& rng, int N, int C) {
-  return {N,           C,         1e-5f,     randn(rng, int64_t(N) * C, 2.0f), randn(rng, C), randn(rng, C),
-          randn(rng, int64_t(N) * C), randn(rng, C), randn(rng, C)};
+  return {N, C, 1e-5f, randn(rng, int64_t(N) * C, 2.0f), randn(rng, C), randn(rng, C), randn(rng, int64_t(N) * C),
+          randn(rng, C), randn(rng, C)};
 }
 inline Outputs run_rmsnorm(Backend& be, const NormCase& c) {
   DeviceArena d(be);
