@@ -33,12 +33,11 @@ class CpuBackend final : public Backend {
               float beta) override {
     cpu::matmul(c, a, b, M, N, K, trans_a, trans_b, alpha, beta);
   }
-  void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC,
-                      int OC) override {
+  void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) override {
     cpu::linear_forward(out, inp, w, bias, N, IC, OC);
   }
-  void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
-                       int N, int IC, int OC) override {
+  void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w, int N,
+                       int IC, int OC) override {
     cpu::linear_backward(dinp, dw, dbias, dout, inp, w, N, IC, OC);
   }
 
@@ -52,12 +51,12 @@ class CpuBackend final : public Backend {
   void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) override {
     cpu::rmsnorm_forward(out, rstd, inp, w, N, C, eps);
   }
-  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
-                        const float* rstd, int N, int C) override {
+  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w, const float* rstd,
+                        int N, int C) override {
     cpu::rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C);
   }
-  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b,
-                         int N, int C, float eps) override {
+  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b, int N,
+                         int C, float eps) override {
     cpu::layernorm_forward(out, mean, rstd, inp, w, b, N, C, eps);
   }
   void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
@@ -81,8 +80,8 @@ class CpuBackend final : public Backend {
                           int D) override {
     cpu::attention_backward(dq, dk, dv, datt_scratch, dout, q, k, v, att, B, T, H, Hkv, D);
   }
-  void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache,
-                        int len, int H, int Hkv, int D) override {
+  void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
+                        int H, int Hkv, int D) override {
     cpu::attention_decode(out, scores, q, k_cache, v_cache, len, H, Hkv, D);
   }
 
@@ -123,8 +122,9 @@ Backend& cpu_backend() {
 Backend& backend_for(Device d) {
   if (d == Device::kCPU) return cpu_backend();
 #ifdef MOE_HAVE_CUDA
-  MOE_CHECK(cuda_available(), "model.device = cuda: no CUDA device is visible (check nvidia-smi and "
-                              "CUDA_VISIBLE_DEVICES)");
+  MOE_CHECK(cuda_available(),
+            "model.device = cuda: no CUDA device is visible (check nvidia-smi and "
+            "CUDA_VISIBLE_DEVICES)");
   return cuda::cuda_backend();
 #else
   MOE_THROW("model.device = " << device_name(d)

@@ -25,8 +25,8 @@ class Backend {
   // [bytes] on the device, at least 64-byte aligned; never null (0 bytes gives a valid pointer); throws moe::Error
   virtual void* alloc(size_t bytes) = 0;
   virtual void free(void* p) noexcept = 0;  // p from alloc (or null); waits for pending work on p where needed
-  virtual void memset0(void* p, size_t bytes) = 0;                      // p[bytes] = 0
-  virtual void copy(void* dst, const void* src, size_t bytes) = 0;       // dst[bytes] = src[bytes], both on device
+  virtual void memset0(void* p, size_t bytes) = 0;                  // p[bytes] = 0
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // dst[bytes] = src[bytes], both on the device
   virtual void to_host(void* host_dst, const void* src, size_t bytes) = 0;    // host_dst[bytes] <- src; completes
   virtual void from_host(void* dst, const void* host_src, size_t bytes) = 0;  // dst[bytes] <- host_src; completes
   virtual void sync() = 0;  // waits for every op enqueued so far
@@ -51,14 +51,13 @@ class Backend {
 
   // ---------------------------------------------------------------- norms
   // out[N,C], rstd[N] (saved), inp[N,C], w[C]
-  virtual void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C,
-                               float eps) = 0;
+  virtual void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) = 0;
   // dinp[N,C] written; dw[C] accumulated; dout[N,C], inp[N,C], w[C], rstd[N]
   virtual void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
                                 const float* rstd, int N, int C) = 0;
   // out[N,C], mean[N], rstd[N] (saved), inp[N,C], w[C], b[C]
-  virtual void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w,
-                                 const float* b, int N, int C, float eps) = 0;
+  virtual void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b,
+                                 int N, int C, float eps) = 0;
   // dinp[N,C] written; dw[C], db[C] accumulated; dout[N,C], inp[N,C], w[C], mean[N], rstd[N]
   virtual void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
                                   const float* w, const float* mean, const float* rstd, int N, int C) = 0;
@@ -72,17 +71,17 @@ class Backend {
   // ---------------------------------------------------------------- causal self-attention with GQA
   // q[B,T,H,D], k[B,T,Hkv,D], v[B,T,Hkv,D] -> out[B,T,H,D]; att[B,H,T,T] softmax probabilities (zero above the
   // diagonal). Query head h uses kv head h / (H / Hkv); scale 1/sqrt(D).
-  virtual void attention_forward(float* out, float* att, const float* q, const float* k, const float* v, int B,
-                                 int T, int H, int Hkv, int D) = 0;
+  virtual void attention_forward(float* out, float* att, const float* q, const float* k, const float* v, int B, int T,
+                                 int H, int Hkv, int D) = 0;
   // dq[B,T,H,D], dk[B,T,Hkv,D], dv[B,T,Hkv,D] written; datt_scratch[B,H,T,T] workspace (may be null: the backend
   // then finds its own); dout[B,T,H,D], att[B,H,T,T] from the forward
   virtual void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout,
-                                  const float* q, const float* k, const float* v, const float* att, int B, int T,
-                                  int H, int Hkv, int D) = 0;
+                                  const float* q, const float* k, const float* v, const float* att, int B, int T, int H,
+                                  int Hkv, int D) = 0;
   // One query position attending to cached positions 0..len-1 (q and k already rotated): out[H,D], scores[len]
   // scratch, q[H,D], k_cache[len,Hkv,D], v_cache[len,Hkv,D]. Query head h uses kv head h / (H / Hkv).
-  virtual void attention_decode(float* out, float* scores, const float* q, const float* k_cache,
-                                const float* v_cache, int len, int H, int Hkv, int D) = 0;
+  virtual void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache,
+                                int len, int H, int Hkv, int D) = 0;
 
   // ---------------------------------------------------------------- activations
   // GELU, tanh approximation: out[N], inp[N]
@@ -98,8 +97,8 @@ class Backend {
   // ---------------------------------------------------------------- softmax cross-entropy
   // logits[N,V], targets[N] (< 0 ignored) -> losses[N] (0 for ignored), probs[N,V]; returns the mean loss over
   // non-ignored rows, on the host (synchronises)
-  virtual float cross_entropy_forward(float* losses, float* probs, const float* logits, const int32_t* targets,
-                                      int N, int V) = 0;
+  virtual float cross_entropy_forward(float* losses, float* probs, const float* logits, const int32_t* targets, int N,
+                                      int V) = 0;
   // dlogits[N,V] = (probs[N,V] - onehot(targets[N])) * dloss / count(non-ignored) (written; 0 for ignored rows)
   virtual void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* targets, int N, int V,
                                       float dloss) = 0;

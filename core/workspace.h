@@ -39,8 +39,8 @@ class Workspace {
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
 
-  Buffer& buffer();       // a new buffer owned by the workspace; the reference stays valid for its lifetime
-  size_t bytes() const;   // bytes held now by all its buffers
+  Buffer& buffer();      // a new buffer owned by the workspace; the reference stays valid for its lifetime
+  size_t bytes() const;  // bytes held now by all its buffers
   Backend& backend() const { return be_; }
 
  private:

@@ -128,8 +128,8 @@ TEST(BackendCpu, LayerNormVsRef) {
   Vec out(size_t(c.N) * c.C), mean(c.N), rstd(c.N), dinp(out.size()), dw = c.dw0, db = c.db0;
   cpu::layernorm_forward_ref(out.data(), mean.data(), rstd.data(), c.inp.data(), c.w.data(), c.b.data(), c.N, c.C,
                              c.eps);
-  cpu::layernorm_backward_ref(dinp.data(), dw.data(), db.data(), c.dout.data(), c.inp.data(), c.w.data(),
-                              mean.data(), rstd.data(), c.N, c.C);
+  cpu::layernorm_backward_ref(dinp.data(), dw.data(), db.data(), c.dout.data(), c.inp.data(), c.w.data(), mean.data(),
+                              rstd.data(), c.N, c.C);
   expect_outputs_near(run_layernorm(host_be(), c),
                       {{"out", out}, {"mean", mean}, {"rstd", rstd}, {"dinp", dinp}, {"dw", dw}, {"db", db}}, kTol);
 }

@@ -108,8 +108,8 @@ TEST_F(CudaBackendTest, AttentionWithAndWithoutScratch) {
 
 TEST_F(CudaBackendTest, AttentionDecode) {
   // len > 1024 crosses a chunk of the online softmax; D = 80 is not a multiple of the warp
-  for (const auto& [len, H, Hkv, D] : {std::tuple{1, 4, 2, 8}, std::tuple{23, 6, 2, 16}, std::tuple{1500, 4, 1, 80},
-                                       std::tuple{2049, 8, 8, 64}}) {
+  for (const auto& [len, H, Hkv, D] :
+       {std::tuple{1, 4, 2, 8}, std::tuple{23, 6, 2, 16}, std::tuple{1500, 4, 1, 80}, std::tuple{2049, 8, 8, 64}}) {
     SCOPED_TRACE("len=" + std::to_string(len) + " H=" + std::to_string(H) + " Hkv=" + std::to_string(Hkv) +
                  " D=" + std::to_string(D));
     expect_same(make_decode(rng_, len, H, Hkv, D), run_decode);

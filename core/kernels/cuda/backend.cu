@@ -53,12 +53,11 @@ class CudaBackend final : public Backend {
               float beta) override {
     cuda::matmul(c, a, b, M, N, K, trans_a, trans_b, alpha, beta, stream_);
   }
-  void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC,
-                      int OC) override {
+  void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) override {
     cuda::linear_forward(out, inp, w, bias, N, IC, OC, stream_);
   }
-  void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
-                       int N, int IC, int OC) override {
+  void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w, int N,
+                       int IC, int OC) override {
     cuda::linear_backward(dinp, dw, dbias, dout, inp, w, N, IC, OC, stream_);
   }
 
@@ -72,12 +71,12 @@ class CudaBackend final : public Backend {
   void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) override {
     cuda::rmsnorm_forward(out, rstd, inp, w, N, C, eps, stream_);
   }
-  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
-                        const float* rstd, int N, int C) override {
+  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w, const float* rstd,
+                        int N, int C) override {
     cuda::rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C, stream_);
   }
-  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b,
-                         int N, int C, float eps) override {
+  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b, int N,
+                         int C, float eps) override {
     cuda::layernorm_forward(out, mean, rstd, inp, w, b, N, C, eps, stream_);
   }
   void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
@@ -99,8 +98,8 @@ class CudaBackend final : public Backend {
   void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout, const float* q,
                           const float* k, const float* v, const float* att, int B, int T, int H, int Hkv,
                           int D) override;
-  void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache,
-                        int len, int H, int Hkv, int D) override {
+  void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
+                        int H, int Hkv, int D) override {
     cuda::attention_decode(out, scores, q, k_cache, v_cache, len, H, Hkv, D, stream_);
   }
 
