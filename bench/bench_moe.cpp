@@ -92,7 +92,7 @@ int main(int argc, char** argv) {
   if (section == 0 || section == 1) {
   proto::ModelConfig cfg = layer_config(C, E, F, k);
   ParamStore ps;
-  Workspace ws;
+  Workspace ws{cpu_backend()};
   experts::MoeFfn layer(ps, ws, "moe", cfg, par.expert_group(), 1);
   for (Param* p : ps.all())
     for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = rng.normal() * 0.02f;
@@ -188,7 +188,7 @@ int main(int argc, char** argv) {
     std::vector<int64_t> off(El + 1);
     for (int e = 0; e <= El; ++e) off[e] = rows_total * e / El;
     ParamStore bps;
-    Workspace bws;
+    Workspace bws{cpu_backend()};
     experts::ExpertBank bank(bps, bws, "bank", experts::ExpertBankDims{El, C, F, proto::SWIGLU});
     for (Param* p : bps.all())
       for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = rng.normal() * 0.02f;
@@ -244,7 +244,7 @@ int main(int argc, char** argv) {
       int E;
       bool scattered;  // the multiplicative placement: the same rows scattered over the whole table
       ParamStore ps;
-      Workspace ws;
+      Workspace ws{cpu_backend()};
       std::unique_ptr<experts::WordExpertFfn> layer;
       std::unique_ptr<AdamW> opt;
       std::vector<double> times;

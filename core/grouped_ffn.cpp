@@ -7,7 +7,6 @@
 #include <climits>
 
 #include "core/error.h"
-#include "core/kernels/cpu/kernels.h"
 #include "core/prefetch.h"
 
 namespace moe {
@@ -33,7 +32,7 @@ float* grad(Param* p) { return p ? p->grad.f32() : nullptr; }
 }  // namespace
 
 GroupedFfn::GroupedFfn(Workspace& ws, int C, int F, proto::Activation act, const FfnWeights& w)
-    : C_(C), F_(F), act_(act), w_(w), gate_(ws.buffer()), up_(ws.buffer()), aout_(ws.buffer()), dact_(ws.buffer()),
+    : be_(ws.backend()), C_(C), F_(F), act_(act), w_(w), gate_(ws.buffer()), up_(ws.buffer()), aout_(ws.buffer()), dact_(ws.buffer()),
       dgate_(ws.buffer()), dup_(ws.buffer()) {
   MOE_CHECK(C >= 1 && F >= 1, "grouped FFN: d_model and hidden size must be >= 1, got " << C << ", " << F);
   MOE_CHECK(act == proto::SWIGLU || act == proto::GELU, "grouped FFN: unsupported activation " << int(act));
@@ -99,17 +98,17 @@ void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const i
     float* ag = act + r0 * F;      // [n,F]
     const int64_t qs = q >= 0 ? slots_[q] * FC : -1;
     if (qs >= 0) prefetch_read(wu + qs, FC);
-    cpu::linear_forward(ug, xg, wu + s * FC, bu ? bu + s * F : nullptr, n, C, F);
+    be_.linear_forward(ug, xg, wu + s * FC, bu ? bu + s * F : nullptr, n, C, F);
     if (qs >= 0) prefetch_read(wd + qs, FC);
     if (swiglu) {
       float* gg = gate + r0 * F;  // [n,F]
       if (qs >= 0) prefetch_read(wg + qs, FC);
-      cpu::linear_forward(gg, xg, wg + s * FC, nullptr, n, C, F);
-      cpu::swiglu_forward(ag, gg, ug, int64_t(n) * F);
+      be_.linear_forward(gg, xg, wg + s * FC, nullptr, n, C, F);
+      be_.swiglu_forward(ag, gg, ug, int64_t(n) * F);
     } else {
-      cpu::gelu_forward(ag, ug, int64_t(n) * F);
+      be_.gelu_forward(ag, ug, int64_t(n) * F);
     }
-    cpu::linear_forward(y + r0 * C, ag, wd + s * FC, bd ? bd + s * C : nullptr, n, F, C);
+    be_.linear_forward(y + r0 * C, ag, wd + s * FC, bd ? bd + s * C : nullptr, n, F, C);
   });
 }
 
@@ -133,18 +132,18 @@ void GroupedFfn::backward_data(float* dx, const float* dy) {
     float* dug = dup + r0 * F;   // [n,F]
     float* dxg = dx + r0 * C;    // [n,C]
     if (qs >= 0) prefetch_read(wd + qs, FC);
-    cpu::matmul(dag, dy + r0 * C, wd + s * FC, n, F, C, false, false);  // dact = dy Wd
+    be_.matmul(dag, dy + r0 * C, wd + s * FC, n, F, C, false, false);  // dact = dy Wd
     if (swiglu) {
       float* dgg = dgate + r0 * F;  // [n,F]
-      cpu::swiglu_backward(dgg, dug, dag, gate_.data() + r0 * F, up_.data() + r0 * F, int64_t(n) * F);
+      be_.swiglu_backward(dgg, dug, dag, gate_.data() + r0 * F, up_.data() + r0 * F, int64_t(n) * F);
       if (qs >= 0) prefetch_read(wg + qs, FC);
-      cpu::matmul(dxg, dgg, wg + s * FC, n, C, F, false, false);  // dx = dgate Wg
+      be_.matmul(dxg, dgg, wg + s * FC, n, C, F, false, false);  // dx = dgate Wg
       if (qs >= 0) prefetch_read(wu + qs, FC);
-      cpu::matmul(dxg, dug, wu + s * FC, n, C, F, false, false, 1.0f, 1.0f);  // dx += dup Wu
+      be_.matmul(dxg, dug, wu + s * FC, n, C, F, false, false, 1.0f, 1.0f);  // dx += dup Wu
     } else {
-      cpu::gelu_backward(dug, dag, up_.data() + r0 * F, int64_t(n) * F);
+      be_.gelu_backward(dug, dag, up_.data() + r0 * F, int64_t(n) * F);
       if (qs >= 0) prefetch_read(wu + qs, FC);
-      cpu::matmul(dxg, dug, wu + s * FC, n, C, F, false, false);  // dx = dup Wu
+      be_.matmul(dxg, dug, wu + s * FC, n, C, F, false, false);  // dx = dup Wu
     }
   });
 }
@@ -164,14 +163,14 @@ void GroupedFfn::backward_weights() {
     const int64_t qs = q >= 0 ? slots_[q] * FC : -1;
     const float* xg = x_ + r0 * C;  // [n,C]
     if (qs >= 0) prefetch_write(dwd + qs, FC);
-    cpu::linear_backward(nullptr, dwd + s * FC, dbd ? dbd + s * C : nullptr, dy_ + r0 * C, aout_.data() + r0 * F,
+    be_.linear_backward(nullptr, dwd + s * FC, dbd ? dbd + s * C : nullptr, dy_ + r0 * C, aout_.data() + r0 * F,
                          nullptr, n, F, C);
     if (swiglu) {
       if (qs >= 0) prefetch_write(dwg + qs, FC);
-      cpu::linear_backward(nullptr, dwg + s * FC, nullptr, dgate_.data() + r0 * F, xg, nullptr, n, C, F);
+      be_.linear_backward(nullptr, dwg + s * FC, nullptr, dgate_.data() + r0 * F, xg, nullptr, n, C, F);
     }
     if (qs >= 0) prefetch_write(dwu + qs, FC);
-    cpu::linear_backward(nullptr, dwu + s * FC, dbu ? dbu + s * F : nullptr, dup_.data() + r0 * F, xg, nullptr, n,
+    be_.linear_backward(nullptr, dwu + s * FC, dbu ? dbu + s * F : nullptr, dup_.data() + r0 * F, xg, nullptr, n,
                          C, F);
   });
   if (!sparse()) return;

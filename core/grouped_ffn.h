@@ -61,6 +61,7 @@ class GroupedFfn {
   template <class Fn>
   void for_each_group(const Fn& fn);  // fn(group index, prefetch-ahead group or -1), largest groups first
   bool sparse() const { return w_.w_up->row_sparse; }
+  Backend& be_;
   int C_, F_;
   proto::Activation act_;
   FfnWeights w_;

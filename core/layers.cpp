@@ -3,13 +3,12 @@
 #include <cmath>
 #include <cstring>
 
-#include "core/kernels/cpu/kernels.h"
 
 namespace moe {
 
 // ================================================================== Norm
 Norm::Norm(ParamStore& ps, Workspace& ws, const std::string& name, int C, proto::NormKind kind, float eps)
-    : C_(C), kind_(kind), eps_(eps), mean_(ws.buffer()), rstd_(ws.buffer()) {
+    : be_(ws.backend()), C_(C), kind_(kind), eps_(eps), mean_(ws.buffer()), rstd_(ws.buffer()) {
   w_ = ps.add(name + ".weight", {C}, /*decay=*/false, Init::kOnes);
   if (kind == proto::LAYERNORM) b_ = ps.add(name + ".bias", {C}, /*decay=*/false, Init::kZeros);
 }
@@ -17,24 +16,24 @@ Norm::Norm(ParamStore& ps, Workspace& ws, const std::string& name, int C, proto:
 void Norm::forward(float* out, const float* inp, int N) {
   inp_ = inp;
   if (kind_ == proto::RMSNORM) {
-    cpu::rmsnorm_forward(out, rstd_.get(N), inp, w_->value.f32(), N, C_, eps_);
+    be_.rmsnorm_forward(out, rstd_.get(N), inp, w_->value.f32(), N, C_, eps_);
   } else {
-    cpu::layernorm_forward(out, mean_.get(N), rstd_.get(N), inp, w_->value.f32(), b_->value.f32(), N, C_, eps_);
+    be_.layernorm_forward(out, mean_.get(N), rstd_.get(N), inp, w_->value.f32(), b_->value.f32(), N, C_, eps_);
   }
 }
 
 void Norm::backward(float* dinp, const float* dout, int N) {
   if (kind_ == proto::RMSNORM) {
-    cpu::rmsnorm_backward(dinp, w_->grad.f32(), dout, inp_, w_->value.f32(), rstd_.data(), N, C_);
+    be_.rmsnorm_backward(dinp, w_->grad.f32(), dout, inp_, w_->value.f32(), rstd_.data(), N, C_);
   } else {
-    cpu::layernorm_backward(dinp, w_->grad.f32(), b_->grad.f32(), dout, inp_, w_->value.f32(), mean_.data(),
+    be_.layernorm_backward(dinp, w_->grad.f32(), b_->grad.f32(), dout, inp_, w_->value.f32(), mean_.data(),
                             rstd_.data(), N, C_);
   }
 }
 
 // ================================================================== Attention
 Attention::Attention(ParamStore& ps, Workspace& ws, const std::string& prefix, const AttentionDims& d)
-    : d_(d), q_(ws.buffer()), k_(ws.buffer()), v_(ws.buffer()), att_(ws.buffer()), y_(ws.buffer()), dq_(ws.buffer()),
+    : be_(ws.backend()), d_(d), q_(ws.buffer()), k_(ws.buffer()), v_(ws.buffer()), att_(ws.buffer()), y_(ws.buffer()), dq_(ws.buffer()),
       dk_(ws.buffer()), dv_(ws.buffer()), datt_(ws.buffer()), dy_(ws.buffer()), tmp_(ws.buffer()) {
   wq = ps.add(prefix + ".wq", {d.H * d.D, d.C}, true);
   wk = ps.add(prefix + ".wk", {d.Hkv * d.D, d.C}, true);
@@ -48,72 +47,49 @@ void Attention::forward(float* out, const float* inp, int B, int T) {
   float* q = q_.get(int64_t(N) * H * D);  // [B,T,H,D]
   float* k = k_.get(int64_t(N) * Hkv * D);  // [B,T,Hkv,D]
   float* v = v_.get(int64_t(N) * Hkv * D);  // [B,T,Hkv,D]
-  cpu::linear_forward(q, inp, wq->value.f32(), nullptr, N, C, H * D);
-  cpu::linear_forward(k, inp, wk->value.f32(), nullptr, N, C, Hkv * D);
-  cpu::linear_forward(v, inp, wv->value.f32(), nullptr, N, C, Hkv * D);
-  cpu::rope_forward(q, B, T, H, D, 0, d_.rope_theta);
-  cpu::rope_forward(k, B, T, Hkv, D, 0, d_.rope_theta);
+  be_.linear_forward(q, inp, wq->value.f32(), nullptr, N, C, H * D);
+  be_.linear_forward(k, inp, wk->value.f32(), nullptr, N, C, Hkv * D);
+  be_.linear_forward(v, inp, wv->value.f32(), nullptr, N, C, Hkv * D);
+  be_.rope_forward(q, B, T, H, D, 0, d_.rope_theta);
+  be_.rope_forward(k, B, T, Hkv, D, 0, d_.rope_theta);
   float* att = att_.get(int64_t(B) * H * T * T);  // [B,H,T,T]
   float* y = y_.get(int64_t(N) * H * D);          // [B,T,H,D]
-  cpu::attention_forward(y, att, q, k, v, B, T, H, Hkv, D);
-  cpu::linear_forward(out, y, wo->value.f32(), nullptr, N, H * D, C);
+  be_.attention_forward(y, att, q, k, v, B, T, H, Hkv, D);
+  be_.linear_forward(out, y, wo->value.f32(), nullptr, N, H * D, C);
 }
 
 void Attention::backward(float* dinp, const float* dout, int B, int T) {
   const int N = B * T, C = d_.C, H = d_.H, Hkv = d_.Hkv, D = d_.D;
   float* dy = dy_.get(int64_t(N) * H * D);
-  cpu::linear_backward(dy, wo->grad.f32(), nullptr, dout, y_.data(), wo->value.f32(), N, H * D, C);
+  be_.linear_backward(dy, wo->grad.f32(), nullptr, dout, y_.data(), wo->value.f32(), N, H * D, C);
   float* dq = dq_.get(int64_t(N) * H * D);
   float* dk = dk_.get(int64_t(N) * Hkv * D);
   float* dv = dv_.get(int64_t(N) * Hkv * D);
   float* datt = datt_.get(int64_t(B) * H * T * T);
-  cpu::attention_backward(dq, dk, dv, datt, dy, q_.data(), k_.data(), v_.data(), att_.data(), B, T, H, Hkv, D);
-  cpu::rope_backward(dq, B, T, H, D, 0, d_.rope_theta);
-  cpu::rope_backward(dk, B, T, Hkv, D, 0, d_.rope_theta);
+  be_.attention_backward(dq, dk, dv, datt, dy, q_.data(), k_.data(), v_.data(), att_.data(), B, T, H, Hkv, D);
+  be_.rope_backward(dq, B, T, H, D, 0, d_.rope_theta);
+  be_.rope_backward(dk, B, T, Hkv, D, 0, d_.rope_theta);
   // dinp = dq Wq + dk Wk + dv Wv; weight grads accumulate
-  cpu::linear_backward(dinp, wq->grad.f32(), nullptr, dq, inp_, wq->value.f32(), N, C, H * D);
-  cpu::linear_backward(nullptr, wk->grad.f32(), nullptr, dk, inp_, wk->value.f32(), N, C, Hkv * D);
-  cpu::linear_backward(nullptr, wv->grad.f32(), nullptr, dv, inp_, wv->value.f32(), N, C, Hkv * D);
-  cpu::matmul(dinp, dk, wk->value.f32(), N, C, Hkv * D, false, false, 1.0f, 1.0f);
-  cpu::matmul(dinp, dv, wv->value.f32(), N, C, Hkv * D, false, false, 1.0f, 1.0f);
+  be_.linear_backward(dinp, wq->grad.f32(), nullptr, dq, inp_, wq->value.f32(), N, C, H * D);
+  be_.linear_backward(nullptr, wk->grad.f32(), nullptr, dk, inp_, wk->value.f32(), N, C, Hkv * D);
+  be_.linear_backward(nullptr, wv->grad.f32(), nullptr, dv, inp_, wv->value.f32(), N, C, Hkv * D);
+  be_.matmul(dinp, dk, wk->value.f32(), N, C, Hkv * D, false, false, 1.0f, 1.0f);
+  be_.matmul(dinp, dv, wv->value.f32(), N, C, Hkv * D, false, false, 1.0f, 1.0f);
 }
 
 void Attention::decode(float* out, const float* inp, float* k_cache, float* v_cache, int pos) {
   const int C = d_.C, H = d_.H, Hkv = d_.Hkv, D = d_.D;
-  float* q = q_.get(int64_t(H) * D);
-  float* k = k_cache + int64_t(pos) * Hkv * D;  // written in place into the cache
-  float* v = v_cache + int64_t(pos) * Hkv * D;
-  cpu::linear_forward(q, inp, wq->value.f32(), nullptr, 1, C, H * D);
-  cpu::linear_forward(k, inp, wk->value.f32(), nullptr, 1, C, Hkv * D);
-  cpu::linear_forward(v, inp, wv->value.f32(), nullptr, 1, C, Hkv * D);
-  cpu::rope_forward(q, 1, 1, H, D, pos, d_.rope_theta);
-  cpu::rope_forward(k, 1, 1, Hkv, D, pos, d_.rope_theta);
-  float* y = y_.get(int64_t(H) * D);
-  float* s = tmp_.get(pos + 1);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int group = H / Hkv;
-  for (int h = 0; h < H; ++h) {
-    const int g = h / group;
-    const float* qh = q + h * D;
-    float mx = -INFINITY;
-    for (int t = 0; t <= pos; ++t) {
-      const float* kt = k_cache + (int64_t(t) * Hkv + g) * D;
-      float dot = 0;
-      for (int i = 0; i < D; ++i) dot += qh[i] * kt[i];
-      s[t] = dot * scale;
-      mx = std::max(mx, s[t]);
-    }
-    float sum = 0;
-    for (int t = 0; t <= pos; ++t) sum += (s[t] = std::exp(s[t] - mx));
-    float* yh = y + h * D;
-    std::memset(yh, 0, sizeof(float) * D);
-    for (int t = 0; t <= pos; ++t) {
-      const float p = s[t] / sum;
-      const float* vt = v_cache + (int64_t(t) * Hkv + g) * D;
-      for (int i = 0; i < D; ++i) yh[i] += p * vt[i];
-    }
-  }
-  cpu::linear_forward(out, y, wo->value.f32(), nullptr, 1, H * D, C);
+  float* q = q_.get(int64_t(H) * D);           // [H,D]
+  float* k = k_cache + int64_t(pos) * Hkv * D;  // [Hkv,D] written in place into the cache
+  float* v = v_cache + int64_t(pos) * Hkv * D;  // [Hkv,D]
+  be_.linear_forward(q, inp, wq->value.f32(), nullptr, 1, C, H * D);
+  be_.linear_forward(k, inp, wk->value.f32(), nullptr, 1, C, Hkv * D);
+  be_.linear_forward(v, inp, wv->value.f32(), nullptr, 1, C, Hkv * D);
+  be_.rope_forward(q, 1, 1, H, D, pos, d_.rope_theta);
+  be_.rope_forward(k, 1, 1, Hkv, D, pos, d_.rope_theta);
+  float* y = y_.get(int64_t(H) * D);  // [H,D]
+  be_.attention_decode(y, tmp_.get(pos + 1), q, k_cache, v_cache, pos + 1, H, Hkv, D);
+  be_.linear_forward(out, y, wo->value.f32(), nullptr, 1, H * D, C);
 }
 
 // ================================================================== DenseFfn

@@ -27,6 +27,7 @@ class Norm {
   void backward(float* dinp, const float* dout, int N);
 
  private:
+  Backend& be_;
   int C_;
   proto::NormKind kind_;
   float eps_;
@@ -60,6 +61,7 @@ class Attention {
   Param *wq, *wk, *wv, *wo;
 
  private:
+  Backend& be_;
   AttentionDims d_;
   const float* inp_ = nullptr;
   Workspace::Buffer &q_, &k_, &v_, &att_, &y_, &dq_, &dk_, &dv_, &datt_, &dy_, &tmp_;

@@ -3,13 +3,13 @@
 #include <cmath>
 #include <cstring>
 
-#include "core/kernels/cpu/kernels.h"
 
 namespace moe {
 
 // ================================================================== Block
 Block::Block(ParamStore& ps, Workspace& ws, const proto::ModelConfig& cfg, int layer, const FfnFactory& ffn_factory)
-    : C_(cfg.d_model()),
+    : be_(ws.backend()),
+      C_(cfg.d_model()),
       norm1_(ps, ws, "layers." + std::to_string(layer) + ".attn_norm", cfg.d_model(), cfg.norm(), cfg.norm_eps()),
       attn_(ps, ws, "layers." + std::to_string(layer) + ".attn",
             AttentionDims{cfg.d_model(), cfg.n_heads(), cfg.n_kv_heads(), cfg.d_model() / cfg.n_heads(),
@@ -30,10 +30,10 @@ void Block::forward(const FfnContext& ctx, float* out, const float* x, int B, in
   float* f = ffn_out_.get(NC);
   norm1_.forward(ln1, x, N);
   attn_.forward(a, ln1, B, T);
-  cpu::add(x2, x, a, NC);
+  be_.add(x2, x, a, NC);
   norm2_.forward(ln2, x2, N);
   ffn_->forward(ctx, f, ln2, N);
-  cpu::add(out, x2, f, NC);
+  be_.add(out, x2, f, NC);
 }
 
 void Block::backward(const FfnContext& ctx, float* dx, const float* dout, int B, int T) {
@@ -44,11 +44,11 @@ void Block::backward(const FfnContext& ctx, float* dx, const float* dout, int B,
   // out = x2 + ffn(norm2(x2))
   ffn_->backward(ctx, dtmp, dout, N);  // d ln2
   norm2_.backward(dx2, dtmp, N);
-  cpu::add_inplace(dx2, dout, NC);
+  be_.add_inplace(dx2, dout, NC);
   // x2 = x + attn(norm1(x))
   attn_.backward(dtmp, dx2, B, T);  // d ln1
   norm1_.backward(dx, dtmp, N);
-  cpu::add_inplace(dx, dx2, NC);
+  be_.add_inplace(dx, dx2, NC);
 }
 
 void Block::decode(float* out, const float* x, float* k_cache, float* v_cache, int pos, int32_t token) {
@@ -57,19 +57,19 @@ void Block::decode(float* out, const float* x, float* k_cache, float* v_cache, i
   float* x2 = x2_.get(C_);
   norm1_.forward(ln, x, 1);
   attn_.decode(a, ln, k_cache, v_cache, pos);
-  cpu::add(x2, x, a, C_);
+  be_.add(x2, x, a, C_);
   norm2_.forward(ln, x2, 1);
   float* f = ffn_out_.get(C_);
   FfnContext ctx;
   ctx.token_ids = &token;
   ctx.training = false;
   ffn_->forward(ctx, f, ln, 1);
-  cpu::add(out, x2, f, C_);
+  be_.add(out, x2, f, C_);
 }
 
 // ================================================================== Model
 Model::Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory)
-    : cfg_(cfg), V_(cfg.vocab_size()), C_(cfg.d_model()), lnf_(ws_.buffer()), logits_(ws_.buffer()),
+    : cfg_(cfg), V_(cfg.vocab_size()), C_(cfg.d_model()), ws_(cpu_backend()), lnf_(ws_.buffer()), logits_(ws_.buffer()),
       probs_(ws_.buffer()), losses_(ws_.buffer()), dlogits_(ws_.buffer()), dlnf_(ws_.buffer()), dres_a_(ws_.buffer()),
       dres_b_(ws_.buffer()), dec_x_(ws_.buffer()), dec_y_(ws_.buffer()), dec_lnf_(ws_.buffer()),
       dec_logits_(ws_.buffer()) {
@@ -112,16 +112,16 @@ float Model::forward(const int32_t* inputs, const int32_t* targets, int B, int T
   FfnContext ctx;
   ctx.token_ids = inputs;
   ctx.training = training;
-  cpu::embedding_forward(resid_[0]->get(NC), inputs, wte_->value.f32(), N, C_);
+  ws_.backend().embedding_forward(resid_[0]->get(NC), inputs, wte_->value.f32(), N, C_);
   for (size_t l = 0; l < blocks_.size(); ++l)
     blocks_[l]->forward(ctx, resid_[l + 1]->get(NC), resid_[l]->data(), B, T);
   float* lnf = lnf_.get(NC);
   final_norm_->forward(lnf, resid_.back()->data(), N);
   float* logits = logits_.get(int64_t(N) * V_);
   const float* w_out = lm_head_ ? lm_head_->value.f32() : wte_->value.f32();
-  cpu::linear_forward(logits, lnf, w_out, nullptr, N, C_, V_);
+  ws_.backend().linear_forward(logits, lnf, w_out, nullptr, N, C_, V_);
   if (!targets) return 0.0f;
-  return cpu::cross_entropy_forward(losses_.get(N), probs_.get(int64_t(N) * V_), logits, targets, N, V_);
+  return ws_.backend().cross_entropy_forward(losses_.get(N), probs_.get(int64_t(N) * V_), logits, targets, N, V_);
 }
 
 void Model::backward() {
@@ -129,10 +129,10 @@ void Model::backward() {
   const int N = B_ * T_;
   const int64_t NC = int64_t(N) * C_;
   float* dlogits = dlogits_.get(int64_t(N) * V_);
-  cpu::cross_entropy_backward(dlogits, probs_.data(), targets_, N, V_, 1.0f);
+  ws_.backend().cross_entropy_backward(dlogits, probs_.data(), targets_, N, V_, 1.0f);
   float* dlnf = dlnf_.get(NC);
   Param* head = lm_head_ ? lm_head_ : wte_;
-  cpu::linear_backward(dlnf, head->grad.f32(), nullptr, dlogits, lnf_.data(), head->value.f32(), N, C_, V_);
+  ws_.backend().linear_backward(dlnf, head->grad.f32(), nullptr, dlogits, lnf_.data(), head->value.f32(), N, C_, V_);
   float* da = dres_a_.get(NC);
   float* db = dres_b_.get(NC);
   final_norm_->backward(da, dlnf, N);
@@ -143,7 +143,7 @@ void Model::backward() {
     blocks_[l]->backward(ctx, db, da, B_, T_);
     std::swap(da, db);
   }
-  cpu::embedding_backward(wte_->grad.f32(), da, inputs_, N, C_);
+  ws_.backend().embedding_backward(wte_->grad.f32(), da, inputs_, N, C_);
 }
 
 double Model::extra_loss() const {
@@ -174,7 +174,7 @@ const float* Model::decode_step(KvCache& cache, int32_t token) {
   MOE_CHECK(token >= 0 && token < V_, "token id " << token << " is outside the vocabulary [0, " << V_ << ")");
   float* x = dec_x_.get(C_);
   float* y = dec_y_.get(C_);
-  cpu::embedding_forward(x, &token, wte_->value.f32(), 1, C_);
+  ws_.backend().embedding_forward(x, &token, wte_->value.f32(), 1, C_);
   for (size_t l = 0; l < blocks_.size(); ++l) {
     blocks_[l]->decode(y, x, cache.k[l].data(), cache.v[l].data(), cache.len, token);
     std::swap(x, y);
@@ -183,7 +183,7 @@ const float* Model::decode_step(KvCache& cache, int32_t token) {
   final_norm_->forward(lnf, x, 1);
   float* logits = dec_logits_.get(V_);
   const float* w_out = lm_head_ ? lm_head_->value.f32() : wte_->value.f32();
-  cpu::linear_forward(logits, lnf, w_out, nullptr, 1, C_, V_);
+  ws_.backend().linear_forward(logits, lnf, w_out, nullptr, 1, C_, V_);
   ++cache.len;
   return logits;
 }

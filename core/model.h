@@ -31,6 +31,7 @@ class Block {
   Attention& attention() { return attn_; }
 
  private:
+  Backend& be_;
   int C_;
   Norm norm1_;
   Attention attn_;

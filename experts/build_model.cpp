@@ -85,7 +85,7 @@ MemoryEstimate estimate_memory(const Config& cfg, int world) {
   one.set_vocab_size(static_cast<int>(V));
   for (const auto& [kind, first_count] : layers_by_kind(m)) {
     ParamStore ps(/*sized_only=*/true);
-    Workspace ws;
+    Workspace ws{cpu_backend()};
     Block block(ps, ws, one, first_count.first, ffn_factory({}, 0));
     double n = 0;
     for (const Param* p : ps.all()) {

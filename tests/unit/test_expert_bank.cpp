@@ -60,7 +60,7 @@ class ThreadScope {
 // A bank with random weights (biases random too, so their gradients are tested), random x and dy.
 struct BankCase {
   ParamStore ps;
-  Workspace ws;
+  Workspace ws{cpu_backend()};
   std::unique_ptr<ExpertBank> bank;
   ExpertBankDims dims;
   std::vector<int64_t> counts, offsets;
@@ -176,7 +176,7 @@ void one_expert_is_dense_ffn() {
     const int C = 24, F = 56;
     BankCase s(act, C, F, {37}, 7);
     ParamStore dps;
-    Workspace dws;
+    Workspace dws{cpu_backend()};
     DenseFfn dense(dps, dws, "ffn", C, F, act);
     for (const std::string& n : s.param_names()) {
       Param& dp = dps.get("ffn." + n);
@@ -206,7 +206,7 @@ void threading_paths_match_dense_ffns() {
   for (proto::Activation act : {proto::SWIGLU, proto::GELU}) {
     const int C = 32, F = 64, E = 16;  // every expert's GEMM small enough for the parallel path
     ParamStore ps;
-    Workspace ws;
+    Workspace ws{cpu_backend()};
     ExpertBank bank(ps, ws, "blk", {E, C, F, act});
     Rng rng(11);
     fill_weights(ps, rng, 0.4f, 0.3f);
@@ -311,7 +311,7 @@ void backward_accumulates() {
 // ================================================================== parameters, init, errors
 void registers_params() {
   ParamStore sw, ge;
-  Workspace ws;
+  Workspace ws{cpu_backend()};
   ExpertBank a(sw, ws, "l0.experts", {4, 6, 10, proto::SWIGLU});
   ExpertBank b(ge, ws, "l1.experts", {3, 6, 10, proto::GELU, /*first_expert=*/3});
   EXPECT_EQ(a.dims().num_local_experts, 4);
@@ -341,7 +341,7 @@ void init_weights_per_expert() {
   auto init = [&](int E, int threads, int first) {
     ThreadScope ts(threads);
     auto ps = std::make_unique<ParamStore>();
-    Workspace ws;
+    Workspace ws{cpu_backend()};
     ExpertBank bank(*ps, ws, "b", {E, C, F, proto::GELU, first});
     ps->get("b.b_up").value.fill_(1.0f);
     init_params(*ps, 99, 0.02f, 0.01f);
@@ -364,7 +364,7 @@ void init_weights_per_expert() {
   }
   // SwiGLU also fills w_gate (its own stream: not a copy of w_up)
   ParamStore ps;
-  Workspace ws;
+  Workspace ws{cpu_backend()};
   ExpertBank sw(ps, ws, "s", {2, C, F, proto::SWIGLU});
   init_params(ps, 3, 0.5f, 0.5f);
   EXPECT_NE(ps.get("s.w_gate").value.to_float_vector(), ps.get("s.w_up").value.to_float_vector());
@@ -373,7 +373,7 @@ void init_weights_per_expert() {
 
 void rejects_bad_input() {
   ParamStore ps;
-  Workspace ws;
+  Workspace ws{cpu_backend()};
   EXPECT_THROW(ExpertBank(ps, ws, "z", {0, 4, 4, proto::SWIGLU}), Error);
   ExpertBank bank(ps, ws, "b", {3, 4, 5, proto::SWIGLU});
   Vec x(40, 1.0f), y(40), dx(40);

@@ -86,7 +86,7 @@ TEST(WordExperts, VsTorch) {
   std::vector<std::string> args;
   struct Result {
     ParamStore ps;
-    Workspace ws;
+    Workspace ws{cpu_backend()};
     std::unique_ptr<WordExpertTable> table;
     Vec x, dy, y, dx;
     std::string dir;
@@ -216,7 +216,7 @@ TEST(WordExperts, AdamWTouchesOnlyUsedRows) {
   // 65,536 x 16 floats = 4 MiB per tensor: 3 tables x (value, grad, m, v, initial copy) = 60 MiB
   const int C = 4, F = 4;
   ParamStore ps;
-  Workspace ws;
+  Workspace ws{cpu_backend()};
   WordExpertTable table(ps, ws, "mowe", WordExpertDims{E, C, F, proto::SWIGLU});
   Rng rng(7);
   fill_weights(ps, rng, 0.5f, 0.5f);
@@ -307,7 +307,7 @@ TEST(WordExperts, StepCostIndependentOfTableSize) {
 
   struct Setup {
     ParamStore ps;
-    Workspace ws;
+    Workspace ws{cpu_backend()};
     std::unique_ptr<WordExpertTable> table;
     std::unique_ptr<AdamW> opt;
   };
@@ -355,7 +355,7 @@ TEST(WordExperts, StepCostIndependentOfTableSize) {
 // ------------------------------------------------------------------ malformed layouts
 TEST(WordExperts, RejectsBadGroups) {
   ParamStore ps;
-  Workspace ws;
+  Workspace ws{cpu_backend()};
   WordExpertTable t(ps, ws, "we", WordExpertDims{10, 4, 2, proto::GELU});
   Vec x(8 * 4, 1.0f), y(8 * 4), dx(8 * 4);
   EXPECT_THROW(t.backward(dx.data(), x.data()), Error);  // no forward yet

@@ -181,4 +181,37 @@ void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, co
   }
 }
 
+// ---------------------------------------------------------------- attention over a KV cache, one query position
+// out[H,D], scores[len] (scratch) <- q[H,D], k_cache[len,Hkv,D], v_cache[len,Hkv,D]. The loop of the original
+// Attention::decode, kept exactly (same accumulation order) so that decoding stays bit-identical.
+void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
+                      int H, int Hkv, int D) {
+  check_heads(H, Hkv, D);
+  MOE_CHECK(len > 0, "attention_decode: cache length " << len << " must be positive");
+  float* s = scores;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int group = H / Hkv;
+  for (int h = 0; h < H; ++h) {
+    const int g = h / group;
+    const float* qh = q + h * D;  // [D]
+    float mx = -INFINITY;
+    for (int t = 0; t < len; ++t) {
+      const float* kt = k_cache + (int64_t(t) * Hkv + g) * D;  // [D]
+      float dot = 0;
+      for (int i = 0; i < D; ++i) dot += qh[i] * kt[i];
+      s[t] = dot * scale;
+      mx = std::max(mx, s[t]);
+    }
+    float sum = 0;
+    for (int t = 0; t < len; ++t) sum += (s[t] = std::exp(s[t] - mx));
+    float* yh = out + h * D;  // [D]
+    std::memset(yh, 0, sizeof(float) * D);
+    for (int t = 0; t < len; ++t) {
+      const float p = s[t] / sum;
+      const float* vt = v_cache + (int64_t(t) * Hkv + g) * D;  // [D]
+      for (int i = 0; i < D; ++i) yh[i] += p * vt[i];
+    }
+  }
+}
+
 }  // namespace moe::cpu

@@ -63,6 +63,11 @@ void attention_forward(float* out, float* att, const float* q, const float* k, c
 // dq[B,T,H,D], dk[B,T,Hkv,D], dv[B,T,Hkv,D] written. datt_scratch[B,H,T,T] is workspace (may be reused).
 void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout, const float* q,
                         const float* k, const float* v, const float* att, int B, int T, int H, int Hkv, int D);
+// One query position attending to cached positions 0..len-1 (decoding): q[H,D] and k_cache[len,Hkv,D] already
+// rotated, v_cache[len,Hkv,D] -> out[H,D]; scores[len] is scratch. Query head h uses kv head h / (H / Hkv),
+// scale = 1/sqrt(D). A plain loop (its own reference): float accumulators, exp(s - max), each probability s / sum.
+void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
+                      int H, int Hkv, int D);
 
 // ---------------------------------------------------------------- activations
 // GELU, tanh approximation (as torch.nn.functional.gelu(approximate="tanh")). out[N], inp[N]

@@ -1,7 +1,8 @@
 // Causal self-attention with GQA on the GPU, same layouts as the CPU version (core/kernels/cpu/kernels.h).
 // Straightforward and deterministic rather than fast: the forward and the dq pass run one block per
 // (b, h, t) query row; the dk/dv pass runs one block per (b, kvh, j) key row and sums over the query heads of
-// the group and the rows t >= j in a fixed order (no atomics).
+// the group and the rows t >= j in a fixed order (no atomics). Decoding (one query position over a KV cache)
+// runs one block per query head with an online softmax.
 #include <cmath>
 
 #include "core/kernels/cuda/common.cuh"
@@ -145,6 +146,63 @@ __global__ void __launch_bounds__(kAttBlock)
   }
 }
 
+constexpr int kDecodeChunk = 1024;  // cached positions whose scores one block stages in shared memory at a time
+
+// Grid (H), one block per query head. Online softmax over chunks of kDecodeChunk positions: m and sum (the running
+// max and sum of exp(score - m), the same in every thread) and out[h] (each thread owns its columns d) are
+// rescaled by exp(m_old - m_new) when a chunk raises the max; out[h] is divided by sum at the end.
+__global__ void __launch_bounds__(kAttBlock)
+    attention_decode_kernel(float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ k_cache,
+                            const float* __restrict__ v_cache, int len, AttShape s) {
+  extern __shared__ float smem[];
+  const int h = blockIdx.x, D = s.D;
+  float* q_row = smem;  // [D]
+  float* p = smem + D;  // [kDecodeChunk] scores, then exp(score - m)
+  const int kvh = h / (s.H / s.Hkv);
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  float* o = out + static_cast<int64_t>(h) * D;  // [D]
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    q_row[d] = q[static_cast<int64_t>(h) * D + d];
+    o[d] = 0.0f;
+  }
+  __syncthreads();
+  const int64_t stride = static_cast<int64_t>(s.Hkv) * D;  // between consecutive cached positions
+  const float* kb = k_cache + static_cast<int64_t>(kvh) * D;
+  const float* vb = v_cache + static_cast<int64_t>(kvh) * D;
+  float m = -INFINITY, sum = 0.0f;
+  for (int c0 = 0; c0 < len; c0 += kDecodeChunk) {
+    const int n = min(kDecodeChunk, len - c0);
+    for (int j = wid; j < n; j += nw) {  // scores: one warp per cached position
+      const float* kj = kb + (c0 + j) * stride;
+      float dot = 0.0f;
+      for (int d = lane; d < D; d += 32) dot += q_row[d] * kj[d];
+      dot = warp_sum(dot);
+      if (lane == 0) p[j] = dot * s.scale;
+    }
+    __syncthreads();
+    float cm = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) cm = fmaxf(cm, p[j]);
+    const float m_new = fmaxf(m, block_max(cm));
+    const float rescale = expf(m - m_new);  // 0 on the first chunk (m = -inf)
+    float cs = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+      const float e = expf(p[j] - m_new);
+      p[j] = e;
+      cs += e;
+    }
+    sum = sum * rescale + block_sum(cs);  // block_sum synchronises: every p[j] is written
+    m = m_new;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      float acc = o[d] * rescale;
+      for (int j = 0; j < n; ++j) acc += p[j] * vb[(c0 + j) * stride + d];
+      o[d] = acc;
+    }
+    __syncthreads();  // the next chunk overwrites p
+  }
+  const float inv = 1.0f / sum;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) o[d] *= inv;
+}
+
 AttShape check_shape(int B, int T, int H, int Hkv, int D, const char* fn) {
   MOE_CHECK(B >= 0 && T >= 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0,
             fn << ": bad shape B=" << B << " T=" << T << " H=" << H << " Hkv=" << Hkv << " D=" << D
@@ -176,6 +234,15 @@ void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, co
   MOE_CUDA_CHECK(cudaGetLastError());
   attention_backward_dkv_kernel<<<dim3(T, Hkv, B), detail::block_for(D, kAttBlock), 0, stream>>>(dk, dv, datt_scratch,
                                                                                                  dout, q, att, s);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
+                      int H, int Hkv, int D, cudaStream_t stream) {
+  const AttShape s = check_shape(1, len, H, Hkv, D, "cuda::attention_decode");
+  MOE_CHECK(len > 0, "cuda::attention_decode: cache length " << len << " must be positive");
+  const size_t shmem = (static_cast<size_t>(D) + kDecodeChunk) * sizeof(float);  // <= 36 KiB for D <= 8192
+  attention_decode_kernel<<<H, kAttBlock, shmem, stream>>>(out, q, k_cache, v_cache, len, s);
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 

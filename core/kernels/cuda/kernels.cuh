@@ -102,6 +102,12 @@ void attention_forward(float* out, float* att, const float* q, const float* k, c
 void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout, const float* q,
                         const float* k, const float* v, const float* att, int B, int T, int H, int Hkv, int D,
                         cudaStream_t stream);
+// One query position attending to cached positions 0..len-1 (decoding; q and k already rotated): out[H,D] written,
+// q[H,D], k_cache[len,Hkv,D], v_cache[len,Hkv,D]; query head h uses kv head h / (H / Hkv), scale 1/sqrt(D).
+// scores[len] is the CPU's scratch and is not used here (may be null). One block per query head, online softmax
+// over chunks of cached positions (any len > 0). 0 < D <= 8192.
+void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
+                      int H, int Hkv, int D, cudaStream_t stream);
 
 // ---------------------------------------------------------------- activations
 // GELU, tanh approximation. out[N], inp[N]

@@ -1,0 +1,135 @@
+// The CPU backend: every op is the moe::cpu:: kernel of the same name (core/kernels/cpu/kernels.h), memory is
+// 64-byte aligned host memory (core/host_alloc.h), and everything completes before returning (sync is a no-op).
+#include "core/backend.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "core/error.h"
+#include "core/host_alloc.h"
+#include "core/kernels/cpu/kernels.h"
+
+namespace moe {
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::kCPU; }
+  const char* name() const override { return "cpu"; }
+
+  void* alloc(size_t bytes) override { return host_alloc(bytes ? bytes : 64); }
+  void free(void* p) noexcept override { std::free(p); }
+  void memset0(void* p, size_t bytes) override {
+    if (bytes) std::memset(p, 0, bytes);
+  }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    if (bytes) std::memmove(dst, src, bytes);
+  }
+  void to_host(void* host_dst, const void* src, size_t bytes) override { copy(host_dst, src, bytes); }
+  void from_host(void* dst, const void* host_src, size_t bytes) override { copy(dst, host_src, bytes); }
+  void sync() override {}
+
+  void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b, float alpha,
+              float beta) override {
+    cpu::matmul(c, a, b, M, N, K, trans_a, trans_b, alpha, beta);
+  }
+  void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) override {
+    cpu::linear_forward(out, inp, w, bias, N, IC, OC);
+  }
+  void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w, int N,
+                       int IC, int OC) override {
+    cpu::linear_backward(dinp, dw, dbias, dout, inp, w, N, IC, OC);
+  }
+
+  void embedding_forward(float* out, const int32_t* ids, const float* wte, int N, int C) override {
+    cpu::embedding_forward(out, ids, wte, N, C);
+  }
+  void embedding_backward(float* dwte, const float* dout, const int32_t* ids, int N, int C) override {
+    cpu::embedding_backward(dwte, dout, ids, N, C);
+  }
+
+  void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) override {
+    cpu::rmsnorm_forward(out, rstd, inp, w, N, C, eps);
+  }
+  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w, const float* rstd,
+                        int N, int C) override {
+    cpu::rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C);
+  }
+  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b, int N,
+                         int C, float eps) override {
+    cpu::layernorm_forward(out, mean, rstd, inp, w, b, N, C, eps);
+  }
+  void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
+                          const float* mean, const float* rstd, int N, int C) override {
+    cpu::layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+  }
+
+  void rope_forward(float* x, int B, int T, int nh, int D, int pos0, float theta) override {
+    cpu::rope_forward(x, B, T, nh, D, pos0, theta);
+  }
+  void rope_backward(float* dx, int B, int T, int nh, int D, int pos0, float theta) override {
+    cpu::rope_backward(dx, B, T, nh, D, pos0, theta);
+  }
+
+  void attention_forward(float* out, float* att, const float* q, const float* k, const float* v, int B, int T, int H,
+                         int Hkv, int D) override {
+    cpu::attention_forward(out, att, q, k, v, B, T, H, Hkv, D);
+  }
+  void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout, const float* q,
+                          const float* k, const float* v, const float* att, int B, int T, int H, int Hkv,
+                          int D) override {
+    cpu::attention_backward(dq, dk, dv, datt_scratch, dout, q, k, v, att, B, T, H, Hkv, D);
+  }
+  void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
+                        int H, int Hkv, int D) override {
+    cpu::attention_decode(out, scores, q, k_cache, v_cache, len, H, Hkv, D);
+  }
+
+  void gelu_forward(float* out, const float* inp, int64_t N) override { cpu::gelu_forward(out, inp, N); }
+  void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t N) override {
+    cpu::gelu_backward(dinp, dout, inp, N);
+  }
+  void swiglu_forward(float* out, const float* gate, const float* up, int64_t NF) override {
+    cpu::swiglu_forward(out, gate, up, NF);
+  }
+  void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
+                       int64_t NF) override {
+    cpu::swiglu_backward(dgate, dup, dout, gate, up, NF);
+  }
+
+  float cross_entropy_forward(float* losses, float* probs, const float* logits, const int32_t* targets, int N,
+                              int V) override {
+    return cpu::cross_entropy_forward(losses, probs, logits, targets, N, V);
+  }
+  void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* targets, int N, int V,
+                              float dloss) override {
+    cpu::cross_entropy_backward(dlogits, probs, targets, N, V, dloss);
+  }
+
+  void add_inplace(float* y, const float* x, int64_t n) override { cpu::add_inplace(y, x, n); }
+  void add(float* out, const float* a, const float* b, int64_t n) override { cpu::add(out, a, b, n); }
+  void scale_inplace(float* y, float s, int64_t n) override { cpu::scale_inplace(y, s, n); }
+  double sum_squares(const float* x, int64_t n) override { return cpu::sum_squares(x, n); }
+};
+
+}  // namespace
+
+Backend& cpu_backend() {
+  static CpuBackend be;
+  return be;
+}
+
+Backend& backend_for(Device d) {
+  if (d == Device::kCPU) return cpu_backend();
+#ifdef MOE_HAVE_CUDA
+  MOE_CHECK(cuda_available(),
+            "model.device = cuda: no CUDA device is visible (check nvidia-smi and "
+            "CUDA_VISIBLE_DEVICES)");
+  return cuda::cuda_backend();
+#else
+  MOE_THROW("model.device = " << device_name(d)
+                              << ": this build has no CUDA support: configure with nvcc present (-DMOE_CUDA=ON)");
+#endif
+}
+
+}  // namespace moe

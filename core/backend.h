@@ -1,0 +1,128 @@
+// The backend seam (ggml style): a small table of operations on one device. Layers call a Backend instead of the
+// moe::cpu:: kernels directly, and get their activations from a Workspace (core/workspace.h) on the same device.
+//
+// Every pointer argument is a pointer on this backend's device (host memory for "cpu", device memory for "cuda")
+// unless its name says host. The ops have EXACTLY the signatures and semantics of core/kernels/cpu/kernels.h
+// (shapes, the accumulate (+=) / write (=) conventions, null pointers that skip an output); see there for the
+// details. Ops are ordered on the backend's one stream: a later op sees the results of earlier ones; to_host,
+// from_host, sync and the two ops that return a host value (cross_entropy_forward, sum_squares) complete before
+// returning. Numerics differ between backends within the tolerances stated in the tests (the CPU is the reference).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace moe {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual const char* name() const = 0;  // "cpu" | "cuda"
+
+  // ---------------------------------------------------------------- memory on this backend's device
+  // [bytes] on the device, at least 64-byte aligned; never null (0 bytes gives a valid pointer); throws moe::Error
+  virtual void* alloc(size_t bytes) = 0;
+  virtual void free(void* p) noexcept = 0;  // p from alloc (or null); waits for pending work on p where needed
+  virtual void memset0(void* p, size_t bytes) = 0;                  // p[bytes] = 0
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // dst[bytes] = src[bytes], both on the device
+  virtual void to_host(void* host_dst, const void* src, size_t bytes) = 0;    // host_dst[bytes] <- src; completes
+  virtual void from_host(void* dst, const void* host_src, size_t bytes) = 0;  // dst[bytes] <- host_src; completes
+  virtual void sync() = 0;  // waits for every op enqueued so far
+
+  // ---------------------------------------------------------------- matmul, linear
+  // c[M,N] = alpha * op(a) @ op(b) + beta * c; op(a)[M,K] (a stored [K,M] if trans_a), op(b)[K,N] (b [N,K] if trans_b)
+  virtual void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b,
+                      float alpha = 1.0f, float beta = 0.0f) = 0;
+  // out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC] (bias may be null)
+  virtual void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC,
+                              int OC) = 0;
+  // dinp[N,IC] = dout[N,OC] @ w[OC,IC] (written; skipped if null); dw[OC,IC] += dout^T @ inp[N,IC];
+  // dbias[OC] += sum over rows of dout (skipped if null)
+  virtual void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp,
+                               const float* w, int N, int IC, int OC) = 0;
+
+  // ---------------------------------------------------------------- embedding
+  // out[N,C] = wte[ids[n], :]; ids[N] in [0, V), wte[V,C]
+  virtual void embedding_forward(float* out, const int32_t* ids, const float* wte, int N, int C) = 0;
+  // dwte[V,C] += scatter of dout[N,C] at ids[N]
+  virtual void embedding_backward(float* dwte, const float* dout, const int32_t* ids, int N, int C) = 0;
+
+  // ---------------------------------------------------------------- norms
+  // out[N,C], rstd[N] (saved), inp[N,C], w[C]
+  virtual void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) = 0;
+  // dinp[N,C] written; dw[C] accumulated; dout[N,C], inp[N,C], w[C], rstd[N]
+  virtual void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
+                                const float* rstd, int N, int C) = 0;
+  // out[N,C], mean[N], rstd[N] (saved), inp[N,C], w[C], b[C]
+  virtual void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b,
+                                 int N, int C, float eps) = 0;
+  // dinp[N,C] written; dw[C], db[C] accumulated; dout[N,C], inp[N,C], w[C], mean[N], rstd[N]
+  virtual void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                                  const float* w, const float* mean, const float* rstd, int N, int C) = 0;
+
+  // ---------------------------------------------------------------- rotary position embedding (in place)
+  // x[B,T,nh,D], D even, positions pos0 + t (interleaved pairs)
+  virtual void rope_forward(float* x, int B, int T, int nh, int D, int pos0, float theta) = 0;
+  // dx[B,T,nh,D] = R^T dy, in place
+  virtual void rope_backward(float* dx, int B, int T, int nh, int D, int pos0, float theta) = 0;
+
+  // ---------------------------------------------------------------- causal self-attention with GQA
+  // q[B,T,H,D], k[B,T,Hkv,D], v[B,T,Hkv,D] -> out[B,T,H,D]; att[B,H,T,T] softmax probabilities (zero above the
+  // diagonal). Query head h uses kv head h / (H / Hkv); scale 1/sqrt(D).
+  virtual void attention_forward(float* out, float* att, const float* q, const float* k, const float* v, int B, int T,
+                                 int H, int Hkv, int D) = 0;
+  // dq[B,T,H,D], dk[B,T,Hkv,D], dv[B,T,Hkv,D] written; datt_scratch[B,H,T,T] workspace (may be null: the backend
+  // then finds its own); dout[B,T,H,D], att[B,H,T,T] from the forward
+  virtual void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout,
+                                  const float* q, const float* k, const float* v, const float* att, int B, int T, int H,
+                                  int Hkv, int D) = 0;
+  // One query position attending to cached positions 0..len-1 (q and k already rotated): out[H,D], scores[len]
+  // scratch, q[H,D], k_cache[len,Hkv,D], v_cache[len,Hkv,D]. Query head h uses kv head h / (H / Hkv).
+  virtual void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache,
+                                int len, int H, int Hkv, int D) = 0;
+
+  // ---------------------------------------------------------------- activations
+  // GELU, tanh approximation: out[N], inp[N]
+  virtual void gelu_forward(float* out, const float* inp, int64_t N) = 0;
+  // dinp[N] = dout[N] * gelu'(inp[N]) (written)
+  virtual void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t N) = 0;
+  // out[NF] = silu(gate[NF]) * up[NF]
+  virtual void swiglu_forward(float* out, const float* gate, const float* up, int64_t NF) = 0;
+  // dgate[NF], dup[NF] written; dout[NF], gate[NF], up[NF]
+  virtual void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
+                               int64_t NF) = 0;
+
+  // ---------------------------------------------------------------- softmax cross-entropy
+  // logits[N,V], targets[N] (< 0 ignored) -> losses[N] (0 for ignored), probs[N,V]; returns the mean loss over
+  // non-ignored rows, on the host (synchronises)
+  virtual float cross_entropy_forward(float* losses, float* probs, const float* logits, const int32_t* targets, int N,
+                                      int V) = 0;
+  // dlogits[N,V] = (probs[N,V] - onehot(targets[N])) * dloss / count(non-ignored) (written; 0 for ignored rows)
+  virtual void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* targets, int N, int V,
+                                      float dloss) = 0;
+
+  // ---------------------------------------------------------------- elementwise
+  virtual void add_inplace(float* y, const float* x, int64_t n) = 0;            // y[n] += x[n]
+  virtual void add(float* out, const float* a, const float* b, int64_t n) = 0;  // out[n] = a[n] + b[n]
+  virtual void scale_inplace(float* y, float s, int64_t n) = 0;                 // y[n] *= s
+  // sum of x[n]^2 accumulated in double, returned on the host (synchronises)
+  virtual double sum_squares(const float* x, int64_t n) = 0;
+};
+
+// The process-wide CPU backend.
+Backend& cpu_backend();
+// The backend of a device: the CPU one, or (CUDA builds) the process-wide CUDA backend of the current device.
+// Throws moe::Error when the build has no CUDA or no CUDA device is visible.
+Backend& backend_for(Device d);
+
+#ifdef MOE_HAVE_CUDA
+namespace cuda {
+// The process-wide CUDA backend of the current device (core/kernels/cuda/backend.cu); call only when
+// cuda_available() (backend_for checks).
+Backend& cuda_backend();
+}  // namespace cuda
+#endif
+
+}  // namespace moe

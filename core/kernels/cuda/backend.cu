@@ -1,0 +1,188 @@
+// The CUDA backend (core/backend.h): one non-blocking stream per device; every op enqueues the moe::cuda:: kernel
+// of the same name (kernels.cuh) on it. Memory: cudaMalloc / cudaFree, stream-ordered memset and copies;
+// to_host / from_host, cross_entropy_forward and sum_squares synchronise the stream (they hand a value to the host).
+// Use a device's backend while that device is current (one rank per GPU).
+#include <mutex>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/kernels/cuda/cuda_check.h"
+#include "core/kernels/cuda/kernels.cuh"
+
+namespace moe::cuda {
+namespace {
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend() {
+    MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    MOE_CUDA_CHECK(cudaMalloc(&scalars_, 2 * sizeof(double)));
+  }
+  // never destroyed: process-wide, and the CUDA runtime may already be torn down at exit
+
+  Device device() const override { return Device::kCUDA; }
+  const char* name() const override { return "cuda"; }
+
+  void* alloc(size_t bytes) override {
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, bytes ? bytes : 256);
+    MOE_CHECK(e == cudaSuccess && p, "out of CUDA memory allocating " << bytes << " bytes: " << cudaGetErrorName(e)
+                                                                      << " (" << cudaGetErrorString(e) << ")");
+    return p;
+  }
+  void free(void* p) noexcept override {
+    if (p) cudaFree(p);  // no throw; cudaFree waits for the work using p
+  }
+  void memset0(void* p, size_t bytes) override {
+    if (bytes) MOE_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
+  }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    if (bytes) MOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+  }
+  void to_host(void* host_dst, const void* src, size_t bytes) override {
+    if (bytes) MOE_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    sync();
+  }
+  void from_host(void* dst, const void* host_src, size_t bytes) override {
+    if (bytes) MOE_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
+    sync();
+  }
+  void sync() override { MOE_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+  void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b, float alpha,
+              float beta) override {
+    cuda::matmul(c, a, b, M, N, K, trans_a, trans_b, alpha, beta, stream_);
+  }
+  void linear_forward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) override {
+    cuda::linear_forward(out, inp, w, bias, N, IC, OC, stream_);
+  }
+  void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w, int N,
+                       int IC, int OC) override {
+    cuda::linear_backward(dinp, dw, dbias, dout, inp, w, N, IC, OC, stream_);
+  }
+
+  void embedding_forward(float* out, const int32_t* ids, const float* wte, int N, int C) override {
+    cuda::embedding_forward(out, ids, wte, N, C, stream_);
+  }
+  void embedding_backward(float* dwte, const float* dout, const int32_t* ids, int N, int C) override {
+    cuda::embedding_backward(dwte, dout, ids, N, C, stream_);
+  }
+
+  void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) override {
+    cuda::rmsnorm_forward(out, rstd, inp, w, N, C, eps, stream_);
+  }
+  void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w, const float* rstd,
+                        int N, int C) override {
+    cuda::rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C, stream_);
+  }
+  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b, int N,
+                         int C, float eps) override {
+    cuda::layernorm_forward(out, mean, rstd, inp, w, b, N, C, eps, stream_);
+  }
+  void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
+                          const float* mean, const float* rstd, int N, int C) override {
+    cuda::layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C, stream_);
+  }
+
+  void rope_forward(float* x, int B, int T, int nh, int D, int pos0, float theta) override {
+    cuda::rope_forward(x, B, T, nh, D, pos0, theta, stream_);
+  }
+  void rope_backward(float* dx, int B, int T, int nh, int D, int pos0, float theta) override {
+    cuda::rope_backward(dx, B, T, nh, D, pos0, theta, stream_);
+  }
+
+  void attention_forward(float* out, float* att, const float* q, const float* k, const float* v, int B, int T, int H,
+                         int Hkv, int D) override {
+    cuda::attention_forward(out, att, q, k, v, B, T, H, Hkv, D, stream_);
+  }
+  void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout, const float* q,
+                          const float* k, const float* v, const float* att, int B, int T, int H, int Hkv,
+                          int D) override;
+  void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
+                        int H, int Hkv, int D) override {
+    cuda::attention_decode(out, scores, q, k_cache, v_cache, len, H, Hkv, D, stream_);
+  }
+
+  void gelu_forward(float* out, const float* inp, int64_t N) override { cuda::gelu_forward(out, inp, N, stream_); }
+  void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t N) override {
+    cuda::gelu_backward(dinp, dout, inp, N, stream_);
+  }
+  void swiglu_forward(float* out, const float* gate, const float* up, int64_t NF) override {
+    cuda::swiglu_forward(out, gate, up, NF, stream_);
+  }
+  void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate, const float* up,
+                       int64_t NF) override {
+    cuda::swiglu_backward(dgate, dup, dout, gate, up, NF, stream_);
+  }
+
+  float cross_entropy_forward(float* losses, float* probs, const float* logits, const int32_t* targets, int N,
+                              int V) override;
+  void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* targets, int N, int V,
+                              float dloss) override {
+    cuda::cross_entropy_backward(dlogits, probs, targets, N, V, dloss, stream_);
+  }
+
+  void add_inplace(float* y, const float* x, int64_t n) override { cuda::add_inplace(y, x, n, stream_); }
+  void add(float* out, const float* a, const float* b, int64_t n) override { cuda::add(out, a, b, n, stream_); }
+  void scale_inplace(float* y, float s, int64_t n) override { cuda::scale_inplace(y, s, n, stream_); }
+  double sum_squares(const float* x, int64_t n) override;
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  void* scalars_ = nullptr;  // [2] doubles: the device results of cross_entropy_forward and sum_squares
+  std::mutex scalar_mu_;     // one host caller at a time reads a scalar back
+};
+
+// The GPU kernel needs datt_scratch[B,H,T,T]; without one (allowed on the CPU) a stream-ordered temporary is used.
+void CudaBackend::attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout,
+                                     const float* q, const float* k, const float* v, const float* att, int B, int T,
+                                     int H, int Hkv, int D) {
+  if (datt_scratch) {
+    cuda::attention_backward(dq, dk, dv, datt_scratch, dout, q, k, v, att, B, T, H, Hkv, D, stream_);
+    return;
+  }
+  const size_t bytes = sizeof(float) * size_t(B) * H * T * T;
+  void* tmp = nullptr;  // [B,H,T,T]
+  MOE_CUDA_CHECK(cudaMallocAsync(&tmp, bytes ? bytes : 256, stream_));
+  try {
+    cuda::attention_backward(dq, dk, dv, static_cast<float*>(tmp), dout, q, k, v, att, B, T, H, Hkv, D, stream_);
+  } catch (...) {
+    cudaFreeAsync(tmp, stream_);
+    throw;
+  }
+  MOE_CUDA_CHECK(cudaFreeAsync(tmp, stream_));
+}
+
+float CudaBackend::cross_entropy_forward(float* losses, float* probs, const float* logits, const int32_t* targets,
+                                         int N, int V) {
+  std::lock_guard<std::mutex> lock(scalar_mu_);
+  float* mean = static_cast<float*>(scalars_);  // [1]
+  cuda::cross_entropy_forward(losses, probs, mean, logits, targets, N, V, stream_);
+  float host = 0.0f;
+  to_host(&host, mean, sizeof(float));
+  return host;
+}
+
+double CudaBackend::sum_squares(const float* x, int64_t n) {
+  std::lock_guard<std::mutex> lock(scalar_mu_);
+  double* out = static_cast<double*>(scalars_) + 1;  // [1]
+  cuda::sum_squares(out, x, n, stream_);
+  double host = 0.0;
+  to_host(&host, out, sizeof(double));
+  return host;
+}
+
+}  // namespace
+
+Backend& cuda_backend() {
+  static std::mutex mu;
+  static std::vector<CudaBackend*> per_device;  // [device count]; the backends are never destroyed
+  int dev = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  if (per_device.size() <= size_t(dev)) per_device.resize(dev + 1, nullptr);
+  if (!per_device[dev]) per_device[dev] = new CudaBackend();
+  return *per_device[dev];
+}
+
+}  // namespace moe::cuda

@@ -1,0 +1,313 @@
+// One runner per Backend op (core/backend.h), shared by the backend test suites: a case holds seeded host inputs,
+// run_*(backend, case) uploads them to the backend's device, runs the op(s) there and returns every output as a
+// named host vector. test_backend.cpp checks the CPU backend against the plain references; test_cuda_backend.cpp
+// checks the CUDA backend against the CPU backend on the same cases.
+// Outputs that an op must WRITE are pre-filled with a sentinel, outputs it ACCUMULATES into start from random
+// values, so both conventions are checked.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/rng.h"
+#include "tests/unit/oracle.h"
+
+namespace moe::test {
+
+using Vec = std::vector<float>;
+using Ids = std::vector<int32_t>;
+using Outputs = std::map<std::string, Vec>;  // output name -> host values
+
+constexpr float kUnwritten = 1e30f;  // pre-fills outputs that must be written (=)
+
+// Buffers on one backend's device, uploaded from / read back to host vectors; freed with the arena.
+class DeviceArena {
+ public:
+  explicit DeviceArena(Backend& be) : be_(be) {}
+  ~DeviceArena() {
+    for (void* p : owned_) be_.free(p);
+  }
+  DeviceArena(const DeviceArena&) = delete;
+  DeviceArena& operator=(const DeviceArena&) = delete;
+
+  template <class T>
+  T* put(const std::vector<T>& host) {  // [host.size()] on the device
+    T* p = static_cast<T*>(alloc(host.size() * sizeof(T)));
+    be_.from_host(p, host.data(), host.size() * sizeof(T));
+    return p;
+  }
+  float* unwritten(int64_t n) { return put(Vec(size_t(n), kUnwritten)); }  // [n] filled with kUnwritten
+  template <class T>
+  std::vector<T> get(const T* p, int64_t n) {  // p[n] read back
+    std::vector<T> host(static_cast<size_t>(n));
+    be_.to_host(host.data(), p, size_t(n) * sizeof(T));
+    return host;
+  }
+
+ private:
+  void* alloc(size_t bytes) {
+    owned_.push_back(be_.alloc(bytes));
+    return owned_.back();
+  }
+  Backend& be_;
+  std::vector<void*> owned_;
+};
+
+inline Ids rand_ids(Rng& rng, int n, int hi) {
+  Ids ids(n);
+  for (auto& x : ids) x = static_cast<int32_t>(rng.below(hi));
+  return ids;
+}
+
+// Every output of `want` present in `got`, finite, and within tol relative error (max_rel_err).
+inline void expect_outputs_near(const Outputs& got, const Outputs& want, double tol) {
+  EXPECT_EQ(got.size(), want.size());
+  for (const auto& [name, w] : want) {
+    auto it = got.find(name);
+    if (it == got.end()) {
+      ADD_FAILURE() << "missing output " << name;
+      continue;
+    }
+    const Vec& g = it->second;
+    ASSERT_EQ(g.size(), w.size()) << name;
+    bool finite = true;
+    for (float x : g) finite = finite && std::isfinite(x);
+    EXPECT_TRUE(finite) << name << ": non-finite (or unwritten) value";
+    EXPECT_LE(max_rel_err(g, w), tol) << name;
+  }
+}
+
+// ---------------------------------------------------------------- matmul
+struct MatmulCase {
+  int M, N, K;
+  bool ta, tb;
+  float alpha, beta;
+  Vec a, b, c0;  // a[M,K] or [K,M], b[K,N] or [N,K], c0[M,N]
+};
+inline MatmulCase make_matmul(Rng& rng, int M, int N, int K, bool ta, bool tb, float alpha, float beta) {
+  return {M, N, K, ta, tb, alpha, beta, randn(rng, int64_t(M) * K), randn(rng, int64_t(K) * N),
+          randn(rng, int64_t(M) * N)};
+}
+inline Outputs run_matmul(Backend& be, const MatmulCase& c) {
+  DeviceArena d(be);
+  float* out = d.put(c.c0);
+  be.matmul(out, d.put(c.a), d.put(c.b), c.M, c.N, c.K, c.ta, c.tb, c.alpha, c.beta);
+  return {{"c", d.get(out, int64_t(c.M) * c.N)}};
+}
+
+// ---------------------------------------------------------------- linear forward + backward
+struct LinearCase {
+  int N, IC, OC;
+  bool bias, dinp;       // with a bias; with dinp (else null: skipped)
+  Vec inp, w, b, dout;   // inp[N,IC], w[OC,IC], b[OC], dout[N,OC]
+  Vec dw0, db0;          // initial dw[OC,IC], dbias[OC] (accumulated into)
+};
+inline LinearCase make_linear(Rng& rng, int N, int IC, int OC, bool bias, bool dinp) {
+  return {N, IC, OC, bias, dinp, randn(rng, int64_t(N) * IC), randn(rng, int64_t(OC) * IC), randn(rng, OC),
+          randn(rng, int64_t(N) * OC), randn(rng, int64_t(OC) * IC), randn(rng, OC)};
+}
+inline Outputs run_linear(Backend& be, const LinearCase& c) {
+  DeviceArena d(be);
+  const float* inp = d.put(c.inp);
+  const float* w = d.put(c.w);
+  float* out = d.unwritten(int64_t(c.N) * c.OC);
+  float* dinp = c.dinp ? d.unwritten(int64_t(c.N) * c.IC) : nullptr;
+  float* dw = d.put(c.dw0);
+  float* db = c.bias ? d.put(c.db0) : nullptr;
+  be.linear_forward(out, inp, w, c.bias ? d.put(c.b) : nullptr, c.N, c.IC, c.OC);
+  be.linear_backward(dinp, dw, db, d.put(c.dout), inp, w, c.N, c.IC, c.OC);
+  Outputs o{{"out", d.get(out, int64_t(c.N) * c.OC)}, {"dw", d.get(dw, int64_t(c.OC) * c.IC)}};
+  if (dinp) o["dinp"] = d.get(dinp, int64_t(c.N) * c.IC);
+  if (db) o["dbias"] = d.get(db, c.OC);
+  return o;
+}
+
+// ---------------------------------------------------------------- embedding
+struct EmbeddingCase {
+  int V, N, C;
+  Ids ids;             // [N], with repeats
+  Vec wte, dout, dw0;  // wte[V,C], dout[N,C], initial dwte[V,C]
+};
+inline EmbeddingCase make_embedding(Rng& rng, int V, int N, int C) {
+  return {V, N, C, rand_ids(rng, N, V), randn(rng, int64_t(V) * C), randn(rng, int64_t(N) * C),
+          randn(rng, int64_t(V) * C)};
+}
+inline Outputs run_embedding(Backend& be, const EmbeddingCase& c) {
+  DeviceArena d(be);
+  const int32_t* ids = d.put(c.ids);
+  float* out = d.unwritten(int64_t(c.N) * c.C);
+  float* dwte = d.put(c.dw0);
+  be.embedding_forward(out, ids, d.put(c.wte), c.N, c.C);
+  be.embedding_backward(dwte, d.put(c.dout), ids, c.N, c.C);
+  return {{"out", d.get(out, int64_t(c.N) * c.C)}, {"dwte", d.get(dwte, int64_t(c.V) * c.C)}};
+}
+
+// ---------------------------------------------------------------- RMSNorm / LayerNorm
+struct NormCase {
+  int N, C;
+  float eps;
+  Vec inp, w, b, dout, dw0, db0;  // inp[N,C], w[C], b[C], dout[N,C], initial dw[C], db[C]
+};
+inline NormCase make_norm(Rng& rng, int N, int C) {
+  return {N, C, 1e-5f, randn(rng, int64_t(N) * C, 2.0f), randn(rng, C), randn(rng, C), randn(rng, int64_t(N) * C),
+          randn(rng, C), randn(rng, C)};
+}
+inline Outputs run_rmsnorm(Backend& be, const NormCase& c) {
+  DeviceArena d(be);
+  const int64_t NC = int64_t(c.N) * c.C;
+  const float* inp = d.put(c.inp);
+  const float* w = d.put(c.w);
+  float *out = d.unwritten(NC), *rstd = d.unwritten(c.N), *dinp = d.unwritten(NC), *dw = d.put(c.dw0);
+  be.rmsnorm_forward(out, rstd, inp, w, c.N, c.C, c.eps);
+  be.rmsnorm_backward(dinp, dw, d.put(c.dout), inp, w, rstd, c.N, c.C);
+  return {{"out", d.get(out, NC)}, {"rstd", d.get(rstd, c.N)}, {"dinp", d.get(dinp, NC)}, {"dw", d.get(dw, c.C)}};
+}
+inline Outputs run_layernorm(Backend& be, const NormCase& c) {
+  DeviceArena d(be);
+  const int64_t NC = int64_t(c.N) * c.C;
+  const float* inp = d.put(c.inp);
+  const float* w = d.put(c.w);
+  float *out = d.unwritten(NC), *mean = d.unwritten(c.N), *rstd = d.unwritten(c.N), *dinp = d.unwritten(NC);
+  float *dw = d.put(c.dw0), *db = d.put(c.db0);
+  be.layernorm_forward(out, mean, rstd, inp, w, d.put(c.b), c.N, c.C, c.eps);
+  be.layernorm_backward(dinp, dw, db, d.put(c.dout), inp, w, mean, rstd, c.N, c.C);
+  return {{"out", d.get(out, NC)},   {"mean", d.get(mean, c.N)}, {"rstd", d.get(rstd, c.N)},
+          {"dinp", d.get(dinp, NC)}, {"dw", d.get(dw, c.C)},     {"db", d.get(db, c.C)}};
+}
+
+// ---------------------------------------------------------------- rotary position embedding
+struct RopeCase {
+  int B, T, nh, D, pos0;
+  float theta;
+  Vec x, dy;  // x[B,T,nh,D], dy[B,T,nh,D]
+};
+inline RopeCase make_rope(Rng& rng, int B, int T, int nh, int D, int pos0) {
+  const int64_t n = int64_t(B) * T * nh * D;
+  return {B, T, nh, D, pos0, 10000.0f, randn(rng, n), randn(rng, n)};
+}
+inline Outputs run_rope(Backend& be, const RopeCase& c) {
+  DeviceArena d(be);
+  float *x = d.put(c.x), *dy = d.put(c.dy);
+  be.rope_forward(x, c.B, c.T, c.nh, c.D, c.pos0, c.theta);
+  be.rope_backward(dy, c.B, c.T, c.nh, c.D, c.pos0, c.theta);
+  return {{"fwd", d.get(x, int64_t(c.x.size()))}, {"bwd", d.get(dy, int64_t(c.dy.size()))}};
+}
+
+// ---------------------------------------------------------------- causal attention (forward + backward)
+struct AttnCase {
+  int B, T, H, Hkv, D;
+  bool scratch;          // pass datt_scratch (else null)
+  Vec q, k, v, dout;     // q[B,T,H,D], k/v[B,T,Hkv,D], dout[B,T,H,D]
+  int64_t nq() const { return int64_t(B) * T * H * D; }
+  int64_t nkv() const { return int64_t(B) * T * Hkv * D; }
+  int64_t natt() const { return int64_t(B) * H * T * T; }
+};
+inline AttnCase make_attn(Rng& rng, int B, int T, int H, int Hkv, int D, bool scratch) {
+  AttnCase c{B, T, H, Hkv, D, scratch, {}, {}, {}, {}};
+  c.q = randn(rng, c.nq());
+  c.k = randn(rng, c.nkv());
+  c.v = randn(rng, c.nkv());
+  c.dout = randn(rng, c.nq());
+  return c;
+}
+inline Outputs run_attention(Backend& be, const AttnCase& c) {
+  DeviceArena d(be);
+  const float *q = d.put(c.q), *k = d.put(c.k), *v = d.put(c.v);
+  float *out = d.unwritten(c.nq()), *att = d.unwritten(c.natt());
+  float *dq = d.unwritten(c.nq()), *dk = d.unwritten(c.nkv()), *dv = d.unwritten(c.nkv());
+  float* scratch = c.scratch ? d.unwritten(c.natt()) : nullptr;
+  be.attention_forward(out, att, q, k, v, c.B, c.T, c.H, c.Hkv, c.D);
+  be.attention_backward(dq, dk, dv, scratch, d.put(c.dout), q, k, v, att, c.B, c.T, c.H, c.Hkv, c.D);
+  return {{"out", d.get(out, c.nq())}, {"att", d.get(att, c.natt())}, {"dq", d.get(dq, c.nq())},
+          {"dk", d.get(dk, c.nkv())},  {"dv", d.get(dv, c.nkv())}};
+}
+
+// ---------------------------------------------------------------- attention over a KV cache (decoding)
+struct DecodeCase {
+  int len, H, Hkv, D;
+  Vec q, k, v;  // q[H,D], k_cache/v_cache[len,Hkv,D]
+};
+inline DecodeCase make_decode(Rng& rng, int len, int H, int Hkv, int D) {
+  return {len, H, Hkv, D, randn(rng, int64_t(H) * D), randn(rng, int64_t(len) * Hkv * D),
+          randn(rng, int64_t(len) * Hkv * D)};
+}
+inline Outputs run_decode(Backend& be, const DecodeCase& c) {
+  DeviceArena d(be);
+  float *out = d.unwritten(int64_t(c.H) * c.D), *scores = d.unwritten(c.len);
+  be.attention_decode(out, scores, d.put(c.q), d.put(c.k), d.put(c.v), c.len, c.H, c.Hkv, c.D);
+  return {{"out", d.get(out, int64_t(c.H) * c.D)}};
+}
+
+// ---------------------------------------------------------------- activations
+struct ActCase {
+  int64_t n;
+  Vec x, up, dout;  // x[n] (gelu input, swiglu gate), up[n], dout[n]
+};
+inline ActCase make_act(Rng& rng, int64_t n) { return {n, randn(rng, n, 2.0f), randn(rng, n), randn(rng, n)}; }
+inline Outputs run_gelu(Backend& be, const ActCase& c) {
+  DeviceArena d(be);
+  const float* x = d.put(c.x);
+  float *out = d.unwritten(c.n), *dinp = d.unwritten(c.n);
+  be.gelu_forward(out, x, c.n);
+  be.gelu_backward(dinp, d.put(c.dout), x, c.n);
+  return {{"out", d.get(out, c.n)}, {"dinp", d.get(dinp, c.n)}};
+}
+inline Outputs run_swiglu(Backend& be, const ActCase& c) {
+  DeviceArena d(be);
+  const float *gate = d.put(c.x), *up = d.put(c.up);
+  float *out = d.unwritten(c.n), *dgate = d.unwritten(c.n), *dup = d.unwritten(c.n);
+  be.swiglu_forward(out, gate, up, c.n);
+  be.swiglu_backward(dgate, dup, d.put(c.dout), gate, up, c.n);
+  return {{"out", d.get(out, c.n)}, {"dgate", d.get(dgate, c.n)}, {"dup", d.get(dup, c.n)}};
+}
+
+// ---------------------------------------------------------------- softmax cross-entropy
+struct CrossEntropyCase {
+  int N, V;
+  float dloss;
+  Vec logits;   // [N,V]
+  Ids targets;  // [N], some < 0 (ignored)
+};
+inline CrossEntropyCase make_cross_entropy(Rng& rng, int N, int V, bool all_ignored = false) {
+  CrossEntropyCase c{N, V, 0.7f, randn(rng, int64_t(N) * V, 3.0f), rand_ids(rng, N, V)};
+  for (int n = 0; n < N; ++n)
+    if (all_ignored || n % 5 == 2) c.targets[n] = -1;
+  return c;
+}
+// outputs: losses, probs, mean (the returned value, one element), dlogits
+inline Outputs run_cross_entropy(Backend& be, const CrossEntropyCase& c) {
+  DeviceArena d(be);
+  const int64_t NV = int64_t(c.N) * c.V;
+  const int32_t* targets = d.put(c.targets);
+  float *losses = d.unwritten(c.N), *probs = d.unwritten(NV), *dlogits = d.unwritten(NV);
+  const float mean = be.cross_entropy_forward(losses, probs, d.put(c.logits), targets, c.N, c.V);
+  be.cross_entropy_backward(dlogits, probs, targets, c.N, c.V, c.dloss);
+  return {{"losses", d.get(losses, c.N)}, {"probs", d.get(probs, NV)}, {"mean", {mean}},
+          {"dlogits", d.get(dlogits, NV)}};
+}
+
+// ---------------------------------------------------------------- elementwise
+struct ElementwiseCase {
+  int64_t n;
+  float s;
+  Vec x, y;  // x[n], y[n]
+};
+inline ElementwiseCase make_elementwise(Rng& rng, int64_t n) { return {n, -1.5f, randn(rng, n), randn(rng, n)}; }
+// outputs: add_inplace (y + x), add (x + y), scale_inplace (y * s); *sum_squares = sum of x^2
+inline Outputs run_elementwise(Backend& be, const ElementwiseCase& c, double* sum_squares) {
+  DeviceArena d(be);
+  const float* x = d.put(c.x);
+  float *acc = d.put(c.y), *sum = d.unwritten(c.n), *scaled = d.put(c.y);
+  be.add_inplace(acc, x, c.n);
+  be.add(sum, x, d.put(c.y), c.n);
+  be.scale_inplace(scaled, c.s, c.n);
+  *sum_squares = be.sum_squares(x, c.n);
+  return {{"add_inplace", d.get(acc, c.n)}, {"add", d.get(sum, c.n)}, {"scale_inplace", d.get(scaled, c.n)}};
+}
+
+}  // namespace moe::test

@@ -1,0 +1,339 @@
+// The CPU backend (core/backend.h): every op, run through the Backend table on backend memory (runners in
+// backend_ops.h), against the plain *_ref references of core/kernels/cpu/reference.cpp where one exists, else
+// against a small loop or the direct cpu:: call; attention_decode against the last row of attention_forward_ref
+// and, inside a whole decoding step, bit for bit against Attention::decode (the loop it was taken from); the
+// memory ops; backend_for; and the Workspace (core/workspace.h).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <numbers>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/error.h"
+#include "core/kernels/cpu/kernels.h"
+#include "core/layers.h"
+#include "core/params.h"
+#include "core/workspace.h"
+#include "tests/unit/backend_ops.h"
+
+namespace moe::test {
+namespace {
+
+constexpr double kTol = 1e-5;  // fast kernel vs plain reference, relative to the reference's largest magnitude
+
+Backend& host_be() { return cpu_backend(); }
+
+// ================================================================== identity, memory, backend_for
+TEST(BackendCpu, IdentityAndBackendFor) {
+  EXPECT_EQ(host_be().device(), Device::kCPU);
+  EXPECT_STREQ(host_be().name(), "cpu");
+  EXPECT_EQ(&backend_for(Device::kCPU), &host_be());
+}
+
+TEST(BackendCpu, BackendForCudaThrowsAClearErrorWithoutADevice) {
+#ifdef MOE_HAVE_CUDA
+  if (cuda_available()) GTEST_SKIP() << "a CUDA device is visible (tested in cuda_tests)";
+  EXPECT_NE(error_of([] { backend_for(Device::kCUDA); }).find("model.device = cuda: no CUDA device is visible"),
+            std::string::npos);
+#else
+  EXPECT_NE(error_of([] { backend_for(Device::kCUDA); }).find("this build has no CUDA support"), std::string::npos);
+#endif
+}
+
+TEST(BackendCpu, MemoryOps) {
+  Backend& be = host_be();
+  void* empty = be.alloc(0);
+  EXPECT_NE(empty, nullptr);
+  be.free(empty);
+  be.free(nullptr);
+  const std::vector<float> host = {1, 2, 3, 4, 5};
+  auto* a = static_cast<float*>(be.alloc(sizeof(float) * 5));  // [5]
+  auto* b = static_cast<float*>(be.alloc(sizeof(float) * 5));  // [5]
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(a) % 64, 0u);
+  be.from_host(a, host.data(), sizeof(float) * 5);
+  be.copy(b, a, sizeof(float) * 5);
+  be.memset0(b + 1, sizeof(float) * 2);
+  be.sync();
+  std::vector<float> back(5);
+  be.to_host(back.data(), b, sizeof(float) * 5);
+  EXPECT_EQ(back, (std::vector<float>{1, 0, 0, 4, 5}));
+  be.free(a);
+  be.free(b);
+}
+
+// ================================================================== ops against the references
+TEST(BackendCpu, MatmulVsRef) {
+  Rng rng(1);
+  for (int ta = 0; ta < 2; ++ta) {
+    for (int tb = 0; tb < 2; ++tb) {
+      const MatmulCase c = make_matmul(rng, 37, 53, 29, ta, tb, 1.25f, 0.75f);
+      Vec want = c.c0;
+      cpu::matmul_ref(want.data(), c.a.data(), c.b.data(), c.M, c.N, c.K, c.ta, c.tb, c.alpha, c.beta);
+      SCOPED_TRACE("trans_a=" + std::to_string(ta) + " trans_b=" + std::to_string(tb));
+      expect_outputs_near(run_matmul(host_be(), c), {{"c", want}}, kTol);
+    }
+  }
+}
+
+Outputs linear_ref(const LinearCase& c) {
+  Vec out(size_t(c.N) * c.OC), dinp(size_t(c.N) * c.IC), dw = c.dw0, db = c.db0;
+  cpu::linear_forward_ref(out.data(), c.inp.data(), c.w.data(), c.bias ? c.b.data() : nullptr, c.N, c.IC, c.OC);
+  cpu::linear_backward_ref(c.dinp ? dinp.data() : nullptr, dw.data(), c.bias ? db.data() : nullptr, c.dout.data(),
+                           c.inp.data(), c.w.data(), c.N, c.IC, c.OC);
+  Outputs o{{"out", out}, {"dw", dw}};
+  if (c.dinp) o["dinp"] = dinp;
+  if (c.bias) o["dbias"] = db;
+  return o;
+}
+
+TEST(BackendCpu, LinearVsRef) {
+  Rng rng(2);
+  for (bool bias : {true, false}) {
+    for (bool dinp : {true, false}) {
+      const LinearCase c = make_linear(rng, 19, 24, 13, bias, dinp);
+      SCOPED_TRACE(std::string("bias=") + (bias ? "1" : "0") + " dinp=" + (dinp ? "1" : "0"));
+      expect_outputs_near(run_linear(host_be(), c), linear_ref(c), kTol);
+    }
+  }
+}
+
+TEST(BackendCpu, EmbeddingVsLoop) {
+  Rng rng(3);
+  const EmbeddingCase c = make_embedding(rng, 11, 40, 7);  // 40 ids over 11 rows: repeats
+  Vec out(size_t(c.N) * c.C), dwte = c.dw0;
+  for (int n = 0; n < c.N; ++n) {
+    for (int i = 0; i < c.C; ++i) {
+      out[size_t(n) * c.C + i] = c.wte[size_t(c.ids[n]) * c.C + i];
+      dwte[size_t(c.ids[n]) * c.C + i] += c.dout[size_t(n) * c.C + i];
+    }
+  }
+  expect_outputs_near(run_embedding(host_be(), c), {{"out", out}, {"dwte", dwte}}, kTol);
+}
+
+TEST(BackendCpu, RmsNormVsRef) {
+  Rng rng(4);
+  const NormCase c = make_norm(rng, 9, 33);
+  Vec out(size_t(c.N) * c.C), rstd(c.N), dinp(out.size()), dw = c.dw0;
+  cpu::rmsnorm_forward_ref(out.data(), rstd.data(), c.inp.data(), c.w.data(), c.N, c.C, c.eps);
+  cpu::rmsnorm_backward_ref(dinp.data(), dw.data(), c.dout.data(), c.inp.data(), c.w.data(), rstd.data(), c.N, c.C);
+  expect_outputs_near(run_rmsnorm(host_be(), c), {{"out", out}, {"rstd", rstd}, {"dinp", dinp}, {"dw", dw}}, kTol);
+}
+
+TEST(BackendCpu, LayerNormVsRef) {
+  Rng rng(5);
+  const NormCase c = make_norm(rng, 9, 33);
+  Vec out(size_t(c.N) * c.C), mean(c.N), rstd(c.N), dinp(out.size()), dw = c.dw0, db = c.db0;
+  cpu::layernorm_forward_ref(out.data(), mean.data(), rstd.data(), c.inp.data(), c.w.data(), c.b.data(), c.N, c.C,
+                             c.eps);
+  cpu::layernorm_backward_ref(dinp.data(), dw.data(), db.data(), c.dout.data(), c.inp.data(), c.w.data(), mean.data(),
+                              rstd.data(), c.N, c.C);
+  expect_outputs_near(run_layernorm(host_be(), c),
+                      {{"out", out}, {"mean", mean}, {"rstd", rstd}, {"dinp", dinp}, {"dw", dw}, {"db", db}}, kTol);
+}
+
+TEST(BackendCpu, RopeVsDirectCallAndInverse) {
+  Rng rng(6);
+  const RopeCase c = make_rope(rng, 2, 5, 3, 8, 7);
+  Vec fwd = c.x, bwd = c.dy;
+  cpu::rope_forward(fwd.data(), c.B, c.T, c.nh, c.D, c.pos0, c.theta);
+  cpu::rope_backward(bwd.data(), c.B, c.T, c.nh, c.D, c.pos0, c.theta);
+  const Outputs got = run_rope(host_be(), c);
+  EXPECT_EQ(got.at("fwd"), fwd);
+  EXPECT_EQ(got.at("bwd"), bwd);
+  Vec back = got.at("fwd");  // R^T R x = x
+  cpu::rope_backward(back.data(), c.B, c.T, c.nh, c.D, c.pos0, c.theta);
+  EXPECT_LE(max_rel_err(back, c.x), 1e-6);
+}
+
+Outputs attention_ref(const AttnCase& c) {
+  Vec out(c.nq()), att(c.natt()), dq(c.nq()), dk(c.nkv()), dv(c.nkv());
+  cpu::attention_forward_ref(out.data(), att.data(), c.q.data(), c.k.data(), c.v.data(), c.B, c.T, c.H, c.Hkv, c.D);
+  cpu::attention_backward_ref(dq.data(), dk.data(), dv.data(), c.dout.data(), c.q.data(), c.k.data(), c.v.data(),
+                              att.data(), c.B, c.T, c.H, c.Hkv, c.D);
+  return {{"out", out}, {"att", att}, {"dq", dq}, {"dk", dk}, {"dv", dv}};
+}
+
+TEST(BackendCpu, AttentionVsRefWithAndWithoutScratch) {
+  Rng rng(7);
+  for (bool scratch : {true, false}) {
+    for (const auto& [H, Hkv] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{4, 1}}) {
+      const AttnCase c = make_attn(rng, 2, 37, H, Hkv, 8, scratch);
+      SCOPED_TRACE("H=" + std::to_string(H) + " Hkv=" + std::to_string(Hkv) + " scratch=" + std::to_string(scratch));
+      expect_outputs_near(run_attention(host_be(), c), attention_ref(c), kTol);
+    }
+  }
+}
+
+TEST(BackendCpu, GeluVsDirectCall) {
+  Rng rng(8);
+  const ActCase c = make_act(rng, 1001);
+  Vec out(c.n), dinp(c.n);
+  cpu::gelu_forward(out.data(), c.x.data(), c.n);
+  cpu::gelu_backward(dinp.data(), c.dout.data(), c.x.data(), c.n);
+  const Outputs got = run_gelu(host_be(), c);
+  EXPECT_EQ(got.at("out"), out);
+  EXPECT_EQ(got.at("dinp"), dinp);
+  for (int64_t i = 0; i < c.n; i += 97) {  // and the tanh formula itself
+    const double x = c.x[i], u = std::sqrt(2.0 / std::numbers::pi) * (x + 0.044715 * x * x * x);
+    EXPECT_NEAR(out[i], 0.5 * x * (1.0 + std::tanh(u)), 1e-5 * (1.0 + std::fabs(x))) << "x=" << x;
+  }
+}
+
+TEST(BackendCpu, SwigluVsLoop) {
+  Rng rng(9);
+  const ActCase c = make_act(rng, 1001);
+  Vec out(c.n), dgate(c.n), dup(c.n);
+  for (int64_t i = 0; i < c.n; ++i) {
+    const double g = c.x[i], sig = 1.0 / (1.0 + std::exp(-g)), silu = g * sig;
+    out[i] = static_cast<float>(silu * c.up[i]);
+    dup[i] = static_cast<float>(c.dout[i] * silu);
+    dgate[i] = static_cast<float>(c.dout[i] * c.up[i] * sig * (1.0 + g * (1.0 - sig)));
+  }
+  expect_outputs_near(run_swiglu(host_be(), c), {{"out", out}, {"dgate", dgate}, {"dup", dup}}, kTol);
+}
+
+Outputs cross_entropy_ref(const CrossEntropyCase& c) {
+  Vec losses(c.N), probs(size_t(c.N) * c.V), dlogits(probs.size(), 0.0f);
+  const float mean =
+      cpu::cross_entropy_forward_ref(losses.data(), probs.data(), c.logits.data(), c.targets.data(), c.N, c.V);
+  int count = 0;
+  for (int32_t t : c.targets) count += t >= 0;
+  for (int n = 0; n < c.N; ++n) {
+    if (c.targets[n] < 0) continue;
+    for (int i = 0; i < c.V; ++i) {
+      const double onehot = i == c.targets[n] ? 1.0 : 0.0;
+      dlogits[size_t(n) * c.V + i] = static_cast<float>((probs[size_t(n) * c.V + i] - onehot) * c.dloss / count);
+    }
+  }
+  return {{"losses", losses}, {"probs", probs}, {"mean", {mean}}, {"dlogits", dlogits}};
+}
+
+TEST(BackendCpu, CrossEntropyVsRefWithIgnoredTargets) {
+  Rng rng(10);
+  const CrossEntropyCase c = make_cross_entropy(rng, 13, 50);
+  expect_outputs_near(run_cross_entropy(host_be(), c), cross_entropy_ref(c), kTol);
+  const Outputs none = run_cross_entropy(host_be(), make_cross_entropy(rng, 4, 9, /*all_ignored=*/true));
+  EXPECT_EQ(none.at("mean")[0], 0.0f);
+  EXPECT_EQ(none.at("dlogits"), Vec(4 * 9, 0.0f));
+}
+
+TEST(BackendCpu, ElementwiseVsLoop) {
+  Rng rng(11);
+  const ElementwiseCase c = make_elementwise(rng, 100003);
+  Vec sum(c.n), scaled(c.n);
+  double sq = 0;
+  for (int64_t i = 0; i < c.n; ++i) {
+    sum[i] = c.x[i] + c.y[i];
+    scaled[i] = c.y[i] * c.s;
+    sq += double(c.x[i]) * c.x[i];
+  }
+  double got_sq = 0;
+  const Outputs got = run_elementwise(host_be(), c, &got_sq);
+  EXPECT_EQ(got.at("add_inplace"), sum);
+  EXPECT_EQ(got.at("add"), sum);
+  EXPECT_EQ(got.at("scale_inplace"), scaled);
+  EXPECT_NEAR(got_sq, sq, 1e-10 * sq);
+}
+
+// ================================================================== attention_decode
+TEST(BackendCpu, AttentionDecodeIsTheLastRowOfCausalAttention) {
+  Rng rng(12);
+  for (const auto& [H, Hkv] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{4, 1}}) {
+    const int T = 23, D = 16;
+    SCOPED_TRACE("H=" + std::to_string(H) + " Hkv=" + std::to_string(Hkv));
+    const AttnCase full = make_attn(rng, 1, T, H, Hkv, D, false);
+    Vec out(full.nq()), att(full.natt());
+    cpu::attention_forward_ref(out.data(), att.data(), full.q.data(), full.k.data(), full.v.data(), 1, T, H, Hkv, D);
+    const DecodeCase c{T, H, Hkv, D, Vec(full.q.end() - int64_t(H) * D, full.q.end()), full.k, full.v};
+    const Outputs got = run_decode(host_be(), c);
+    expect_outputs_near(got, {{"out", Vec(out.end() - int64_t(H) * D, out.end())}}, kTol);
+  }
+}
+
+// The whole decoding step of Attention::decode (core/layers.cpp), rebuilt from backend ops around attention_decode
+// (the loop it was taken from): bit-identical outputs, for MHA, GQA and MQA and several head dims.
+Vec decode_with_backend(Attention& attn, const Vec& inp, const Vec& k_cache, const Vec& v_cache, int pos) {
+  const AttentionDims& d = attn.dims();
+  Backend& be = host_be();
+  Vec q(size_t(d.H) * d.D), y(q.size()), scores(pos + 1), out(d.C);
+  be.linear_forward(q.data(), inp.data(), attn.wq->value.f32(), nullptr, 1, d.C, d.H * d.D);
+  be.rope_forward(q.data(), 1, 1, d.H, d.D, pos, d.rope_theta);
+  be.attention_decode(y.data(), scores.data(), q.data(), k_cache.data(), v_cache.data(), pos + 1, d.H, d.Hkv, d.D);
+  be.linear_forward(out.data(), y.data(), attn.wo->value.f32(), nullptr, 1, d.H * d.D, d.C);
+  return out;
+}
+
+TEST(BackendCpu, AttentionDecodeReproducesAttentionDecodeBitForBit) {
+  for (const AttentionDims& dims : {AttentionDims{32, 4, 2, 8, 10000.0f}, AttentionDims{64, 4, 4, 16, 10000.0f},
+                                    AttentionDims{96, 6, 1, 64, 500000.0f}, AttentionDims{40, 2, 2, 20, 10000.0f}}) {
+    SCOPED_TRACE("H=" + std::to_string(dims.H) + " Hkv=" + std::to_string(dims.Hkv) + " D=" + std::to_string(dims.D));
+    const int steps = 37;
+    ParamStore ps;
+    Workspace ws(host_be());
+    Attention attn(ps, ws, "attn", dims);
+    Rng rng(14);
+    for (Param* p : ps.all()) init_normal(p->value, rng, 0.3f);
+    Vec k_cache(size_t(steps) * dims.Hkv * dims.D), v_cache(k_cache.size()), out(dims.C);
+    for (int pos = 0; pos < steps; ++pos) {
+      const Vec inp = randn(rng, dims.C);
+      attn.decode(out.data(), inp.data(), k_cache.data(), v_cache.data(), pos);
+      ASSERT_EQ(decode_with_backend(attn, inp, k_cache, v_cache, pos), out) << "pos " << pos;
+    }
+  }
+}
+
+TEST(BackendCpu, AttentionDecodeOfOnePositionIsItsValue) {
+  Rng rng(13);
+  const DecodeCase c = make_decode(rng, 1, 4, 2, 8);
+  const Vec out = run_decode(host_be(), c).at("out");
+  for (int h = 0; h < 4; ++h)
+    for (int i = 0; i < 8; ++i) EXPECT_EQ(out[h * 8 + i], c.v[(h / 2) * 8 + i]);
+  Vec o(32), s(1);
+  EXPECT_THROW(host_be().attention_decode(o.data(), s.data(), c.q.data(), c.k.data(), c.v.data(), 0, 4, 2, 8), Error);
+  EXPECT_THROW(host_be().attention_decode(o.data(), s.data(), c.q.data(), c.k.data(), c.v.data(), 1, 4, 3, 8), Error);
+}
+
+// ================================================================== Workspace
+TEST(Workspace, GrowthKeepsContentsAndZeroFills) {
+  Workspace ws(host_be());
+  EXPECT_EQ(&ws.backend(), &host_be());
+  Workspace::Buffer& b = ws.buffer();
+  EXPECT_EQ(b.data(), nullptr);
+  EXPECT_EQ(b.size(), 0);
+  float* p = b.get(5);
+  EXPECT_EQ(b.size(), 5);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % 64, 0u);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(p[i], 0.0f);
+  for (int i = 0; i < 5; ++i) p[i] = float(i + 1);
+  EXPECT_EQ(b.get(3), p);  // smaller: same block, nothing changes
+  EXPECT_EQ(b.size(), 5);
+  float* q = b.get(1000);
+  EXPECT_EQ(b.size(), 1000);
+  EXPECT_EQ(b.data(), q);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(q[i], float(i + 1));
+  for (int i = 5; i < 1000; ++i) ASSERT_EQ(q[i], 0.0f) << i;
+  EXPECT_THROW(b.get(-1), Error);
+}
+
+TEST(Workspace, BytesCountsEveryBufferAndBuffersAreDistinct) {
+  Workspace ws(host_be());
+  EXPECT_EQ(ws.bytes(), 0u);
+  Workspace::Buffer& a = ws.buffer();
+  Workspace::Buffer& b = ws.buffer();
+  EXPECT_NE(&a, &b);
+  float* pa = a.get(10);
+  float* pb = b.get(20);
+  EXPECT_TRUE(pa + 10 <= pb || pb + 20 <= pa);  // disjoint memory
+  EXPECT_EQ(ws.bytes(), 30 * sizeof(float));
+  for (int i = 0; i < 40; ++i) ws.buffer();  // more buffers (the vector of owners reallocates)...
+  EXPECT_EQ(a.data(), pa);                   // ...and the references stay valid
+  const float* grown = b.get(100);
+  EXPECT_EQ(grown, b.data());
+  EXPECT_EQ(ws.bytes(), 110 * sizeof(float));
+}
+
+}  // namespace
+}  // namespace moe::test

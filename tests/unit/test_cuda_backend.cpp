@@ -1,0 +1,158 @@
+// The CUDA backend (core/backend.h, core/kernels/cuda/backend.cu): every Backend op run on
+// backend_for(Device::kCUDA) against cpu_backend() on the same seeded cases (runners in backend_ops.h), plus the
+// memory ops and a Workspace on the device. Tolerances (max_rel_err, relative to the CPU result's largest
+// magnitude): 1e-4 for every op (fp32 throughout, different summation orders; the CPU is itself checked against
+// the references in test_backend.cpp), 1e-9 for sum_squares (double accumulation on both). Compiled only into
+// CUDA builds (cuda_tests); without a usable GPU every test skips with "no CUDA device" (the ctest skip regex).
+#ifdef MOE_HAVE_CUDA
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/error.h"
+#include "core/workspace.h"
+#include "tests/unit/backend_ops.h"
+
+namespace moe::test {
+namespace {
+
+constexpr double kTol = 1e-4;
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA device (cuda_available() is false)";
+    gpu_ = &backend_for(Device::kCUDA);
+  }
+  Backend& gpu() { return *gpu_; }
+  Backend& cpu() { return cpu_backend(); }
+  // runs one case on both backends and compares every output
+  template <class Case, class Run>
+  void expect_same(const Case& c, Run run, double tol = kTol) {
+    expect_outputs_near(run(gpu(), c), run(cpu(), c), tol);
+  }
+
+  Backend* gpu_ = nullptr;
+  Rng rng_{4321};
+};
+
+TEST_F(CudaBackendTest, IdentityAndProcessWideInstance) {
+  EXPECT_EQ(gpu().device(), Device::kCUDA);
+  EXPECT_STREQ(gpu().name(), "cuda");
+  EXPECT_EQ(&backend_for(Device::kCUDA), &gpu());
+}
+
+TEST_F(CudaBackendTest, MemoryOps) {
+  void* empty = gpu().alloc(0);
+  EXPECT_NE(empty, nullptr);
+  gpu().free(empty);
+  gpu().free(nullptr);
+  const std::vector<float> host = {1, 2, 3, 4, 5};
+  auto* a = static_cast<float*>(gpu().alloc(sizeof(float) * 5));  // [5] device
+  auto* b = static_cast<float*>(gpu().alloc(sizeof(float) * 5));  // [5] device
+  gpu().from_host(a, host.data(), sizeof(float) * 5);
+  gpu().copy(b, a, sizeof(float) * 5);
+  gpu().memset0(b + 1, sizeof(float) * 2);
+  gpu().sync();
+  std::vector<float> back(5);
+  gpu().to_host(back.data(), b, sizeof(float) * 5);
+  EXPECT_EQ(back, (std::vector<float>{1, 0, 0, 4, 5}));
+  gpu().free(a);
+  gpu().free(b);
+}
+
+TEST_F(CudaBackendTest, Matmul) {
+  for (int ta = 0; ta < 2; ++ta) {
+    for (int tb = 0; tb < 2; ++tb) {
+      SCOPED_TRACE("trans_a=" + std::to_string(ta) + " trans_b=" + std::to_string(tb));
+      expect_same(make_matmul(rng_, 37, 53, 29, ta, tb, 1.25f, 0.75f), run_matmul);
+    }
+  }
+  expect_same(make_matmul(rng_, 64, 96, 1031, false, false, 1.0f, 0.0f), run_matmul);
+}
+
+TEST_F(CudaBackendTest, Linear) {
+  for (bool bias : {true, false}) {
+    for (bool dinp : {true, false}) {
+      SCOPED_TRACE(std::string("bias=") + (bias ? "1" : "0") + " dinp=" + (dinp ? "1" : "0"));
+      expect_same(make_linear(rng_, 19, 24, 13, bias, dinp), run_linear);
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, Embedding) { expect_same(make_embedding(rng_, 11, 40, 7), run_embedding); }
+
+TEST_F(CudaBackendTest, RmsNormAndLayerNorm) {
+  for (const auto& [N, C] : {std::pair{9, 33}, std::pair{3, 1000}}) {
+    SCOPED_TRACE("N=" + std::to_string(N) + " C=" + std::to_string(C));
+    expect_same(make_norm(rng_, N, C), run_rmsnorm);
+    expect_same(make_norm(rng_, N, C), run_layernorm);
+  }
+}
+
+TEST_F(CudaBackendTest, Rope) { expect_same(make_rope(rng_, 2, 5, 3, 8, 7), run_rope); }
+
+TEST_F(CudaBackendTest, AttentionWithAndWithoutScratch) {
+  for (bool scratch : {true, false}) {
+    for (const auto& [H, Hkv] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{4, 1}}) {
+      SCOPED_TRACE("H=" + std::to_string(H) + " Hkv=" + std::to_string(Hkv) + " scratch=" + std::to_string(scratch));
+      expect_same(make_attn(rng_, 2, 37, H, Hkv, 8, scratch), run_attention);
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, AttentionDecode) {
+  // len > 1024 crosses a chunk of the online softmax; D = 80 is not a multiple of the warp
+  for (const auto& [len, H, Hkv, D] :
+       {std::tuple{1, 4, 2, 8}, std::tuple{23, 6, 2, 16}, std::tuple{1500, 4, 1, 80}, std::tuple{2049, 8, 8, 64}}) {
+    SCOPED_TRACE("len=" + std::to_string(len) + " H=" + std::to_string(H) + " Hkv=" + std::to_string(Hkv) +
+                 " D=" + std::to_string(D));
+    expect_same(make_decode(rng_, len, H, Hkv, D), run_decode);
+  }
+}
+
+TEST_F(CudaBackendTest, GeluAndSwiglu) {
+  expect_same(make_act(rng_, 20001), run_gelu);
+  expect_same(make_act(rng_, 20001), run_swiglu);
+}
+
+TEST_F(CudaBackendTest, CrossEntropyWithIgnoredTargets) {
+  expect_same(make_cross_entropy(rng_, 13, 50), run_cross_entropy);
+  expect_same(make_cross_entropy(rng_, 7, 3001), run_cross_entropy);
+  const Outputs none = run_cross_entropy(gpu(), make_cross_entropy(rng_, 4, 9, /*all_ignored=*/true));
+  EXPECT_EQ(none.at("mean")[0], 0.0f);
+  EXPECT_EQ(none.at("dlogits"), Vec(4 * 9, 0.0f));
+}
+
+TEST_F(CudaBackendTest, Elementwise) {
+  const ElementwiseCase c = make_elementwise(rng_, 100003);
+  double sq_gpu = 0, sq_cpu = 0;
+  const Outputs g = run_elementwise(gpu(), c, &sq_gpu);
+  expect_outputs_near(g, run_elementwise(cpu(), c, &sq_cpu), kTol);
+  EXPECT_NEAR(sq_gpu, sq_cpu, 1e-9 * sq_cpu);
+}
+
+TEST_F(CudaBackendTest, WorkspaceOnTheDevice) {
+  Workspace ws(gpu());
+  Workspace::Buffer& a = ws.buffer();
+  Workspace::Buffer& b = ws.buffer();
+  const std::vector<float> host = {1, 2, 3};
+  gpu().from_host(a.get(3), host.data(), sizeof(float) * 3);
+  b.get(7);
+  a.get(1000);  // grows: keeps 1, 2, 3 and zero-fills the rest
+  EXPECT_EQ(ws.bytes(), 1007 * sizeof(float));
+  std::vector<float> back(1000, -1.0f), want(1000, 0.0f);
+  want[0] = 1, want[1] = 2, want[2] = 3;
+  gpu().to_host(back.data(), a.data(), sizeof(float) * 1000);
+  EXPECT_EQ(back, want);
+}
+
+}  // namespace
+}  // namespace moe::test
+
+#endif  // MOE_HAVE_CUDA
