@@ -13,6 +13,7 @@
 namespace moe {
 namespace {
 
+namespace fs = std::filesystem;
 namespace pb = google::protobuf;
 
 class CollectErrors : public pb::io::ErrorCollector {
@@ -42,12 +43,33 @@ Config parse_config_text(const std::string& text, const std::string& source_name
   return cfg;
 }
 
-Config load_config_file(const std::string& path) {
+Config load_config_file(const std::string& path, const std::string& data_dir) {
   std::ifstream f(path);
   MOE_CHECK(f.good(), "cannot open config file '" << path << "'");
   std::stringstream ss;
   ss << f.rdbuf();
-  return parse_config_text(ss.str(), path);
+  Config cfg = parse_config_text(ss.str(), path);
+  resolve_data_paths(cfg.mutable_data(), data_dir.empty() ? fs::path(path).parent_path().string() : data_dir);
+  return cfg;
+}
+
+namespace {
+
+// `p` relative to `base_dir`, made absolute. The '..' steps are resolved by the file system (the directory is made
+// canonical, symbolic links followed as the kernel would), the file name itself is kept as written.
+std::string resolve_path(const std::string& p, const std::string& base_dir) {
+  if (p.empty() || fs::path(p).is_absolute()) return p;
+  const fs::path joined = fs::absolute(fs::path(base_dir) / p);
+  std::error_code ec;
+  const fs::path dir = fs::weakly_canonical(joined.parent_path(), ec);
+  return ec ? joined.string() : (dir / joined.filename()).string();
+}
+
+}  // namespace
+
+void resolve_data_paths(proto::DataConfig* d, const std::string& base_dir) {
+  if (!d->train_file().empty()) d->set_train_file(resolve_path(d->train_file(), base_dir));
+  if (!d->tokenizer_model().empty()) d->set_tokenizer_model(resolve_path(d->tokenizer_model(), base_dir));
 }
 
 void apply_override(Config& cfg, const std::string& assignment) {

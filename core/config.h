@@ -10,8 +10,16 @@ namespace moe {
 using Config = proto::Config;
 
 // Parses a protobuf text file. Unknown fields and syntax errors throw moe::Error naming file:line:column.
-Config load_config_file(const std::string& path);
+// Relative data paths in the file (data.train_file, data.tokenizer_model) are resolved (resolve_data_paths)
+// against `data_dir` when it is given, else against the directory of the file, so a config works from any working
+// directory. Overrides applied afterwards (apply_override) are not resolved: they stay relative to the working
+// directory.
+Config load_config_file(const std::string& path, const std::string& data_dir = "");
 Config parse_config_text(const std::string& text, const std::string& source_name);
+
+// Makes a relative data.train_file / data.tokenizer_model absolute against `base_dir` (itself relative to the
+// working directory, or absolute). Absolute and empty paths are kept.
+void resolve_data_paths(proto::DataConfig* d, const std::string& base_dir);
 
 // Applies one override "path.to.field=value" (e.g. "model.d_model=256", "model.ffn_pattern=FFN_DENSE,FFN_MOE").
 // Throws naming the path if the field does not exist or the value does not parse.

@@ -3,6 +3,8 @@
 
 #include <google/protobuf/descriptor.h>
 
+#include <filesystem>
+#include <fstream>
 #include <functional>
 
 #include "core/config.h"
@@ -13,6 +15,7 @@ namespace moe {
 namespace {
 
 using test::error_of;
+namespace fs = std::filesystem;
 
 const char* kGood = R"(
 model { d_model: 64 n_layers: 2 n_heads: 4 n_kv_heads: 2 d_ff: 128 }
@@ -289,6 +292,83 @@ TEST(Config, DeviceAndCommunicator) {
   Config c = good();
   c.mutable_model()->set_device(static_cast<proto::Device>(7));
   EXPECT_NE(error_of([&] { validate_config(c, false); }).find("model.device = 7"), std::string::npos);
+}
+
+// ---- relative data paths: against the config file's directory, or --data-dir; overrides stay as typed ----
+
+struct ConfigTree {
+  test::TempDir tmp;
+  std::string root = fs::weakly_canonical(tmp.path()).string();
+  ConfigTree() {
+    fs::create_directories(root + "/repo/deploy/configs");
+    fs::create_directories(root + "/shared/data");
+    fs::create_directories(root + "/elsewhere");
+    std::ofstream(root + "/shared/data/corpus.txt") << "some text\n";
+    std::ofstream(root + "/shared/data/tok.model") << "x";
+    std::ofstream(root + "/elsewhere/corpus.txt") << "other text\n";
+    write("repo/deploy/configs/run.pbtxt", "../../../shared/data/corpus.txt", "../../../shared/data/tok.model");
+  }
+  void write(const std::string& rel, const std::string& train_file, const std::string& tokenizer_model) const {
+    std::ofstream(root + "/" + rel) << "data { train_file: \"" << train_file << "\" tokenizer_model: \""
+                                    << tokenizer_model << "\" seq_len: 32 batch_size: 4 }\n"
+                                    << "model { d_model: 64 n_layers: 2 n_heads: 4 d_ff: 128 }\n"
+                                    << "optimizer { lr: 0.001 }\ntrain { steps: 10 }\n";
+  }
+};
+
+TEST(Config, DataPathsAreRelativeToTheConfigFile) {
+  ConfigTree t;
+  ASSERT_NE(fs::current_path().string().rfind(t.root, 0), 0u);  // the working directory is elsewhere
+  Config c = load_config_file(t.root + "/repo/deploy/configs/run.pbtxt");
+  EXPECT_EQ(c.data().train_file(), t.root + "/shared/data/corpus.txt");
+  EXPECT_EQ(c.data().tokenizer_model(), t.root + "/shared/data/tok.model");
+  fill_defaults(c);
+  EXPECT_NO_THROW(validate_config(c, /*needs_data=*/true));
+  // a config path relative to the working directory works the same
+  const fs::path cwd = fs::current_path();
+  fs::current_path(t.root + "/repo");
+  Config r = load_config_file("deploy/configs/run.pbtxt");
+  fs::current_path(cwd);
+  EXPECT_EQ(r.data().train_file(), t.root + "/shared/data/corpus.txt");
+}
+
+TEST(Config, DataDirReplacesTheConfigDirectory) {
+  ConfigTree t;
+  t.write("repo/deploy/configs/plain.pbtxt", "corpus.txt", "");
+  Config c = load_config_file(t.root + "/repo/deploy/configs/plain.pbtxt", t.root + "/elsewhere");
+  EXPECT_EQ(c.data().train_file(), t.root + "/elsewhere/corpus.txt");
+  EXPECT_EQ(c.data().tokenizer_model(), "");  // empty stays empty (train one)
+  fill_defaults(c);
+  EXPECT_NO_THROW(validate_config(c, true));
+  // a relative --data-dir is relative to the working directory
+  const fs::path cwd = fs::current_path();
+  fs::current_path(t.root);
+  Config r = load_config_file("repo/deploy/configs/plain.pbtxt", "shared/data");
+  fs::current_path(cwd);
+  EXPECT_EQ(r.data().train_file(), t.root + "/shared/data/corpus.txt");
+}
+
+TEST(Config, AbsoluteDataPathsAreKept) {
+  ConfigTree t;
+  t.write("repo/deploy/configs/abs.pbtxt", "/nonexistent/corpus.txt", "/nonexistent/tok.model");
+  for (const std::string data_dir : {"", "/somewhere"}) {
+    Config c = load_config_file(t.root + "/repo/deploy/configs/abs.pbtxt", data_dir);
+    EXPECT_EQ(c.data().train_file(), "/nonexistent/corpus.txt");
+    EXPECT_EQ(c.data().tokenizer_model(), "/nonexistent/tok.model");
+  }
+}
+
+TEST(Config, OverriddenDataPathsStayRelativeToTheWorkingDirectory) {
+  ConfigTree t;
+  Config c = load_config_file(t.root + "/repo/deploy/configs/run.pbtxt");
+  apply_override(c, "data.train_file=typed/here.txt");  // as the CLI does: load (resolve), then --set
+  fill_defaults(c);
+  EXPECT_EQ(c.data().train_file(), "typed/here.txt");
+  EXPECT_EQ(c.data().tokenizer_model(), t.root + "/shared/data/tok.model");  // not overridden: resolved
+  std::string e = error_of([&] { validate_config(c, true); });
+  EXPECT_NE(e.find("data.train_file = 'typed/here.txt': file not found"), std::string::npos) << e;
+  // parse_config_text (no file) resolves nothing
+  EXPECT_EQ(parse_config_text("data { train_file: \"a/b.txt\" }", "text").data().train_file(), "a/b.txt");
 }
 
 }  // namespace
