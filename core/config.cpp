@@ -4,6 +4,7 @@
 #include <google/protobuf/io/tokenizer.h>
 #include <google/protobuf/text_format.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -13,6 +14,7 @@
 namespace moe {
 namespace {
 
+namespace fs = std::filesystem;
 namespace pb = google::protobuf;
 
 class CollectErrors : public pb::io::ErrorCollector {
@@ -42,12 +44,33 @@ Config parse_config_text(const std::string& text, const std::string& source_name
   return cfg;
 }
 
-Config load_config_file(const std::string& path) {
+Config load_config_file(const std::string& path, const std::string& data_dir) {
   std::ifstream f(path);
   MOE_CHECK(f.good(), "cannot open config file '" << path << "'");
   std::stringstream ss;
   ss << f.rdbuf();
-  return parse_config_text(ss.str(), path);
+  Config cfg = parse_config_text(ss.str(), path);
+  resolve_data_paths(cfg.mutable_data(), data_dir.empty() ? fs::path(path).parent_path().string() : data_dir);
+  return cfg;
+}
+
+namespace {
+
+// `p` relative to `base_dir`, made absolute. The '..' steps are resolved by the file system (the directory is made
+// canonical, symbolic links followed as the kernel would), the file name itself is kept as written.
+std::string resolve_path(const std::string& p, const std::string& base_dir) {
+  if (p.empty() || fs::path(p).is_absolute()) return p;
+  const fs::path joined = fs::absolute(fs::path(base_dir) / p);
+  std::error_code ec;
+  const fs::path dir = fs::weakly_canonical(joined.parent_path(), ec);
+  return ec ? joined.string() : (dir / joined.filename()).string();
+}
+
+}  // namespace
+
+void resolve_data_paths(proto::DataConfig* d, const std::string& base_dir) {
+  if (!d->train_file().empty()) d->set_train_file(resolve_path(d->train_file(), base_dir));
+  if (!d->tokenizer_model().empty()) d->set_tokenizer_model(resolve_path(d->tokenizer_model(), base_dir));
 }
 
 void apply_override(Config& cfg, const std::string& assignment) {
@@ -100,41 +123,112 @@ void apply_override(Config& cfg, const std::string& assignment) {
   }
 }
 
-void fill_defaults(Config& cfg) {
-  auto* m = cfg.mutable_model();
-  if (m->n_kv_heads() == 0) m->set_n_kv_heads(m->n_heads());
-  if (m->rope_theta() == 0) m->set_rope_theta(10000.0f);
-  if (m->norm_eps() == 0) m->set_norm_eps(1e-5f);
-  if (m->init_std() == 0) m->set_init_std(0.02f);
-  if (m->moe().top_k() == 0) m->mutable_moe()->set_top_k(2);
-  if (m->moe().d_expert() == 0) m->mutable_moe()->set_d_expert(m->d_ff());
-  if (m->moe().capacity_factor() == 0) m->mutable_moe()->set_capacity_factor(1.25f);
-  if (m->has_word_experts() && m->word_experts().placement() == proto::WordExpertConfig::PLACEMENT_UNSET)
-    m->mutable_word_experts()->set_placement(proto::WordExpertConfig::PLACEMENT_INTERLEAVED);
-  auto* d = cfg.mutable_data();
-  if (d->tokenizer_vocab_size() == 0) d->set_tokenizer_vocab_size(1024);
-  if (d->tokenizer_type().empty()) d->set_tokenizer_type("bpe");
-  if (d->val_fraction() == 0) d->set_val_fraction(0.1f);
-  if (m->max_seq_len() == 0) m->set_max_seq_len(d->seq_len());
-  auto* o = cfg.mutable_optimizer();
-  if (o->beta1() == 0) o->set_beta1(0.9f);
-  if (o->beta2() == 0) o->set_beta2(0.95f);
-  if (o->eps() == 0) o->set_eps(1e-8f);
-  auto* t = cfg.mutable_train();
-  if (t->log_every() == 0) t->set_log_every(10);
-  if (t->eval_batches() == 0) t->set_eval_batches(8);
-  if (t->out_dir().empty()) t->set_out_dir("runs/default");
-  auto* g = cfg.mutable_generate();
-  if (g->max_new_tokens() == 0) g->set_max_new_tokens(200);
-  if (cfg.parallel().expert_parallel() == 0) cfg.mutable_parallel()->set_expert_parallel(1);
-  if (cfg.parallel().collective_timeout_s() == 0) cfg.mutable_parallel()->set_collective_timeout_s(600);
+// ---- defaults: one function per message; each default value is written here once ----
+
+void fill_defaults(proto::MoeConfig* e, int d_ff) {
+  if (!e->has_top_k()) e->set_top_k(2);
+  if (!e->has_d_expert()) e->set_d_expert(d_ff);
+  if (!e->has_capacity_factor()) e->set_capacity_factor(1.25f);
 }
+
+void fill_defaults(proto::WordExpertConfig* w) {
+  if (!w->has_placement()) w->set_placement(proto::WordExpertConfig::PLACEMENT_INTERLEAVED);
+}
+
+void fill_defaults(proto::ModelConfig* m, int data_seq_len) {
+  if (!m->has_n_kv_heads()) m->set_n_kv_heads(m->n_heads());
+  if (!m->has_max_seq_len()) m->set_max_seq_len(data_seq_len);
+  if (!m->has_rope_theta()) m->set_rope_theta(10000.0f);
+  if (!m->has_norm_eps()) m->set_norm_eps(1e-5f);
+  if (!m->has_init_std()) m->set_init_std(0.02f);
+  fill_defaults(m->mutable_moe(), m->d_ff());
+  if (m->has_word_experts()) fill_defaults(m->mutable_word_experts());  // dense configs get no word_experts block
+}
+
+void fill_defaults(proto::DataConfig* d) {
+  if (!d->has_tokenizer_vocab_size()) d->set_tokenizer_vocab_size(1024);
+  if (!d->has_tokenizer_type()) d->set_tokenizer_type("bpe");
+  if (!d->has_val_fraction()) d->set_val_fraction(0.1f);
+}
+
+void fill_defaults(proto::OptimizerConfig* o) {
+  if (!o->has_beta1()) o->set_beta1(0.9f);
+  if (!o->has_beta2()) o->set_beta2(0.95f);
+  if (!o->has_eps()) o->set_eps(1e-8f);
+}
+
+void fill_defaults(proto::TrainConfig* t) {
+  if (!t->has_log_every()) t->set_log_every(10);
+  if (!t->has_eval_batches()) t->set_eval_batches(8);
+  if (!t->has_out_dir()) t->set_out_dir("runs/default");
+}
+
+void fill_defaults(proto::ParallelConfig* p) {
+  if (!p->has_expert_parallel()) p->set_expert_parallel(1);
+  if (!p->has_collective_timeout_s()) p->set_collective_timeout_s(600);
+  if (!p->has_communicator()) p->set_communicator("mpi");
+}
+
+void fill_defaults(proto::GenerateConfig* g) {
+  if (!g->has_max_new_tokens()) g->set_max_new_tokens(200);
+}
+
+void fill_defaults(Config& cfg) {
+  fill_defaults(cfg.mutable_model(), cfg.data().seq_len());
+  fill_defaults(cfg.mutable_data());
+  fill_defaults(cfg.mutable_optimizer());
+  fill_defaults(cfg.mutable_train());
+  fill_defaults(cfg.mutable_parallel());
+  fill_defaults(cfg.mutable_generate());
+}
+
+// ---- validation: one function per subsystem ----
 
 #define MOE_CHECK_FIELD(cond, field, value, why) \
   MOE_CHECK(cond, "config field " << field << " = " << value << ": " << why)
 
-void validate_config(const Config& cfg, bool needs_data) {
-  const auto& m = cfg.model();
+namespace {
+
+// (the pattern repeats: its first min(n_layers, pattern size) entries are all the kinds there are)
+bool has_layers_of(const proto::ModelConfig& m, proto::FfnKind kind) {
+  for (int l = 0; l < std::min(m.n_layers(), std::max(1, m.ffn_pattern_size())); ++l)
+    if (layer_ffn_kind(m, l) == kind) return true;
+  return false;
+}
+
+void validate_moe(const proto::MoeConfig& e) {
+  MOE_CHECK_FIELD(e.num_experts() > 0, "model.moe.num_experts", e.num_experts(),
+                  "must be > 0 (model.ffn_pattern has FFN_MOE layers)");
+  MOE_CHECK_FIELD(e.top_k() >= 1 && e.top_k() <= e.num_experts(), "model.moe.top_k", e.top_k(),
+                  "must be in [1, model.moe.num_experts = " << e.num_experts() << "]");
+  MOE_CHECK_FIELD(e.d_expert() > 0, "model.moe.d_expert", e.d_expert(), "must be > 0");
+  MOE_CHECK_FIELD(e.dropless() || e.capacity_factor() > 0, "model.moe.capacity_factor", e.capacity_factor(),
+                  "must be > 0 (or set model.moe.dropless)");
+  MOE_CHECK_FIELD(e.aux_loss_coef() >= 0, "model.moe.aux_loss_coef", e.aux_loss_coef(), "must be >= 0");
+  MOE_CHECK_FIELD(e.z_loss_coef() >= 0, "model.moe.z_loss_coef", e.z_loss_coef(), "must be >= 0");
+  MOE_CHECK_FIELD(e.jitter_eps() >= 0 && e.jitter_eps() < 1, "model.moe.jitter_eps", e.jitter_eps(),
+                  "must be in [0, 1)");
+}
+
+void validate_word_experts(const proto::WordExpertConfig& w) {
+  MOE_CHECK_FIELD(w.num_experts() > 0, "model.word_experts.num_experts", w.num_experts(),
+                  "must be > 0 (model.ffn_pattern has FFN_WORD_EXPERT layers)");
+  MOE_CHECK_FIELD(w.d_expert() > 0, "model.word_experts.d_expert", w.d_expert(), "must be > 0");
+  MOE_CHECK_FIELD(w.num_frequent() >= 0 && w.num_frequent() <= w.num_experts(), "model.word_experts.num_frequent",
+                  w.num_frequent(), "must be in [0, model.word_experts.num_experts = " << w.num_experts() << "]");
+  MOE_CHECK_FIELD(w.placement() == proto::WordExpertConfig::PLACEMENT_INTERLEAVED ||
+                      w.placement() == proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE,
+                  "model.word_experts.placement", proto::WordExpertConfig::Placement_Name(w.placement()),
+                  "must be PLACEMENT_INTERLEAVED or PLACEMENT_MULTIPLICATIVE (leave it out for the default)");
+}
+
+std::string device_name(proto::Device d) {
+  return proto::Device_IsValid(d) ? proto::Device_Name(d) : std::to_string(static_cast<int>(d));
+}
+
+}  // namespace
+
+void validate(const proto::ModelConfig& m) {
   MOE_CHECK_FIELD(m.vocab_size() >= 0, "model.vocab_size", m.vocab_size(), "must be >= 0 (0: from the tokenizer)");
   MOE_CHECK_FIELD(m.d_model() > 0, "model.d_model", m.d_model(), "must be > 0");
   MOE_CHECK_FIELD(m.n_layers() > 0, "model.n_layers", m.n_layers(), "must be > 0");
@@ -150,46 +244,16 @@ void validate_config(const Config& cfg, bool needs_data) {
   MOE_CHECK_FIELD(m.max_seq_len() > 0, "model.max_seq_len", m.max_seq_len(), "must be > 0");
   MOE_CHECK_FIELD(m.norm_eps() > 0, "model.norm_eps", m.norm_eps(), "must be > 0");
   MOE_CHECK_FIELD(m.init_std() > 0, "model.init_std", m.init_std(), "must be > 0");
-  bool any_moe = false, any_word = false;
-  for (int l = 0; l < m.n_layers(); ++l) {
-    any_moe |= layer_ffn_kind(m, l) == proto::FFN_MOE;
-    any_word |= layer_ffn_kind(m, l) == proto::FFN_WORD_EXPERT;
-  }
-  const int ep = cfg.parallel().expert_parallel();
-  if (any_moe) {
-    const auto& e = m.moe();
-    MOE_CHECK_FIELD(e.num_experts() > 0, "model.moe.num_experts", e.num_experts(),
-                    "must be > 0 (model.ffn_pattern has FFN_MOE layers)");
-    MOE_CHECK_FIELD(e.top_k() >= 1 && e.top_k() <= e.num_experts(), "model.moe.top_k", e.top_k(),
-                    "must be in [1, model.moe.num_experts = " << e.num_experts() << "]");
-    MOE_CHECK_FIELD(e.d_expert() > 0, "model.moe.d_expert", e.d_expert(), "must be > 0");
-    MOE_CHECK_FIELD(e.dropless() || e.capacity_factor() > 0, "model.moe.capacity_factor", e.capacity_factor(),
-                    "must be > 0 (or set model.moe.dropless)");
-    MOE_CHECK_FIELD(e.aux_loss_coef() >= 0, "model.moe.aux_loss_coef", e.aux_loss_coef(), "must be >= 0");
-    MOE_CHECK_FIELD(e.z_loss_coef() >= 0, "model.moe.z_loss_coef", e.z_loss_coef(), "must be >= 0");
-    MOE_CHECK_FIELD(e.jitter_eps() >= 0 && e.jitter_eps() < 1, "model.moe.jitter_eps", e.jitter_eps(),
-                    "must be in [0, 1)");
-    MOE_CHECK_FIELD(ep <= e.num_experts(), "parallel.expert_parallel", ep,
-                    "more expert-parallel ranks than experts (model.moe.num_experts = " << e.num_experts() << ")");
-    MOE_CHECK_FIELD(e.num_experts() % ep == 0, "model.moe.num_experts", e.num_experts(),
-                    "must be divisible by parallel.expert_parallel = " << ep);
-  }
-  if (any_word) {
-    const auto& w = m.word_experts();
-    MOE_CHECK_FIELD(w.num_experts() > 0, "model.word_experts.num_experts", w.num_experts(),
-                    "must be > 0 (model.ffn_pattern has FFN_WORD_EXPERT layers)");
-    MOE_CHECK_FIELD(w.d_expert() > 0, "model.word_experts.d_expert", w.d_expert(), "must be > 0");
-    MOE_CHECK_FIELD(w.num_frequent() >= 0 && w.num_frequent() <= w.num_experts(), "model.word_experts.num_frequent",
-                    w.num_frequent(), "must be in [0, model.word_experts.num_experts = " << w.num_experts() << "]");
-    MOE_CHECK_FIELD(ep <= w.num_experts(), "parallel.expert_parallel", ep,
-                    "more expert-parallel ranks than word experts (" << w.num_experts() << ")");
-    MOE_CHECK_FIELD(w.num_experts() % ep == 0, "model.word_experts.num_experts", w.num_experts(),
-                    "must be divisible by parallel.expert_parallel = " << ep);
-  }
-  const auto& d = cfg.data();
+  MOE_CHECK_FIELD(proto::Device_IsValid(m.device()), "model.device", device_name(m.device()),
+                  "must be DEVICE_CPU or DEVICE_CUDA");
+  if (has_layers_of(m, proto::FFN_MOE)) validate_moe(m.moe());
+  if (has_layers_of(m, proto::FFN_WORD_EXPERT)) validate_word_experts(m.word_experts());
+}
+
+void validate(const proto::DataConfig& d, int max_seq_len, bool needs_data) {
   MOE_CHECK_FIELD(d.seq_len() > 0, "data.seq_len", d.seq_len(), "must be > 0");
-  MOE_CHECK_FIELD(d.seq_len() <= m.max_seq_len(), "data.seq_len", d.seq_len(),
-                  "must be <= model.max_seq_len = " << m.max_seq_len());
+  MOE_CHECK_FIELD(d.seq_len() <= max_seq_len, "data.seq_len", d.seq_len(),
+                  "must be <= model.max_seq_len = " << max_seq_len);
   MOE_CHECK_FIELD(d.batch_size() > 0, "data.batch_size", d.batch_size(), "must be > 0");
   MOE_CHECK_FIELD(d.val_fraction() > 0 && d.val_fraction() < 1, "data.val_fraction", d.val_fraction(),
                   "must be in (0, 1)");
@@ -197,15 +261,16 @@ void validate_config(const Config& cfg, bool needs_data) {
                   "must be >= 32");
   MOE_CHECK_FIELD(d.tokenizer_type() == "bpe" || d.tokenizer_type() == "unigram", "data.tokenizer_type",
                   "'" << d.tokenizer_type() << "'", "must be \"bpe\" or \"unigram\"");
-  if (needs_data) {
-    MOE_CHECK_FIELD(!d.train_file().empty(), "data.train_file", "\"\"", "must name a text file");
-    MOE_CHECK_FIELD(std::filesystem::is_regular_file(d.train_file()), "data.train_file", "'" << d.train_file() << "'",
-                    "file not found");
-    if (!d.tokenizer_model().empty())
-      MOE_CHECK_FIELD(std::filesystem::is_regular_file(d.tokenizer_model()), "data.tokenizer_model",
-                      "'" << d.tokenizer_model() << "'", "file not found");
-  }
-  const auto& o = cfg.optimizer();
+  if (!needs_data) return;
+  MOE_CHECK_FIELD(!d.train_file().empty(), "data.train_file", "\"\"", "must name a text file");
+  MOE_CHECK_FIELD(std::filesystem::is_regular_file(d.train_file()), "data.train_file", "'" << d.train_file() << "'",
+                  "file not found");
+  if (!d.tokenizer_model().empty())
+    MOE_CHECK_FIELD(std::filesystem::is_regular_file(d.tokenizer_model()), "data.tokenizer_model",
+                    "'" << d.tokenizer_model() << "'", "file not found");
+}
+
+void validate(const proto::OptimizerConfig& o) {
   MOE_CHECK_FIELD(o.lr() > 0, "optimizer.lr", o.lr(), "must be > 0");
   MOE_CHECK_FIELD(o.min_lr() >= 0 && o.min_lr() <= o.lr(), "optimizer.min_lr", o.min_lr(),
                   "must be in [0, optimizer.lr]");
@@ -215,23 +280,66 @@ void validate_config(const Config& cfg, bool needs_data) {
   MOE_CHECK_FIELD(o.weight_decay() >= 0, "optimizer.weight_decay", o.weight_decay(), "must be >= 0");
   MOE_CHECK_FIELD(o.grad_clip() >= 0, "optimizer.grad_clip", o.grad_clip(), "must be >= 0");
   MOE_CHECK_FIELD(o.warmup_steps() >= 0, "optimizer.warmup_steps", o.warmup_steps(), "must be >= 0");
-  const auto& t = cfg.train();
+}
+
+void validate(const proto::TrainConfig& t) {
   MOE_CHECK_FIELD(t.steps() > 0, "train.steps", t.steps(), "must be > 0");
   MOE_CHECK_FIELD(t.log_every() > 0, "train.log_every", t.log_every(), "must be > 0");
   MOE_CHECK_FIELD(t.eval_every() >= 0, "train.eval_every", t.eval_every(), "must be >= 0");
   MOE_CHECK_FIELD(t.eval_batches() > 0, "train.eval_batches", t.eval_batches(), "must be > 0");
   MOE_CHECK_FIELD(t.threads() >= 0, "train.threads", t.threads(), "must be >= 0");
-  MOE_CHECK_FIELD(cfg.parallel().expert_parallel() > 0, "parallel.expert_parallel", cfg.parallel().expert_parallel(),
+}
+
+void validate(const proto::ParallelConfig& p, const proto::ModelConfig& m) {
+  const int ep = p.expert_parallel();
+  MOE_CHECK_FIELD(ep > 0, "parallel.expert_parallel", ep, "must be > 0");
+  if (has_layers_of(m, proto::FFN_MOE)) {
+    const int E = m.moe().num_experts();
+    MOE_CHECK_FIELD(ep <= E, "parallel.expert_parallel", ep,
+                    "more expert-parallel ranks than experts (model.moe.num_experts = " << E << ")");
+    MOE_CHECK_FIELD(E % ep == 0, "model.moe.num_experts", E, "must be divisible by parallel.expert_parallel = " << ep);
+  }
+  if (has_layers_of(m, proto::FFN_WORD_EXPERT)) {
+    const int E = m.word_experts().num_experts();
+    MOE_CHECK_FIELD(ep <= E, "parallel.expert_parallel", ep,
+                    "more expert-parallel ranks than word experts (" << E << ")");
+    MOE_CHECK_FIELD(E % ep == 0, "model.word_experts.num_experts", E,
+                    "must be divisible by parallel.expert_parallel = " << ep);
+  }
+  MOE_CHECK_FIELD(p.collective_timeout_s() > 0, "parallel.collective_timeout_s", p.collective_timeout_s(),
                   "must be > 0");
-  MOE_CHECK_FIELD(cfg.parallel().collective_timeout_s() > 0, "parallel.collective_timeout_s",
-                  cfg.parallel().collective_timeout_s(), "must be > 0");
-  MOE_CHECK_FIELD(cfg.checkpoint().every() >= 0, "checkpoint.every", cfg.checkpoint().every(), "must be >= 0");
-  MOE_CHECK_FIELD(cfg.checkpoint().keep_last() >= 0, "checkpoint.keep_last", cfg.checkpoint().keep_last(),
-                  "must be >= 0");
-  const auto& g = cfg.generate();
+  MOE_CHECK_FIELD(p.communicator() == "mpi" || p.communicator() == "nccl", "parallel.communicator",
+                  "'" << p.communicator() << "'", "must be \"mpi\" or \"nccl\"");
+  // whether a GPU is actually there is the backend's check at run time
+  MOE_CHECK_FIELD(p.communicator() != "nccl" || m.device() == proto::DEVICE_CUDA, "parallel.communicator",
+                  "'" << p.communicator() << "'",
+                  "needs model.device = DEVICE_CUDA (model.device is " << device_name(m.device()) << ")");
+}
+
+void validate(const proto::CheckpointConfig& c) {
+  MOE_CHECK_FIELD(c.every() >= 0, "checkpoint.every", c.every(), "must be >= 0");
+  MOE_CHECK_FIELD(c.keep_last() >= 0, "checkpoint.keep_last", c.keep_last(), "must be >= 0");
+}
+
+void validate(const proto::GenerateConfig& g) {
   MOE_CHECK_FIELD(g.temperature() >= 0, "generate.temperature", g.temperature(), "must be >= 0");
   MOE_CHECK_FIELD(g.top_k() >= 0, "generate.top_k", g.top_k(), "must be >= 0");
   MOE_CHECK_FIELD(g.max_new_tokens() > 0, "generate.max_new_tokens", g.max_new_tokens(), "must be > 0");
+}
+
+void validate(const proto::ServingConfig& s) {
+  MOE_CHECK_FIELD(s.port() >= 0 && s.port() <= 65535, "serving.port", s.port(), "must be in [0, 65535]");
+}
+
+void validate_config(const Config& cfg, bool needs_data) {
+  validate(cfg.model());
+  validate(cfg.data(), cfg.model().max_seq_len(), needs_data);
+  validate(cfg.optimizer());
+  validate(cfg.train());
+  validate(cfg.parallel(), cfg.model());
+  validate(cfg.checkpoint());
+  validate(cfg.generate());
+  validate(cfg.serving());
 }
 
 std::string config_to_text(const google::protobuf::Message& cfg) {

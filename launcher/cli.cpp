@@ -35,18 +35,22 @@ namespace {
 const char* kUsage =
     "usage: moe <command> [options]\n"
     "commands:\n"
-    "  train     --config FILE [--set path=value ...] [--resume]\n"
+    "  train     --config FILE [--data-dir DIR] [--set path=value ...] [--resume]\n"
     "            train a model; writes the tokenizer and checkpoints under train.out_dir\n"
     "  generate  --checkpoint DIR [--prompt TEXT] [--set generate.temperature=0.8 ...]\n"
     "            sample text from a checkpoint (DIR: a step_<N> directory or a checkpoint root with `latest`)\n"
-    "  eval      --checkpoint DIR [--set data.train_file=...]\n"
+    "  eval      --checkpoint DIR [--data-dir DIR] [--set data.train_file=...]\n"
     "            validation loss of a checkpoint on its data split\n"
-    "  config    --config FILE [--set path=value ...]\n"
+    "  config    --config FILE [--data-dir DIR] [--set path=value ...]\n"
     "            print the resolved config (defaults filled, overrides applied) and validate it\n"
     "  ckpt      inspect|verify|reshard|convert ...   checkpoint utilities (moe ckpt --help)\n"
     "            print the resolved config (defaults filled, overrides applied) and validate it\n"
     "options:\n"
-    "  --set path=value   override any config field by path, e.g. --set model.d_model=256 (repeatable)\n"
+    "  --set path=value   override any config field by path, e.g. --set model.d_model=256 (repeatable); a relative\n"
+    "                     data path given here is relative to the working directory\n"
+    "  --data-dir DIR     relative data paths (data.train_file, data.tokenizer_model) of the config file, or of the\n"
+    "                     checkpoint's config for eval, are relative to DIR (default: the config file's directory;\n"
+    "                     for eval: the working directory)\n"
     "  --threads N        OpenMP/OpenBLAS threads per rank (default: train.threads; 0 = the node's cores divided\n"
     "                     among the ranks on the node)\n"
     "  --loss-log FILE    train: append 'step loss' per step, the loss as an exact hex float (resume checks)\n"
@@ -56,6 +60,7 @@ const char* kUsage =
 struct Args {
   std::string command;
   std::string config;
+  std::string data_dir;
   std::string checkpoint;
   std::string prompt;
   bool prompt_set = false;
@@ -78,6 +83,7 @@ Args parse_args(int argc, char** argv) {
       return argv[++i];
     };
     if (k == "--config") a.config = value("--config");
+    else if (k == "--data-dir") a.data_dir = value("--data-dir");
     else if (k == "--checkpoint") a.checkpoint = value("--checkpoint");
     else if (k == "--prompt") { a.prompt = value("--prompt"); a.prompt_set = true; }
     else if (k == "--set") a.overrides.push_back(value("--set"));
@@ -95,7 +101,7 @@ Args parse_args(int argc, char** argv) {
 
 Config resolve_config(const Args& a) {
   MOE_CHECK(!a.config.empty(), "'moe " << a.command << "' needs --config FILE");
-  Config cfg = load_config_file(a.config);
+  Config cfg = load_config_file(a.config, a.data_dir);
   for (const auto& o : a.overrides) apply_override(cfg, o);
   fill_defaults(cfg);
   return cfg;
@@ -118,7 +124,7 @@ int cmd_train(const Args& a, Parallel& par) {
 }
 
 int cmd_generate(const Args& a) {
-  LoadedModel lm = load_for_inference(a.checkpoint, a.overrides);
+  LoadedModel lm = load_for_inference(a.checkpoint, a.overrides, a.data_dir);
   set_num_threads(threads_for(a, lm.cfg.train().threads()));
   std::string prompt = a.prompt_set ? a.prompt : "\n";
   std::vector<int32_t> ids = lm.tok->encode(prompt);
@@ -129,7 +135,7 @@ int cmd_generate(const Args& a) {
 }
 
 int cmd_eval(const Args& a) {
-  LoadedModel lm = load_for_inference(a.checkpoint, a.overrides);
+  LoadedModel lm = load_for_inference(a.checkpoint, a.overrides, a.data_dir);
   set_num_threads(threads_for(a, lm.cfg.train().threads()));
   validate_config(lm.cfg, true);
   Corpus corpus = load_corpus(*lm.tok, lm.cfg.data().train_file(), lm.cfg.data().val_fraction());

@@ -102,12 +102,14 @@ void restore_state(ckpt::Reader& r, ParamStore& ps, AdamW* opt) {
   }
 }
 
-LoadedModel load_for_inference(const std::string& checkpoint, const std::vector<std::string>& overrides) {
+LoadedModel load_for_inference(const std::string& checkpoint, const std::vector<std::string>& overrides,
+                               const std::string& data_dir) {
   MOE_CHECK(!checkpoint.empty(), "needs --checkpoint DIR");
   LoadedModel lm;
   lm.dir = ckpt::resolve(checkpoint);
   lm.manifest = ckpt::read_manifest(lm.dir);
   lm.cfg = lm.manifest.config();
+  if (!data_dir.empty()) resolve_data_paths(lm.cfg.mutable_data(), data_dir);
   for (const auto& o : overrides) apply_override(lm.cfg, o);
   fill_defaults(lm.cfg);
   // a single-rank model holds every expert: the checkpoint stores expert tensors with their global shapes

@@ -53,7 +53,8 @@ std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, const AdamW* 
 void restore_state(ckpt::Reader& r, ParamStore& ps, AdamW* opt);
 
 // A model loaded from a checkpoint for inference (eval, generate): one rank holding every expert, the checkpoint's
-// config with `overrides` applied (validated), its tokenizer, weights and routing tables.
+// config (its relative data paths resolved against data_dir when given) with `overrides` applied (validated), its
+// tokenizer, weights and routing tables.
 struct LoadedModel {
   Config cfg;
   std::string dir;
@@ -61,6 +62,7 @@ struct LoadedModel {
   std::unique_ptr<Tokenizer> tok;
   std::unique_ptr<Model> model;
 };
-LoadedModel load_for_inference(const std::string& checkpoint, const std::vector<std::string>& overrides);
+LoadedModel load_for_inference(const std::string& checkpoint, const std::vector<std::string>& overrides,
+                               const std::string& data_dir = "");
 
 }  // namespace moe::launcher

@@ -18,6 +18,11 @@ expect_error "n_layrs" "$MOE_BIN" train --config "$work/unknown.pbtxt"
 expect_error "model.d_model = -64" "$MOE_BIN" train --config "$cfg" --set "$data" --set model.d_model=-64
 expect_error "divisible by model.n_kv_heads = 3" "$MOE_BIN" train --config "$cfg" --set "$data" --set model.n_kv_heads=3
 expect_error "data.train_file" "$MOE_BIN" train --config "$cfg" --set data.train_file=/nonexistent/text.txt
+expect_error "parallel.communicator = 'nccl': needs model.device = DEVICE_CUDA" "$MOE_BIN" train --config "$cfg" --set "$data" --set parallel.communicator=nccl
+expect_error "parallel.communicator = 'gloo': must be \"mpi\" or \"nccl\"" "$MOE_BIN" train --config "$cfg" --set "$data" --set parallel.communicator=gloo
+expect_error "model.moe.top_k = 0" "$MOE_BIN" train --config "$cfg" --set "$data" --set model.ffn_pattern=FFN_MOE --set model.moe.num_experts=4 --set model.moe.top_k=0
+# the config's relative train_file (../../../shared/data/tinyshakespeare.txt) is looked up under --data-dir
+expect_error "data.train_file = '/nonexistent/shared/data/tinyshakespeare.txt': file not found" "$MOE_BIN" train --config "$cfg" --data-dir /nonexistent/x/y/z
 expect_error "unknown config field 'model.dmodel'" "$MOE_BIN" train --config "$cfg" --set model.dmodel=3
 expect_error "cannot open config file" "$MOE_BIN" train --config /nonexistent.pbtxt
 expect_error "unknown command" "$MOE_BIN" fly
