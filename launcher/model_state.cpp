@@ -12,10 +12,6 @@ std::vector<LocalTensor> collect_local_state(const ParamStore& ps, AdamW* opt,
   std::vector<LocalTensor> out;
   const auto& all = ps.all();
   auto add = [&](const std::string& name, const Param* p, const Tensor& t) {
-    // the writers' layout and the one-process tools' (ckpt::is_expert_sharded) must agree
-    MOE_CHECK(p->expert_sharded == ckpt::is_expert_sharded(name),
-              "checkpoint: parameter '" << p->name << "' is " << (p->expert_sharded ? "" : "not ")
-                                        << "expert-sharded, but its name says otherwise (\".ffn.experts.\")");
     out.push_back({name, t, p->expert_sharded});
   };
   for (const Param* p : all) add("params/" + p->name, p, p->value);
@@ -36,7 +32,7 @@ std::vector<LocalTensor> collect_local_state(const ParamStore& ps, AdamW* opt,
 std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, AdamW* opt,
                                              const std::map<std::string, std::vector<int32_t>>& routing) {
   std::vector<ckpt::NamedTensor> out;
-  for (auto& t : collect_local_state(ps, opt, routing)) out.push_back({t.name, t.tensor});
+  for (auto& t : collect_local_state(ps, opt, routing)) out.push_back({t.name, t.tensor, t.sharded});
   return out;
 }
 

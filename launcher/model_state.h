@@ -1,6 +1,6 @@
 // The model/optimizer state <-> checkpoint tensors mapping:
 //   params/<name>, optim/m/<name>, optim/v/<name>, optim/row_t/<name> (row-sparse params), routing/<layer prefix>
-// Expert-sharded tensors are written by the expert-parallel rank that owns them (launcher/ckpt_save) and stored
+// Expert-sharded tensors are written by the expert-parallel rank that owns them (checkpoints/saver.h) and stored
 // with their global shape [E, ...] (shard files + a virtual dataset, checkpoints/checkpoint.h); they are read back
 // as this rank's rows, so a checkpoint loads at any expert-parallel size that divides E.
 #pragma once
@@ -9,20 +9,14 @@
 #include <vector>
 
 #include "checkpoints/checkpoint.h"
+#include "checkpoints/saver.h"
 #include "core/model.h"
 #include "core/optimizer.h"
 #include "core/params.h"
 
 namespace moe::launcher {
 
-// One tensor of this rank's state. A replicated tensor is the same on every rank; an expert-sharded one holds
-// this rank's rows [ep_rank * El, (ep_rank + 1) * El) of the global [E, ...] tensor. Tensors alias the live
-// state (no copy).
-struct LocalTensor {
-  std::string name;
-  Tensor tensor;
-  bool sharded = false;
-};
+using ckpt::LocalTensor;  // checkpoints/saver.h
 std::vector<LocalTensor> collect_local_state(const ParamStore& ps, AdamW* opt,
                                              const std::map<std::string, std::vector<int32_t>>& routing);
 

@@ -239,10 +239,10 @@ struct ShardedFixture {
     ckpt::SaveRequest req;
     req.config = &cfg;
     req.step = 7;
-    req.tensors = {{"params/layers.0.ffn.experts.w_up", experts},
+    req.tensors = {{"params/layers.0.ffn.experts.w_up", experts, true},
                    {"params/final_norm.weight", norm},
-                   {"optim/row_t/layers.0.ffn.experts.w_up", row_t},
-                   {"params/layers.1.ffn.experts.w_up", bf}};
+                   {"optim/row_t/layers.0.ffn.experts.w_up", row_t, true},
+                   {"params/layers.1.ffn.experts.w_up", bf, true}};
     step_dir = ckpt::save(dir.path(), req);
   }
 };
@@ -302,7 +302,7 @@ TEST(Checkpoint, ShardsThatDoNotDivideAreRefusedBeforeWriting) {
   cfg.mutable_parallel()->set_expert_parallel(3);
   ckpt::SaveRequest req;
   req.config = &cfg;
-  req.tensors = {{"params/layers.0.ffn.experts.w_up", Tensor::zeros({4, 2})}};
+  req.tensors = {{"params/layers.0.ffn.experts.w_up", Tensor::zeros({4, 2}), true}};
   const std::string e = error_of([&] { ckpt::save(dir.path(), req); });
   EXPECT_NE(e.find("params/layers.0.ffn.experts.w_up"), std::string::npos) << e;
   EXPECT_NE(e.find("3 expert-parallel shards"), std::string::npos) << e;
@@ -381,7 +381,7 @@ TEST(Checkpoint, LargeDatasetsAreReadInBlocks) {
   for (int64_t i = 0; i < experts.numel(); ++i) experts.f32()[i] = rng.uniform();
   ckpt::SaveRequest req;
   req.config = &cfg;
-  req.tensors = {{"params/big", big}, {"params/layers.0.ffn.experts.w_up", experts}};
+  req.tensors = {{"params/big", big}, {"params/layers.0.ffn.experts.w_up", experts, true}};
   const std::string d = ckpt::save(dir.path(), req);
   proto::Manifest m = ckpt::read_manifest(d);
   {
