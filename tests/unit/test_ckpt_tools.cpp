@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "checkpoints/checkpoint.h"
+#include "checkpoints/naming.h"
 #include "checkpoints/safetensors.h"
 #include "core/model.h"
 #include "experts/moe_layer.h"
@@ -206,7 +207,7 @@ TEST(CkptToolConvert, ToGqaMeanPoolsConsecutiveKvHeads) {
           }
     }
   // the other tensors are copied unchanged
-  const Tensor q0 = read_tensor(src, "params/layers.0.attn.wq");
+  const Tensor q0 = read_tensor(src, ckpt::param_key("layers.0.attn.wq"));
   EXPECT_EQ(std::memcmp(q0.raw(), gqa->params().get("layers.0.attn.wq").value.raw(), q0.nbytes()), 0);
   // the converted model runs
   std::vector<int32_t> tokens(16);
@@ -300,10 +301,10 @@ TEST(CkptToolConvert, Bf16CastWithinRoundingBoundAndCombinesWithGqa) {
     }
   }
   // a bf16 tensor reads back as bf16 too, and f32 -> bf16 -> f32 is exact
-  const Tensor raw = read_tensor(dir.file("b"), "params/tok_emb.weight", DType::kBF16);
+  const Tensor raw = read_tensor(dir.file("b"), ckpt::param_key("tok_emb.weight"), DType::kBF16);
   EXPECT_EQ(raw.dtype(), DType::kBF16);
   ASSERT_EQ(ckpt_cli({"convert", dir.file("b"), "--dtype", "f32", "--out", dir.file("f")}), 0);
-  const Tensor back = read_tensor(dir.file("f"), "params/tok_emb.weight");
+  const Tensor back = read_tensor(dir.file("f"), ckpt::param_key("tok_emb.weight"));
   for (int64_t i = 0; i < back.numel(); ++i) ASSERT_EQ(back.f32()[i], bf16_to_float(raw.bf()[i]));
   ASSERT_EQ(ckpt_cli({"verify", dir.file("b")}), 0);
   // options combine: GQA on the bf16 checkpoint keeps bf16
@@ -410,7 +411,7 @@ TEST(CkptToolVerify, BadInputIsAClearError) {
   fs::copy(src, dir.file("crc"), fs::copy_options::recursive);
   m = ckpt::read_manifest(dir.file("crc"));
   for (auto& t : *m.mutable_tensors())
-    if (t.name() == "params/layers.1.attn.wv") t.set_crc32c(t.crc32c() ^ 1);
+    if (t.name() == ckpt::param_key("layers.1.attn.wv")) t.set_crc32c(t.crc32c() ^ 1);
   ASSERT_TRUE(m.SerializeToString(&bin));
   std::ofstream(dir.file("crc/manifest.pb"), std::ios::binary | std::ios::trunc) << bin;
   e = error_of([&] { ckpt_cli({"verify", dir.file("crc")}); });
