@@ -10,6 +10,7 @@
 //   experts_<r>.h5  rows [r * E/S, (r + 1) * E/S) of every expert-sharded tensor (S = the expert-parallel size at
 //                   save time), a dataset of the same name with the shard's shape, written by expert-parallel
 //                   rank r itself (its data-parallel replica 0), so no rank ever holds the whole expert table
+//                   (the one-process save below writes all S itself); none when no tensor is sharded
 //   manifest.pb + manifest.txt (protobuf: config, layout, step, optimizer step, RNG and data-loader state, every
 //                   tensor with its global shape, dtype, CRC-32C and, for a sharded tensor, each shard's file,
 //                   rows and CRC-32C), tokenizer.model.

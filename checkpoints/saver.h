@@ -8,7 +8,8 @@
 //                                       same shard write nothing (no duplicate writes)
 // With SaveState::shard_split = k > 1 each writing rank splits its rows into k equal blocks and writes k shard
 // files, experts_<r*k> .. experts_<r*k + k - 1>.h5 (S = ep * k shard files in all): the one-process save writes
-// the S = parallel.expert_parallel shards of GLOBAL tensors this way (ep = 1, k = S).
+// the S = parallel.expert_parallel shards of GLOBAL tensors this way (ep = 1, k = S). A save without sharded
+// tensors (a dense model) writes no shard file at all.
 //
 // Protocol (every call is collective over the world, in the same order on every rank; MPI stays on the calling
 // thread, the background writer only does file I/O):
