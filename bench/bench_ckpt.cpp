@@ -5,7 +5,7 @@
 //         experts_1.h5 (written one after the other here, by one process), the rest in model.h5 with the
 //         virtual datasets.
 //  stall  the training stall of a checkpoint: a real MoE model (a few hundred MB of parameters + AdamW moments)
-//         trains step after step through the training code's CheckpointSaver (launcher/ckpt_save.h); stall =
+//         trains step after step through the training code's CheckpointSaver (checkpoints/saver.h); stall =
 //         time of the step that saves minus a normal step, for a synchronous save and for an asynchronous one
 //         (snapshot on the training thread, writes in a background thread; its stall also counts the slowdown
 //         of the steps that run while it writes and the commit).
@@ -29,10 +29,10 @@
 #include "core/optimizer.h"
 #include "core/threads.h"
 #include "experts/moe_layer.h"
-#include "launcher/ckpt_save.h"
+#include "checkpoints/saver.h"
 #include "launcher/run_state.h"
 #include "experts/build_model.h"
-#include "launcher/parallel.h"
+#include "comm/parallel.h"
 
 using namespace moe;
 using clk = std::chrono::steady_clock;
@@ -72,7 +72,7 @@ int bench_io(const Opts& o) {
     // even tensors: expert-sharded (2 shard files), odd: replicated (model.h5)
     const std::string name = t % 2 == 0 ? "params/layers." + std::to_string(t) + ".ffn.experts.w_up"
                                         : "params/layers." + std::to_string(t) + ".attn.wq";
-    req.tensors.push_back({name, x});
+    req.tensors.push_back({name, x, /*sharded=*/t % 2 == 0});
   }
   const double bytes = double(rows * cols) * 4 * ntensors;
   // destinations of the loads, allocated and touched once: a resume reads into the model's existing tensors (and
@@ -193,7 +193,7 @@ int bench_stall(const Opts& o) {
   m->mutable_moe()->set_dropless(true);
   cfg.mutable_optimizer()->set_lr(1e-4f);
   fill_defaults(cfg);
-  launcher::Parallel par(comm::Communicator::world(), 1);
+  comm::Parallel par(comm::Communicator::world(), 1);
   cfg.mutable_train()->set_seed(1);
   auto owned = experts::build_model(cfg);
   Model& model = *owned;
@@ -216,7 +216,7 @@ int bench_stall(const Opts& o) {
     base.step = step;
     base.optimizer_t = opt.t();
     base.tokenizer_blob = &tok;
-    launcher::SaveState st;
+    ckpt::SaveState st;
     st.step = step;
     st.tensors = launcher::collect_local_state(model.params(), &opt);
     st.manifest = ckpt::base_manifest(base);
@@ -225,8 +225,8 @@ int bench_stall(const Opts& o) {
   };
   double ckpt_bytes = 0;
   for (const auto& t : launcher::collect_local_state(model.params(), &opt)) ckpt_bytes += t.tensor.nbytes();
-  launcher::CheckpointSaver sync(par, {o.dir, false, 2, {}, {}});
-  launcher::CheckpointSaver async(par, {o.dir, true, 2, {}, {}});
+  ckpt::CheckpointSaver sync(par, {o.dir, false, 2, {}, {}});
+  ckpt::CheckpointSaver async(par, {o.dir, true, 2, {}, {}});
 
   auto tp = clk::now();
   async.prepare(launcher::collect_local_state(model.params(), &opt));  // as `moe train` does before training

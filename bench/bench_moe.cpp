@@ -20,7 +20,7 @@
 #include "core/optimizer.h"
 #include "core/threads.h"
 #include "experts/moe_layer.h"
-#include "launcher/parallel.h"
+#include "comm/parallel.h"
 
 using namespace moe;
 using clk = std::chrono::steady_clock;
@@ -78,7 +78,7 @@ int main(int argc, char** argv) {
   }
   int world_n = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &world_n);
-  launcher::Parallel par(comm::Communicator::world(), /*expert_parallel=*/world_n);
+  comm::Parallel par(comm::Communicator::world(), /*expert_parallel=*/world_n);
   const int W = par.size(), rank = par.rank();
   const int nt = set_num_threads(threads);
   const int N = tokens / W;  // this rank's tokens

@@ -59,11 +59,15 @@ void fsync_path(const std::string& path, bool dir) {
 // that may run on a background writer thread turns it off for its thread.
 void h5_quiet_this_thread() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
 
+}  // namespace
+
 void check_writable(const Tensor& t, const std::string& name) {
   MOE_CHECK(t.dtype() == DType::kF32 || t.dtype() == DType::kI32 || t.dtype() == DType::kBF16,
             "checkpoint: tensor '" << name << "' has dtype " << dtype_name(t.dtype()) << " (f32, bf16 or i32 expected)");
   MOE_CHECK(t.device() == Device::kCPU, "checkpoint: tensor '" << name << "' must be on the CPU");
 }
+
+namespace {
 
 // HDF5 file and memory types of a dtype; bf16 is stored as a 16-bit unsigned dataset (the raw bit patterns) with
 // the attribute dtype = "bf16"
@@ -109,8 +113,6 @@ std::vector<int64_t> list_steps(const std::string& root) {
 std::string step_name(int64_t step) { return "step_" + std::to_string(step); }
 
 }  // namespace
-
-bool is_expert_sharded(const std::string& name) { return name.find(".ffn.experts.") != std::string::npos; }
 
 std::string shard_file_name(int shard) { return "experts_" + std::to_string(shard) + ".h5"; }
 
@@ -307,61 +309,6 @@ proto::Manifest base_manifest(const SaveRequest& req) {
   for (const auto& r : req.router_rng) *m.add_router_rng() = r;
   if (req.tokenizer_blob) m.set_tokenizer_file("tokenizer.model");
   return m;
-}
-
-std::string save(const std::string& root, const SaveRequest& req) {
-  proto::Manifest m = base_manifest(req);
-  const int S = m.expert_parallel();
-  // validate everything before creating the directory
-  std::vector<DatasetWrite> main_sets;
-  std::vector<VirtualDataset> virtuals;
-  std::vector<std::vector<DatasetWrite>> shard_sets(S);
-  for (const NamedTensor& t : req.tensors) {
-    check_writable(t.tensor, t.name);
-    if (!is_expert_sharded(t.name)) {
-      main_sets.push_back({t.name, t.tensor});
-      continue;
-    }
-    const Shape& shape = t.tensor.shape();
-    MOE_CHECK(!shape.empty() && shape[0] % S == 0,
-              "checkpoint: expert tensor '" << t.name << "' of shape " << shape_str(shape) << " cannot be split over "
-                                            << S << " expert-parallel shards (parallel.expert_parallel)");
-    virtuals.push_back({t.name, shape, t.tensor.dtype(), S});
-    const int64_t rows = shape[0] / S;
-    for (int s = 0; s < S; ++s) shard_sets[s].push_back({t.name, t.tensor, s * rows, rows});
-  }
-  const std::string tmp_dir = begin_save(root, req.step);
-  try {
-    // every file written first, then every file fsynced (see fsync_file)
-    std::vector<std::string> files = {tmp_dir + "/model.h5"};
-    const std::vector<uint32_t> main_crcs = write_h5(files[0], main_sets, virtuals, {}, false);
-    std::vector<std::vector<uint32_t>> shard_crcs;  // [shard][expert tensor]
-    if (!virtuals.empty())
-      for (int s = 0; s < S; ++s) {
-        files.push_back(tmp_dir + "/" + shard_file_name(s));
-        shard_crcs.push_back(write_h5(files.back(), shard_sets[s], {}, {}, false));
-      }
-    if (req.tokenizer_blob) {
-      files.push_back(tmp_dir + "/tokenizer.model");
-      write_file(files.back(), *req.tokenizer_blob, false);
-    }
-    for (const std::string& f : files) fsync_file(f);
-    size_t plain = 0, sharded = 0;
-    for (const NamedTensor& t : req.tensors) {
-      if (!is_expert_sharded(t.name)) {
-        *m.add_tensors() = plain_entry(t.name, t.tensor.shape(), t.tensor.dtype(), main_crcs[plain++]);
-      } else {
-        std::vector<uint32_t> crcs;
-        for (int s = 0; s < S; ++s) crcs.push_back(shard_crcs[s][sharded]);
-        *m.add_tensors() = sharded_entry(t.name, t.tensor.shape(), t.tensor.dtype(), crcs);
-        ++sharded;
-      }
-    }
-    return commit_save(root, req.step, m, req.keep_last);
-  } catch (...) {
-    abandon_save(root, req.step);
-    throw;
-  }
 }
 
 std::string resolve(const std::string& path) {

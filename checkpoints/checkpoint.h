@@ -10,6 +10,7 @@
 //   experts_<r>.h5  rows [r * E/S, (r + 1) * E/S) of every expert-sharded tensor (S = the expert-parallel size at
 //                   save time), a dataset of the same name with the shard's shape, written by expert-parallel
 //                   rank r itself (its data-parallel replica 0), so no rank ever holds the whole expert table
+//                   (the one-process save below writes all S itself); none when no tensor is sharded
 //   manifest.pb + manifest.txt (protobuf: config, layout, step, optimizer step, RNG and data-loader state, every
 //                   tensor with its global shape, dtype, CRC-32C and, for a sharded tensor, each shard's file,
 //                   rows and CRC-32C), tokenizer.model.
@@ -33,21 +34,25 @@ namespace moe::ckpt {
 
 constexpr uint32_t kFormatVersion = 2;
 
-// Expert-sharded tensors are the ones of an expert bank / word-expert table: their name contains ".ffn.experts.".
-bool is_expert_sharded(const std::string& name);
 // "experts_<shard>.h5"
 std::string shard_file_name(int shard);
 
-// One tensor of a checkpoint: its dataset path (e.g. "params/layers.0.attn.wq") and its value (f32, bf16 or i32,
-// CPU; bf16 is stored as a uint16 dataset with the HDF5 attribute dtype = "bf16").
+// One tensor of a checkpoint: its dataset path (e.g. "params/layers.0.attn.wq", checkpoints/naming.h) and its
+// value (f32, bf16 or i32, CPU; bf16 is stored as a uint16 dataset with the HDF5 attribute dtype = "bf16"), GLOBAL
+// shape. `sharded`: an expert tensor, split by rows into the expert-parallel shard files (a property of the data:
+// from the parameter's declaration, Param::expert_sharded, or from a manifest entry having shards).
 struct NamedTensor {
   std::string name;
   Tensor tensor;
+  bool sharded = false;
 };
 
+// Throws unless t can be written to a checkpoint (f32, bf16 or i32, on the CPU); `name` is its dataset.
+void check_writable(const Tensor& t, const std::string& name);
+
 // ------------------------------------------------------------------------------------------------ writing blocks
-// The building blocks of a save; ckpt::save below (one process) and launcher/ckpt_save (every rank writes its own
-// files, then rank 0 commits) are made of them.
+// The building blocks of a save, used by the one save path, checkpoints/saver.h (every rank writes its own files,
+// then rank 0 commits; ckpt::save below runs it on one process).
 
 // Rows [row_offset, row_offset + rows) along dim 0 of `tensor`, written as the dataset `name` (rows < 0: all).
 struct DatasetWrite {
@@ -106,7 +111,7 @@ std::vector<std::string> remove_stale_saves(const std::string& root);
 struct SaveRequest {
   const Config* config = nullptr;
   int64_t step = 0;
-  // GLOBAL tensors; the expert-sharded ones (is_expert_sharded) are split into config->parallel().expert_parallel()
+  // GLOBAL tensors; the sharded ones (NamedTensor::sharded) are split into config->parallel().expert_parallel()
   // shard files (the layout an expert-parallel run of that size writes), the others go to model.h5
   std::vector<NamedTensor> tensors;
   int64_t optimizer_t = 0;                     // AdamW step counter
@@ -123,7 +128,8 @@ std::string read_file(const std::string& path);
 // The manifest fields of a save that do not describe tensors (version, config, step, layout, states, tokenizer).
 proto::Manifest base_manifest(const SaveRequest& req);
 
-// Saves under `root` (one process writes every file) and returns the final directory path.
+// Saves under `root` (one process writes every file) and returns the final directory path. It runs the collective
+// saver (checkpoints/saver.h) on a single-process communicator: the same writes and commit as a training run.
 std::string save(const std::string& root, const SaveRequest& req);
 
 // A checkpoint directory (containing manifest.pb), or a root whose `latest` names one. Throws if neither.

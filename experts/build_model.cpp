@@ -32,13 +32,16 @@ FfnFactory ffn_factory(const ModelInputs& in, uint64_t seed) {
 
 }  // namespace
 
+void check_device(const proto::ModelConfig& m) {
+  if (m.device() != proto::DEVICE_CUDA) return;
+  backend_for(Device::kCUDA);  // no CUDA build or no device: its own clear error
+  MOE_THROW("config field model.device = DEVICE_CUDA: the CUDA backend builds and its ops are tested, but models "
+            "do not run on it yet (parameters, optimizer and expert dispatch still live in host memory); use "
+            "DEVICE_CPU");
+}
+
 std::unique_ptr<Model> build_model(const Config& cfg, const ModelInputs& in) {
-  if (cfg.model().device() == proto::DEVICE_CUDA) {
-    backend_for(Device::kCUDA);  // no CUDA build or no device: its own clear error
-    MOE_THROW("config field model.device = DEVICE_CUDA: the CUDA backend builds and its ops are tested, but models "
-              "do not run on it yet (parameters, optimizer and expert dispatch still live in host memory); use "
-              "DEVICE_CPU");
-  }
+  check_device(cfg.model());
   auto model = std::make_unique<Model>(cfg.model(), ffn_factory(in, cfg.train().seed()));
   if (in.init) model->init_weights(cfg.train().seed());
   if (in.state) model->restore_unit_state(*in.state);

@@ -25,6 +25,9 @@ struct ModelInputs {
   bool init = true;                  // draw the weights from train.seed (false: the caller loads them next)
 };
 
+// Throws unless the model can run on model.device here (run it before any work: the CLI does).
+void check_device(const proto::ModelConfig& m);
+
 // cfg must be validated (validate_config) with model.vocab_size set. The learned routers' jitter streams are
 // seeded from train.seed and the layer.
 std::unique_ptr<Model> build_model(const Config& cfg, const ModelInputs& in = {});

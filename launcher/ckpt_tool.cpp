@@ -15,14 +15,12 @@
 #include <vector>
 
 #include "checkpoints/checkpoint.h"
+#include "checkpoints/convert.h"
+#include "checkpoints/model_layout.h"
+#include "checkpoints/naming.h"
 #include "checkpoints/safetensors.h"
-#include "core/bf16.h"
 #include "core/config.h"
 #include "core/error.h"
-#include "core/model.h"
-#include "core/params.h"
-#include "core/rng.h"
-#include "experts/build_model.h"
 
 namespace fs = std::filesystem;
 
@@ -118,107 +116,36 @@ int parse_int(const std::string& opt, const std::string& v, int min_value) {
 
 // ---------------------------------------------------------------------------------------------- helpers
 
-std::string sharding_of(const proto::TensorEntry& e) {
-  if (!ckpt::is_expert_sharded(e.name())) return "replicated";
+std::string sharding_of(const proto::TensorEntry& e, bool sharded) {
+  if (!sharded) return "replicated";
   return e.shards_size() ? "experts/" + std::to_string(e.shards_size()) : "experts";  // v1: one global dataset
 }
 
 Shape entry_shape(const proto::TensorEntry& e) { return Shape(e.shape().begin(), e.shape().end()); }
 
-// A whole checkpoint in memory (every tensor checksum-verified on the way in).
-struct Loaded {
-  std::string dir;
-  proto::Manifest m;
-  std::vector<ckpt::NamedTensor> tensors;
-  std::string tokenizer;
-  bool has_tokenizer = false;
-};
-
-Loaded load_all(const std::string& path) {
-  Loaded l;
-  l.dir = ckpt::resolve(path);
-  l.m = ckpt::read_manifest(l.dir);
-  ckpt::Reader reader(l.dir, l.m);
-  for (const auto& e : l.m.tensors()) {
-    Tensor t = Tensor::empty(entry_shape(e), dtype_from_name(e.dtype()));
+// The routing tables stored in a checkpoint (replicated, read whole and verified).
+ckpt::RoutingTables read_routing(ckpt::Reader& reader, const proto::Manifest& m) {
+  ckpt::RoutingTables out;
+  for (const auto& e : m.tensors()) {
+    const ckpt::ParsedKey k = ckpt::parse_key(e.name());
+    if (!k.is_routing() || e.dtype() != "i32") continue;
+    Tensor t = Tensor::empty(entry_shape(e), DType::kI32);
     reader.read(e.name(), t);
-    l.tensors.push_back({e.name(), t});
+    out[k.name].assign(t.i32(), t.i32() + t.numel());
   }
-  if (!l.m.tokenizer_file().empty()) {
-    const std::string tp = l.dir + "/" + l.m.tokenizer_file();
-    MOE_CHECK(fs::is_regular_file(tp), "checkpoint " << l.dir << ": tokenizer file " << tp << " is missing");
-    l.tokenizer = ckpt::read_file(tp);
-    l.has_tokenizer = true;
-  }
-  return l;
-}
-
-std::map<std::string, std::vector<int32_t>> routing_of(const std::vector<ckpt::NamedTensor>& ts) {
-  std::map<std::string, std::vector<int32_t>> out;
-  for (const auto& t : ts)
-    if (t.name.rfind("routing/", 0) == 0 && t.tensor.dtype() == DType::kI32)
-      out[t.name.substr(8)].assign(t.tensor.i32(), t.tensor.i32() + t.tensor.numel());
   return out;
 }
 
-// The parameters (name without "params/", global shape, in registration order) a model of this config has on one
-// rank holding every expert.
-std::vector<std::pair<std::string, Shape>> expected_params(const Config& cfg,
-                                                           const std::map<std::string, std::vector<int32_t>>& rt) {
-  UnitState state;
-  state.tables = rt;
-  auto model = experts::build_model(cfg, {.state = &state, .init = false});
-  std::vector<std::pair<std::string, Shape>> out;
-  for (const Param* p : model->params().all()) out.emplace_back(p->name, p->value.shape());
-  return out;
-}
-
-// Checks that `tensors` hold exactly the parameters of the config's model with their shapes; `where` names the
-// source in errors. Returns the problems (empty: consistent).
-std::vector<std::string> param_problems(const Config& cfg, const std::map<std::string, Shape>& have,
-                                        const std::map<std::string, std::vector<int32_t>>& routing,
-                                        const std::string& where) {
-  std::vector<std::string> problems;
-  std::vector<std::pair<std::string, Shape>> want;
+// Sharding of every tensor of a checkpoint (format 1: from the model of its config; a config that does not build
+// leaves them all replicated here, verify reports it).
+std::map<std::string, bool> sharding_of_checkpoint(const std::string& dir, const proto::Manifest& m) {
+  if (m.format_version() >= 2) return ckpt::manifest_sharding(m, {});
   try {
-    want = expected_params(cfg, routing);
-  } catch (const Error& e) {
-    problems.push_back(where + ": cannot build the model of its config: " + e.what());
-    return problems;
+    ckpt::Reader reader(dir, m);
+    return ckpt::manifest_sharding(m, read_routing(reader, m));
+  } catch (const Error&) {
+    return {};
   }
-  std::set<std::string> wanted;
-  for (const auto& [name, shape] : want) {
-    wanted.insert(name);
-    auto it = have.find(name);
-    if (it == have.end()) {
-      problems.push_back(where + ": parameter tensor 'params/" + name + "' (shape " + shape_str(shape) +
-                         ") required by the model config is missing");
-    } else if (it->second != shape) {
-      problems.push_back(where + ": tensor 'params/" + name + "' has shape " + shape_str(it->second) +
-                         " but the model config expects " + shape_str(shape));
-    }
-  }
-  for (const auto& [name, shape] : have)
-    if (!wanted.count(name))
-      problems.push_back(where + ": tensor 'params/" + name + "' is not a parameter of the model config");
-  return problems;
-}
-
-std::vector<std::string> param_problems(const Config& cfg, const std::vector<ckpt::NamedTensor>& tensors,
-                                        const std::string& where) {
-  std::map<std::string, Shape> have;
-  for (const auto& t : tensors)
-    if (t.name.rfind("params/", 0) == 0) have[t.name.substr(7)] = t.tensor.shape();
-  return param_problems(cfg, have, routing_of(tensors), where);
-}
-
-void require_consistent(const Config& cfg, const std::vector<ckpt::NamedTensor>& tensors, const std::string& where) {
-  const auto problems = param_problems(cfg, tensors, where);
-  if (problems.empty()) return;
-  std::ostringstream o;
-  o << problems[0];
-  if (problems.size() > 1) o << " (and " << problems.size() - 1 << " more problem(s))";
-  MOE_THROW(o.str());
 }
 
 // OUT must be absent, an empty directory, or a checkpoint root (with `latest`) that has no step_<step> yet; and it
@@ -237,140 +164,6 @@ void check_out_root(const std::string& out, int64_t step, const std::string& src
     const auto a = fs::weakly_canonical(src_dir), b = fs::weakly_canonical(out);
     MOE_CHECK(a != b && a != fs::weakly_canonical(step_dir),
               "moe ckpt: --out '" << out << "' must differ from the source checkpoint " << src_dir);
-  }
-}
-
-Tensor* find_tensor(std::vector<ckpt::NamedTensor>& ts, const std::string& name) {
-  for (auto& t : ts)
-    if (t.name == name) return &t.tensor;
-  return nullptr;
-}
-
-Tensor take_f32(std::vector<ckpt::NamedTensor>& ts, const std::string& name, const std::string& where) {
-  Tensor* t = find_tensor(ts, name);
-  MOE_CHECK(t, where << ": tensor '" << name << "' is missing");
-  return t->dtype() == DType::kF32 ? *t : t->to_dtype(DType::kF32);
-}
-
-void erase_tensor(std::vector<ckpt::NamedTensor>& ts, const std::string& name) {
-  for (auto it = ts.begin(); it != ts.end(); ++it)
-    if (it->name == name) {
-      ts.erase(it);
-      return;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------- conversions
-
-// wk/wv [Hkv*D, C] -> [G*D, C]: kv head g' = mean of source kv heads g'*r .. g'*r + r - 1 (r = Hkv / G). Query head
-// h used source kv head h / (H / Hkv); after the conversion it uses h / (H / G) = (its source kv head) / r.
-void convert_to_gqa(Config& cfg, std::vector<ckpt::NamedTensor>& ts, int G, const std::string& where) {
-  auto* mc = cfg.mutable_model();
-  const int H = mc->n_heads(), Hkv = mc->n_kv_heads() ? mc->n_kv_heads() : H;
-  MOE_CHECK(G >= 1, "moe ckpt convert --to-gqa " << G << ": must be >= 1");
-  MOE_CHECK(G != Hkv, "moe ckpt convert --to-gqa " << G << ": the checkpoint already has model.n_kv_heads = " << Hkv);
-  MOE_CHECK(H % G == 0, "moe ckpt convert --to-gqa " << G << ": model.n_heads = " << H << " is not divisible by " << G);
-  MOE_CHECK(G < Hkv && Hkv % G == 0, "moe ckpt convert --to-gqa " << G << ": the source model.n_kv_heads = " << Hkv
-                                                                  << " must be a multiple of " << G
-                                                                  << " (kv heads can only be pooled, not split)");
-  const int r = Hkv / G;
-  for (int l = 0; l < mc->n_layers(); ++l) {
-    for (const char* w : {"wk", "wv"}) {
-      const std::string name = "params/layers." + std::to_string(l) + ".attn." + w;
-      Tensor src = take_f32(ts, name, where);
-      MOE_CHECK(src.ndim() == 2 && src.dim(0) % Hkv == 0,
-                where << ": tensor '" << name << "' has shape " << shape_str(src.shape()) << ", expected ["
-                      << Hkv << "*head_dim, d_model]");
-      const int64_t D = src.dim(0) / Hkv, C = src.dim(1);
-      Tensor dst = Tensor::empty({G * D, C});
-      const float* s = src.f32();
-      float* d = dst.f32();
-      for (int g = 0; g < G; ++g)
-        for (int64_t row = 0; row < D; ++row)
-          for (int64_t c = 0; c < C; ++c) {
-            double acc = 0;
-            for (int j = 0; j < r; ++j) acc += s[((g * r + j) * D + row) * C + c];
-            d[(g * D + row) * C + c] = static_cast<float>(acc / r);
-          }
-      *find_tensor(ts, name) = dst;
-    }
-  }
-  mc->set_n_kv_heads(G);
-}
-
-void convert_upcycle(Config& cfg, std::vector<ckpt::NamedTensor>& ts, int E, uint64_t seed,
-                     const std::string& where) {
-  auto* mc = cfg.mutable_model();
-  MOE_CHECK(E >= 1, "moe ckpt convert --upcycle " << E << ": must be >= 1");
-  bool any_dense = false, any_moe = false;
-  for (int l = 0; l < mc->n_layers(); ++l) {
-    any_dense |= layer_ffn_kind(*mc, l) == proto::FFN_DENSE;
-    any_moe |= layer_ffn_kind(*mc, l) == proto::FFN_MOE;
-  }
-  MOE_CHECK(any_dense, "moe ckpt convert --upcycle: the model has no dense FFN layer to upcycle");
-  auto* moe = mc->mutable_moe();
-  const int d_expert = moe->d_expert() ? moe->d_expert() : mc->d_ff();
-  if (any_moe) {
-    MOE_CHECK(moe->num_experts() == E, "moe ckpt convert --upcycle " << E << ": the model already has MoE layers with "
-                                                                    << "model.moe.num_experts = " << moe->num_experts());
-    MOE_CHECK(d_expert == mc->d_ff(), "moe ckpt convert --upcycle: the model already has MoE layers with "
-                                          << "model.moe.d_expert = " << d_expert << " != model.d_ff = " << mc->d_ff());
-  }
-  const bool swiglu = mc->activation() == proto::SWIGLU;
-  const std::vector<std::string> names =
-      swiglu ? std::vector<std::string>{"w_gate", "w_up", "w_down"}
-             : std::vector<std::string>{"w_up", "b_up", "w_down", "b_down"};
-  std::vector<proto::FfnKind> pattern;
-  for (int l = 0; l < mc->n_layers(); ++l) {
-    const proto::FfnKind kind = layer_ffn_kind(*mc, l);
-    pattern.push_back(kind == proto::FFN_DENSE ? proto::FFN_MOE : kind);
-    if (kind != proto::FFN_DENSE) continue;
-    const std::string pre = "params/layers." + std::to_string(l) + ".ffn.";
-    int64_t C = mc->d_model();
-    for (const std::string& n : names) {
-      Tensor src = take_f32(ts, pre + n, where);
-      Shape shape{E};
-      shape.insert(shape.end(), src.shape().begin(), src.shape().end());
-      Tensor dst = Tensor::empty(shape);
-      for (int e = 0; e < E; ++e)
-        std::memcpy(dst.f32() + static_cast<size_t>(e) * src.numel(), src.f32(), src.nbytes());
-      erase_tensor(ts, pre + n);
-      ts.push_back({pre + "experts." + n, dst});
-    }
-    Tensor router = Tensor::empty({E, C});
-    Rng rng(seed ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(l + 1)));
-    init_normal(router, rng, 0.01f);
-    ts.push_back({pre + "router.weight", router});
-  }
-  mc->clear_ffn_pattern();
-  for (proto::FfnKind k : pattern) mc->add_ffn_pattern(k);
-  moe->set_num_experts(E);
-  moe->set_d_expert(mc->d_ff());
-  if (moe->top_k() == 0) moe->set_top_k(2);
-  if (moe->top_k() > E) moe->set_top_k(E);
-  moe->set_dropless(true);
-  if (moe->capacity_factor() == 0) moe->set_capacity_factor(1.25f);
-  if (moe->top_k() == 1 && E > 1)
-    std::printf("note: model.moe.top_k = 1: the gate is the router probability, so the upcycled model does not "
-                "reproduce the dense one exactly\n");
-  if (moe->no_normalize_topk() && E > 1)
-    std::printf("note: model.moe.no_normalize_topk is set: gates do not sum to 1, so the upcycled model does not "
-                "reproduce the dense one exactly\n");
-}
-
-void cast_params(std::vector<ckpt::NamedTensor>& ts, DType dt) {
-  for (auto& t : ts) {
-    if (t.name.rfind("params/", 0) != 0 || t.tensor.dtype() == DType::kI32 || t.tensor.dtype() == dt) continue;
-    if (dt == DType::kBF16) {
-      Tensor f = t.tensor.dtype() == DType::kF32 ? t.tensor : t.tensor.to_dtype(DType::kF32);
-      Tensor b = Tensor::empty(f.shape(), DType::kBF16);
-      for (int64_t i = 0; i < f.numel(); ++i) b.bf()[i] = float_to_bf16(f.f32()[i]);
-      t.tensor = b;
-    } else {
-      Tensor f = Tensor::empty(t.tensor.shape(), DType::kF32);
-      for (int64_t i = 0; i < f.numel(); ++i) f.f32()[i] = bf16_to_float(t.tensor.bf()[i]);
-      t.tensor = f;
-    }
   }
 }
 
@@ -404,6 +197,7 @@ int inspect(const std::string& path) {
                 mc.word_experts().d_expert(), mc.word_experts().num_frequent(),
                 mc.word_experts().hash_routing() ? "hash" : "vocabulary");
   std::printf("tokenizer: %s\n", m.tokenizer_file().empty() ? "(none)" : m.tokenizer_file().c_str());
+  std::map<std::string, bool> is_sharded = sharding_of_checkpoint(dir, m);
   std::printf("%-52s %-18s %-5s %12s %-10s %10s\n", "tensor", "shape", "dtype", "bytes", "sharding", "crc32c");
   uint64_t total = 0;
   for (const auto& e : m.tensors()) {
@@ -411,7 +205,7 @@ int inspect(const std::string& path) {
     const uint64_t bytes = static_cast<uint64_t>(shape_numel(shape)) * dtype_size(dtype_from_name(e.dtype()));
     total += bytes;
     std::printf("%-52s %-18s %-5s %12llu %-10s %10u\n", e.name().c_str(), shape_str(shape).c_str(), e.dtype().c_str(),
-                static_cast<unsigned long long>(bytes), sharding_of(e).c_str(), e.crc32c());
+                static_cast<unsigned long long>(bytes), sharding_of(e, is_sharded[e.name()]).c_str(), e.crc32c());
   }
   std::printf("%d tensors, %.1f MiB\n", m.tensors_size(), total / 1048576.0);
   // the files: model.h5 (replicated + virtual datasets) and the expert shard files with their rows
@@ -472,16 +266,16 @@ int verify(const std::string& path) {
         Tensor t = Tensor::empty(entry_shape(e), dtype_from_name(e.dtype()));
         reader.read(e.name(), t);  // throws naming the file and tensor on a checksum, shape or read error
         std::printf("OK   %-52s %-18s crc32c %u\n", e.name().c_str(), shape_str(t.shape()).c_str(), e.crc32c());
-        if (e.name().rfind("routing/", 0) == 0 && t.dtype() == DType::kI32)
-          routing[e.name().substr(8)].assign(t.i32(), t.i32() + t.numel());
+        if (ckpt::is_routing_key(e.name()) && t.dtype() == DType::kI32)
+          routing[ckpt::parse_key(e.name()).name].assign(t.i32(), t.i32() + t.numel());
       } catch (const Error& err) {
         std::printf("FAIL %s\n", err.what());
         problems.push_back(err.what());
       }
     }
-    if (e.name().rfind("params/", 0) == 0) param_shapes[e.name().substr(7)] = entry_shape(e);
+    if (ckpt::is_param_key(e.name())) param_shapes[ckpt::parse_key(e.name()).name] = entry_shape(e);
   }
-  for (const std::string& p : param_problems(m.config(), param_shapes, routing, dir + "/manifest.pb")) {
+  for (const std::string& p : ckpt::param_problems(m.config(), param_shapes, routing, dir + "/manifest.pb")) {
     std::printf("FAIL %s\n", p.c_str());
     problems.push_back(p);
   }
@@ -498,20 +292,6 @@ int verify(const std::string& path) {
   return 0;
 }
 
-ckpt::SaveRequest request_from(const Loaded& l, const Config& cfg, int world_size) {
-  ckpt::SaveRequest req;
-  req.config = &cfg;
-  req.step = l.m.step();
-  req.optimizer_t = l.m.optimizer_t();
-  MOE_CHECK(l.m.loader_rng_size() == 4 || l.m.loader_rng_size() == 0, "checkpoint " << l.dir << ": bad loader state");
-  for (int i = 0; i < l.m.loader_rng_size(); ++i) req.loader_rng[i] = l.m.loader_rng(i);
-  req.router_rng.assign(l.m.router_rng().begin(), l.m.router_rng().end());
-  req.world_size = world_size;
-  req.tensors = l.tensors;
-  if (l.has_tokenizer) req.tokenizer_blob = &l.tokenizer;
-  return req;
-}
-
 int reshard(const Opts& o) {
   MOE_CHECK(!o.dir.empty(), "moe ckpt reshard: missing checkpoint directory\n" << kCkptUsage);
   MOE_CHECK(o.has("--ep"), "moe ckpt reshard: --ep M is required");
@@ -524,10 +304,8 @@ int reshard(const Opts& o) {
   fill_defaults(cfg);
   validate_config(cfg, /*needs_data=*/false);  // names model.moe.num_experts / word_experts when ep does not divide
   check_out_root(out, m.step(), dir);
-  Loaded l = load_all(o.dir);  // every tensor verified on the way
-  require_consistent(cfg, l.tensors, l.dir);
-  ckpt::SaveRequest req = request_from(l, cfg, ep);
-  std::printf("resharded %s for expert_parallel %d -> %s\n", dir.c_str(), ep, ckpt::save(out, req).c_str());
+  const ckpt::CheckpointValue c = ckpt::reshard(ckpt::load_all(o.dir), ep);  // every tensor verified on the way
+  std::printf("resharded %s for expert_parallel %d -> %s\n", dir.c_str(), ep, ckpt::write(out, c, ep).c_str());
   return 0;
 }
 
@@ -545,14 +323,14 @@ int convert(const Opts& o) {
   MOE_CHECK(dtype_opt.empty() || dtype_opt == "bf16" || dtype_opt == "f32",
             "moe ckpt convert: --dtype '" << dtype_opt << "' (bf16 or f32 expected)");
 
-  Loaded l;
-  Config cfg;
+  ckpt::CheckpointValue c;
   std::string where;
   if (from_st) {
     MOE_CHECK(o.dir.empty(), "moe ckpt convert --from-safetensors: unexpected checkpoint directory '" << o.dir << "'");
     const std::string st_path = o.get("--from-safetensors");
     where = "safetensors file " + st_path;
-    ckpt::SafetensorsFile st = ckpt::read_safetensors(st_path);
+    const ckpt::SafetensorsFile st = ckpt::read_safetensors(st_path);
+    Config cfg;
     if (o.has("--config")) {
       cfg = load_config_file(o.get("--config"));
     } else {
@@ -562,42 +340,24 @@ int convert(const Opts& o) {
       cfg = parse_config_text(it->second, st_path + " (__metadata__ moe.config)");
     }
     for (const auto& s : o.sets) apply_override(cfg, s);
-    for (auto& t : st.tensors) {
-      if (t.name.rfind("routing/", 0) == 0) {
-        MOE_CHECK(t.tensor.dtype() == DType::kI32, where << ": routing table '" << t.name << "' must be I32");
-        l.tensors.push_back(t);
-      } else {
-        MOE_CHECK(t.tensor.dtype() != DType::kI32, where << ": parameter tensor '" << t.name << "' is I32");
-        l.tensors.push_back({"params/" + t.name, t.tensor});
-      }
-    }
-    if (cfg.model().vocab_size() == 0) {  // take it from the embedding, as train takes it from the tokenizer
-      Tensor* emb = find_tensor(l.tensors, "params/tok_emb.weight");
-      MOE_CHECK(emb && emb->ndim() == 2, where << ": tensor 'tok_emb.weight' is missing (model.vocab_size is 0)");
-      cfg.mutable_model()->set_vocab_size(static_cast<int>(emb->dim(0)));
-    }
-    fill_defaults(cfg);
-    validate_config(cfg, false);
-    l.dir = st_path;
-    l.m.set_step(0);
+    c = ckpt::from_safetensors(st, cfg, st_path);
     std::string tok_path = o.get("--tokenizer");
-    if (tok_path.empty()) tok_path = cfg.data().tokenizer_model();
+    if (tok_path.empty()) tok_path = c.config().data().tokenizer_model();
     if (!tok_path.empty()) {
       MOE_CHECK(fs::is_regular_file(tok_path), "moe ckpt convert: tokenizer '" << tok_path << "' does not exist");
-      l.tokenizer = ckpt::read_file(tok_path);
-      l.has_tokenizer = true;
+      c.tokenizer = ckpt::read_file(tok_path);
+      c.has_tokenizer = true;
     } else {
       std::printf("note: no tokenizer (--tokenizer or data.tokenizer_model): eval/generate need one\n");
     }
-    require_consistent(cfg, l.tensors, where);  // every parameter present with its shape, before any conversion
+    ckpt::require_consistent(c.config(), c.tensors, where);  // every parameter present, before any conversion
   } else {
     MOE_CHECK(!o.dir.empty(), "moe ckpt convert: missing checkpoint directory\n" << kCkptUsage);
-    l = load_all(o.dir);
-    where = "checkpoint " + l.dir;
-    cfg = l.m.config();
-    for (const auto& s : o.sets) apply_override(cfg, s);
-    fill_defaults(cfg);
-    if (!to_st) check_out_root(out, l.m.step(), l.dir);  // fail early, before the conversions
+    c = ckpt::load_all(o.dir);
+    where = "checkpoint " + c.source;
+    for (const auto& s : o.sets) apply_override(c.mutable_config(), s);
+    fill_defaults(c.mutable_config());
+    if (!to_st) check_out_root(out, c.manifest.step(), c.source);  // fail early, before the conversions
   }
   if (to_st) {
     const std::string f = o.get("--to-safetensors");
@@ -606,57 +366,35 @@ int convert(const Opts& o) {
 
   // parameters stay in their stored dtype unless --dtype is given (new tensors follow the parameters' dtype)
   DType param_dtype = DType::kF32;
-  for (const auto& t : l.tensors)
-    if (t.name.rfind("params/", 0) == 0 && t.tensor.dtype() == DType::kBF16) param_dtype = DType::kBF16;
+  for (const auto& t : c.tensors)
+    if (ckpt::is_param_key(t.name) && t.tensor.dtype() == DType::kBF16) param_dtype = DType::kBF16;
   if (!dtype_opt.empty()) param_dtype = dtype_from_name(dtype_opt);
 
   bool drop_optimizer = from_st;
   if (upcycle) {
-    convert_upcycle(cfg, l.tensors, upcycle, seed, where);
+    std::vector<std::string> notes;
+    c = ckpt::upcycle(std::move(c), upcycle, seed, where, &notes);
+    for (const std::string& n : notes) std::printf("%s\n", n.c_str());
     drop_optimizer = true;
   }
   if (gqa) {
-    convert_to_gqa(cfg, l.tensors, gqa, where);
+    c = ckpt::to_gqa(std::move(c), gqa, where);
     drop_optimizer = true;
   }
-  cast_params(l.tensors, param_dtype);
-  if (drop_optimizer) {
-    std::vector<ckpt::NamedTensor> kept;
-    for (auto& t : l.tensors)
-      if (t.name.rfind("optim/", 0) != 0) kept.push_back(t);
-    l.tensors = std::move(kept);
-  }
-  validate_config(cfg, false);
-  require_consistent(cfg, l.tensors, where + " (converted)");
-  // the converted tensors in the model's parameter order, then routing tables, then optimizer state
-  {
-    std::vector<ckpt::NamedTensor> ordered;
-    for (const auto& [name, shape] : expected_params(cfg, routing_of(l.tensors)))
-      ordered.push_back({"params/" + name, *find_tensor(l.tensors, "params/" + name)});
-    for (const auto& t : l.tensors)
-      if (t.name.rfind("params/", 0) != 0) ordered.push_back(t);
-    l.tensors = std::move(ordered);
-  }
+  c = ckpt::cast(std::move(c), param_dtype);
+  if (drop_optimizer) c = ckpt::drop_optimizer(std::move(c));
+  c = ckpt::finalize(std::move(c), where);
 
   if (to_st) {
     const std::string f = o.get("--to-safetensors");
-    std::vector<ckpt::NamedTensor> export_list;
-    for (const auto& t : l.tensors) {
-      if (t.name.rfind("params/", 0) == 0) export_list.push_back({t.name.substr(7), t.tensor});
-      else if (t.name.rfind("routing/", 0) == 0) export_list.push_back(t);
-    }
-    std::map<std::string, std::string> meta{{"format", "pt"},
-                                            {"moe.step", std::to_string(l.m.step())},
-                                            {"moe.config", config_to_text(cfg)}};
-    ckpt::write_safetensors(f, export_list, meta);
-    std::printf("exported %zu tensors of %s -> %s\n", export_list.size(), l.dir.c_str(), f.c_str());
+    const ckpt::SafetensorsFile st = ckpt::to_safetensors(c);
+    ckpt::write_safetensors(f, st.tensors, st.metadata);
+    std::printf("exported %zu tensors of %s -> %s\n", st.tensors.size(), c.source.c_str(), f.c_str());
     return 0;
   }
   if (from_st) check_out_root(out, 0, "");
-  const int ws = l.m.world_size() > 0 ? l.m.world_size() : 1;
-  ckpt::SaveRequest req = request_from(l, cfg, ws);
-  if (drop_optimizer) req.optimizer_t = 0;
-  std::printf("converted %s -> %s\n", l.dir.c_str(), ckpt::save(out, req).c_str());
+  const int ws = c.manifest.world_size() > 0 ? c.manifest.world_size() : 1;
+  std::printf("converted %s -> %s\n", c.source.c_str(), ckpt::write(out, c, ws).c_str());
   return 0;
 }
 

@@ -23,7 +23,7 @@
 #include "core/trainer.h"
 #include "launcher/ckpt_tool.h"
 #include "launcher/launch_env.h"
-#include "launcher/parallel.h"
+#include "comm/parallel.h"
 #include "launcher/run_state.h"
 #include "launcher/train.h"
 
@@ -116,7 +116,7 @@ int threads_for(const Args& a, int config_threads) {
   return std::max(1, cores / std::max(1, a.ranks_on_node));
 }
 
-int cmd_train(const Args& a, Parallel& par) {
+int cmd_train(const Args& a, comm::Parallel& par) {
   Config cfg = resolve_config(a);
   TrainOptions opt{a.resume, set_num_threads(threads_for(a, cfg.train().threads())), a.ranks_on_node, a.loss_log,
                    a.metrics};
@@ -188,7 +188,7 @@ int run_cli(int argc, char** argv) {
       Config peek = resolve_config(a);
       auto world_comm = comm::Communicator::world();
       world_comm->set_deadline(peek.parallel().collective_timeout_s());  // inherited by the process groups
-      Parallel par(std::move(world_comm), std::max(peek.parallel().expert_parallel(), 1));
+      comm::Parallel par(std::move(world_comm), std::max(peek.parallel().expert_parallel(), 1));
       rc = cmd_train(a, par);
     } else if (a.command == "generate") rc = cmd_generate(a);
     else if (a.command == "eval") rc = cmd_eval(a);

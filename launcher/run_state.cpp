@@ -58,16 +58,16 @@ void RunState::to_manifest(proto::Manifest& m) const {
   }
 }
 
-std::vector<LocalTensor> RunState::tensors() const {
-  std::vector<LocalTensor> out;
+std::vector<ckpt::LocalTensor> RunState::tensors() const {
+  std::vector<ckpt::LocalTensor> out;
   for (const auto& [prefix, table] : units.tables)
     if (!table.empty())
       out.push_back({kRouting + prefix, Tensor::from_vector(table, {static_cast<int64_t>(table.size())}), false});
   return out;
 }
 
-std::vector<LocalTensor> collect_local_state(const ParamStore& ps, const AdamW* opt) {
-  std::vector<LocalTensor> out;
+std::vector<ckpt::LocalTensor> collect_local_state(const ParamStore& ps, const AdamW* opt) {
+  std::vector<ckpt::LocalTensor> out;
   const auto& all = ps.all();
   for (const Param* p : all) out.push_back({"params/" + p->name, p->value, p->expert_sharded});
   if (!opt) return out;
@@ -85,8 +85,8 @@ std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, const AdamW* 
   RunState rs;
   rs.units.tables = tables;
   std::vector<ckpt::NamedTensor> out;
-  for (auto& t : collect_local_state(ps, opt)) out.push_back({t.name, t.tensor});
-  for (auto& t : rs.tensors()) out.push_back({t.name, t.tensor});
+  for (auto& t : collect_local_state(ps, opt)) out.push_back({t.name, t.tensor, t.sharded});
+  for (auto& t : rs.tensors()) out.push_back({t.name, t.tensor, t.sharded});
   return out;
 }
 

@@ -21,7 +21,7 @@
 #include "core/model.h"
 #include "core/optimizer.h"
 #include "core/params.h"
-#include "launcher/ckpt_save.h"
+#include "checkpoints/saver.h"
 
 namespace moe::launcher {
 
@@ -40,11 +40,11 @@ struct RunState {
   // Fills the manifest fields it owns (step, optimizer step, loader and router RNGs).
   void to_manifest(proto::Manifest& m) const;
   // The routing tables as tensors routing/<prefix> (replicated, i32).
-  std::vector<LocalTensor> tensors() const;
+  std::vector<ckpt::LocalTensor> tensors() const;
 };
 
 // This rank's parameters (and optimizer moments if opt) as checkpoint tensors; they alias the live state.
-std::vector<LocalTensor> collect_local_state(const ParamStore& ps, const AdamW* opt);
+std::vector<ckpt::LocalTensor> collect_local_state(const ParamStore& ps, const AdamW* opt);
 // The state of a one-rank model (which holds every expert) as global tensors, for ckpt::save (tools and tests),
 // with the given routing tables by layer prefix.
 std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, const AdamW* opt,

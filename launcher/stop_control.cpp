@@ -21,7 +21,7 @@ int env_int(const char* name) {
 }
 }  // namespace
 
-StopControl::StopControl(Parallel& par)
+StopControl::StopControl(comm::Parallel& par)
     : par_(par), fault_rank_(env_int("MOE_FAULT_RANK")), fault_step_(env_int("MOE_FAULT_STEP")) {
   g_stop_signal = 0;
   for (int s : kSignals) std::signal(s, on_signal);

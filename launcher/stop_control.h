@@ -4,13 +4,13 @@
 // checkpoint once and exit with the requeue code 3 together. Fault injection for tests of the failure path lives
 // here too: MOE_FAULT_RANK=r MOE_FAULT_STEP=s makes rank r throw at step s.
 #pragma once
-#include "launcher/parallel.h"
+#include "comm/parallel.h"
 
 namespace moe::launcher {
 
 class StopControl {
  public:
-  explicit StopControl(Parallel& par);  // installs the signal handlers (process-wide)
+  explicit StopControl(comm::Parallel& par);  // installs the signal handlers (process-wide)
   ~StopControl();                       // restores the default handlers
   StopControl(const StopControl&) = delete;
   StopControl& operator=(const StopControl&) = delete;
@@ -19,7 +19,7 @@ class StopControl {
   int signal() const;  // the signal this rank received, 0 if none
 
  private:
-  Parallel& par_;
+  comm::Parallel& par_;
   int fault_rank_ = -1, fault_step_ = -1;
 };
 

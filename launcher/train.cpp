@@ -11,7 +11,7 @@
 #include "core/metrics.h"
 #include "core/trainer.h"
 #include "experts/build_model.h"
-#include "launcher/ckpt_save.h"
+#include "checkpoints/saver.h"
 #include "launcher/run_state.h"
 #include "launcher/stop_control.h"
 
@@ -21,7 +21,7 @@ namespace moe::launcher {
 namespace {
 
 // Tokenizer: the configured model, or one trained from the corpus into out_dir (reused when present).
-std::string prepare_tokenizer(const Config& cfg, Parallel& par) {
+std::string prepare_tokenizer(const Config& cfg, comm::Parallel& par) {
   if (!cfg.data().tokenizer_model().empty()) return cfg.data().tokenizer_model();
   const std::string path = cfg.train().out_dir() + "/tokenizer.model";
   // rank 0 trains it (once per run directory); the others wait for it
@@ -102,7 +102,7 @@ int apply_resume(Resume& r, const Config& cfg, Model& model, Trainer& trainer, b
   return static_cast<int>(r.state.step);
 }
 
-void announce(const Config& cfg, const Model& model, const Parallel& par, int threads, const Corpus& corpus,
+void announce(const Config& cfg, const Model& model, const comm::Parallel& par, int threads, const Corpus& corpus,
               const std::string& root) {
   // leftovers of an interrupted save (a crash or kill while writing): never loaded, removed here
   for (const std::string& n : ckpt::remove_stale_saves(root))
@@ -124,10 +124,10 @@ void announce(const Config& cfg, const Model& model, const Parallel& par, int th
 // save, or by the final save at the end / on a stop signal, which is synchronous).
 class Checkpoints {
  public:
-  Checkpoints(const Config& cfg, Parallel& par, const Tokenizer& tok, const Model& model, const Trainer& trainer,
+  Checkpoints(const Config& cfg, comm::Parallel& par, const Tokenizer& tok, const Model& model, const Trainer& trainer,
               const std::string& root)
       : cfg_(cfg), par_(par), tok_(tok), model_(model), trainer_(trainer),
-        saver_(par, {root, cfg.checkpoint().async(), cfg.checkpoint().keep_last(), SaveFault::from_env(), {}}) {
+        saver_(par, {root, cfg.checkpoint().async(), cfg.checkpoint().keep_last(), ckpt::SaveFault::from_env(), {}}) {
     // the snapshot buffers, allocated now rather than in the first save's step (only the final save, which is
     // synchronous, is taken when checkpoint.every is 0)
     if (cfg.checkpoint().async() && cfg.checkpoint().every() > 0) saver_.prepare(tensors());
@@ -139,7 +139,7 @@ class Checkpoints {
     if (lead() && saver_.pending())
       MOE_INFO("waiting for the background checkpoint to finish before the checkpoint of step " << step);
     log_commit(saver_.finish());  // the previous save first: never two in flight
-    SaveState st;
+    ckpt::SaveState st;
     st.step = step;
     st.tensors = tensors();
     ckpt::SaveRequest base;
@@ -160,18 +160,18 @@ class Checkpoints {
   void log_commit(const std::string& dir) {
     if (lead() && !dir.empty()) MOE_INFO("checkpoint " << dir);
   }
-  std::vector<LocalTensor> tensors() const {
-    std::vector<LocalTensor> t = collect_local_state(model_.params(), &trainer_.optimizer());
-    for (LocalTensor& r : RunState::capture(0, model_, trainer_.optimizer(), trainer_.loader()).tensors())
+  std::vector<ckpt::LocalTensor> tensors() const {
+    std::vector<ckpt::LocalTensor> t = collect_local_state(model_.params(), &trainer_.optimizer());
+    for (ckpt::LocalTensor& r : RunState::capture(0, model_, trainer_.optimizer(), trainer_.loader()).tensors())
       t.push_back(std::move(r));
     return t;
   }
   const Config& cfg_;
-  Parallel& par_;
+  comm::Parallel& par_;
   const Tokenizer& tok_;
   const Model& model_;
   const Trainer& trainer_;
-  CheckpointSaver saver_;
+  ckpt::CheckpointSaver saver_;
 };
 
 // What the lead rank reports: the progress line, the exact loss log, the metrics stream.
@@ -208,7 +208,7 @@ struct Reports {
   }
 };
 
-TrainHooks parallel_hooks(Parallel& par) {
+TrainHooks parallel_hooks(comm::Parallel& par) {
   TrainHooks h;
   h.shard_rank = par.rank();
   h.shard_count = par.size();
@@ -223,9 +223,10 @@ TrainHooks parallel_hooks(Parallel& par) {
 
 }  // namespace
 
-int run_training(Config cfg, const TrainOptions& opt, Parallel& par) {
+int run_training(Config cfg, const TrainOptions& opt, comm::Parallel& par) {
   validate_config(cfg, /*needs_data=*/true);
   check_world(cfg, par.size());
+  experts::check_device(cfg.model());
   experts::check_memory(cfg, par.size(), opt.ranks_on_node, "training");
   const bool lead = par.rank() == 0;
   const std::string root = cfg.train().out_dir() + "/checkpoints";
@@ -253,7 +254,7 @@ int run_training(Config cfg, const TrainOptions& opt, Parallel& par) {
   const RunOutcome out = trainer.run(hooks, start);
   ckpts.finish();  // (the final save is synchronous; this only guards against a pending one)
   if (!out.stopped) return 0;
-  if (lead) MOE_INFO("stopped by a signal after step " << out.last_step << " (checkpointed); exit code 3 (requeue)");
+  if (lead) MOE_INFO("stopped by a signal after checkpointing step " << out.last_step << "; exit code 3 (requeue)");
   return 3;
 }
 

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "core/config.h"
-#include "launcher/parallel.h"
+#include "comm/parallel.h"
 
 namespace moe::launcher {
 
@@ -19,6 +19,6 @@ struct TrainOptions {
 };
 
 // cfg: resolved (overrides applied, defaults filled), not yet validated.
-int run_training(Config cfg, const TrainOptions& opt, Parallel& par);
+int run_training(Config cfg, const TrainOptions& opt, comm::Parallel& par);
 
 }  // namespace moe::launcher

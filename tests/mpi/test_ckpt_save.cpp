@@ -1,4 +1,4 @@
-// Per-rank checkpoint writes (launcher/ckpt_save.h) at every expert-parallel size that divides the world (1, 2, 4
+// Per-rank checkpoint writes (checkpoints/saver.h) at every expert-parallel size that divides the world (1, 2, 4
 // ranks): rank 0 writes model.h5 + tokenizer, expert-parallel rank r of data-parallel replica 0 writes
 // experts_<r>.h5, no other rank writes anything; a synchronous and an asynchronous save of the same state hold
 // byte-identical tensors; every rank restores exactly its live state from it, and a one-rank model restores the
@@ -18,10 +18,10 @@
 #include "core/model.h"
 #include "core/optimizer.h"
 #include "experts/moe_layer.h"
-#include "launcher/ckpt_save.h"
+#include "checkpoints/saver.h"
 #include "launcher/run_state.h"
 #include "experts/build_model.h"
-#include "launcher/parallel.h"
+#include "comm/parallel.h"
 #include "tests/unit/oracle.h"
 
 namespace moe::test {
@@ -99,12 +99,12 @@ struct Trained {
   std::vector<int64_t> counts;
   std::unique_ptr<Model> model;
   std::unique_ptr<AdamW> opt;
-  Trained(launcher::Parallel* par, int ep) : cfg(save_config(ep)), counts(counts_for(41)) {
+  Trained(comm::Parallel* par, int ep) : cfg(save_config(ep)), counts(counts_for(41)) {
     cfg.mutable_train()->set_seed(5);
     model = experts::build_model(cfg, {.ep = par ? par->expert_group() : nullptr, .token_counts = &counts});
     opt = std::make_unique<AdamW>(model->params(), cfg.optimizer());
   }
-  void step(launcher::Parallel& par) {
+  void step(comm::Parallel& par) {
     const int B = 8, T = 6, W = par.size(), Bl = B / W;
     Rng rng(99);
     std::vector<int32_t> in(B * T), tg(B * T);
@@ -119,7 +119,7 @@ struct Trained {
   }
 };
 
-launcher::SaveState state_of(Trained& t, launcher::Parallel& par, int64_t step, const std::string* tok) {
+ckpt::SaveState state_of(Trained& t, comm::Parallel& par, int64_t step, const std::string* tok) {
   ckpt::SaveRequest base;
   base.config = &t.cfg;
   base.step = step;
@@ -127,7 +127,7 @@ launcher::SaveState state_of(Trained& t, launcher::Parallel& par, int64_t step, 
   base.loader_rng = {1, 2, 3, 4};
   base.tokenizer_blob = tok;
   base.world_size = par.size();
-  launcher::SaveState st;
+  ckpt::SaveState st;
   st.step = step;
   const launcher::RunState rs{step, t.opt->t(), {1, 2, 3, 4}, t.model->unit_state()};
   st.tensors = launcher::collect_local_state(t.model->params(), t.opt.get());
@@ -178,7 +178,7 @@ TEST(CheckpointSave, PerRankShardsSyncAndAsyncAgreeAndRestore) {
     SharedDir dir;
     auto world = comm::Communicator::world();
     world->set_deadline(60);
-    launcher::Parallel par(std::move(world), ep);
+    comm::Parallel par(std::move(world), ep);
     Trained t(&par, ep);
     t.step(par);
     std::mutex mu;
@@ -188,12 +188,12 @@ TEST(CheckpointSave, PerRankShardsSyncAndAsyncAgreeAndRestore) {
       written.push_back(p);
     };
     // synchronous save of step 1, asynchronous save of the same state as step 2
-    launcher::CheckpointSaver sync(par, {dir.path, false, 0, {}, record});
+    ckpt::CheckpointSaver sync(par, {dir.path, false, 0, {}, record});
     const std::string d1 = sync.save(state_of(t, par, 1, &tok), false);
     EXPECT_EQ(fs::path(d1).filename(), "step_1");
     const auto files1 = gather_written(written);
     written.clear();
-    launcher::CheckpointSaver async(par, {dir.path, true, 0, {}, record});
+    ckpt::CheckpointSaver async(par, {dir.path, true, 0, {}, record});
     EXPECT_EQ(async.save(state_of(t, par, 2, &tok), false), "");
     EXPECT_TRUE(async.pending());
     std::string d2;
@@ -230,7 +230,7 @@ TEST(CheckpointSave, PerRankShardsSyncAndAsyncAgreeAndRestore) {
       EXPECT_EQ(m2.world_size(), W);
       int sharded = 0;
       for (const auto& e : m2.tensors()) {
-        if (!ckpt::is_expert_sharded(e.name())) continue;
+        if (e.shards_size() == 0) continue;
         ++sharded;
         EXPECT_EQ(e.shards_size(), ep) << e.name();
       }
@@ -287,14 +287,14 @@ TEST(CheckpointSave, OneRankFailingFailsTheSaveEverywhere) {
       SharedDir dir;
       auto world = comm::Communicator::world();
       world->set_deadline(60);
-      launcher::Parallel par(std::move(world), ep);
+      comm::Parallel par(std::move(world), ep);
       Trained t(&par, ep);
-      launcher::SaverOptions o{dir.path, async, 0, {}, {}};
-      o.fault.mode = launcher::SaveFault::kError;
+      ckpt::SaverOptions o{dir.path, async, 0, {}, {}};
+      o.fault.mode = ckpt::SaveFault::kError;
       o.fault.rank = failing;
       o.fault.step = 5;
       o.fault.after = 1;  // after one dataset of its file
-      launcher::CheckpointSaver saver(par, o);
+      ckpt::CheckpointSaver saver(par, o);
       saver.save(state_of(t, par, 4, &tok), true);  // not the faulty step
       const std::string e = error_of([&] {
         saver.save(state_of(t, par, 5, &tok), false);
@@ -317,6 +317,77 @@ TEST(CheckpointSave, OneRankFailingFailsTheSaveEverywhere) {
       EXPECT_EQ(fs::path(saver.save(state_of(t, par, 6, &tok), true)).filename(), "step_6");
     }
   }
+}
+
+}  // namespace
+}  // namespace moe::test
+
+namespace moe::test {
+namespace {
+
+// The one-process save (ckpt::save of the GLOBAL state, S = expert_parallel shard files written by one process)
+// and the collective save over W ranks (ep = W, each rank writing its own shard) are the same save path: the
+// same manifest (shard checksums included) and byte-identical datasets in every file.
+TEST(CheckpointSave, OneProcessSaveEqualsCollectiveSave) {
+  const int W = world_size(), rank = world_rank();
+  const std::string tok = "tokenizer bytes";
+  const int ep = W;
+  SharedDir dir;
+  auto world = comm::Communicator::world();
+  world->set_deadline(60);
+  comm::Parallel par(std::move(world), ep);
+  Trained t(&par, ep);
+  t.step(par);
+  ckpt::SaveState st = state_of(t, par, 3, &tok);
+  // the global state of the same run (the gathers are collective)
+  std::vector<ckpt::NamedTensor> global;
+  for (const ckpt::LocalTensor& lt : st.tensors)
+    global.push_back({lt.name, lt.sharded ? par.gather_experts(lt.tensor) : lt.tensor.clone(), lt.sharded});
+  ckpt::CheckpointSaver saver(par, {dir.path + "/ranks", false, 0, {}, {}});
+  const std::string d_ranks = saver.save(st, false);
+  if (rank != 0) return;
+  ckpt::SaveRequest req;
+  req.config = &t.cfg;
+  req.step = 3;
+  req.optimizer_t = t.opt->t();
+  req.loader_rng = {1, 2, 3, 4};
+  req.router_rng.assign(st.manifest.router_rng().begin(), st.manifest.router_rng().end());
+  req.tokenizer_blob = &tok;
+  req.world_size = W;
+  req.tensors = global;
+  const std::string d_one = ckpt::save(dir.path + "/one", req);
+  const proto::Manifest m1 = ckpt::read_manifest(d_ranks), m2 = ckpt::read_manifest(d_one);
+  EXPECT_EQ(m1.SerializeAsString(), m2.SerializeAsString());
+  std::set<std::string> f1, f2;
+  for (const auto& e : fs::directory_iterator(d_ranks)) f1.insert(e.path().filename().string());
+  for (const auto& e : fs::directory_iterator(d_one)) f2.insert(e.path().filename().string());
+  EXPECT_EQ(f1, f2);
+  EXPECT_EQ(f1.count("experts_" + std::to_string(ep - 1) + ".h5"), 1u);
+  ckpt::Reader r1(d_ranks, m1), r2(d_one, m2);
+  int sharded = 0;
+  for (const auto& e : m1.tensors()) {
+    const Shape shape(e.shape().begin(), e.shape().end());
+    const DType dt = dtype_from_name(e.dtype());
+    if (e.shards_size() == 0) {
+      Tensor a = Tensor::empty(shape, dt), b = Tensor::empty(shape, dt);
+      r1.read(e.name(), a);
+      r2.read(e.name(), b);
+      expect_same_bytes(a, b, e.name());
+      continue;
+    }
+    ++sharded;
+    for (int s = 0; s < e.shards_size(); ++s) {
+      Shape ss = shape;
+      ss[0] = e.shards(s).rows();
+      Tensor a = Tensor::empty(ss, dt), b = Tensor::empty(ss, dt);
+      r1.read_shard(e.name(), s, a);
+      r2.read_shard(e.name(), s, b);
+      expect_same_bytes(a, b, e.name() + " shard " + std::to_string(s));
+    }
+    EXPECT_NO_THROW(r2.check_virtual(e.name()));
+  }
+  EXPECT_GT(sharded, 0);
+  EXPECT_EQ(ckpt::read_file(d_ranks + "/tokenizer.model"), ckpt::read_file(d_one + "/tokenizer.model"));
 }
 
 }  // namespace

@@ -11,7 +11,7 @@
 #include "core/model.h"
 #include "core/optimizer.h"
 #include "tests/unit/model_helpers.h"
-#include "launcher/parallel.h"
+#include "comm/parallel.h"
 #include "tests/unit/oracle.h"
 
 namespace moe::test {
@@ -74,7 +74,7 @@ void make_batch(int B, int T, int V, std::vector<int32_t>& in, std::vector<int32
 
 // One forward/backward on rows [rank*B/W, ...) with the given expert-parallel communicator; returns the loss and
 // the reduced gradients, expert shards in their global positions (only this rank's rows filled).
-StepResult run_step(const proto::ModelConfig& cfg, launcher::Parallel* par, int B, int T) {
+StepResult run_step(const proto::ModelConfig& cfg, comm::Parallel* par, int B, int T) {
   const std::vector<int64_t> counts = counts_for(cfg.vocab_size());
   auto owned = make_model(cfg, 5, {.ep = par ? par->expert_group() : nullptr, .token_counts = &counts});
   Model& model = *owned;
@@ -134,7 +134,7 @@ TEST(MoeParallel, StepMatchesSingleRank) {
     const StepResult ref = run_step(cfg, nullptr, B, T);
     for (int ep = 1; ep <= W; ++ep) {
       if (W % ep) continue;
-      launcher::Parallel par(comm::Communicator::world(), ep);
+      comm::Parallel par(comm::Communicator::world(), ep);
       compare(ref, run_step(cfg, &par, B, T),
               "world " + std::to_string(W) + " expert-parallel " + std::to_string(ep) + " word experts " +
                   std::to_string(word_experts));

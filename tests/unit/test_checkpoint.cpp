@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "checkpoints/checkpoint.h"
+#include "checkpoints/naming.h"
 #include "launcher/run_state.h"
 #include "experts/build_model.h"
 #include "core/bf16.h"
@@ -92,17 +93,17 @@ TEST(Checkpoint, RowSliceReads) {
   for (int i = 0; i < 12; ++i) global.f32()[i] = static_cast<float>(i);
   ckpt::SaveRequest req;
   req.config = &cfg;
-  req.tensors = {{"params/experts", global}};
+  req.tensors = {{ckpt::param_key("experts"), global}};
   const std::string d = ckpt::save(dir.path(), req);
   proto::Manifest m = ckpt::read_manifest(d);
   ckpt::Reader r(d, m);
   Tensor slice = Tensor::empty({2, 3});
-  r.read("params/experts", slice, 2);
+  r.read(ckpt::param_key("experts"), slice, 2);
   for (int i = 0; i < 6; ++i) EXPECT_EQ(slice.f32()[i], 6.0f + i);
   Tensor bad = Tensor::empty({2, 3});
-  EXPECT_NE(error_of([&] { r.read("params/experts", bad, 3); }).find("row offset 3"), std::string::npos);
+  EXPECT_NE(error_of([&] { r.read(ckpt::param_key("experts"), bad, 3); }).find("row offset 3"), std::string::npos);
   Tensor wrong = Tensor::empty({2, 4});
-  EXPECT_NE(error_of([&] { r.read("params/experts", wrong, 0); }).find("shape"), std::string::npos);
+  EXPECT_NE(error_of([&] { r.read(ckpt::param_key("experts"), wrong, 0); }).find("shape"), std::string::npos);
 }
 
 TEST(Checkpoint, CorruptionShapeMismatchAndNonCheckpointAreClearErrors) {
@@ -247,10 +248,10 @@ struct ShardedFixture {
     ckpt::SaveRequest req;
     req.config = &cfg;
     req.step = 7;
-    req.tensors = {{"params/layers.0.ffn.experts.w_up", experts},
-                   {"params/final_norm.weight", norm},
-                   {"optim/row_t/layers.0.ffn.experts.w_up", row_t},
-                   {"params/layers.1.ffn.experts.w_up", bf}};
+    req.tensors = {{ckpt::param_key("layers.0.ffn.experts.w_up"), experts, true},
+                   {ckpt::param_key("final_norm.weight"), norm},
+                   {ckpt::optim_row_t_key("layers.0.ffn.experts.w_up"), row_t, true},
+                   {ckpt::param_key("layers.1.ffn.experts.w_up"), bf, true}};
     step_dir = ckpt::save(dir.path(), req);
   }
 };
@@ -263,10 +264,10 @@ TEST(Checkpoint, ShardedLayoutRowSlicesAcrossShards) {
   EXPECT_EQ(m.format_version(), ckpt::kFormatVersion);
   EXPECT_EQ(m.expert_parallel(), 4);
   ckpt::Reader r(fx.step_dir, m);
-  EXPECT_EQ(r.num_shards("params/layers.0.ffn.experts.w_up"), 4);
-  EXPECT_EQ(r.num_shards("params/final_norm.weight"), 0);
+  EXPECT_EQ(r.num_shards(ckpt::param_key("layers.0.ffn.experts.w_up")), 4);
+  EXPECT_EQ(r.num_shards(ckpt::param_key("final_norm.weight")), 0);
   for (const auto& e : m.tensors()) {
-    if (e.name() == "params/layers.0.ffn.experts.w_up") {
+    if (e.name() == ckpt::param_key("layers.0.ffn.experts.w_up")) {
       // the global checksum is the checksum of the global bytes
       EXPECT_EQ(e.crc32c(), ckpt::crc32c(fx.experts.raw(), fx.experts.nbytes()));
       ASSERT_EQ(e.shards_size(), 4);
@@ -278,28 +279,28 @@ TEST(Checkpoint, ShardedLayoutRowSlicesAcrossShards) {
   }
   // whole tensors
   Tensor all = Tensor::empty({8, 3, 2});
-  r.read("params/layers.0.ffn.experts.w_up", all);
+  r.read(ckpt::param_key("layers.0.ffn.experts.w_up"), all);
   EXPECT_EQ(0, std::memcmp(all.raw(), fx.experts.raw(), fx.experts.nbytes()));
   Tensor norm = Tensor::empty({3});
-  r.read("params/final_norm.weight", norm);
+  r.read(ckpt::param_key("final_norm.weight"), norm);
   EXPECT_EQ(norm.f32()[2], 3.0f);
   // every row range, straddling shard boundaries
   for (int64_t off = 0; off < 8; ++off)
     for (int64_t n = 1; off + n <= 8; ++n) {
       Tensor t = Tensor::empty({n, 3, 2});
-      r.read("params/layers.0.ffn.experts.w_up", t, off);
+      r.read(ckpt::param_key("layers.0.ffn.experts.w_up"), t, off);
       ASSERT_EQ(0, std::memcmp(t.raw(), fx.experts.f32() + off * 6, t.nbytes())) << off << "+" << n;
       Tensor ti = Tensor::empty({n}, DType::kI32);
-      r.read("optim/row_t/layers.0.ffn.experts.w_up", ti, off);
+      r.read(ckpt::optim_row_t_key("layers.0.ffn.experts.w_up"), ti, off);
       ASSERT_EQ(ti.i32()[0], 100 + off);
     }
   // bf16 shards widened into f32 rows 1..2 (shards 1 and 2)
   Tensor w = Tensor::empty({2, 5});
-  r.read("params/layers.1.ffn.experts.w_up", w, 1);
+  r.read(ckpt::param_key("layers.1.ffn.experts.w_up"), w, 1);
   for (int i = 0; i < 10; ++i) EXPECT_EQ(w.f32()[i], 0.25f * (5 + i));
   // one shard alone, and the virtual datasets (the global view h5py sees)
   Tensor s2 = Tensor::empty({2, 3, 2});
-  r.read_shard("params/layers.0.ffn.experts.w_up", 2, s2);
+  r.read_shard(ckpt::param_key("layers.0.ffn.experts.w_up"), 2, s2);
   EXPECT_EQ(s2.f32()[0], fx.experts.f32()[24]);
   for (const auto& e : m.tensors()) EXPECT_NO_THROW(r.check_virtual(e.name())) << e.name();
 }
@@ -310,9 +311,9 @@ TEST(Checkpoint, ShardsThatDoNotDivideAreRefusedBeforeWriting) {
   cfg.mutable_parallel()->set_expert_parallel(3);
   ckpt::SaveRequest req;
   req.config = &cfg;
-  req.tensors = {{"params/layers.0.ffn.experts.w_up", Tensor::zeros({4, 2})}};
+  req.tensors = {{ckpt::param_key("layers.0.ffn.experts.w_up"), Tensor::zeros({4, 2}), true}};
   const std::string e = error_of([&] { ckpt::save(dir.path(), req); });
-  EXPECT_NE(e.find("params/layers.0.ffn.experts.w_up"), std::string::npos) << e;
+  EXPECT_NE(e.find(ckpt::param_key("layers.0.ffn.experts.w_up")), std::string::npos) << e;
   EXPECT_NE(e.find("3 expert-parallel shards"), std::string::npos) << e;
   EXPECT_TRUE(fs::is_empty(dir.path()));
 }
@@ -333,21 +334,21 @@ TEST(Checkpoint, ShardCorruptionAndMissingShardNameTheShard) {
   {
     ckpt::Reader r(fx.step_dir, m);
     Tensor t = Tensor::empty({8, 3, 2});
-    std::string e = error_of([&] { r.read("params/layers.0.ffn.experts.w_up", t); });
+    std::string e = error_of([&] { r.read(ckpt::param_key("layers.0.ffn.experts.w_up"), t); });
     EXPECT_NE(e.find("experts_2.h5"), std::string::npos) << e;
     EXPECT_NE(e.find("checksum mismatch in tensor 'params/layers.0.ffn.experts.w_up' shard 2"), std::string::npos)
         << e;
     Tensor rows01 = Tensor::empty({4, 3, 2});  // shards 0 and 1 only
-    EXPECT_NO_THROW(r.read("params/layers.0.ffn.experts.w_up", rows01, 0));
-    e = error_of([&] { r.check_virtual("params/layers.0.ffn.experts.w_up"); });
+    EXPECT_NO_THROW(r.read(ckpt::param_key("layers.0.ffn.experts.w_up"), rows01, 0));
+    e = error_of([&] { r.check_virtual(ckpt::param_key("layers.0.ffn.experts.w_up")); });
     EXPECT_NE(e.find("virtual dataset"), std::string::npos) << e;
   }
   fs::remove(fx.step_dir + "/experts_3.h5");
   ckpt::Reader r(fx.step_dir, m);
   Tensor t = Tensor::empty({2, 3, 2});
-  std::string e = error_of([&] { r.read("params/layers.0.ffn.experts.w_up", t, 6); });
+  std::string e = error_of([&] { r.read(ckpt::param_key("layers.0.ffn.experts.w_up"), t, 6); });
   EXPECT_NE(e.find("experts_3.h5 is missing"), std::string::npos) << e;
-  e = error_of([&] { r.check_virtual("optim/row_t/layers.0.ffn.experts.w_up"); });
+  e = error_of([&] { r.check_virtual(ckpt::optim_row_t_key("layers.0.ffn.experts.w_up")); });
   EXPECT_NE(e.find("checksum mismatch"), std::string::npos) << e;
   EXPECT_NE(e.find("shard file(s)"), std::string::npos) << e;
 }
@@ -372,7 +373,7 @@ TEST(Checkpoint, InconsistentShardManifestIsRefused) {
   write(bad);
   e = error_of([&] { ckpt::read_manifest(fx.step_dir); });
   EXPECT_NE(e.find("do not combine"), std::string::npos) << e;
-  EXPECT_NE(e.find("params/layers.0.ffn.experts.w_up"), std::string::npos) << e;
+  EXPECT_NE(e.find(ckpt::param_key("layers.0.ffn.experts.w_up")), std::string::npos) << e;
 }
 
 // Datasets over 4 MiB are read in blocks of rows, each checksummed while in the cache: the result and the
@@ -389,18 +390,18 @@ TEST(Checkpoint, LargeDatasetsAreReadInBlocks) {
   for (int64_t i = 0; i < experts.numel(); ++i) experts.f32()[i] = rng.uniform();
   ckpt::SaveRequest req;
   req.config = &cfg;
-  req.tensors = {{"params/big", big}, {"params/layers.0.ffn.experts.w_up", experts}};
+  req.tensors = {{ckpt::param_key("big"), big}, {ckpt::param_key("layers.0.ffn.experts.w_up"), experts, true}};
   const std::string d = ckpt::save(dir.path(), req);
   proto::Manifest m = ckpt::read_manifest(d);
   {
     ckpt::Reader r(d, m);
     Tensor a = Tensor::empty({3001, 1000});
-    r.read("params/big", a);
+    r.read(ckpt::param_key("big"), a);
     EXPECT_EQ(0, std::memcmp(a.raw(), big.raw(), big.nbytes()));
     Tensor e = Tensor::empty({2, 1100, 1000});
-    r.read("params/layers.0.ffn.experts.w_up", e, 1);  // straddles the two shards
+    r.read(ckpt::param_key("layers.0.ffn.experts.w_up"), e, 1);  // straddles the two shards
     EXPECT_EQ(0, std::memcmp(e.raw(), experts.f32() + 1100 * 1000, e.nbytes()));
-    EXPECT_NO_THROW(r.check_virtual("params/layers.0.ffn.experts.w_up"));
+    EXPECT_NO_THROW(r.check_virtual(ckpt::param_key("layers.0.ffn.experts.w_up")));
   }
   // flip a byte of the last row of params/big
   const std::string h5 = d + "/model.h5";
@@ -412,7 +413,7 @@ TEST(Checkpoint, LargeDatasetsAreReadInBlocks) {
   std::ofstream(h5, std::ios::binary | std::ios::trunc) << bytes;
   ckpt::Reader r(d, m);
   Tensor a = Tensor::empty({3001, 1000});
-  const std::string e = error_of([&] { r.read("params/big", a); });
+  const std::string e = error_of([&] { r.read(ckpt::param_key("big"), a); });
   EXPECT_NE(e.find("checksum mismatch in tensor 'params/big'"), std::string::npos) << e;
 }
 
@@ -445,7 +446,7 @@ TEST(Checkpoint, FormatVersion1StillLoads) {
   // its word-expert table was stored with the placement of that time (the manifest predates the field)
   EXPECT_EQ(m.config().model().word_experts().placement(), proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE);
   ckpt::Reader r(dir, m);
-  const std::string name = "params/layers.0.ffn.experts.w_up";
+  const std::string name = ckpt::param_key("layers.0.ffn.experts.w_up");
   EXPECT_EQ(r.num_shards(name), 0);
   const Shape shape = r.shape(name);
   ASSERT_EQ(shape, (Shape{4, 16, 16}));

@@ -10,6 +10,8 @@
 #include <vector>
 
 #include "checkpoints/checkpoint.h"
+#include "checkpoints/convert.h"
+#include "checkpoints/naming.h"
 #include "checkpoints/safetensors.h"
 #include "core/model.h"
 #include "experts/moe_layer.h"
@@ -207,7 +209,7 @@ TEST(CkptToolConvert, ToGqaMeanPoolsConsecutiveKvHeads) {
           }
     }
   // the other tensors are copied unchanged
-  const Tensor q0 = read_tensor(src, "params/layers.0.attn.wq");
+  const Tensor q0 = read_tensor(src, ckpt::param_key("layers.0.attn.wq"));
   EXPECT_EQ(std::memcmp(q0.raw(), gqa->params().get("layers.0.attn.wq").value.raw(), q0.nbytes()), 0);
   // the converted model runs
   std::vector<int32_t> tokens(16);
@@ -301,10 +303,10 @@ TEST(CkptToolConvert, Bf16CastWithinRoundingBoundAndCombinesWithGqa) {
     }
   }
   // a bf16 tensor reads back as bf16 too, and f32 -> bf16 -> f32 is exact
-  const Tensor raw = read_tensor(dir.file("b"), "params/tok_emb.weight", DType::kBF16);
+  const Tensor raw = read_tensor(dir.file("b"), ckpt::param_key("tok_emb.weight"), DType::kBF16);
   EXPECT_EQ(raw.dtype(), DType::kBF16);
   ASSERT_EQ(ckpt_cli({"convert", dir.file("b"), "--dtype", "f32", "--out", dir.file("f")}), 0);
-  const Tensor back = read_tensor(dir.file("f"), "params/tok_emb.weight");
+  const Tensor back = read_tensor(dir.file("f"), ckpt::param_key("tok_emb.weight"));
   for (int64_t i = 0; i < back.numel(); ++i) ASSERT_EQ(back.f32()[i], bf16_to_float(raw.bf()[i]));
   ASSERT_EQ(ckpt_cli({"verify", dir.file("b")}), 0);
   // options combine: GQA on the bf16 checkpoint keeps bf16
@@ -411,7 +413,7 @@ TEST(CkptToolVerify, BadInputIsAClearError) {
   fs::copy(src, dir.file("crc"), fs::copy_options::recursive);
   m = ckpt::read_manifest(dir.file("crc"));
   for (auto& t : *m.mutable_tensors())
-    if (t.name() == "params/layers.1.attn.wv") t.set_crc32c(t.crc32c() ^ 1);
+    if (t.name() == ckpt::param_key("layers.1.attn.wv")) t.set_crc32c(t.crc32c() ^ 1);
   ASSERT_TRUE(m.SerializeToString(&bin));
   std::ofstream(dir.file("crc/manifest.pb"), std::ios::binary | std::ios::trunc) << bin;
   e = error_of([&] { ckpt_cli({"verify", dir.file("crc")}); });
@@ -440,6 +442,97 @@ TEST(CkptToolVerify, BadInputIsAClearError) {
             std::string::npos);
   EXPECT_NE(error_of([&] { ckpt_cli({"frobnicate", src}); }).find("unknown command"), std::string::npos);
   EXPECT_EQ(ckpt_cli({"--help"}), 0);
+}
+
+
+// ---- the conversions as pure functions (checkpoints/convert.h), without the command line
+
+// A format-1 checkpoint has no shard information: its sharding comes from the model's parameter declarations
+// (optimizer state inherits its parameter's), never from a tensor's name.
+TEST(CkptConvert, FormatV1ShardingComesFromTheModel) {
+  const ckpt::CheckpointValue c = ckpt::load_all(std::string(MOE_TEST_SOURCE_DIR) + "/tests/data/ckpt_v1");
+  EXPECT_EQ(c.manifest.tensors_size(), 0);
+  int sharded = 0;
+  for (const auto& t : c.tensors) {
+    const ckpt::ParsedKey k = ckpt::parse_key(t.name);
+    const bool expert = k.param().find(".ffn.experts.") != std::string::npos;  // this fixture's expert parameters
+    EXPECT_EQ(t.sharded, expert) << t.name;
+    EXPECT_FALSE(k.is_routing() && t.sharded) << t.name;
+    sharded += t.sharded;
+  }
+  EXPECT_GT(sharded, 0);
+  TempDir dir;
+  const std::string out = ckpt::write(dir.file("ep1"), ckpt::reshard(c, 1), 1);
+  const proto::Manifest m = ckpt::read_manifest(out);
+  for (const auto& e : m.tensors()) {
+    bool want = false;
+    for (const auto& t : c.tensors)
+      if (t.name == e.name()) want = t.sharded;
+    EXPECT_EQ(e.shards_size(), want ? 1 : 0) << e.name();
+  }
+}
+
+// safetensors in memory: value -> tensors + metadata -> bytes -> parsed -> value, parameters byte for byte; the
+// sharding of the round-tripped value comes from the model (finalize).
+TEST(CkptConvert, SafetensorsRoundTripInMemory) {
+  TempDir dir;
+  Config cfg = tool_config(4, 4);
+  cfg.mutable_model()->clear_ffn_pattern();
+  cfg.mutable_model()->add_ffn_pattern(proto::FFN_DENSE);
+  cfg.mutable_model()->add_ffn_pattern(proto::FFN_MOE);
+  cfg.mutable_model()->mutable_moe()->set_num_experts(4);
+  cfg.mutable_model()->mutable_moe()->set_top_k(2);
+  cfg.mutable_parallel()->set_expert_parallel(2);
+  fill_defaults(cfg);
+  const ckpt::CheckpointValue src = ckpt::load_all(save_model(cfg, dir.file("src")));
+  const ckpt::SafetensorsFile st = ckpt::to_safetensors(src);
+  EXPECT_EQ(st.metadata.at("moe.step"), "3");
+  const std::string bytes = ckpt::safetensors_bytes(st.tensors, st.metadata);
+  const ckpt::SafetensorsFile parsed = ckpt::parse_safetensors(bytes, "memory");
+  ckpt::CheckpointValue back =
+      ckpt::finalize(ckpt::from_safetensors(parsed, parse_config_text(parsed.metadata.at("moe.config"), "meta"),
+                                            "memory"),
+                     "memory");
+  EXPECT_EQ(back.manifest.step(), 0);
+  std::map<std::string, const ckpt::NamedTensor*> have;
+  for (const auto& t : back.tensors) have[t.name] = &t;
+  int params = 0;
+  for (const auto& t : src.tensors) {
+    if (!ckpt::is_param_key(t.name)) continue;
+    ++params;
+    ASSERT_TRUE(have.count(t.name)) << t.name;
+    const ckpt::NamedTensor& b = *have[t.name];
+    EXPECT_EQ(b.sharded, t.sharded) << t.name;
+    ASSERT_EQ(b.tensor.nbytes(), t.tensor.nbytes()) << t.name;
+    EXPECT_EQ(0, std::memcmp(b.tensor.raw(), t.tensor.raw(), t.tensor.nbytes())) << t.name;
+  }
+  EXPECT_EQ(static_cast<int>(back.tensors.size()), params);
+  // the transforms are pure: the source value is untouched by a cast
+  const ckpt::CheckpointValue b16 = ckpt::cast(src, DType::kBF16);
+  for (size_t i = 0; i < src.tensors.size(); ++i) {
+    EXPECT_EQ(src.tensors[i].tensor.dtype(), DType::kF32);
+    if (ckpt::is_param_key(b16.tensors[i].name)) EXPECT_EQ(b16.tensors[i].tensor.dtype(), DType::kBF16);
+  }
+}
+
+// Upcycled expert tensors are sharded (from the new model's declarations), so they are written as shard files.
+TEST(CkptConvert, UpcycledExpertsAreSharded) {
+  TempDir dir;
+  const ckpt::CheckpointValue dense = ckpt::load_all(save_model(tool_config(4, 4), dir.file("src")));
+  std::vector<std::string> notes;
+  ckpt::CheckpointValue up = ckpt::finalize(
+      ckpt::drop_optimizer(ckpt::upcycle(dense, 4, 1, "test", &notes)), "test");
+  EXPECT_TRUE(notes.empty());
+  up.mutable_config().mutable_parallel()->set_expert_parallel(2);
+  int sharded = 0;
+  for (const auto& t : up.tensors) {
+    EXPECT_FALSE(ckpt::is_optim_key(t.name)) << t.name;
+    sharded += t.sharded;
+  }
+  EXPECT_EQ(sharded, 2 * 3);  // 2 layers x (w_gate, w_up, w_down)
+  const proto::Manifest m = ckpt::read_manifest(ckpt::write(dir.file("up"), up, 2));
+  for (const auto& e : m.tensors()) EXPECT_EQ(e.shards_size() > 0, e.name().find(".experts.") != std::string::npos);
+  EXPECT_TRUE(fs::is_regular_file(dir.file("up/step_3/experts_1.h5")));
 }
 
 }  // namespace

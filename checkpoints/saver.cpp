@@ -1,4 +1,4 @@
-#include "launcher/ckpt_save.h"
+#include "checkpoints/saver.h"
 
 #include <atomic>
 #include <chrono>
@@ -13,9 +13,10 @@
 #include <thread>
 
 #include "checkpoints/checkpoint.h"
+#include "comm/self_comm.h"
 #include "core/error.h"
 
-namespace moe::launcher {
+namespace moe::ckpt {
 
 SaveFault SaveFault::from_env() {
   SaveFault f;
@@ -43,9 +44,11 @@ struct CheckpointSaver::Job {
   std::string tmp_dir;
   int rank = 0;
   bool writes_main = false;  // rank 0: model.h5 (+ tokenizer)
-  int shard = -1;            // experts_<shard>.h5, or -1
-  std::vector<ckpt::DatasetWrite> main_sets, shard_sets;
-  std::vector<ckpt::VirtualDataset> virtuals;
+  int total_shards = 1;      // S: the shard files of the whole save
+  std::vector<int> shards;   // the experts_<shard>.h5 files this rank writes (none, or shard_split of them)
+  std::vector<DatasetWrite> main_sets;
+  std::vector<std::vector<DatasetWrite>> shard_sets;  // per file of `shards`
+  std::vector<VirtualDataset> virtuals;
   std::string tokenizer;
   bool has_tokenizer = false;
   proto::Manifest manifest;  // rank 0: the base fields
@@ -59,7 +62,8 @@ struct CheckpointSaver::Job {
   SaveFault fault;
   std::function<void(const std::string&)> on_file_written;
   // outcome
-  std::vector<uint32_t> main_crcs, shard_crcs;
+  std::vector<uint32_t> main_crcs;
+  std::vector<std::vector<uint32_t>> shard_crcs;  // per file of `shards`
   std::string error;
   std::atomic<bool> cancel{false};
   std::mutex mu;
@@ -86,26 +90,26 @@ struct CheckpointSaver::Job {
       ++written;
     };
     try {
-      // all of this rank's files written, then all fsynced (ckpt::fsync_file says why)
+      // all of this rank's files written, then all fsynced (fsync_file says why)
       std::vector<std::string> files;
       if (writes_main) {
         file = tmp_dir + "/model.h5";
-        main_crcs = ckpt::write_h5(file, main_sets, virtuals, before, false);
+        main_crcs = write_h5(file, main_sets, virtuals, before, false);
         files.push_back(file);
         if (has_tokenizer) {
           file = tmp_dir + "/tokenizer.model";
-          ckpt::write_file(file, tokenizer, false);
+          write_file(file, tokenizer, false);
           files.push_back(file);
         }
       }
-      if (shard >= 0) {
-        file = tmp_dir + "/" + ckpt::shard_file_name(shard);
-        shard_crcs = ckpt::write_h5(file, shard_sets, {}, before, false);
+      for (size_t i = 0; i < shards.size(); ++i) {
+        file = tmp_dir + "/" + shard_file_name(shards[i]);
+        shard_crcs.push_back(write_h5(file, shard_sets[i], {}, before, false));
         files.push_back(file);
       }
       for (const std::string& f : files) {
         file = f;
-        ckpt::fsync_file(f);
+        fsync_file(f);
         if (on_file_written) on_file_written(f);
       }
     } catch (const std::exception& e) {
@@ -157,23 +161,37 @@ std::vector<std::string> all_gather_strings(comm::Communicator& c, const std::st
   return out;
 }
 
-// A writer's outcome on the wire: shard id, checksum count, checksums, then the error text (empty: success).
-std::string encode_outcome(int shard, const std::vector<uint32_t>& crcs, const std::string& error) {
-  std::string s(sizeof(int32_t) * 2 + sizeof(uint32_t) * crcs.size(), '\0');
-  const int32_t head[2] = {shard, static_cast<int32_t>(crcs.size())};
-  std::memcpy(s.data(), head, sizeof head);
-  if (!crcs.empty()) std::memcpy(s.data() + sizeof head, crcs.data(), sizeof(uint32_t) * crcs.size());
+// A writer's outcome on the wire: the number of shard files, for each its id, checksum count and checksums, then
+// the error text (empty: success).
+std::string encode_outcome(const std::vector<int>& shards, const std::vector<std::vector<uint32_t>>& crcs,
+                           const std::string& error) {
+  std::vector<int32_t> words{static_cast<int32_t>(error.empty() ? crcs.size() : 0)};
+  for (size_t i = 0; error.empty() && i < crcs.size(); ++i) {
+    words.push_back(shards[i]);
+    words.push_back(static_cast<int32_t>(crcs[i].size()));
+    for (uint32_t c : crcs[i]) words.push_back(static_cast<int32_t>(c));
+  }
+  std::string s(sizeof(int32_t) * words.size(), '\0');
+  std::memcpy(s.data(), words.data(), s.size());
   return s + error;
 }
-void decode_outcome(const std::string& s, int& shard, std::vector<uint32_t>& crcs, std::string& error) {
-  int32_t head[2];
-  MOE_CHECK(s.size() >= sizeof head, "checkpoint: malformed writer outcome");
-  std::memcpy(head, s.data(), sizeof head);
-  shard = head[0];
-  crcs.resize(head[1]);
-  MOE_CHECK(s.size() >= sizeof head + sizeof(uint32_t) * crcs.size(), "checkpoint: malformed writer outcome");
-  if (!crcs.empty()) std::memcpy(crcs.data(), s.data() + sizeof head, sizeof(uint32_t) * crcs.size());
-  error = s.substr(sizeof head + sizeof(uint32_t) * crcs.size());
+void decode_outcome(const std::string& s, std::map<int, std::vector<uint32_t>>& shard_crcs, std::string& error) {
+  size_t pos = 0;
+  auto word = [&]() {
+    int32_t w;
+    MOE_CHECK(s.size() >= pos + sizeof w, "checkpoint: malformed writer outcome");
+    std::memcpy(&w, s.data() + pos, sizeof w);
+    pos += sizeof w;
+    return w;
+  };
+  const int32_t n = word();
+  for (int32_t i = 0; i < n; ++i) {
+    const int32_t shard = word(), count = word();
+    std::vector<uint32_t> crcs(count);
+    for (auto& c : crcs) c = static_cast<uint32_t>(word());
+    shard_crcs[shard] = std::move(crcs);
+  }
+  error = s.substr(pos);
 }
 
 std::string join_errors(const std::vector<std::string>& errors) {
@@ -184,7 +202,7 @@ std::string join_errors(const std::vector<std::string>& errors) {
 
 }  // namespace
 
-CheckpointSaver::CheckpointSaver(Parallel& par, SaverOptions opt) : par_(par), opt_(std::move(opt)) {}
+CheckpointSaver::CheckpointSaver(comm::Parallel& par, SaverOptions opt) : par_(par), opt_(std::move(opt)) {}
 
 CheckpointSaver::~CheckpointSaver() {
   if (!job_) return;
@@ -207,11 +225,23 @@ std::string CheckpointSaver::save(SaveState state, bool wait) {
   if (job_) finish();  // never two saves in flight
   const int rank = par_.rank();
   const std::string what = "checkpoint of step " + std::to_string(state.step);
+  const int ep = par_.ep_size();
+  const int split = state.shard_split;
+  MOE_CHECK(split >= 1, what << ": shard_split " << split << " must be >= 1");
+  // validate everything before creating the directory (same tensors on every rank: all throw alike)
+  for (const LocalTensor& t : state.tensors) {
+    check_writable(t.tensor, t.name);
+    if (!t.sharded) continue;
+    const Shape& shape = t.tensor.shape();
+    MOE_CHECK(!shape.empty() && shape[0] % split == 0,
+              "checkpoint: expert tensor '" << t.name << "' of shape " << shape_str(shape) << " cannot be split over "
+                                            << split * ep << " expert-parallel shards (parallel.expert_parallel)");
+  }
   // 1. rank 0 prepares step_<N>.tmp; everyone learns whether that worked
   std::string err;
   if (rank == 0) {
     try {
-      ckpt::begin_save(opt_.root, state.step);
+      begin_save(opt_.root, state.step);
     } catch (const std::exception& e) {
       err = std::string("cannot create the directory: ") + e.what();
     }
@@ -223,28 +253,36 @@ std::string CheckpointSaver::save(SaveState state, bool wait) {
   job->tmp_dir = opt_.root + "/step_" + std::to_string(state.step) + ".tmp";
   job->rank = rank;
   job->writes_main = rank == 0;
-  job->shard = par_.dp_rank() == 0 ? par_.ep_rank() : -1;
+  // shard files exist only when there are sharded tensors (a dense model's checkpoint is model.h5 alone)
+  bool any_sharded = false;
+  for (const LocalTensor& t : state.tensors) any_sharded |= t.sharded;
+  if (par_.dp_rank() == 0 && any_sharded)
+    for (int j = 0; j < split; ++j) job->shards.push_back(par_.ep_rank() * split + j);
+  job->shard_sets.resize(job->shards.size());
   job->fault = opt_.fault;
   job->on_file_written = opt_.on_file_written;
   const bool async = opt_.async && !wait;
-  const int ep = par_.ep_size();
   for (const LocalTensor& t : state.tensors) {
     Shape global = t.tensor.shape();
-    if (t.sharded) {
-      MOE_CHECK(!global.empty(), what << ": expert tensor '" << t.name << "' has no rows");
-      global[0] *= ep;
-    }
+    if (t.sharded) global[0] *= ep;
     const bool mine = writes(t);
     if (mine) {
       // asynchronous: snapshot (copy) now, training goes on changing the live tensors
       Tensor data = async ? snapshot(t) : t.tensor;
-      (t.sharded ? job->shard_sets : job->main_sets).push_back({t.name, data});
+      if (!t.sharded) {
+        job->main_sets.push_back({t.name, data});
+      } else {
+        const int64_t rows = data.dim(0) / split;  // block j of this rank's rows -> shard file ep_rank*split + j
+        for (int j = 0; j < split; ++j)
+          job->shard_sets[j].push_back(split == 1 ? DatasetWrite{t.name, data} : DatasetWrite{t.name, data, j * rows, rows});
+      }
     }
     if (job->writes_main) {
       job->tensors.push_back({t.name, global, t.tensor.dtype(), t.sharded});
-      if (t.sharded) job->virtuals.push_back({t.name, global, t.tensor.dtype(), ep});
+      if (t.sharded) job->virtuals.push_back({t.name, global, t.tensor.dtype(), ep * split});
     }
   }
+  job->total_shards = ep * split;
   if (job->writes_main) {
     job->manifest = std::move(state.manifest);
     if (state.tokenizer_blob) {
@@ -255,7 +293,7 @@ std::string CheckpointSaver::save(SaveState state, bool wait) {
   }
   job_ = job;
   if (async) {
-    if (job->writes_main || job->shard >= 0) {
+    if (job->writes_main || !job->shards.empty()) {
       // the thread owns a reference to its job. (It runs at normal priority: nice 19 or SCHED_IDLE starved it on
       // 2 cores busy with training, 19 and 128 steps until the commit, and a larger total stall in bench_ckpt.)
       job->thread = std::thread([job] { job->write(); });
@@ -317,19 +355,16 @@ std::string CheckpointSaver::commit() {
   const std::string what = "checkpoint of step " + std::to_string(job->step);
   // 3. every rank's outcome on every rank (under the communicator's deadline)
   const std::vector<std::string> all =
-      all_gather_strings(par_.world(), encode_outcome(job->shard, job->shard_crcs, job->error));
+      all_gather_strings(par_.world(), encode_outcome(job->shards, job->shard_crcs, job->error));
   std::vector<std::string> errors;
   std::map<int, std::vector<uint32_t>> shard_crcs;
   for (const std::string& s : all) {
-    int shard;
-    std::vector<uint32_t> crcs;
     std::string error;
-    decode_outcome(s, shard, crcs, error);
+    decode_outcome(s, shard_crcs, error);
     if (!error.empty()) errors.push_back(error);
-    else if (shard >= 0) shard_crcs[shard] = std::move(crcs);
   }
   if (!errors.empty()) {
-    if (par_.rank() == 0) ckpt::abandon_save(opt_.root, job->step);
+    if (par_.rank() == 0) abandon_save(opt_.root, job->step);
     MOE_THROW(what << " failed, nothing was committed (`latest` still names the previous checkpoint): "
                    << join_errors(errors));
   }
@@ -339,30 +374,49 @@ std::string CheckpointSaver::commit() {
     try {
       proto::Manifest& m = job->manifest;
       size_t plain = 0, sharded = 0;
-      const int ep = par_.ep_size();
+      const int S = job->total_shards;
       for (const Job::Info& t : job->tensors) {
         if (!t.sharded) {
-          *m.add_tensors() = ckpt::plain_entry(t.name, t.shape, t.dtype, job->main_crcs.at(plain++));
+          *m.add_tensors() = plain_entry(t.name, t.shape, t.dtype, job->main_crcs.at(plain++));
           continue;
         }
         std::vector<uint32_t> crcs;
-        for (int s = 0; s < ep; ++s) {
+        for (int s = 0; s < S; ++s) {
           auto it = shard_crcs.find(s);
           MOE_CHECK(it != shard_crcs.end() && sharded < it->second.size(),
-                    "no checksums from the writer of shard " << s << " (" << ckpt::shard_file_name(s) << ")");
+                    "no checksums from the writer of shard " << s << " (" << shard_file_name(s) << ")");
           crcs.push_back(it->second[sharded]);
         }
-        *m.add_tensors() = ckpt::sharded_entry(t.name, t.shape, t.dtype, crcs);
+        *m.add_tensors() = sharded_entry(t.name, t.shape, t.dtype, crcs);
         ++sharded;
       }
-      dir = ckpt::commit_save(opt_.root, job->step, m, opt_.keep_last);
+      dir = commit_save(opt_.root, job->step, m, opt_.keep_last);
     } catch (const std::exception& e) {
       err = std::string("commit: ") + e.what();
-      ckpt::abandon_save(opt_.root, job->step);
+      abandon_save(opt_.root, job->step);
     }
   }
   agree(err, what);
   return par_.rank() == 0 ? dir : opt_.root + "/step_" + std::to_string(job->step);
 }
 
-}  // namespace moe::launcher
+}  // namespace moe::ckpt
+
+namespace moe::ckpt {
+
+// The one-process save: the same saver over a self communicator (ep 1), writing the S shard files of the GLOBAL
+// tensors itself (shard_split = S).
+std::string save(const std::string& root, const SaveRequest& req) {
+  SaveState st;
+  st.step = req.step;
+  st.manifest = base_manifest(req);
+  st.tokenizer_blob = req.tokenizer_blob;
+  st.shard_split = st.manifest.expert_parallel();
+  st.tensors.reserve(req.tensors.size());
+  for (const NamedTensor& t : req.tensors) st.tensors.push_back({t.name, t.tensor, t.sharded});
+  comm::Parallel self(std::make_unique<comm::SelfCommunicator>(), 1);
+  CheckpointSaver saver(self, {root, /*async=*/false, req.keep_last, SaveFault{}, {}});
+  return saver.save(std::move(st), /*wait=*/true);
+}
+
+}  // namespace moe::ckpt

@@ -1,14 +1,14 @@
-#include "launcher/parallel.h"
+#include "comm/parallel.h"
 
 #include <algorithm>
 #include <cstring>
 
 #include "core/kernels/cpu/kernels.h"
 
-namespace moe::launcher {
+namespace moe::comm {
 
-Parallel::Parallel(std::unique_ptr<comm::Communicator> world, int expert_parallel)
-    : groups_(comm::make_process_groups(*world, expert_parallel)) {
+Parallel::Parallel(std::unique_ptr<Communicator> world, int expert_parallel)
+    : groups_(make_process_groups(*world, expert_parallel)) {
   // make_process_groups keeps its own handle on the world; ours can go
 }
 
@@ -55,7 +55,7 @@ void Parallel::reduce_grads(ParamStore& ps) {
       off += p->grad.numel();
     }
   // 2. expert shards over their data-parallel replicas
-  comm::Communicator* dp = groups_.dp_size > 1 ? groups_.data_parallel.get() : nullptr;
+  Communicator* dp = groups_.dp_size > 1 ? groups_.data_parallel.get() : nullptr;
   for (Param* p : ps.all()) {
     if (!p->expert_sharded) continue;
     if (!p->row_sparse) {
@@ -98,4 +98,4 @@ Tensor Parallel::gather_experts(const Tensor& local) {
   return global;
 }
 
-}  // namespace moe::launcher
+}  // namespace moe::comm

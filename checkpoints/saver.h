@@ -1,10 +1,15 @@
-// Checkpoint saves of a training run: every rank writes its own part, rank 0 commits.
+// The collective checkpoint saver: every rank writes its own part, rank 0 commits. It is the ONE save path: a
+// training run uses it over its world, the one-process ckpt::save (tools, tests) over a comm::SelfCommunicator.
 //
 //   rank 0                              writes model.h5 (replicated tensors + one virtual dataset per expert tensor)
 //                                       and tokenizer.model
 //   expert-parallel rank r, replica 0   writes experts_<r>.h5 (its rows of every expert-sharded tensor: parameters,
 //   (ranks 0 .. ep-1)                   AdamW moments, per-row step counts); other data-parallel replicas of the
 //                                       same shard write nothing (no duplicate writes)
+// With SaveState::shard_split = k > 1 each writing rank splits its rows into k equal blocks and writes k shard
+// files, experts_<r*k> .. experts_<r*k + k - 1>.h5 (S = ep * k shard files in all): the one-process save writes
+// the S = parallel.expert_parallel shards of GLOBAL tensors this way (ep = 1, k = S). A save without sharded
+// tensors (a dense model) writes no shard file at all.
 //
 // Protocol (every call is collective over the world, in the same order on every rank; MPI stays on the calling
 // thread, the background writer only does file I/O):
@@ -34,11 +39,20 @@
 #include <string>
 #include <vector>
 
+#include "comm/parallel.h"
 #include "core/tensor.h"
-#include "launcher/parallel.h"
 #include "proto/manifest.pb.h"
 
-namespace moe::launcher {
+namespace moe::ckpt {
+
+// One tensor of this rank's state. A replicated tensor is the same on every rank; an expert-sharded one holds
+// this rank's rows [ep_rank * El, (ep_rank + 1) * El) of the global [E, ...] tensor. Tensors alias the live
+// state (no copy).
+struct LocalTensor {
+  std::string name;
+  Tensor tensor;
+  bool sharded = false;
+};
 
 // Fault injection for tests of interrupted saves (read from the environment by from_env):
 //   MOE_CKPT_FAULT=kill|error|slow
@@ -49,15 +63,6 @@ namespace moe::launcher {
 //   MOE_CKPT_FAULT_RANK=r       the rank whose writer fails (default 0)
 //   MOE_CKPT_FAULT_STEP=s       only the save of step s (default: every save)
 //   MOE_CKPT_FAULT_AFTER=k      after that rank has written k datasets of the save (default 0: before the first)
-// One tensor of this rank's state. A replicated tensor is the same on every rank; an expert-sharded one holds
-// this rank's rows [ep_rank * El, (ep_rank + 1) * El) of the global [E, ...] tensor. Tensors alias the live
-// state (no copy).
-struct LocalTensor {
-  std::string name;
-  Tensor tensor;
-  bool sharded = false;
-};
-
 struct SaveFault {
   enum Mode { kNone, kKill, kError, kSlow };
   Mode mode = kNone;
@@ -82,11 +87,14 @@ struct SaveState {
   std::vector<LocalTensor> tensors;           // collect_local_state (same names and order on every rank)
   proto::Manifest manifest;                   // ckpt::base_manifest fields (rank 0 writes it)
   const std::string* tokenizer_blob = nullptr;
+  // Shard files per writing rank: its sharded tensors' rows are split into this many equal blocks, block j
+  // written as experts_<ep_rank * shard_split + j>.h5 (checked before anything is written)
+  int shard_split = 1;
 };
 
 class CheckpointSaver {
  public:
-  CheckpointSaver(Parallel& par, SaverOptions opt);
+  CheckpointSaver(comm::Parallel& par, SaverOptions opt);
   ~CheckpointSaver();  // abandons a pending save (cancels and joins its writer; commits nothing)
   CheckpointSaver(const CheckpointSaver&) = delete;
   CheckpointSaver& operator=(const CheckpointSaver&) = delete;
@@ -106,17 +114,17 @@ class CheckpointSaver {
   // collective.
   void prepare(const std::vector<LocalTensor>& tensors);
 
-  struct Job;  // a save in progress (ckpt_save.cpp)
+  struct Job;  // a save in progress (saver.cpp)
 
  private:
   std::string commit();
   void agree(const std::string& local_error, const std::string& what);
   bool writes(const LocalTensor& t) const;  // does this rank write t (replicated: rank 0; sharded: replica 0)
   Tensor snapshot(const LocalTensor& t);   // a copy of t in its reusable buffer
-  Parallel& par_;
+  comm::Parallel& par_;
   SaverOptions opt_;
   std::shared_ptr<Job> job_;
   std::map<std::string, Tensor> buffers_;  // asynchronous snapshots, by tensor name
 };
 
-}  // namespace moe::launcher
+}  // namespace moe::ckpt
