@@ -23,6 +23,12 @@ expect_error "parallel.communicator = 'gloo': must be \"mpi\" or \"nccl\"" "$MOE
 expect_error "model.moe.top_k = 0" "$MOE_BIN" train --config "$cfg" --set "$data" --set model.ffn_pattern=FFN_MOE --set model.moe.num_experts=4 --set model.moe.top_k=0
 # the config's relative train_file (../../../shared/data/tinyshakespeare.txt) is looked up under --data-dir
 expect_error "data.train_file = '/nonexistent/shared/data/tinyshakespeare.txt': file not found" "$MOE_BIN" train --config "$cfg" --data-dir /nonexistent/x/y/z
+# a config that cannot fit is refused before anything is allocated (or written), with the estimate and the fields
+expect_error "training needs an estimated .* PiB of memory on this node .* is available; it is driven by model.n_layers = 2147483647" "$MOE_BIN" train --config "$cfg" --set "$data" --set model.n_layers=2147483647 --set train.out_dir="$work/big"
+expect_error "model.d_model = 1048576" "$MOE_BIN" train --config "$cfg" --set "$data" --set model.d_model=1048576 --set model.d_ff=4194304 --set model.n_heads=1024 --set model.n_kv_heads=1024 --set train.out_dir="$work/big"
+mpi_big=$(timeout 60 mpiexec -n 2 "$MOE_BIN" train --config "$cfg" --set "$data" --set model.n_layers=2147483647 --set train.out_dir="$work/big" 2>&1); rc=$?
+{ [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q "2 rank(s) x" <<<"$mpi_big"; } || { echo "FAIL (rc $rc) 2-rank oversized config: $mpi_big"; fails=$((fails+1)); }
+expect_error "model.device = cuda: no CUDA device is visible\|this build has no CUDA support" "$MOE_BIN" train --config "$cfg" --set "$data" --set model.device=DEVICE_CUDA --set train.out_dir="$work/big"
 expect_error "unknown config field 'model.dmodel'" "$MOE_BIN" train --config "$cfg" --set model.dmodel=3
 expect_error "cannot open config file" "$MOE_BIN" train --config /nonexistent.pbtxt
 expect_error "unknown command" "$MOE_BIN" fly

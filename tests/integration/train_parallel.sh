@@ -11,12 +11,37 @@ common=(--set data.train_file="$MOE_DATA_DIR/tinyshakespeare.txt" --set train.ou
         --set model.moe.d_expert=64 --set model.moe.aux_loss_coef=0.01 --set model.word_experts.num_experts=256
         --set model.word_experts.d_expert=16 --set model.word_experts.num_frequent=128 --threads 1)
 mpiexec -n 2 "$MOE_BIN" train --config "$cfg" "${common[@]}" --set parallel.expert_parallel=2 \
-  --set train.steps=30 --set checkpoint.every=20 | sed 's/^\[rank 0\] //' | tee "$work/train.log"
+  --set train.steps=30 --set checkpoint.every=20 --metrics "$work/metrics.jsonl" | sed 's/^\[rank 0\] //' \
+  | tee "$work/train.log"
 grep -q "world 2 = data 1 x expert 2" "$work/train.log"
-grep -q "router loss" "$work/train.log" || { echo "FAIL: no router stats in the progress line"; exit 1; }
-first=$(grep "^step " "$work/train.log" | head -1 | sed 's/.*| loss \([0-9.]*\) .*/\1/')
-last=$(grep "^step " "$work/train.log" | tail -1 | sed 's/.*| loss \([0-9.]*\) .*/\1/')
-awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 0.3) }' || { echo "FAIL: loss $first -> $last did not fall"; exit 1; }
+# the metrics stream (one JSON line per logged step and evaluation): losses fall, every MoE layer reports its router
+# statistics, the per-expert loads (summed over both ranks) account for every routed token slot that was kept
+"$PY" - "$work/metrics.jsonl" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+train = [r for r in recs if r["type"] == "train"]
+evals = [r for r in recs if r["type"] == "eval"]
+assert [r["step"] for r in train] == [10, 20, 30], [r["step"] for r in train]
+assert train[-1]["loss"] < train[0]["loss"] - 0.3, (train[0]["loss"], train[-1]["loss"])
+assert evals and evals[-1]["step"] == 30 and evals[-1]["val_loss"] > 0, evals
+for r in train:
+    assert r["tokens_per_s"] > 0 and r["lr"] > 0 and r["grad_norm"] > 0, r
+    moe, words = r["layers"][0], r["layers"][1]
+    assert moe["layer"] == 0 and len(moe["expert_load"]) == 4, moe
+    tokens, k = 8 * 64, 2  # data.batch_size x data.seq_len (global), top_k
+    kept = round(tokens * k * (1 - moe["dropped_fraction"]))
+    assert abs(sum(moe["expert_load"]) - kept) <= 1, (sum(moe["expert_load"]), kept, moe)
+    assert 0 <= moe["dropped_fraction"] < 1 and moe["router_loss"] > 0 and moe["aux_loss"] > 0, moe
+    assert "expert_load" not in words and words["experts_used"] > 0 and words["dropped_fraction"] == 0, words
+print("metrics stream: %d train and %d eval records, losses %.3f -> %.3f" % (len(train), len(evals),
+      train[0]["loss"], train[-1]["loss"]))
+PY
+# evaluation is dropless: `moe eval` on one rank gives the val loss the 2-rank run reported at step 30
+val2=$("$PY" -c "import json,sys; print([json.loads(l) for l in open(sys.argv[1])][-1]['val_loss'])" "$work/metrics.jsonl")
+val1=$("$MOE_BIN" eval --checkpoint "$work/run/checkpoints/step_30" --threads 1 | sed 's/.*val loss \([0-9.]*\).*/\1/')
+awk -v a="$val1" -v b="$val2" 'BEGIN { d = a - b; exit !(d < 2e-4 && d > -2e-4) }' \
+  || { echo "FAIL: eval on 1 rank $val1 != val loss of the 2-rank run $val2"; exit 1; }
+echo "val loss: 2 ranks $val2, moe eval on 1 rank $val1"
 test -f "$work/run/checkpoints/step_30/model.h5"
 if [ -n "${MOE_PYTHON:-}" ]; then  # expert tensors are stored with their global shapes
   "$MOE_PYTHON" - "$work/run/checkpoints/step_30" <<'PY'

@@ -4,11 +4,17 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 "$MOE_BIN" train --config "$cfg" --set data.train_file="$MOE_DATA_DIR/tinyshakespeare.txt" \
-  --set train.out_dir="$work/run" --threads 2 | tee "$work/train.log"
+  --set train.out_dir="$work/run" --threads 2 --metrics "$work/metrics.jsonl" | tee "$work/train.log"
 grep -q "^step    50/50" "$work/train.log" || { echo "FAIL: no progress line for step 50"; exit 1; }
 entropy=$(sed -n 's/.*unigram entropy (context-free baseline) \([0-9.]*\) nats.*/\1/p' "$work/train.log")
-val=$(grep "^eval     50" "$work/train.log" | sed 's/.*val loss \([0-9.]*\).*/\1/')
-first=$(grep "^step " "$work/train.log" | head -1 | sed 's/.*| loss \([0-9.]*\) .*/\1/')
+# from the metrics stream: the val loss at step 50, the first logged train loss
+read -r val first < <("$PY" -c '
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1])]
+ev = [x for x in r if x["type"] == "eval" and x["step"] == 50]
+tr = [x for x in r if x["type"] == "train"]
+assert len(ev) == 1 and tr[-1]["step"] == 50, r
+print(ev[0]["val_loss"], tr[0]["loss"])' "$work/metrics.jsonl")
 echo "unigram entropy $entropy, first logged train loss $first, final val loss $val"
 awk -v v="$val" -v h="$entropy" 'BEGIN { exit !(v + 0.3 < h) }' || { echo "FAIL: val loss $val not clearly below unigram entropy $entropy"; exit 1; }
 test -f "$work/run/checkpoints/step_50/model.h5" && test -f "$work/run/checkpoints/latest"
