@@ -1,4 +1,5 @@
 #include "checkpoints/safetensors.h"
+#include "core/json.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -28,31 +29,6 @@ const char* st_dtype(DType dt) {
     case DType::kI32: return "I32";
   }
   return "?";
-}
-
-// ---- JSON writing ----
-std::string json_string(const std::string& s) {
-  std::string out = "\"";
-  for (unsigned char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      default:
-        if (c < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof buf, "\\u%04x", c);
-          out += buf;
-        } else {
-          out += static_cast<char>(c);
-        }
-    }
-  }
-  return out + "\"";
 }
 
 // ---- a strict parser for the safetensors header: objects, arrays, strings and non-negative integers ----
@@ -260,7 +236,7 @@ std::string safetensors_bytes(const std::vector<NamedTensor>& tensors,
     for (const auto& [k, v] : metadata) {
       if (!first) header += ",";
       first = false;
-      header += json_string(k) + ":" + json_string(v);
+      header += json_escape(k) + ":" + json_escape(v);
     }
     header += "}";
   }
@@ -271,7 +247,7 @@ std::string safetensors_bytes(const std::vector<NamedTensor>& tensors,
               "safetensors: duplicate or reserved tensor name '" << t.name << "'");
     MOE_CHECK(t.tensor.device() == Device::kCPU, "safetensors: tensor '" << t.name << "' must be on the CPU");
     if (header.size() > 1) header += ",";
-    header += json_string(t.name) + ":{\"dtype\":\"" + st_dtype(t.tensor.dtype()) + "\",\"shape\":[";
+    header += json_escape(t.name) + ":{\"dtype\":\"" + st_dtype(t.tensor.dtype()) + "\",\"shape\":[";
     for (size_t i = 0; i < t.tensor.shape().size(); ++i) {
       if (i) header += ',';
       header += std::to_string(t.tensor.shape()[i]);

@@ -7,52 +7,6 @@
 
 namespace moe {
 
-std::string json_escape(const std::string& s) {
-  std::string o = "\"";
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      o += '\\';
-      o += static_cast<char>(c);
-    } else if (c < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      o += buf;
-    } else {
-      o += static_cast<char>(c);
-    }
-  }
-  return o + "\"";
-}
-
-JsonObject& JsonObject::raw(const std::string& key, const std::string& json) {
-  if (!body_.empty()) body_ += ",";
-  body_ += json_escape(key) + ":" + json;
-  return *this;
-}
-
-JsonObject& JsonObject::num(const std::string& key, double v) {
-  if (!std::isfinite(v)) return raw(key, "null");  // JSON has no NaN / Infinity
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.9g", v);
-  return raw(key, buf);
-}
-
-JsonObject& JsonObject::num(const std::string& key, int64_t v) { return raw(key, std::to_string(v)); }
-JsonObject& JsonObject::str(const std::string& key, const std::string& v) { return raw(key, json_escape(v)); }
-JsonObject& JsonObject::obj(const std::string& key, const JsonObject& v) { return raw(key, v.text()); }
-
-JsonObject& JsonObject::nums(const std::string& key, const std::vector<int64_t>& v) {
-  std::string a = "[";
-  for (size_t i = 0; i < v.size(); ++i) a += (i ? "," : "") + std::to_string(v[i]);
-  return raw(key, a + "]");
-}
-
-JsonObject& JsonObject::objs(const std::string& key, const std::vector<JsonObject>& v) {
-  std::string a = "[";
-  for (size_t i = 0; i < v.size(); ++i) a += (i ? "," : "") + v[i].text();
-  return raw(key, a + "]");
-}
-
 MetricsSink::MetricsSink(const std::string& path) : out_(path, std::ios::app), path_(path) {
   MOE_CHECK(out_.good(), "--metrics: cannot open '" << path << "' for appending");
 }

@@ -13,26 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "core/json.h"
 #include "core/trainer.h"
 
 namespace moe {
-
-// A JSON object built field by field (numbers, strings, nested objects and arrays; keys in insertion order).
-class JsonObject {
- public:
-  JsonObject& num(const std::string& key, double v);
-  JsonObject& num(const std::string& key, int64_t v);
-  JsonObject& str(const std::string& key, const std::string& v);
-  JsonObject& nums(const std::string& key, const std::vector<int64_t>& v);
-  JsonObject& obj(const std::string& key, const JsonObject& v);
-  JsonObject& objs(const std::string& key, const std::vector<JsonObject>& v);
-  std::string text() const { return "{" + body_ + "}"; }
-
- private:
-  JsonObject& raw(const std::string& key, const std::string& json);
-  std::string body_;
-};
-std::string json_escape(const std::string& s);
 
 class MetricsSink {
  public:

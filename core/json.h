@@ -1,0 +1,31 @@
+// Writing JSON: string escaping and an object built field by field (the metrics stream, safetensors headers,
+// the serving API's responses).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moe {
+
+// s as a JSON string literal, quotes included (\" \\ \n \r \t \b \f, other control characters as \u00XX;
+// bytes >= 0x80 pass through: UTF-8 stays UTF-8).
+std::string json_escape(const std::string& s);
+
+// A JSON object built field by field (numbers, strings, nested objects and arrays; keys in insertion order).
+// Non-finite numbers are written as null (JSON has no NaN or Infinity).
+class JsonObject {
+ public:
+  JsonObject& num(const std::string& key, double v);
+  JsonObject& num(const std::string& key, int64_t v);
+  JsonObject& str(const std::string& key, const std::string& v);
+  JsonObject& nums(const std::string& key, const std::vector<int64_t>& v);
+  JsonObject& obj(const std::string& key, const JsonObject& v);
+  JsonObject& objs(const std::string& key, const std::vector<JsonObject>& v);
+  std::string text() const { return "{" + body_ + "}"; }
+
+ private:
+  JsonObject& raw(const std::string& key, const std::string& json);
+  std::string body_;
+};
+
+}  // namespace moe
