@@ -129,7 +129,7 @@ int main(int argc, char** argv) {
     row("all-to-all (counts + rows, both ways)", a2a);
     row("regroup (source-major <-> expert-major)", regroup);
     row("expert GEMM (ExpertBank fwd+bwd)", expert);
-    row("combine (unpermute * gates, fwd+bwd)", combine);
+    row("combine (unpermute * gates fwd+bwd, permute bwd)", combine);
     row("total", total);
     std::printf("%-44s %10.2f\n", "total, slowest rank", total_max * 1e3);
     std::printf("%-44s %9.1f%%   (target <= 15%%)\n", "dispatch overhead (total-expert-a2a), worst rank",

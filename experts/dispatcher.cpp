@@ -29,7 +29,7 @@ Dispatcher::Dispatcher(comm::Communicator* ep, int num_experts)
   group_offsets_.assign(1, 0);
 }
 
-const float* Dispatcher::dispatch(const router::DispatchPlan& plan, const float* x, int C) {
+Dispatcher::Step& Dispatcher::dispatch(const router::DispatchPlan& plan, const float* x, int C) {
   MOE_CHECK(plan.global_num_experts() == E_,
             "dispatch plan has " << plan.global_num_experts() << " experts, the layer " << E_);
   auto t0 = clk::now();
@@ -97,17 +97,12 @@ const float* Dispatcher::dispatch(const router::DispatchPlan& plan, const float*
   int64_t i = 0;
   for (size_t q = 0; q < recv_pairs_.size(); ++q)
     for (int32_t j = 0; j < recv_pairs_[q].rows; ++j) group_index_[i++] = cursor[pair_group_[q]]++;
-  float* out = grow(grouped_, local_rows() * C);
-  forward_move(perm, out, C);
-  return out;
-}
-
-const std::vector<int64_t>& Dispatcher::local_offsets() {
-  local_offsets_.assign(El_ + 1, 0);
-  for (size_t g = 0; g < local_experts_.size(); ++g)
-    local_offsets_[local_experts_[g] + 1] = group_offsets_[g + 1] - group_offsets_[g];
-  for (int e = 0; e < El_; ++e) local_offsets_[e + 1] += local_offsets_[e];
-  return local_offsets_;
+  forward_move(perm, grow(grouped_, local_rows() * C), C);
+  step_.d_ = this;
+  step_.plan_ = &plan;
+  step_.C_ = C;
+  step_.y_rows_ = nullptr;
+  return step_;
 }
 
 void Dispatcher::forward_move(const float* rows, float* out, int C) {
@@ -142,22 +137,32 @@ void Dispatcher::backward_move(const float* grouped, float* out, int C) {
   t_.all_to_all += since(t0);
 }
 
-const float* Dispatcher::combine_rows(const float* y, int C) {
-  float* out = grow(back_, plan_rows_ * C);
-  backward_move(y, out, C);
+void Dispatcher::Step::combine(float* y, const float* expert_out) {
+  float* back = grow(d_->back_, plan_->rows() * C_);
+  d_->backward_move(expert_out, back, C_);
+  y_rows_ = back;
+  const auto t0 = clk::now();
+  plan_->unpermute_combine(y, back, C_);
+  d_->t_.combine += since(t0);
+}
+
+const float* Dispatcher::Step::combine_backward(const float* dy, float* dgate) {
+  MOE_CHECK(!dgate || y_rows_, "dispatcher: combine_backward with gate gradients needs combine first");
+  const auto t0 = clk::now();
+  float* drows = grow(d_->drows_, plan_->rows() * C_);
+  plan_->unpermute_combine_backward(drows, dgate, dy, y_rows_, C_);
+  d_->t_.combine += since(t0);
+  float* out = grow(d_->grad_a_, local_rows() * C_);
+  d_->forward_move(drows, out, C_);
   return out;
 }
 
-const float* Dispatcher::dispatch_grad(const float* dy, int C) {
-  float* out = grow(grad_a_, local_rows() * C);
-  forward_move(dy, out, C);
-  return out;
-}
-
-const float* Dispatcher::combine_grad(const float* dx, int C) {
-  float* out = grow(grad_b_, plan_rows_ * C);
-  backward_move(dx, out, C);
-  return out;
+void Dispatcher::Step::dispatch_backward(float* dx, const float* dexpert_in) {
+  float* back = grow(d_->grad_b_, plan_->rows() * C_);
+  d_->backward_move(dexpert_in, back, C_);
+  const auto t0 = clk::now();
+  plan_->permute_backward(dx, back, C_);
+  d_->t_.combine += since(t0);
 }
 
 }  // namespace moe::experts

@@ -86,7 +86,7 @@ bool MoeFfn::restore_state(const UnitState& s) {
 }
 
 void MoeFfn::reset_timings() {
-  expert_seconds_ = route_seconds_ = combine_seconds_ = 0;
+  expert_seconds_ = route_seconds_ = 0;
   dispatcher_.timings().reset();
 }
 
@@ -94,34 +94,25 @@ void MoeFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   auto t0 = clk::now();
   last_ = router_.forward(x, w_router_->value.f32(), N, ctx.training);
   route_seconds_ += since(t0);
-  const float* rows = dispatcher_.dispatch(last_.plan, x, C_);
+  step_ = &dispatcher_.dispatch(last_.plan, x, C_);
   t0 = clk::now();
-  float* out = grow(expert_out_, std::max<int64_t>(dispatcher_.local_rows(), 1) * C_);
-  const auto& used = dispatcher_.local_experts();
-  bank_.forward(out, rows, used.data(), dispatcher_.group_offsets().data(), static_cast<int64_t>(used.size()));
+  float* out = grow(expert_out_, std::max<int64_t>(step_->local_rows(), 1) * C_);  // [local_rows,C]
+  const auto& used = step_->experts();
+  bank_.forward(out, step_->rows(), used.data(), step_->offsets().data(), static_cast<int64_t>(used.size()));
   expert_seconds_ += since(t0);
-  y_rows_ = dispatcher_.combine_rows(out, C_);
-  t0 = clk::now();
-  last_.plan.unpermute_combine(y, y_rows_, C_);
-  combine_seconds_ += since(t0);
+  step_->combine(y, out);
 }
 
 void MoeFfn::backward(const FfnContext&, float* dx, const float* dy, int N) {
-  const router::DispatchPlan& plan = last_.plan;
+  float* dgate = grow(dgate_, std::max(last_.plan.num_slots(), 1));  // [N*k]
+  const float* dexp_out = step_->combine_backward(dy, dgate);
   auto t0 = clk::now();
-  float* drows = grow(drows_, std::max<int64_t>(plan.rows(), 1) * C_);
-  float* dgate = grow(dgate_, std::max(plan.num_slots(), 1));
-  plan.unpermute_combine_backward(drows, dgate, dy, y_rows_, C_);
-  combine_seconds_ += since(t0);
-  const float* dexp_out = dispatcher_.dispatch_grad(drows, C_);
-  t0 = clk::now();
-  float* dexp_in = grow(dexpert_in_, std::max<int64_t>(dispatcher_.local_rows(), 1) * C_);
+  float* dexp_in = grow(dexpert_in_, std::max<int64_t>(step_->local_rows(), 1) * C_);  // [local_rows,C]
   bank_.backward(dexp_in, dexp_out);
   expert_seconds_ += since(t0);
-  const float* dx_rows = dispatcher_.combine_grad(dexp_in, C_);
-  t0 = clk::now();
   std::memset(dx, 0, sizeof(float) * int64_t(N) * C_);
-  plan.permute_backward(dx, dx_rows, C_);
+  step_->dispatch_backward(dx, dexp_in);
+  t0 = clk::now();
   router_.backward(dx, w_router_->grad.f32(), dgate, w_router_->value.f32(), 1.0f);
   route_seconds_ += since(t0);
 }
@@ -197,25 +188,20 @@ void WordExpertFfn::forward(const FfnContext& ctx, float* y, const float* x, int
   }
   // a compact plan and the dispatcher's (expert, rows) exchange: nothing per step is O(E)
   plan_ = router::make_top1_plan_compact(expert_ids_.data(), N, E_);
-  const float* rows = dispatcher_.dispatch(plan_, x, C_);
+  step_ = &dispatcher_.dispatch(plan_, x, C_);
   // the experts that received rows, with their row ranges (the table works on used experts only)
-  const auto& used = dispatcher_.local_experts();
-  float* out = grow(expert_out_, std::max<int64_t>(dispatcher_.local_rows(), 1) * C_);
-  table_.forward(out, rows, used.data(), dispatcher_.group_offsets().data(), static_cast<int64_t>(used.size()));
-  const float* yrows = dispatcher_.combine_rows(out, C_);
-  plan_.unpermute_combine(y, yrows, C_);
+  const auto& used = step_->experts();
+  float* out = grow(expert_out_, std::max<int64_t>(step_->local_rows(), 1) * C_);  // [local_rows,C]
+  table_.forward(out, step_->rows(), used.data(), step_->offsets().data(), static_cast<int64_t>(used.size()));
+  step_->combine(y, out);
 }
 
 void WordExpertFfn::backward(const FfnContext&, float* dx, const float* dy, int N) {
-  std::vector<float>& drows = expert_out_;  // reuse: forward outputs are not needed (gates are constant 1)
-  float* d = grow(drows, std::max<int64_t>(plan_.rows(), 1) * C_);
-  plan_.unpermute_combine_backward(d, nullptr, dy, nullptr, C_);
-  const float* dexp_out = dispatcher_.dispatch_grad(d, C_);
-  std::vector<float> dexp_in(std::max<int64_t>(dispatcher_.local_rows(), 1) * C_);
-  table_.backward(dexp_in.data(), dexp_out);
-  const float* dx_rows = dispatcher_.combine_grad(dexp_in.data(), C_);
+  const float* dexp_out = step_->combine_backward(dy, nullptr);  // gates are constant 1: no gate gradient
+  float* dexp_in = grow(dexpert_in_, std::max<int64_t>(step_->local_rows(), 1) * C_);  // [local_rows,C]
+  table_.backward(dexp_in, dexp_out);
   std::memset(dx, 0, sizeof(float) * int64_t(N) * C_);
-  plan_.permute_backward(dx, dx_rows, C_);
+  step_->dispatch_backward(dx, dexp_in);
 }
 
 FfnStats WordExpertFfn::stats() const {

@@ -34,7 +34,7 @@ class MoeFfn : public FfnUnit {
   Dispatcher& dispatcher() { return dispatcher_; }
   double expert_seconds() const { return expert_seconds_; }
   double route_seconds() const { return route_seconds_; }
-  double combine_seconds() const { return combine_seconds_; }
+  double combine_seconds() const { return dispatcher_.timings().combine; }
   void reset_timings();
 
  private:
@@ -45,9 +45,9 @@ class MoeFfn : public FfnUnit {
   Dispatcher dispatcher_;
   ExpertBank bank_;
   router::RouterOutput last_;
-  const float* y_rows_ = nullptr;  // expert outputs in plan row order (kept for the gate gradients)
-  std::vector<float> expert_out_, dexpert_in_, drows_, dgate_;
-  double expert_seconds_ = 0, route_seconds_ = 0, combine_seconds_ = 0;
+  Dispatcher::Step* step_ = nullptr;  // this step's token movement (last forward)
+  std::vector<float> expert_out_, dexpert_in_, dgate_;
+  double expert_seconds_ = 0, route_seconds_ = 0;
 };
 
 // Where logical word expert l of E is stored: row(l) of the global table (proto WordExpertConfig.Placement; UNSET
@@ -93,7 +93,8 @@ class WordExpertFfn : public FfnUnit {
   WordExpertTable table_;
   WordExpertPlacement placement_;      // logical expert -> row of the global table
   std::vector<int32_t> expert_ids_;    // [N] scattered expert of each token
-  std::vector<float> expert_out_;
+  Dispatcher::Step* step_ = nullptr;   // this step's token movement (last forward)
+  std::vector<float> expert_out_, dexpert_in_;
 };
 
 }  // namespace moe::experts
