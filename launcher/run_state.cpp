@@ -1,13 +1,11 @@
 #include "launcher/run_state.h"
 
+#include "checkpoints/naming.h"
 #include "core/config.h"
 #include "core/error.h"
 #include "experts/build_model.h"
 
 namespace moe::launcher {
-namespace {
-const std::string kRouting = "routing/";
-}
 
 RunState RunState::capture(int64_t step, const Model& model, const AdamW& opt, const BatchLoader& loader) {
   RunState s;
@@ -31,10 +29,11 @@ RunState RunState::read(ckpt::Reader& r, const proto::Manifest& m) {
     s.units.rngs[rs.name()] = {rs.state(0), rs.state(1), rs.state(2), rs.state(3)};
   }
   for (const auto& e : m.tensors()) {
-    if (e.name().rfind(kRouting, 0) != 0) continue;
+    const ckpt::ParsedKey key = ckpt::parse_key(e.name());
+    if (!key.is_routing()) continue;
     Tensor t = Tensor::empty(r.shape(e.name()), DType::kI32);
     r.read(e.name(), t);
-    s.units.tables[e.name().substr(kRouting.size())].assign(t.i32(), t.i32() + t.numel());
+    s.units.tables[key.name].assign(t.i32(), t.i32() + t.numel());
   }
   return s;
 }
@@ -62,20 +61,21 @@ std::vector<ckpt::LocalTensor> RunState::tensors() const {
   std::vector<ckpt::LocalTensor> out;
   for (const auto& [prefix, table] : units.tables)
     if (!table.empty())
-      out.push_back({kRouting + prefix, Tensor::from_vector(table, {static_cast<int64_t>(table.size())}), false});
+      out.push_back({ckpt::routing_key(prefix), Tensor::from_vector(table, {static_cast<int64_t>(table.size())}), false});
   return out;
 }
 
 std::vector<ckpt::LocalTensor> collect_local_state(const ParamStore& ps, const AdamW* opt) {
   std::vector<ckpt::LocalTensor> out;
   const auto& all = ps.all();
-  for (const Param* p : all) out.push_back({"params/" + p->name, p->value, p->expert_sharded});
+  for (const Param* p : all) out.push_back({ckpt::param_key(p->name), p->value, p->expert_sharded});
   if (!opt) return out;
   auto& o = const_cast<AdamW&>(*opt);  // the moments alias the live optimizer state (read only here)
   for (size_t i = 0; i < all.size(); ++i) {
-    out.push_back({"optim/m/" + all[i]->name, o.m()[i], all[i]->expert_sharded});
-    out.push_back({"optim/v/" + all[i]->name, o.v()[i], all[i]->expert_sharded});
-    if (all[i]->row_sparse) out.push_back({"optim/row_t/" + all[i]->name, o.row_t()[i], all[i]->expert_sharded});
+    const bool sh = all[i]->expert_sharded;
+    out.push_back({ckpt::optim_m_key(all[i]->name), o.m()[i], sh});
+    out.push_back({ckpt::optim_v_key(all[i]->name), o.v()[i], sh});
+    if (all[i]->row_sparse) out.push_back({ckpt::optim_row_t_key(all[i]->name), o.row_t()[i], sh});
   }
   return out;
 }
@@ -93,12 +93,12 @@ std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, const AdamW* 
 void restore_state(ckpt::Reader& r, ParamStore& ps, AdamW* opt) {
   const auto& all = ps.all();
   auto offset = [](const Param* p) { return p->expert_sharded ? p->first_row : 0; };
-  for (Param* p : all) r.read("params/" + p->name, p->value, offset(p));
+  for (Param* p : all) r.read(ckpt::param_key(p->name), p->value, offset(p));
   if (!opt) return;
   for (size_t i = 0; i < all.size(); ++i) {
-    r.read("optim/m/" + all[i]->name, opt->m()[i], offset(all[i]));
-    r.read("optim/v/" + all[i]->name, opt->v()[i], offset(all[i]));
-    if (all[i]->row_sparse) r.read("optim/row_t/" + all[i]->name, opt->row_t()[i], offset(all[i]));
+    r.read(ckpt::optim_m_key(all[i]->name), opt->m()[i], offset(all[i]));
+    r.read(ckpt::optim_v_key(all[i]->name), opt->v()[i], offset(all[i]));
+    if (all[i]->row_sparse) r.read(ckpt::optim_row_t_key(all[i]->name), opt->row_t()[i], offset(all[i]));
   }
 }
 

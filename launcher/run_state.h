@@ -3,7 +3,7 @@
 // RNGs, word-expert routing tables). One struct, captured from a live run, written into a save, read back from a
 // checkpoint and restored: nothing else in the launcher handles these pieces one by one.
 //
-// The model/optimizer tensors map onto checkpoint datasets here too:
+// The model/optimizer tensors map onto checkpoint datasets here too (keys from checkpoints/naming.h):
 //   params/<name>, optim/m/<name>, optim/v/<name>, optim/row_t/<name> (row-sparse params), routing/<layer prefix>
 // Expert-sharded tensors are written by the expert-parallel rank that owns them and stored with their global shape
 // [E, ...]; they are read back as this rank's rows (Param::first_row), so a checkpoint loads at any

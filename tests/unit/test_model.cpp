@@ -274,3 +274,49 @@ TEST(Optimizer, RowSparseAdamW) {
 
 }  // namespace
 }  // namespace moe::test
+
+// The memory estimate counts exactly the parameters build_model allocates (one sized-only block per FFN kind,
+// multiplied out), and its activation part covers what the model's workspace holds after a training step.
+namespace moe::test {
+namespace {
+TEST(ModelMemory, EstimateMatchesTheBuiltModel) {
+  Config cfg;
+  *cfg.mutable_model() = tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, false);
+  auto* m = cfg.mutable_model();
+  m->set_n_layers(5);
+  m->add_ffn_pattern(proto::FFN_DENSE);
+  m->add_ffn_pattern(proto::FFN_MOE);
+  m->add_ffn_pattern(proto::FFN_WORD_EXPERT);
+  m->mutable_moe()->set_num_experts(4);
+  m->mutable_moe()->set_top_k(2);
+  m->mutable_moe()->set_d_expert(24);
+  m->mutable_word_experts()->set_num_experts(64);
+  m->mutable_word_experts()->set_d_expert(8);
+  m->mutable_word_experts()->set_num_frequent(16);
+  cfg.mutable_data()->set_batch_size(2);
+  cfg.mutable_data()->set_seq_len(8);
+  cfg.mutable_optimizer()->set_lr(1e-3f);
+  cfg.mutable_train()->set_steps(1);
+  fill_defaults(cfg);
+  validate_config(cfg, false);
+  const experts::MemoryEstimate e = experts::estimate_memory(cfg, 1);
+  std::vector<int64_t> counts(cfg.model().vocab_size(), 1);
+  auto model = experts::build_model(cfg, {.token_counts = &counts});
+  EXPECT_EQ(e.params, double(model->params().numel()));
+  int64_t rows = 0;
+  for (const Param* p : model->params().all()) rows += p->row_sparse ? p->value.dim(0) : 0;
+  EXPECT_EQ(e.optimizer_bytes, 8.0 * model->params().numel() + 4.0 * rows);
+  Rng rng(1);
+  std::vector<int32_t> in, tg;
+  random_tokens(rng, in, 16, cfg.model().vocab_size());
+  random_tokens(rng, tg, 16, cfg.model().vocab_size());
+  model->forward(in.data(), tg.data(), 2, 8);
+  model->backward();
+  const double ws = double(model->workspace().bytes());
+  EXPECT_GE(e.activation_bytes, ws) << "workspace " << ws;
+  EXPECT_LE(e.activation_bytes, 3 * ws) << "workspace " << ws;
+  // a world of 2 ranks halves the tokens per rank, so the activations
+  EXPECT_NEAR(experts::estimate_memory(cfg, 2).activation_bytes, e.activation_bytes / 2, 1e-6 * e.activation_bytes);
+}
+}  // namespace
+}  // namespace moe::test
