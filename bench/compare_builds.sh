@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Two builds side by side in one run: the training step of bench_train (dense demo model, 2 threads), the MoE layer
 # fwd+bwd of bench_moe section 1 (slowest rank), the expert bank forward of section 3 and the word-expert layer step
-# of section 4 (1k / 16k / 128k experts), each on 2 ranks. The builds alternate round by round (A B, B A, ...), so
+# of section 4 (1k / 16k / 128k experts), each on 2 ranks of 1 thread. The builds alternate round by round (A B, B A, ...), so
 # background load hits both alike; the table gives the median of each over the rounds and new / old.
 #   usage: bench/compare_builds.sh OLD_BUILD_DIR NEW_BUILD_DIR [ROUNDS (default 5)]
 # e.g. git worktree add /tmp/old <rev> && cmake -S /tmp/old -B /tmp/old/build -G Ninja -DMOE_CUDA=OFF &&
@@ -17,11 +17,11 @@ measure() {
   local b=$1 tag=$2 txt
   txt=$("$b/bench_train" --threads 2 --iters 20 2>/dev/null)
   sed -n 's/^ours (C++, OpenBLAS + OpenMP) *\([0-9.]*\) .*/\1/p' <<<"$txt" >> "$out/$tag.train_step_ms"
-  txt=$(mpirun -np 2 "$b/bench_moe" --section 1 --iters 5 2>/dev/null)
+  txt=$(mpirun -np 2 "$b/bench_moe" --threads 1 --section 1 --iters 5 2>/dev/null)
   sed -n 's/^total, slowest rank *\([0-9.]*\).*/\1/p' <<<"$txt" >> "$out/$tag.moe_layer_ms"
-  txt=$(mpirun -np 2 "$b/bench_moe" --section 3 --iters 5 2>/dev/null)
+  txt=$(mpirun -np 2 "$b/bench_moe" --threads 1 --section 3 --iters 5 2>/dev/null)
   sed -n 's/^ExpertBank (SwiGLU, one GEMM per expert) *[0-9.]* *\([0-9.]*\) .*/\1/p' <<<"$txt" >> "$out/$tag.expert_bank_ms"
-  txt=$(mpirun -np 2 "$b/bench_moe" --section 4 --word-scattered 0 2>/dev/null)
+  txt=$(mpirun -np 2 "$b/bench_moe" --threads 1 --section 4 --word-scattered 0 2>/dev/null)
   local i=0 m
   for m in word_1k_ms word_16k_ms word_128k_ms; do
     i=$((i + 1))

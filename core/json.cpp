@@ -48,14 +48,22 @@ JsonObject& JsonObject::obj(const std::string& key, const JsonObject& v) { retur
 
 JsonObject& JsonObject::nums(const std::string& key, const std::vector<int64_t>& v) {
   std::string a = "[";
-  for (size_t i = 0; i < v.size(); ++i) a += (i ? "," : "") + std::to_string(v[i]);
-  return raw(key, a + "]");
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) a += ',';
+    a += std::to_string(v[i]);
+  }
+  a += ']';
+  return raw(key, a);
 }
 
 JsonObject& JsonObject::objs(const std::string& key, const std::vector<JsonObject>& v) {
   std::string a = "[";
-  for (size_t i = 0; i < v.size(); ++i) a += (i ? "," : "") + v[i].text();
-  return raw(key, a + "]");
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) a += ',';
+    a += v[i].text();
+  }
+  a += ']';
+  return raw(key, a);
 }
 
 }  // namespace moe

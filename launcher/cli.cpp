@@ -6,9 +6,12 @@
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -32,39 +35,113 @@ namespace fs = std::filesystem;
 namespace moe::launcher {
 namespace {
 
-const char* kUsage =
-    "usage: moe <command> [options]\n"
-    "commands:\n"
-    "  train     --config FILE [--data-dir DIR] [--set path=value ...] [--resume]\n"
-    "            train a model; writes the tokenizer and checkpoints under train.out_dir\n"
-    "  generate  --checkpoint DIR [--prompt TEXT] [--set generate.temperature=0.8 ...]\n"
-    "            sample text from a checkpoint (DIR: a step_<N> directory or a checkpoint root with `latest`)\n"
-    "  eval      --checkpoint DIR [--data-dir DIR] [--set data.train_file=...]\n"
-    "            validation loss of a checkpoint on its data split\n"
-    "  config    --config FILE [--data-dir DIR] [--set path=value ...]\n"
-    "            print the resolved config (defaults filled, overrides applied) and validate it\n"
-    "  ckpt      inspect|verify|reshard|convert ...   checkpoint utilities (moe ckpt --help)\n"
-    "            print the resolved config (defaults filled, overrides applied) and validate it\n"
-    "options:\n"
-    "  --set path=value   override any config field by path, e.g. --set model.d_model=256 (repeatable); a relative\n"
-    "                     data path given here is relative to the working directory\n"
-    "  --data-dir DIR     relative data paths (data.train_file, data.tokenizer_model) of the config file, or of the\n"
-    "                     checkpoint's config for eval, are relative to DIR (default: the config file's directory;\n"
-    "                     for eval: the working directory)\n"
-    "  --threads N        OpenMP/OpenBLAS threads per rank (default: train.threads; 0 = the node's cores divided\n"
-    "                     among the ranks on the node)\n"
-    "  --loss-log FILE    train: append 'step loss' per step, the loss as an exact hex float (resume checks)\n"
-    "  --metrics FILE     train: append one JSON line per logged step and per evaluation (loss, lr, grad norm,\n"
-    "                     tokens/s, per-layer router loss, dropped fraction, per-expert load)\n";
+// ---- command line: the commands, their options and help texts ----
+// A bad command line (unknown command or option, a missing or malformed option value) is a UsageError: one line
+// `error: ...` on stderr and exit code 2. Every other failure is a moe::Error: `error: what (where)`, exit 1.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct OptionDoc {
+  const char* name;
+  const char* arg;  // "" for a flag
+  const char* help;
+};
+const OptionDoc kOptions[] = {
+    {"--config", "FILE", "the run config (protobuf text, proto/config.proto; examples in deploy/configs/)"},
+    {"--checkpoint", "DIR", "a step_<N> checkpoint directory, or a checkpoint root whose `latest` names one"},
+    {"--prompt", "TEXT", "the text to continue (default: a newline)"},
+    {"--set", "path=value", "override a config field by path, e.g. --set model.d_model=256 (repeatable)"},
+    {"--resume", "", "continue from the newest checkpoint (train.out_dir/checkpoints/latest)"},
+    {"--threads", "N",
+     "OpenMP/OpenBLAS threads per rank (default: train.threads; 0 = the node's cores divided\n"
+     "among the ranks on the node)"},
+    {"--loss-log", "FILE", "append 'step loss' per step, the loss as an exact hex float (resume checks)"},
+    {"--metrics", "FILE",
+     "append one JSON line per logged step and per evaluation (loss, lr, grad norm, tokens/s,\n"
+     "per-layer router loss, dropped fraction, per-expert load; format in core/metrics.h)"},
+    {"--data-dir", "DIR",
+     "relative data paths (data.train_file, data.tokenizer_model) of the config file, or of the\n"
+     "checkpoint's config for eval, are relative to DIR (default: the config file's directory;\n"
+     "for eval: the working directory); --set paths stay relative to the working directory"},
+    {"--print-ids", "", "also print the token ids (prompt, then continuation) as one line on stderr"},
+};
+
+struct CommandSpec {
+  const char* name;
+  const char* synopsis;
+  const char* summary;
+  std::vector<std::string> options;
+  const char* required;  // the option the command cannot run without
+};
+const std::vector<CommandSpec>& commands() {
+  static const std::vector<CommandSpec> k = {
+      {"train", "--config FILE [--set path=value ...] [--resume] [--threads N] [--metrics FILE] [--loss-log FILE]",
+       "train a model; writes the tokenizer and checkpoints under train.out_dir (several ranks: mpirun / srun)",
+       {"--config", "--data-dir", "--set", "--resume", "--threads", "--metrics", "--loss-log"}, "--config"},
+      {"generate", "--checkpoint DIR [--prompt TEXT] [--set generate.temperature=0.8 ...] [--threads N]",
+       "sample text from a checkpoint; prints the prompt and its continuation, decoded together",
+       {"--checkpoint", "--prompt", "--set", "--threads", "--print-ids"}, "--checkpoint"},
+      {"eval", "--checkpoint DIR [--data-dir DIR] [--set data.train_file=...] [--threads N]",
+       "validation loss of a checkpoint on its data split (dropless: the same at any world size)",
+       {"--checkpoint", "--data-dir", "--set", "--threads"}, "--checkpoint"},
+      {"config", "--config FILE [--data-dir DIR] [--set path=value ...]",
+       "print the resolved config (defaults filled, overrides applied) and validate it",
+       {"--config", "--data-dir", "--set"}, "--config"},
+  };
+  return k;
+}
+constexpr const char* kKnownCommands = "train, generate, eval, config, ckpt";
+
+const CommandSpec* find_command(const std::string& name) {
+  for (const auto& c : commands())
+    if (name == c.name) return &c;
+  return nullptr;
+}
+
+std::string general_usage() {
+  std::ostringstream o;
+  o << "usage: moe <command> [options]\n"
+       "commands:\n";
+  for (const auto& c : commands()) {
+    o << "  " << c.name << std::string(10 - std::strlen(c.name), ' ') << c.synopsis << "\n";
+    o << "            " << c.summary << "\n";
+  }
+  o << "  ckpt      inspect|verify|reshard|convert ...\n"
+       "            checkpoint utilities\n"
+       "'moe <command> --help' (or 'moe help <command>') lists a command's options.\n";
+  return o.str();
+}
+
+std::string command_usage(const CommandSpec& c) {
+  std::ostringstream o;
+  o << "usage: moe " << c.name << " " << c.synopsis << "\n" << c.summary << "\noptions:\n";
+  auto item = [&](const std::string& head, const std::string& help) {
+    o << "  " << head << std::string(head.size() < 19 ? 19 - head.size() : 1, ' ');
+    for (char ch : help) o << ch << (ch == '\n' ? std::string(21, ' ') : "");
+    o << "\n";
+  };
+  for (const auto& name : c.options)
+    for (const auto& d : kOptions)
+      if (name == d.name) item(std::string(d.name) + (*d.arg ? std::string(" ") + d.arg : ""), d.help);
+  item("-h, --help", "print this help");
+  return o.str();
+}
+
+std::string unknown_command(const std::string& cmd) {
+  return "unknown command '" + cmd + "' (known: " + kKnownCommands + "); see 'moe --help'";
+}
 
 struct Args {
   std::string command;
+  std::string help_topic;  // command "help": the command whose help to print ("" = the general usage)
   std::string config;
   std::string data_dir;
   std::string checkpoint;
   std::string prompt;
   bool prompt_set = false;
   bool resume = false;
+  bool print_ids = false;
   int threads = -1;
   int ranks_on_node = 1;  // from the launcher: "all cores" is divided among the ranks of one node
   std::string loss_log;
@@ -72,30 +149,56 @@ struct Args {
   std::vector<std::string> overrides;
 };
 
+// `moe --help`, `moe help [command]` and `moe <command> --help` (anywhere on the line) give command "help".
 Args parse_args(int argc, char** argv) {
   Args a;
-  MOE_CHECK(argc >= 2, "missing command\n" << kUsage);
+  if (argc < 2) throw UsageError(std::string("missing command (known: ") + kKnownCommands + "); see 'moe --help'");
   a.command = argv[1];
+  if (a.command == "help" || a.command == "--help" || a.command == "-h") {
+    a.command = "help";
+    if (argc >= 3) a.help_topic = argv[2];
+    if (!a.help_topic.empty() && a.help_topic != "ckpt" && !find_command(a.help_topic))
+      throw UsageError(unknown_command(a.help_topic));
+    return a;
+  }
+  const CommandSpec* spec = find_command(a.command);
+  if (!spec) throw UsageError(unknown_command(a.command));
+  const std::string hint = "; see 'moe " + a.command + " --help'";
+  for (int i = 2; i < argc; ++i)
+    if (std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0) {
+      a.help_topic = a.command;
+      a.command = "help";
+      return a;
+    }
   for (int i = 2; i < argc; ++i) {
     std::string k = argv[i];
-    auto value = [&](const char* name) -> std::string {
-      MOE_CHECK(i + 1 < argc, "option " << name << " needs a value");
+    if (std::find(spec->options.begin(), spec->options.end(), k) == spec->options.end())
+      throw UsageError((k.rfind("-", 0) == 0 ? "unknown option '" : "unexpected argument '") + k + "' for 'moe " +
+                       a.command + "'" + hint);
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw UsageError("option " + k + " of 'moe " + a.command + "' needs a value" + hint);
       return argv[++i];
     };
-    if (k == "--config") a.config = value("--config");
-    else if (k == "--data-dir") a.data_dir = value("--data-dir");
-    else if (k == "--checkpoint") a.checkpoint = value("--checkpoint");
-    else if (k == "--prompt") { a.prompt = value("--prompt"); a.prompt_set = true; }
-    else if (k == "--set") a.overrides.push_back(value("--set"));
+    if (k == "--config") a.config = value();
+    else if (k == "--data-dir") a.data_dir = value();
+    else if (k == "--checkpoint") a.checkpoint = value();
+    else if (k == "--prompt") { a.prompt = value(); a.prompt_set = true; }
+    else if (k == "--set") a.overrides.push_back(value());
     else if (k == "--resume") a.resume = true;
-    else if (k == "--loss-log") a.loss_log = value("--loss-log");
-    else if (k == "--metrics") a.metrics = value("--metrics");
+    else if (k == "--print-ids") a.print_ids = true;
+    else if (k == "--loss-log") a.loss_log = value();
+    else if (k == "--metrics") a.metrics = value();
     else if (k == "--threads") {
-      std::string v = value("--threads");
-      try { a.threads = std::stoi(v); } catch (...) { MOE_THROW("--threads: '" << v << "' is not an integer"); }
-    } else if (k == "-h" || k == "--help") { a.command = "help"; }
-    else MOE_THROW("unknown option '" << k << "' for 'moe " << a.command << "'\n" << kUsage);
+      std::string v = value();
+      size_t used = 0;
+      try { a.threads = std::stoi(v, &used); } catch (...) { used = 0; }
+      if (used == 0 || used != v.size() || a.threads < 0)
+        throw UsageError("--threads: '" + v + "' is not a non-negative integer" + hint);
+    }
   }
+  const std::string& need = spec->required;
+  if ((need == "--config" && a.config.empty()) || (need == "--checkpoint" && a.checkpoint.empty()))
+    throw UsageError("'moe " + a.command + "' needs " + need + (need == "--config" ? " FILE" : " DIR") + hint);
   return a;
 }
 
@@ -129,8 +232,15 @@ int cmd_generate(const Args& a) {
   std::string prompt = a.prompt_set ? a.prompt : "\n";
   std::vector<int32_t> ids = lm.tok->encode(prompt);
   MOE_CHECK(!ids.empty(), "--prompt '" << prompt << "' encodes to no tokens");
-  std::vector<int32_t> out = generate(*lm.model, ids, lm.cfg.generate());
-  std::cout << prompt << lm.tok->decode(out) << std::endl;
+  std::vector<int32_t> all = ids;
+  const std::vector<int32_t> out = generate(*lm.model, ids, lm.cfg.generate());
+  all.insert(all.end(), out.begin(), out.end());
+  // decoded as one sequence: the continuation decoded alone would lose its leading space ("looked atthe")
+  std::cout << lm.tok->decode(all) << std::endl;
+  if (a.print_ids) {
+    for (size_t i = 0; i < all.size(); ++i) std::cerr << (i ? " " : "") << all[i];
+    std::cerr << std::endl;
+  }
   return 0;
 }
 
@@ -181,7 +291,17 @@ int run_cli(int argc, char** argv) {
     }
     Args a = parse_args(argc, argv);
     a.ranks_on_node = launch.local_size;
-    if (a.command != "train" && a.command != "help")
+    if (a.command == "help") {
+      if (a.help_topic == "ckpt") {
+        char* help_argv[] = {argv[0], const_cast<char*>("--help"), nullptr};
+        rc = ckpt_tool_main(2, help_argv);
+      } else if (rank == 0) {
+        std::cout << (a.help_topic.empty() ? general_usage() : command_usage(*find_command(a.help_topic)));
+      }
+      MPI_Finalize();
+      return rc;
+    }
+    if (a.command != "train")
       MOE_CHECK(world == 1, "'moe " << a.command << "' runs on one rank (launched on " << world << ")");
     if (a.command == "train") {
       // the process groups come first: a layout error must reach every rank before any other work
@@ -193,8 +313,10 @@ int run_cli(int argc, char** argv) {
     } else if (a.command == "generate") rc = cmd_generate(a);
     else if (a.command == "eval") rc = cmd_eval(a);
     else if (a.command == "config") rc = cmd_config(a);
-    else if (a.command == "help" || a.command == "--help" || a.command == "-h") std::cout << kUsage;
-    else MOE_THROW("unknown command '" << a.command << "'\n" << kUsage);
+    else throw UsageError(unknown_command(a.command));  // parse_args only returns known commands
+  } catch (const UsageError& e) {  // every rank parsed the same command line: no abort, rank 0 reports
+    if (rank == 0) std::fprintf(stderr, "error: %s\n", e.what());
+    rc = 2;
   } catch (const Error& e) {
     std::fprintf(stderr, "%serror: %s (%s)\n", world > 1 ? ("[rank " + std::to_string(rank) + "] ").c_str() : "",
                  e.what(), e.where().c_str());

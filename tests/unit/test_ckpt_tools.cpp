@@ -511,7 +511,9 @@ TEST(CkptConvert, SafetensorsRoundTripInMemory) {
   const ckpt::CheckpointValue b16 = ckpt::cast(src, DType::kBF16);
   for (size_t i = 0; i < src.tensors.size(); ++i) {
     EXPECT_EQ(src.tensors[i].tensor.dtype(), DType::kF32);
-    if (ckpt::is_param_key(b16.tensors[i].name)) EXPECT_EQ(b16.tensors[i].tensor.dtype(), DType::kBF16);
+    if (ckpt::is_param_key(b16.tensors[i].name)) {
+      EXPECT_EQ(b16.tensors[i].tensor.dtype(), DType::kBF16);
+    }
   }
 }
 
