@@ -169,6 +169,13 @@ void expect_same_bytes(const Tensor& a, const Tensor& b, const std::string& what
   EXPECT_EQ(0, std::memcmp(a.raw(), b.raw(), a.nbytes())) << what;
 }
 
+// The world as data x expert parallel groups of `ep`, every collective under a 60 s deadline.
+comm::Parallel trained_parallel(int ep) {
+  auto world = comm::Communicator::world();
+  world->set_deadline(60);
+  return comm::Parallel(std::move(world), ep);
+}
+
 TEST(CheckpointSave, PerRankShardsSyncAndAsyncAgreeAndRestore) {
   const int W = world_size(), rank = world_rank();
   const std::string tok = "a tokenizer";
@@ -176,9 +183,7 @@ TEST(CheckpointSave, PerRankShardsSyncAndAsyncAgreeAndRestore) {
     if (W % ep) continue;
     SCOPED_TRACE("world " + std::to_string(W) + " expert-parallel " + std::to_string(ep));
     SharedDir dir;
-    auto world = comm::Communicator::world();
-    world->set_deadline(60);
-    comm::Parallel par(std::move(world), ep);
+    comm::Parallel par = trained_parallel(ep);
     Trained t(&par, ep);
     t.step(par);
     std::mutex mu;
@@ -333,9 +338,7 @@ TEST(CheckpointSave, OneProcessSaveEqualsCollectiveSave) {
   const std::string tok = "tokenizer bytes";
   const int ep = W;
   SharedDir dir;
-  auto world = comm::Communicator::world();
-  world->set_deadline(60);
-  comm::Parallel par(std::move(world), ep);
+  comm::Parallel par = trained_parallel(ep);
   Trained t(&par, ep);
   t.step(par);
   ckpt::SaveState st = state_of(t, par, 3, &tok);
