@@ -12,7 +12,7 @@ std::vector<ParamLayout> model_layout(const Config& cfg, const RoutingTables& ro
   state.tables = routing;
   Config one = cfg;  // one rank holding every expert: global shapes
   one.mutable_parallel()->set_expert_parallel(1);
-  auto model = experts::build_model(one, {.state = &state, .init = false});
+  auto model = experts::build_model(one, {.state = &state, .init = false, .sized_only = true});
   std::vector<ParamLayout> out;
   for (const Param* p : model->params().all()) out.push_back({p->name, p->value.shape(), p->expert_sharded});
   return out;

@@ -44,7 +44,8 @@ class Model {
  public:
   // Registers every parameter (zeros, norms at 1) and takes activations from its own workspace; init_weights
   // draws the weights. experts::build_model does both (and restores extra state): use it.
-  Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory);
+  // sized_only: parameters get their shapes but no storage (a layout, e.g. for the checkpoint tools).
+  Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory, bool sized_only = false);
   const proto::ModelConfig& config() const { return cfg_; }
   ParamStore& params() { return ps_; }
   const ParamStore& params() const { return ps_; }

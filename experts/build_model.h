@@ -23,6 +23,7 @@ struct ModelInputs {
   const std::vector<int64_t>* token_counts = nullptr;  // corpus token counts: the vocabulary routing tables
   const UnitState* state = nullptr;  // extra state from a checkpoint (routing tables, router RNGs), restored
   bool init = true;                  // draw the weights from train.seed (false: the caller loads them next)
+  bool sized_only = false;           // parameters with shapes but no storage: the model's layout only (no init)
 };
 
 // Throws unless the model can run on model.device here (run it before any work: the CLI does).
