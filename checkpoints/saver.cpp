@@ -221,14 +221,12 @@ void CheckpointSaver::agree(const std::string& local_error, const std::string& w
   if (!errors.empty()) MOE_THROW(what << " failed: " << join_errors(errors));
 }
 
-std::string CheckpointSaver::save(SaveState state, bool wait) {
-  if (job_) finish();  // never two saves in flight
-  const int rank = par_.rank();
-  const std::string what = "checkpoint of step " + std::to_string(state.step);
-  const int ep = par_.ep_size();
+namespace {
+// The tensors of a save are writable and every expert tensor splits into shard_split blocks per rank. The tensors
+// are the same on every rank, so every rank throws alike.
+void check_save(const SaveState& state, int ep, const std::string& what) {
   const int split = state.shard_split;
   MOE_CHECK(split >= 1, what << ": shard_split " << split << " must be >= 1");
-  // validate everything before creating the directory (same tensors on every rank: all throw alike)
   for (const LocalTensor& t : state.tensors) {
     check_writable(t.tensor, t.name);
     if (!t.sharded) continue;
@@ -237,6 +235,16 @@ std::string CheckpointSaver::save(SaveState state, bool wait) {
               "checkpoint: expert tensor '" << t.name << "' of shape " << shape_str(shape) << " cannot be split over "
                                             << split * ep << " expert-parallel shards (parallel.expert_parallel)");
   }
+}
+}  // namespace
+
+std::string CheckpointSaver::save(SaveState state, bool wait) {
+  if (job_) finish();  // never two saves in flight
+  const int rank = par_.rank();
+  const std::string what = "checkpoint of step " + std::to_string(state.step);
+  const int ep = par_.ep_size();
+  const int split = state.shard_split;
+  check_save(state, ep, what);  // everything, before creating the directory (all ranks throw alike)
   // 1. rank 0 prepares step_<N>.tmp; everyone learns whether that worked
   std::string err;
   if (rank == 0) {
