@@ -119,7 +119,7 @@ void announce(const Config& cfg, const Model& model, const comm::Parallel& par, 
                     << " val tokens; unigram entropy (context-free baseline) " << corpus.unigram_entropy << " nats");
 }
 
-// Checkpoints of the run: every rank writes its own part (launcher/ckpt_save.h); with checkpoint.async the writes
+// Checkpoints of the run: every rank writes its own part (checkpoints/saver.h); with checkpoint.async the writes
 // run in the background and are committed by the first step after every rank's writer finished (or by the next
 // save, or by the final save at the end / on a stop signal, which is synchronous).
 class Checkpoints {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Interrupted checkpoint saves. A training run (checkpoints every 2 steps) is killed with SIGKILL while it writes
-# the checkpoint of step 4, made deterministic by fault injection (launcher/ckpt_save.h: MOE_CKPT_FAULT=kill makes
+# the checkpoint of step 4, made deterministic by fault injection (checkpoints/saver.h: MOE_CKPT_FAULT=kill makes
 # the writer of MOE_CKPT_FAULT_RANK raise SIGKILL on itself after MOE_CKPT_FAULT_AFTER datasets of the save of
 # MOE_CKPT_FAULT_STEP): synchronous and asynchronous saves, on 1 rank and on 2 ranks under mpiexec (one rank dies
 # mid-write, mpiexec ends the other). After each kill: `latest` still names step_2, `moe ckpt verify` passes on it,
