@@ -128,9 +128,11 @@ std::string format_bytes(double b) {
 
 std::string MemoryEstimate::breakdown() const {
   std::ostringstream o;
+  char count[32];
+  std::snprintf(count, sizeof count, "%.4g", params);
   o << "weights " << format_bytes(weight_bytes) << " + gradients " << format_bytes(grad_bytes) << " + AdamW state "
-    << format_bytes(optimizer_bytes) << " + activations " << format_bytes(activation_bytes) << "; "
-    << static_cast<double>(params) << " parameters";
+    << format_bytes(optimizer_bytes) << " + activations " << format_bytes(activation_bytes) << "; " << count
+    << " parameters";
   return o.str();
 }
 

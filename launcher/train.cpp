@@ -160,10 +160,12 @@ class Checkpoints {
   void log_commit(const std::string& dir) {
     if (lead() && !dir.empty()) MOE_INFO("checkpoint " << dir);
   }
+  // this rank's parameters and optimizer state, then the routing tables
   std::vector<ckpt::LocalTensor> tensors() const {
     std::vector<ckpt::LocalTensor> t = collect_local_state(model_.params(), &trainer_.optimizer());
-    for (ckpt::LocalTensor& r : RunState::capture(0, model_, trainer_.optimizer(), trainer_.loader()).tensors())
-      t.push_back(std::move(r));
+    RunState rs;
+    rs.units = model_.unit_state();
+    for (ckpt::LocalTensor& r : rs.tensors()) t.push_back(std::move(r));
     return t;
   }
   const Config& cfg_;
