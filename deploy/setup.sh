@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs every Debian package the project needs (idempotent: skips apt when all are present).
+# Installs every Debian package the project needs (idempotent: skips apt when all are present), then the
+# project-local Python environment of the test clients (.venv, see below).
 # Usage: deploy/setup.sh [--with-slurm] [--no-torch]
 set -euo pipefail
 PKGS=(build-essential cmake ninja-build pkgconf git
@@ -15,15 +16,29 @@ for a in "$@"; do
   esac
 done
 # The PyTorch oracle for tests and benchmarks (Debian's torch works with /usr/bin/python3 only).
-[ "$WITH_TORCH" = 1 ] && PKGS+=(python3 python3-torch python3-h5py python3-numpy)
+[ "$WITH_TORCH" = 1 ] && PKGS+=(python3 python3-torch python3-h5py python3-numpy python3-venv)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "setup.sh: all ${#PKGS[@]} packages already installed"; exit 0
+  echo "setup.sh: all ${#PKGS[@]} packages already installed"
+else
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  echo "setup.sh: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-echo "setup.sh: installing ${missing[*]}"
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+[ "$WITH_TORCH" = 1 ] || exit 0
+# The test clients from PyPI, pinned, in a project-local virtual environment (.venv, git-ignored) that still sees
+# Debian's torch, h5py and numpy (--system-site-packages; the pyenv python3 on PATH has no torch: use /usr/bin).
+# Downloads about 10 MB of wheels (tensorboard and its dependencies) on first run; nothing when up to date.
+VENV_PKGS=(tensorboard==2.15.1)
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv
+if .venv/bin/python -m pip freeze 2>/dev/null | grep -qxF -f <(printf '%s\n' "${VENV_PKGS[@]}"); then
+  echo "setup.sh: .venv up to date (${VENV_PKGS[*]})"
+else
+  echo "setup.sh: installing ${VENV_PKGS[*]} into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check "${VENV_PKGS[@]}"
+fi

@@ -60,6 +60,9 @@ const OptionDoc kOptions[] = {
     {"--metrics", "FILE",
      "append one JSON line per logged step and per evaluation (loss, lr, grad norm, tokens/s,\n"
      "per-layer router loss, dropped fraction, per-expert load; format in core/metrics.h)"},
+    {"--tensorboard", "DIR",
+     "write TensorBoard event files of the logged steps and evaluations into DIR (the metrics\n"
+     "stream's scalars, and per-expert load histograms)"},
     {"--data-dir", "DIR",
      "relative data paths (data.train_file, data.tokenizer_model) of the config file, or of the\n"
      "checkpoint's config for eval, are relative to DIR (default: the config file's directory;\n"
@@ -76,9 +79,12 @@ struct CommandSpec {
 };
 const std::vector<CommandSpec>& commands() {
   static const std::vector<CommandSpec> k = {
-      {"train", "--config FILE [--set path=value ...] [--resume] [--threads N] [--metrics FILE] [--loss-log FILE]",
+      {"train",
+       "--config FILE [--set path=value ...] [--resume] [--threads N] [--metrics FILE] [--tensorboard DIR] "
+       "[--loss-log FILE]",
        "train a model; writes the tokenizer and checkpoints under train.out_dir (several ranks: mpirun / srun)",
-       {"--config", "--data-dir", "--set", "--resume", "--threads", "--metrics", "--loss-log"}, "--config"},
+       {"--config", "--data-dir", "--set", "--resume", "--threads", "--metrics", "--tensorboard", "--loss-log"},
+       "--config"},
       {"generate", "--checkpoint DIR [--prompt TEXT] [--set generate.temperature=0.8 ...] [--threads N]",
        "sample text from a checkpoint; prints the prompt and its continuation, decoded together",
        {"--checkpoint", "--prompt", "--set", "--threads", "--print-ids"}, "--checkpoint"},
@@ -146,6 +152,7 @@ struct Args {
   int ranks_on_node = 1;  // from the launcher: "all cores" is divided among the ranks of one node
   std::string loss_log;
   std::string metrics;
+  std::string tensorboard;
   std::vector<std::string> overrides;
 };
 
@@ -188,6 +195,7 @@ Args parse_args(int argc, char** argv) {
     else if (k == "--print-ids") a.print_ids = true;
     else if (k == "--loss-log") a.loss_log = value();
     else if (k == "--metrics") a.metrics = value();
+    else if (k == "--tensorboard") a.tensorboard = value();
     else if (k == "--threads") {
       std::string v = value();
       size_t used = 0;
@@ -222,7 +230,7 @@ int threads_for(const Args& a, int config_threads) {
 int cmd_train(const Args& a, comm::Parallel& par) {
   Config cfg = resolve_config(a);
   TrainOptions opt{a.resume, set_num_threads(threads_for(a, cfg.train().threads())), a.ranks_on_node, a.loss_log,
-                   a.metrics};
+                   a.metrics, a.tensorboard};
   return run_training(std::move(cfg), opt, par);
 }
 

@@ -14,6 +14,7 @@
 #include "checkpoints/saver.h"
 #include "launcher/run_state.h"
 #include "launcher/stop_control.h"
+#include "launcher/tensorboard.h"
 
 namespace fs = std::filesystem;
 
@@ -176,10 +177,11 @@ class Checkpoints {
   ckpt::CheckpointSaver saver_;
 };
 
-// What the lead rank reports: the progress line, the exact loss log, the metrics stream.
+// What the lead rank reports: the progress line, the exact loss log, the metrics stream, TensorBoard events.
 struct Reports {
   std::ofstream loss_log;
   MetricsSink metrics;
+  TensorBoardWriter tensorboard;
   Reports(const TrainOptions& opt, bool lead) {
     if (!lead) return;
     if (!opt.loss_log.empty()) {
@@ -187,6 +189,7 @@ struct Reports {
       MOE_CHECK(loss_log.good(), "--loss-log: cannot open '" << opt.loss_log << "'");
     }
     if (!opt.metrics.empty()) metrics = MetricsSink(opt.metrics);
+    if (!opt.tensorboard.empty()) tensorboard = TensorBoardWriter(opt.tensorboard);
   }
   void hook(TrainHooks& h, bool lead) {
     if (!lead) return;
@@ -199,6 +202,7 @@ struct Reports {
     h.on_log = [this](const LogRecord& r) {
       MOE_INFO(progress_line(r));
       metrics.write(train_record(r));
+      tensorboard.write(r);
     };
     h.on_eval = [this](const EvalRecord& r) {
       char line[128];
@@ -206,6 +210,7 @@ struct Reports {
                     std::exp(r.val_loss));
       MOE_INFO(line);
       metrics.write(eval_record(r));
+      tensorboard.write(r);
     };
   }
 };

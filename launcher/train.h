@@ -16,6 +16,7 @@ struct TrainOptions {
   int ranks_on_node = 1;  // ranks sharing this node's memory (the memory check)
   std::string loss_log;   // append "step hexfloat-loss" per step (rank 0)
   std::string metrics;    // append one JSON line per logged step and evaluation (rank 0)
+  std::string tensorboard;  // write TensorBoard event files of the same records into this directory (rank 0)
 };
 
 // cfg: resolved (overrides applied, defaults filled), not yet validated.
