@@ -44,6 +44,19 @@ JsonObject& JsonObject::num(const std::string& key, double v) {
 
 JsonObject& JsonObject::num(const std::string& key, int64_t v) { return raw(key, std::to_string(v)); }
 JsonObject& JsonObject::str(const std::string& key, const std::string& v) { return raw(key, json_escape(v)); }
+JsonObject& JsonObject::boolean(const std::string& key, bool v) { return raw(key, v ? "true" : "false"); }
+JsonObject& JsonObject::null(const std::string& key) { return raw(key, "null"); }
+
+JsonObject& JsonObject::strs(const std::string& key, const std::vector<std::string>& v) {
+  std::string a = "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) a += ',';
+    a += json_escape(v[i]);
+  }
+  a += ']';
+  return raw(key, a);
+}
+
 JsonObject& JsonObject::obj(const std::string& key, const JsonObject& v) { return raw(key, v.text()); }
 
 JsonObject& JsonObject::nums(const std::string& key, const std::vector<int64_t>& v) {

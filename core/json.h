@@ -18,6 +18,9 @@ class JsonObject {
   JsonObject& num(const std::string& key, double v);
   JsonObject& num(const std::string& key, int64_t v);
   JsonObject& str(const std::string& key, const std::string& v);
+  JsonObject& boolean(const std::string& key, bool v);
+  JsonObject& null(const std::string& key);
+  JsonObject& strs(const std::string& key, const std::vector<std::string>& v);
   JsonObject& nums(const std::string& key, const std::vector<int64_t>& v);
   JsonObject& obj(const std::string& key, const JsonObject& v);
   JsonObject& objs(const std::string& key, const std::vector<JsonObject>& v);

@@ -162,7 +162,18 @@ RunOutcome Trainer::run(const TrainHooks& hooks, int start_step) {
   return out;
 }
 
-std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& prompt, const proto::GenerateConfig& g) {
+namespace {
+// log softmax(logits)[t], in double
+double log_prob(const float* logits, int V, int t) {
+  const float mx = *std::max_element(logits, logits + V);
+  double sum = 0;
+  for (int i = 0; i < V; ++i) sum += std::exp(double(logits[i]) - mx);
+  return double(logits[t]) - mx - std::log(sum);
+}
+}  // namespace
+
+std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& prompt, const proto::GenerateConfig& g,
+                              std::vector<double>* logprobs) {
   MOE_CHECK(!prompt.empty(), "generate: the prompt is empty (it needs at least one token)");
   const int max_T = model.config().max_seq_len();
   MOE_CHECK(static_cast<int>(prompt.size()) < max_T,
@@ -198,6 +209,7 @@ std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& prompt, 
       }
     }
     out.push_back(next);
+    if (logprobs) logprobs->push_back(log_prob(logits, V, next));
     if (cache.len < max_T) logits = model.decode_step(cache, next);
   }
   return out;

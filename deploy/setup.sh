@@ -32,11 +32,15 @@ fi
 [ "$WITH_TORCH" = 1 ] || exit 0
 # The test clients from PyPI, pinned, in a project-local virtual environment (.venv, git-ignored) that still sees
 # Debian's torch, h5py and numpy (--system-site-packages; the pyenv python3 on PATH has no torch: use /usr/bin).
-# Downloads about 10 MB of wheels (tensorboard and its dependencies) on first run; nothing when up to date.
-VENV_PKGS=(tensorboard==2.15.1)
+# Downloads about 30 MB of wheels (tensorboard, transformers and their dependencies) on first run; nothing when
+# up to date. transformers 4.38 works with Debian's torch 1.13 (newer releases need torch 2).
+VENV_PKGS=(tensorboard==2.15.1 transformers==4.38.2 safetensors==0.4.2)
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv
-if .venv/bin/python -m pip freeze 2>/dev/null | grep -qxF -f <(printf '%s\n' "${VENV_PKGS[@]}"); then
+frozen=$(.venv/bin/python -m pip freeze 2>/dev/null || true)
+stale=0
+for p in "${VENV_PKGS[@]}"; do grep -qxF "$p" <<<"$frozen" || stale=1; done
+if [ $stale -eq 0 ]; then
   echo "setup.sh: .venv up to date (${VENV_PKGS[*]})"
 else
   echo "setup.sh: installing ${VENV_PKGS[*]} into .venv"

@@ -16,6 +16,7 @@
 
 #include "checkpoints/checkpoint.h"
 #include "checkpoints/convert.h"
+#include "checkpoints/hf.h"
 #include "checkpoints/model_layout.h"
 #include "checkpoints/naming.h"
 #include "checkpoints/safetensors.h"
@@ -40,6 +41,7 @@ const char* kCkptUsage =
     "                parallel.expert_parallel = M and world size M; resume it with --set parallel.expert_parallel=M\n"
     "  convert DIR --out OUT [--to-gqa G] [--upcycle E] [--dtype bf16|f32] [--seed S] [--set path=value ...]\n"
     "  convert DIR --to-safetensors FILE [--to-gqa G] [--upcycle E] [--dtype bf16|f32]\n"
+    "  convert DIR --to-hf OUT_DIR [--to-gqa G] [--upcycle E] [--dtype bf16|f32]\n"
     "  convert --from-safetensors FILE [--config CFG.pbtxt] [--tokenizer SPM.model] --out OUT [--dtype ...]\n"
     "                write a NEW checkpoint (the source is never modified; OUT must not exist, be empty, or be a\n"
     "                checkpoint root without the same step; FILE must not exist):\n"
@@ -61,6 +63,12 @@ const char* kCkptUsage =
     "                     word-expert routing tables routing/<prefix> keep their name (I32). Expert tensors keep their\n"
     "                     global shape [E, ...]. dtypes F32/BF16/I32. __metadata__: format=pt, moe.step, moe.config\n"
     "                     (the full run config, protobuf text)\n"
+    "    --to-hf OUT_DIR  export a directory that transformers' AutoModelForCausalLM.from_pretrained loads (no\n"
+    "                     custom code): dense models as llama, MoE models (every layer MoE) as mixtral; config.json,\n"
+    "                     model.safetensors (sharded with an index past 2 GiB), tokenizer.model and\n"
+    "                     tokenizer_config.json. Word-expert layers, GELU, LayerNorm, mixed dense/MoE layers, sigmoid\n"
+    "                     routers and un-normalised top-k gates are refused naming the layer and the reason\n"
+    "                     (checkpoints/hf.h has the name mapping)\n"
     "    --from-safetensors FILE the inverse: a step-0 checkpoint without optimizer state from FILE and the config\n"
     "                     (--config, else the file's moe.config metadata; defaults filled and validated; every\n"
     "                     parameter the model expects must be present with its shape); the tokenizer comes from\n"
@@ -309,11 +317,35 @@ int reshard(const Opts& o) {
   return 0;
 }
 
+// The converted value to its destination: --to-safetensors FILE, --to-hf DIR or a checkpoint under --out OUT.
+int write_output(const Opts& o, const ckpt::CheckpointValue& c, bool from_st) {
+  if (o.has("--to-safetensors")) {
+    const std::string f = o.get("--to-safetensors");
+    const ckpt::SafetensorsFile st = ckpt::to_safetensors(c);
+    ckpt::write_safetensors(f, st.tensors, st.metadata);
+    std::printf("exported %zu tensors of %s -> %s\n", st.tensors.size(), c.source.c_str(), f.c_str());
+    return 0;
+  }
+  if (o.has("--to-hf")) {
+    const ckpt::HfModel hf = ckpt::to_hf(c);
+    ckpt::write_hf(o.get("--to-hf"), hf);
+    std::printf("exported %s as a transformers model (%zu tensors) -> %s\n", c.source.c_str(), hf.tensors.size(),
+                o.get("--to-hf").c_str());
+    return 0;
+  }
+  const std::string out = o.get("--out");
+  if (from_st) check_out_root(out, 0, "");
+  const int ws = c.manifest.world_size() > 0 ? c.manifest.world_size() : 1;
+  std::printf("converted %s -> %s\n", c.source.c_str(), ckpt::write(out, c, ws).c_str());
+  return 0;
+}
+
 int convert(const Opts& o) {
-  const bool from_st = o.has("--from-safetensors"), to_st = o.has("--to-safetensors");
+  const bool from_st = o.has("--from-safetensors"), to_st = o.has("--to-safetensors"), to_hf = o.has("--to-hf");
   const std::string out = o.get("--out");
   MOE_CHECK(!(from_st && to_st), "moe ckpt convert: --from-safetensors and --to-safetensors exclude each other");
-  MOE_CHECK(to_st != !out.empty(), "moe ckpt convert: give exactly one of --out OUT and --to-safetensors FILE");
+  MOE_CHECK(int(to_st) + int(to_hf) + int(!out.empty()) == 1,
+            "moe ckpt convert: give exactly one of --out OUT, --to-safetensors FILE and --to-hf DIR");
   MOE_CHECK(from_st || !o.has("--config"), "moe ckpt convert: --config is only for --from-safetensors");
   MOE_CHECK(from_st || !o.has("--tokenizer"), "moe ckpt convert: --tokenizer is only for --from-safetensors");
   const int gqa = o.has("--to-gqa") ? parse_int("--to-gqa", o.get("--to-gqa"), 1) : 0;
@@ -357,11 +389,16 @@ int convert(const Opts& o) {
     where = "checkpoint " + c.source;
     for (const auto& s : o.sets) apply_override(c.mutable_config(), s);
     fill_defaults(c.mutable_config());
-    if (!to_st) check_out_root(out, c.manifest.step(), c.source);  // fail early, before the conversions
+    if (!out.empty()) check_out_root(out, c.manifest.step(), c.source);  // fail early, before the conversions
   }
   if (to_st) {
     const std::string f = o.get("--to-safetensors");
     MOE_CHECK(!fs::exists(f), "moe ckpt convert: '" << f << "' already exists; refusing to overwrite it");
+  }
+  if (to_hf) {
+    const std::string d = o.get("--to-hf");
+    MOE_CHECK(!fs::exists(d) || (fs::is_directory(d) && fs::is_empty(d)),
+              "moe ckpt convert: --to-hf '" << d << "' exists and is not an empty directory; refusing to overwrite it");
   }
 
   // parameters stay in their stored dtype unless --dtype is given (new tensors follow the parameters' dtype)
@@ -385,17 +422,7 @@ int convert(const Opts& o) {
   if (drop_optimizer) c = ckpt::drop_optimizer(std::move(c));
   c = ckpt::finalize(std::move(c), where);
 
-  if (to_st) {
-    const std::string f = o.get("--to-safetensors");
-    const ckpt::SafetensorsFile st = ckpt::to_safetensors(c);
-    ckpt::write_safetensors(f, st.tensors, st.metadata);
-    std::printf("exported %zu tensors of %s -> %s\n", st.tensors.size(), c.source.c_str(), f.c_str());
-    return 0;
-  }
-  if (from_st) check_out_root(out, 0, "");
-  const int ws = c.manifest.world_size() > 0 ? c.manifest.world_size() : 1;
-  std::printf("converted %s -> %s\n", c.source.c_str(), ckpt::write(out, c, ws).c_str());
-  return 0;
+  return write_output(o, c, from_st);
 }
 
 }  // namespace
@@ -420,7 +447,7 @@ int ckpt_tool_main(int argc, char** argv) {
   if (cmd == "reshard") return reshard(parse_opts(cmd, argc, argv, {"--ep", "--out"}));
   if (cmd == "convert")
     return convert(parse_opts(cmd, argc, argv,
-                              {"--out", "--to-safetensors", "--from-safetensors", "--config", "--tokenizer", "--set",
+                              {"--out", "--to-safetensors", "--to-hf", "--from-safetensors", "--config", "--tokenizer", "--set",
                                "--to-gqa", "--upcycle", "--dtype", "--seed"}));
   MOE_THROW("moe ckpt: unknown command '" << cmd << "'\n" << kCkptUsage);
 }

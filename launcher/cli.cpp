@@ -67,7 +67,9 @@ const OptionDoc kOptions[] = {
      "relative data paths (data.train_file, data.tokenizer_model) of the config file, or of the\n"
      "checkpoint's config for eval, are relative to DIR (default: the config file's directory;\n"
      "for eval: the working directory); --set paths stay relative to the working directory"},
-    {"--print-ids", "", "also print the token ids (prompt, then continuation) as one line on stderr"},
+    {"--print-ids", "",
+     "also print on stderr the token ids (prompt, then continuation) on one line, and on the next the\n"
+     "log-probability of each generated token (log-softmax of the logits, before temperature/top-k)"},
 };
 
 struct CommandSpec {
@@ -241,12 +243,19 @@ int cmd_generate(const Args& a) {
   std::vector<int32_t> ids = lm.tok->encode(prompt);
   MOE_CHECK(!ids.empty(), "--prompt '" << prompt << "' encodes to no tokens");
   std::vector<int32_t> all = ids;
-  const std::vector<int32_t> out = generate(*lm.model, ids, lm.cfg.generate());
+  std::vector<double> logprobs;
+  const std::vector<int32_t> out = generate(*lm.model, ids, lm.cfg.generate(), &logprobs);
   all.insert(all.end(), out.begin(), out.end());
   // decoded as one sequence: the continuation decoded alone would lose its leading space ("looked atthe")
   std::cout << lm.tok->decode(all) << std::endl;
   if (a.print_ids) {
     for (size_t i = 0; i < all.size(); ++i) std::cerr << (i ? " " : "") << all[i];
+    std::cerr << std::endl;
+    char buf[32];
+    for (size_t i = 0; i < logprobs.size(); ++i) {
+      std::snprintf(buf, sizeof buf, "%.9g", logprobs[i]);
+      std::cerr << (i ? " " : "") << buf;
+    }
     std::cerr << std::endl;
   }
   return 0;

@@ -18,7 +18,7 @@ for seed in 3 4 5 6 7 8 9 10; do
   # the reference: the tokenizer's own decoder on the whole id sequence, split at the <nl> symbol as moe does
   nl=$(spm_export_vocab --model="$tok" | awk -F'\t' '$1 == "<nl>" { print NR - 1 }')
   test -n "$nl" || fail "no <nl> piece in the tokenizer"
-  tr ' ' '\n' < "$work/ids.txt" | awk -v nl="$nl" '$1 == nl { print line; line = ""; next }
+  head -n 1 "$work/ids.txt" | tr ' ' '\n' | awk -v nl="$nl" '$1 == nl { print line; line = ""; next }
     { line = (line == "" ? $1 : line " " $1) } END { print line }' > "$work/segments.txt"
   spm_decode --model="$tok" --input_format=id < "$work/segments.txt" > "$work/want.txt"
   cmp -s "$work/gen.txt" "$work/want.txt" || { echo "printed:"; cat "$work/gen.txt"; echo "ids:"; cat "$work/ids.txt"
