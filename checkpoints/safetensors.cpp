@@ -31,199 +31,17 @@ const char* st_dtype(DType dt) {
   return "?";
 }
 
-// ---- a strict parser for the safetensors header: objects, arrays, strings and non-negative integers ----
-struct JValue {
-  enum Kind { kObject, kArray, kString, kInt } kind = kInt;
-  std::vector<std::pair<std::string, JValue>> object;  // keys in file order (duplicates are rejected)
-  std::vector<JValue> array;
-  std::string str;
-  uint64_t num = 0;
-};
 
-class JsonParser {
- public:
-  JsonParser(const std::string& text, const std::string& source) : s_(text), src_(source) {}
-  JValue parse_document() {
-    ws();
-    MOE_CHECK(peek() == '{', where() << "the header must be a JSON object");
-    JValue v = value(0);
-    ws();
-    MOE_CHECK(i_ == s_.size(), where() << "unexpected trailing characters after the header object");
-    return v;
-  }
 
- private:
-  std::string where() const {
-    std::ostringstream o;
-    o << "safetensors file " << src_ << ": malformed JSON header at byte " << i_ << ": ";
-    return o.str();
-  }
-  char peek() const { return i_ < s_.size() ? s_[i_] : '\0'; }
-  void ws() {
-    while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\t' || s_[i_] == '\n' || s_[i_] == '\r')) ++i_;
-  }
-  void expect(char c) {
-    ws();
-    MOE_CHECK(i_ < s_.size(), where() << "unexpected end of header (expected '" << c << "')");
-    MOE_CHECK(s_[i_] == c, where() << "expected '" << c << "', found '" << s_[i_] << "'");
-    ++i_;
-  }
-  // After an element of an object or array: true if another element follows (a ',' consumed), false when the
-  // closing bracket `close` is (consumed); anything else is an error naming `inside`.
-  bool next_element(char close, const char* inside) {
-    ws();
-    MOE_CHECK(i_ < s_.size(), where() << "unexpected end of header inside " << inside);
-    if (s_[i_] == ',') {
-      ++i_;
-      return true;
-    }
-    MOE_CHECK(s_[i_] == close, where() << "expected ',' or '" << close << "', found '" << s_[i_] << "'");
-    ++i_;
-    return false;
-  }
-  JValue value(int depth) {
-    MOE_CHECK(depth < 8, where() << "nesting too deep");
-    ws();
-    MOE_CHECK(i_ < s_.size(), where() << "unexpected end of header");
-    const char c = s_[i_];
-    JValue v;
-    if (c == '{') {
-      v.kind = JValue::kObject;
-      ++i_;
-      ws();
-      if (peek() == '}') {
-        ++i_;
-        return v;
-      }
-      std::set<std::string> seen;
-      do {
-        ws();
-        MOE_CHECK(peek() == '"', where() << "expected a string key");
-        std::string key = string();
-        MOE_CHECK(seen.insert(key).second, where() << "duplicate key \"" << key << "\"");
-        expect(':');
-        JValue item = value(depth + 1);
-        v.object.emplace_back(std::move(key), std::move(item));
-      } while (next_element('}', "an object"));
-      return v;
-    }
-    if (c == '[') {
-      v.kind = JValue::kArray;
-      ++i_;
-      ws();
-      if (peek() == ']') {
-        ++i_;
-        return v;
-      }
-      do v.array.push_back(value(depth + 1));
-      while (next_element(']', "an array"));
-      return v;
-    }
-    if (c == '"') {
-      v.kind = JValue::kString;
-      v.str = string();
-      return v;
-    }
-    if (c >= '0' && c <= '9') {
-      v.kind = JValue::kInt;
-      MOE_CHECK(!(c == '0' && i_ + 1 < s_.size() && s_[i_ + 1] >= '0' && s_[i_ + 1] <= '9'),
-                where() << "numbers must not have leading zeros");
-      uint64_t n = 0;
-      while (i_ < s_.size() && s_[i_] >= '0' && s_[i_] <= '9') {
-        const uint64_t d = static_cast<uint64_t>(s_[i_] - '0');
-        MOE_CHECK(n <= (std::numeric_limits<uint64_t>::max() - d) / 10, where() << "integer too large");
-        n = n * 10 + d;
-        ++i_;
-      }
-      MOE_CHECK(i_ >= s_.size() || (s_[i_] != '.' && s_[i_] != 'e' && s_[i_] != 'E'),
-                where() << "only non-negative integers are allowed here");
-      v.num = n;
-      return v;
-    }
-    MOE_THROW(where() << "unexpected character '" << c << "' (expected an object, array, string or integer)");
-  }
-  std::string string() {
-    ++i_;  // opening quote
-    std::string out;
-    while (true) {
-      MOE_CHECK(i_ < s_.size(), where() << "unterminated string");
-      const unsigned char c = static_cast<unsigned char>(s_[i_++]);
-      if (c == '"') return out;
-      MOE_CHECK(c >= 0x20, where() << "control character inside a string");
-      if (c != '\\') {
-        out += static_cast<char>(c);
-        continue;
-      }
-      MOE_CHECK(i_ < s_.size(), where() << "unterminated escape");
-      const char e = s_[i_++];
-      switch (e) {
-        case '"': out += '"'; break;
-        case '\\': out += '\\'; break;
-        case '/': out += '/'; break;
-        case 'b': out += '\b'; break;
-        case 'f': out += '\f'; break;
-        case 'n': out += '\n'; break;
-        case 'r': out += '\r'; break;
-        case 't': out += '\t'; break;
-        case 'u': {
-          uint32_t cp = hex4();
-          if (cp >= 0xD800 && cp < 0xDC00) {  // surrogate pair
-            MOE_CHECK(i_ + 1 < s_.size() && s_[i_] == '\\' && s_[i_ + 1] == 'u', where() << "lone surrogate");
-            i_ += 2;
-            const uint32_t lo = hex4();
-            MOE_CHECK(lo >= 0xDC00 && lo < 0xE000, where() << "bad surrogate pair");
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-          } else {
-            MOE_CHECK(!(cp >= 0xDC00 && cp < 0xE000), where() << "lone surrogate");
-          }
-          append_utf8(out, cp);
-          break;
-        }
-        default: MOE_THROW(where() << "bad escape '\\" << e << "'");
-      }
-    }
-  }
-  uint32_t hex4() {
-    MOE_CHECK(i_ + 4 <= s_.size(), where() << "truncated \\u escape");
-    uint32_t v = 0;
-    for (int k = 0; k < 4; ++k) {
-      const char h = s_[i_++];
-      v <<= 4;
-      if (h >= '0' && h <= '9') v |= h - '0';
-      else if (h >= 'a' && h <= 'f') v |= h - 'a' + 10;
-      else if (h >= 'A' && h <= 'F') v |= h - 'A' + 10;
-      else MOE_THROW(where() << "bad hex digit in \\u escape");
-    }
-    return v;
-  }
-  static void append_utf8(std::string& out, uint32_t cp) {
-    if (cp < 0x80) {
-      out += static_cast<char>(cp);
-    } else if (cp < 0x800) {
-      out += static_cast<char>(0xC0 | (cp >> 6));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      out += static_cast<char>(0xE0 | (cp >> 12));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else {
-      out += static_cast<char>(0xF0 | (cp >> 18));
-      out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    }
-  }
-  const std::string& s_;
-  const std::string& src_;
-  size_t i_ = 0;
-};
-
-const JValue* field(const JValue& obj, const std::string& key) {
-  for (const auto& [k, v] : obj.object)
-    if (k == key) return &v;
-  return nullptr;
+// The safetensors header grammar: objects, arrays, strings and non-negative integers only.
+void only_strings_and_integers(const JsonValue& v, const std::string& source) {
+  MOE_CHECK(v.kind == JsonValue::kObject || v.kind == JsonValue::kArray || v.kind == JsonValue::kString ||
+                v.kind == JsonValue::kInt,
+            "safetensors file " << source << ": malformed JSON header: only objects, arrays, strings and non-negative "
+                                             "integers are allowed (found a fraction, negative number, boolean or null)");
+  for (const auto& [k, x] : v.object) only_strings_and_integers(x, source);
+  for (const JsonValue& x : v.array) only_strings_and_integers(x, source);
 }
-
 
 }  // namespace
 
@@ -295,7 +113,10 @@ SafetensorsFile parse_safetensors(const std::string& bytes, const std::string& s
   MOE_CHECK(n <= bytes.size() - 8, src << ": truncated: the header length is " << n << " bytes but only "
                                        << bytes.size() - 8 << " follow");
   const std::string header = bytes.substr(8, n);
-  const JValue doc = JsonParser(header, source).parse_document();
+  const JsonValue doc = parse_json(header, "safetensors file " + source + ": malformed JSON header");
+  MOE_CHECK(doc.kind == JsonValue::kObject,
+            "safetensors file " << source << ": malformed JSON header: the header must be a JSON object");
+  only_strings_and_integers(doc, source);
   const uint64_t data_size = bytes.size() - 8 - n;
   const char* data = bytes.data() + 8 + n;
 
@@ -307,24 +128,24 @@ SafetensorsFile parse_safetensors(const std::string& bytes, const std::string& s
   std::vector<Span> spans;
   for (const auto& [name, v] : doc.object) {
     if (name == "__metadata__") {
-      MOE_CHECK(v.kind == JValue::kObject, src << ": __metadata__ must be an object of strings");
+      MOE_CHECK(v.kind == JsonValue::kObject, src << ": __metadata__ must be an object of strings");
       for (const auto& [k, s] : v.object) {
-        MOE_CHECK(s.kind == JValue::kString, src << ": __metadata__ value of \"" << k << "\" must be a string");
+        MOE_CHECK(s.kind == JsonValue::kString, src << ": __metadata__ value of \"" << k << "\" must be a string");
         out.metadata[k] = s.str;
       }
       continue;
     }
     const std::string tw = src + ": tensor '" + name + "'";
     MOE_CHECK(!name.empty(), src << ": empty tensor name");
-    MOE_CHECK(v.kind == JValue::kObject, tw << ": entry must be an object");
+    MOE_CHECK(v.kind == JsonValue::kObject, tw << ": entry must be an object");
     for (const auto& [k, unused] : v.object)
       MOE_CHECK(k == "dtype" || k == "shape" || k == "data_offsets", tw << ": unknown field \"" << k << "\"");
-    const JValue* dt = field(v, "dtype");
-    const JValue* sh = field(v, "shape");
-    const JValue* off = field(v, "data_offsets");
-    MOE_CHECK(dt && dt->kind == JValue::kString, tw << ": missing or non-string \"dtype\"");
-    MOE_CHECK(sh && sh->kind == JValue::kArray, tw << ": missing or non-array \"shape\"");
-    MOE_CHECK(off && off->kind == JValue::kArray && off->array.size() == 2,
+    const JsonValue* dt = v.field("dtype");
+    const JsonValue* sh = v.field("shape");
+    const JsonValue* off = v.field("data_offsets");
+    MOE_CHECK(dt && dt->kind == JsonValue::kString, tw << ": missing or non-string \"dtype\"");
+    MOE_CHECK(sh && sh->kind == JsonValue::kArray, tw << ": missing or non-array \"shape\"");
+    MOE_CHECK(off && off->kind == JsonValue::kArray && off->array.size() == 2,
               tw << ": \"data_offsets\" must be an array [begin, end]");
     DType dtype;
     if (dt->str == "F32") dtype = DType::kF32;
@@ -333,14 +154,14 @@ SafetensorsFile parse_safetensors(const std::string& bytes, const std::string& s
     else MOE_THROW(tw << ": unsupported dtype \"" << dt->str << "\" (F32, BF16 or I32)");
     Shape shape;
     uint64_t numel = 1;
-    for (const JValue& d : sh->array) {
-      MOE_CHECK(d.kind == JValue::kInt, tw << ": shape entries must be non-negative integers");
+    for (const JsonValue& d : sh->array) {
+      MOE_CHECK(d.kind == JsonValue::kInt, tw << ": shape entries must be non-negative integers");
       MOE_CHECK(d.num <= (1ull << 40) && (d.num == 0 || numel <= (1ull << 40) / d.num),
                 tw << ": shape is too large");
       numel *= d.num;
       shape.push_back(static_cast<int64_t>(d.num));
     }
-    for (const JValue& o : off->array) MOE_CHECK(o.kind == JValue::kInt, tw << ": data_offsets must be integers");
+    for (const JsonValue& o : off->array) MOE_CHECK(o.kind == JsonValue::kInt, tw << ": data_offsets must be integers");
     const uint64_t begin = off->array[0].num, end = off->array[1].num;
     MOE_CHECK(begin <= end, tw << ": data_offsets [" << begin << ", " << end << "] are reversed");
     MOE_CHECK(end <= data_size, tw << ": data_offsets [" << begin << ", " << end << "] are out of range (the data "

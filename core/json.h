@@ -1,11 +1,29 @@
-// Writing JSON: string escaping and an object built field by field (the metrics stream, safetensors headers,
-// the serving API's responses).
+// JSON: string escaping and an object built field by field (the metrics stream, safetensors headers,
+// config.json of transformers models), and a strict reader (RFC 8259; duplicate keys rejected).
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moe {
+
+// A parsed JSON value. Numbers: a non-negative integer without fraction or exponent is kInt (exact, `num`; `dbl`
+// holds it too), any other number kNumber (`dbl`).
+struct JsonValue {
+  enum Kind { kObject, kArray, kString, kInt, kNumber, kBool, kNull } kind = kNull;
+  std::vector<std::pair<std::string, JsonValue>> object;  // keys in document order
+  std::vector<JsonValue> array;
+  std::string str;
+  uint64_t num = 0;
+  double dbl = 0;
+  bool b = false;
+  const JsonValue* field(const std::string& key) const;  // null if absent (or not an object)
+  bool is_number() const { return kind == kInt || kind == kNumber; }
+};
+
+// Parses a whole JSON document; errors read "<what> at byte N: <problem>".
+JsonValue parse_json(const std::string& text, const std::string& what);
 
 // s as a JSON string literal, quotes included (\" \\ \n \r \t \b \f, other control characters as \u00XX;
 // bytes >= 0x80 pass through: UTF-8 stays UTF-8).
