@@ -5,8 +5,11 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <set>
 
 #include "checkpoints/naming.h"
+#include "core/data.h"
 #include "core/error.h"
 #include "core/json.h"
 
@@ -180,6 +183,203 @@ void write_hf(const std::string& dir, const HfModel& m, int64_t shard_bytes) {
   write_file(tmp + "/tokenizer_config.json", m.tokenizer_config_json);
   if (fs::exists(dir)) fs::remove(dir);  // the empty directory
   fs::rename(tmp, dir);
+}
+
+}  // namespace moe::ckpt
+
+// ------------------------------------------------------------------------------------------------ import
+namespace moe::ckpt {
+namespace {
+
+// The inverse of interleaved_to_halves: our row 2j <- row j, our row 2j + 1 <- row D/2 + j (within each head).
+Tensor halves_to_interleaved(const Tensor& w, int heads, int D, const std::string& name) {
+  MOE_CHECK(w.ndim() == 2 && w.dim(0) == int64_t(heads) * D,
+            "tensor '" << name << "' has shape " << shape_str(w.shape()) << ", expected [" << heads * D << ", C]");
+  Tensor out = Tensor::empty(w.shape(), w.dtype());
+  const size_t row = w.nbytes() / w.dim(0);
+  const auto* src = static_cast<const uint8_t*>(w.raw());
+  auto* dst = static_cast<uint8_t*>(out.raw());
+  for (int h = 0; h < heads; ++h)
+    for (int j = 0; j < D / 2; ++j) {
+      std::memcpy(dst + (size_t(h) * D + 2 * j) * row, src + (size_t(h) * D + j) * row, row);
+      std::memcpy(dst + (size_t(h) * D + 2 * j + 1) * row, src + (size_t(h) * D + D / 2 + j) * row, row);
+    }
+  return out;
+}
+
+// [E, ...] from E tensors of the same shape and dtype
+Tensor stack(const std::vector<Tensor>& parts, const std::string& name) {
+  Shape s = parts.at(0).shape();
+  for (const Tensor& p : parts)
+    MOE_CHECK(p.shape() == s && p.dtype() == parts[0].dtype(),
+              "expert tensors of '" << name << "' differ in shape or dtype (" << shape_str(p.shape()) << " vs "
+                                    << shape_str(s) << ")");
+  s.insert(s.begin(), static_cast<int64_t>(parts.size()));
+  Tensor out = Tensor::empty(s, parts[0].dtype());
+  for (size_t e = 0; e < parts.size(); ++e)
+    std::memcpy(static_cast<uint8_t*>(out.raw()) + e * parts[e].nbytes(), parts[e].raw(), parts[e].nbytes());
+  return out;
+}
+
+int64_t int_field(const JsonValue& cfg, const char* key, const std::string& where, int64_t dflt = -1) {
+  const JsonValue* v = cfg.field(key);
+  if (!v || v->kind == JsonValue::kNull) {
+    MOE_CHECK(dflt >= 0, where << ": config.json has no \"" << key << "\"");
+    return dflt;
+  }
+  MOE_CHECK(v->kind == JsonValue::kInt && v->num < (uint64_t(1) << 31),
+            where << ": config.json \"" << key << "\" must be a non-negative integer");
+  return static_cast<int64_t>(v->num);
+}
+
+double num_field(const JsonValue& cfg, const char* key, double dflt) {
+  const JsonValue* v = cfg.field(key);
+  return v && v->is_number() ? v->dbl : dflt;
+}
+
+// config.json -> our Config (model from the file, placeholders elsewhere); returns whether it is mixtral
+bool config_of(const JsonValue& j, Config& cfg, const std::string& where) {
+  MOE_CHECK(j.kind == JsonValue::kObject, where << ": config.json is not a JSON object");
+  const JsonValue* type = j.field("model_type");
+  const std::string mt = type && type->kind == JsonValue::kString ? type->str : "";
+  MOE_CHECK(mt == "llama" || mt == "mixtral",
+            where << ": unknown model_type '" << mt << "' in config.json (supported: llama, mixtral)");
+  const JsonValue* act = j.field("hidden_act");
+  MOE_CHECK(!act || (act->kind == JsonValue::kString && act->str == "silu"),
+            where << ": hidden_act must be silu (SwiGLU)");
+  const JsonValue* bias = j.field("attention_bias");
+  MOE_CHECK(!bias || bias->kind != JsonValue::kBool || !bias->b, where << ": attention_bias is not supported");
+  const JsonValue* scaling = j.field("rope_scaling");
+  MOE_CHECK(!scaling || scaling->kind == JsonValue::kNull, where << ": rope_scaling is not supported");
+  auto* m = cfg.mutable_model();
+  m->set_vocab_size(static_cast<int>(int_field(j, "vocab_size", where)));
+  m->set_d_model(static_cast<int>(int_field(j, "hidden_size", where)));
+  m->set_n_layers(static_cast<int>(int_field(j, "num_hidden_layers", where)));
+  m->set_n_heads(static_cast<int>(int_field(j, "num_attention_heads", where)));
+  m->set_n_kv_heads(static_cast<int>(int_field(j, "num_key_value_heads", where, m->n_heads())));
+  m->set_d_ff(static_cast<int>(int_field(j, "intermediate_size", where)));
+  m->set_max_seq_len(static_cast<int>(int_field(j, "max_position_embeddings", where)));
+  m->set_norm_eps(static_cast<float>(num_field(j, "rms_norm_eps", 1e-6)));
+  m->set_rope_theta(static_cast<float>(num_field(j, "rope_theta", 10000.0)));
+  m->set_init_std(static_cast<float>(num_field(j, "initializer_range", 0.02)));
+  const JsonValue* tie = j.field("tie_word_embeddings");
+  m->set_tie_embeddings(tie && tie->kind == JsonValue::kBool && tie->b);
+  m->set_activation(proto::SWIGLU);
+  m->set_norm(proto::RMSNORM);
+  const bool mixtral = mt == "mixtral";
+  if (mixtral) {
+    m->add_ffn_pattern(proto::FFN_MOE);
+    m->mutable_moe()->set_num_experts(static_cast<int>(int_field(j, "num_local_experts", where)));
+    m->mutable_moe()->set_top_k(static_cast<int>(int_field(j, "num_experts_per_tok", where, 2)));
+    m->mutable_moe()->set_d_expert(m->d_ff());
+    m->mutable_moe()->set_dropless(true);  // transformers' MoE layers are dropless
+    m->mutable_moe()->set_aux_loss_coef(static_cast<float>(num_field(j, "router_aux_loss_coef", 0.0)));
+  }
+  cfg.mutable_data()->set_seq_len(m->max_seq_len());
+  cfg.mutable_data()->set_batch_size(8);
+  cfg.mutable_optimizer()->set_lr(3e-4f);
+  cfg.mutable_train()->set_steps(1000);
+  return mixtral;
+}
+
+}  // namespace
+
+CheckpointValue from_hf(const HfModel& hf, const std::string& source) {
+  const std::string where = "transformers model " + source;
+  Config cfg;
+  const bool mixtral = config_of(parse_json(hf.config_json, where + ": config.json"), cfg, where);
+  const proto::ModelConfig& m = cfg.model();
+  std::map<std::string, Tensor> by_name;
+  for (const NamedTensor& t : hf.tensors) {
+    MOE_CHECK(t.tensor.dtype() != DType::kI32, where << ": tensor '" << t.name << "' is I32");
+    by_name[t.name] = t.tensor;
+  }
+  std::set<std::string> used;
+  auto take = [&](const std::string& name) -> const Tensor& {
+    auto it = by_name.find(name);
+    MOE_CHECK(it != by_name.end(), where << ": tensor '" << name << "' is missing");
+    used.insert(name);
+    return it->second;
+  };
+  CheckpointValue c;
+  c.source = source;
+  auto add = [&](const std::string& ours, const Tensor& t) { c.tensors.push_back({param_key(ours), t, false}); };
+  const int H = m.n_heads(), Hkv = m.n_kv_heads(), D = m.d_model() / std::max(1, m.n_heads());
+  add("tok_emb.weight", take("model.embed_tokens.weight"));
+  for (int l = 0; l < m.n_layers(); ++l) {
+    const std::string ours = "layers." + std::to_string(l) + ".", hfp = "model.layers." + std::to_string(l) + ".";
+    add(ours + "attn_norm.weight", take(hfp + "input_layernorm.weight"));
+    add(ours + "attn.wq", halves_to_interleaved(take(hfp + "self_attn.q_proj.weight"), H, D, hfp + "q_proj"));
+    add(ours + "attn.wk", halves_to_interleaved(take(hfp + "self_attn.k_proj.weight"), Hkv, D, hfp + "k_proj"));
+    add(ours + "attn.wv", take(hfp + "self_attn.v_proj.weight"));
+    add(ours + "attn.wo", take(hfp + "self_attn.o_proj.weight"));
+    add(ours + "ffn_norm.weight", take(hfp + "post_attention_layernorm.weight"));
+    if (!mixtral) {
+      add(ours + "ffn.w_gate", take(hfp + "mlp.gate_proj.weight"));
+      add(ours + "ffn.w_up", take(hfp + "mlp.up_proj.weight"));
+      add(ours + "ffn.w_down", take(hfp + "mlp.down_proj.weight"));
+      continue;
+    }
+    add(ours + "ffn.router.weight", take(hfp + "block_sparse_moe.gate.weight"));
+    std::vector<Tensor> w1, w2, w3;
+    for (int e = 0; e < m.moe().num_experts(); ++e) {
+      const std::string pre = hfp + "block_sparse_moe.experts." + std::to_string(e) + ".";
+      w1.push_back(take(pre + "w1.weight"));
+      w2.push_back(take(pre + "w2.weight"));
+      w3.push_back(take(pre + "w3.weight"));
+    }
+    add(ours + "ffn.experts.w_gate", stack(w1, hfp + "experts.w1"));
+    add(ours + "ffn.experts.w_up", stack(w3, hfp + "experts.w3"));
+    add(ours + "ffn.experts.w_down", stack(w2, hfp + "experts.w2"));
+  }
+  add("final_norm.weight", take("model.norm.weight"));
+  if (!m.tie_embeddings()) add("lm_head.weight", take("lm_head.weight"));
+  for (const auto& [name, t] : by_name)
+    MOE_CHECK(used.count(name) || name.find("rotary_emb.inv_freq") != std::string::npos,
+              where << ": tensor '" << name << "' is not part of a " << (mixtral ? "mixtral" : "llama")
+                    << " model of this config.json");
+  fill_defaults(cfg);
+  validate_config(cfg, false);
+  *c.manifest.mutable_config() = cfg;
+  c.manifest.set_step(0);
+  c.tokenizer = hf.tokenizer;
+  c.has_tokenizer = true;
+  require_consistent(cfg, c.tensors, where);  // every shape as the model of the config expects
+  return c;
+}
+
+HfModel read_hf(const std::string& dir) {
+  MOE_CHECK(fs::is_directory(dir), "--from-hf: '" << dir << "' is not a directory");
+  const std::string cfg_path = dir + "/config.json";
+  MOE_CHECK(fs::is_regular_file(cfg_path), "--from-hf: '" << dir << "' has no config.json");
+  HfModel m;
+  m.config_json = read_file(cfg_path);
+  const std::string tok = dir + "/tokenizer.model";
+  MOE_CHECK(fs::is_regular_file(tok), "--from-hf: '" << dir << "' has no tokenizer.model: only SentencePiece "
+                                         "tokenizers are supported (a tokenizer.json alone is not)");
+  Tokenizer probe(tok);  // throws naming the file when it is not a SentencePiece model
+  m.tokenizer = probe.serialized();
+  std::vector<std::string> files;
+  const std::string index = dir + "/model.safetensors.index.json";
+  if (fs::is_regular_file(index)) {
+    const JsonValue j = parse_json(read_file(index), index);
+    const JsonValue* map = j.field("weight_map");
+    MOE_CHECK(map && map->kind == JsonValue::kObject, index << ": no \"weight_map\" object");
+    std::set<std::string> seen;
+    for (const auto& [name, file] : map->object) {
+      MOE_CHECK(file.kind == JsonValue::kString, index << ": the shard of '" << name << "' is not a string");
+      if (seen.insert(file.str).second) files.push_back(file.str);
+    }
+  } else {
+    files.push_back("model.safetensors");
+  }
+  for (const std::string& f : files) {
+    const std::string path = dir + "/" + f;
+    MOE_CHECK(f.find('/') == std::string::npos && fs::is_regular_file(path),
+              "--from-hf: weight file '" << path << "' is missing");
+    for (NamedTensor& t : read_safetensors(path).tensors) m.tensors.push_back(std::move(t));
+  }
+  return m;
 }
 
 }  // namespace moe::ckpt

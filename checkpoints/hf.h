@@ -1,5 +1,5 @@
-// Export to the Hugging Face `transformers` layout: a directory that AutoModelForCausalLM.from_pretrained loads
-// with no custom code.
+// Export to (and import from) the Hugging Face `transformers` layout: a directory that
+// AutoModelForCausalLM.from_pretrained loads with no custom code.
 //   dense models        -> model_type "llama"   (LlamaForCausalLM)
 //   learned-top-k MoE   -> model_type "mixtral" (MixtralForCausalLM): every layer an MoE layer
 // Files: config.json, model.safetensors (or model-0000k-of-0000n.safetensors + model.safetensors.index.json past
@@ -48,5 +48,17 @@ HfModel to_hf(const CheckpointValue& c);
 // Writes `dir` (must not exist or be empty) atomically: everything into dir.tmp, fsynced, then renamed. Tensors
 // go into model.safetensors, or into shards of at most shard_bytes each plus model.safetensors.index.json.
 void write_hf(const std::string& dir, const HfModel& m, int64_t shard_bytes = int64_t(2) << 30);
+
+// Import, the inverse mapping (q/k rows back to interleaved rotary pairs, mixtral experts stacked into [E, ...]).
+// Pure: a step-0 checkpoint value without optimizer state from config.json's text, the tensors by transformers
+// name and the tokenizer.model bytes. model_type must be llama or mixtral, hidden_act silu, no attention bias, no
+// rope scaling; the model fields come from config.json, the other subsystems get placeholder values to be set
+// with --set (data.seq_len = max_position_embeddings, data.batch_size 8, optimizer.lr 3e-4, train.steps 1000).
+// Every tensor the model needs must be present with its shape, and no other (errors name the tensor).
+CheckpointValue from_hf(const HfModel& m, const std::string& source);
+// Reads DIR (config.json, model.safetensors or model.safetensors.index.json and its shards, tokenizer.model) into
+// an HfModel (config and tokenizer text, tensors by transformers name); errors name the missing or broken file.
+// The tokenizer must be SentencePiece (tokenizer.model); a tokenizer.json-only model is refused.
+HfModel read_hf(const std::string& dir);
 
 }  // namespace moe::ckpt

@@ -41,8 +41,9 @@ const char* kCkptUsage =
     "                parallel.expert_parallel = M and world size M; resume it with --set parallel.expert_parallel=M\n"
     "  convert DIR --out OUT [--to-gqa G] [--upcycle E] [--dtype bf16|f32] [--seed S] [--set path=value ...]\n"
     "  convert DIR --to-safetensors FILE [--to-gqa G] [--upcycle E] [--dtype bf16|f32]\n"
-    "  convert DIR --to-hf OUT_DIR [--to-gqa G] [--upcycle E] [--dtype bf16|f32]\n"
+    "  convert DIR --to-hf OUT_DIR [--max-shard-size BYTES] [--to-gqa G] [--upcycle E] [--dtype bf16|f32]\n"
     "  convert --from-safetensors FILE [--config CFG.pbtxt] [--tokenizer SPM.model] --out OUT [--dtype ...]\n"
+    "  convert --from-hf DIR --out OUT [--dtype ...] [--set path=value ...]\n"
     "                write a NEW checkpoint (the source is never modified; OUT must not exist, be empty, or be a\n"
     "                checkpoint root without the same step; FILE must not exist):\n"
     "    --to-gqa G       multi-head (or any n_kv_heads divisible by G) -> grouped-query attention with G kv heads:\n"
@@ -65,10 +66,15 @@ const char* kCkptUsage =
     "                     (the full run config, protobuf text)\n"
     "    --to-hf OUT_DIR  export a directory that transformers' AutoModelForCausalLM.from_pretrained loads (no\n"
     "                     custom code): dense models as llama, MoE models (every layer MoE) as mixtral; config.json,\n"
-    "                     model.safetensors (sharded with an index past 2 GiB), tokenizer.model and\n"
+    "                     model.safetensors (sharded with an index past --max-shard-size, default 2 GiB),\n"
+    "                     tokenizer.model and\n"
     "                     tokenizer_config.json. Word-expert layers, GELU, LayerNorm, mixed dense/MoE layers, sigmoid\n"
     "                     routers and un-normalised top-k gates are refused naming the layer and the reason\n"
     "                     (checkpoints/hf.h has the name mapping)\n"
+    "    --from-hf DIR    import a transformers llama / mixtral directory (config.json, model.safetensors or its\n"
+    "                     index + shards, tokenizer.model: SentencePiece only) as a step-0 checkpoint without\n"
+    "                     optimizer state; the model comes from config.json, data/optimizer/train get placeholders\n"
+    "                     (data.seq_len = max_position_embeddings, batch 8, lr 3e-4, 1000 steps) to set with --set\n"
     "    --from-safetensors FILE the inverse: a step-0 checkpoint without optimizer state from FILE and the config\n"
     "                     (--config, else the file's moe.config metadata; defaults filled and validated; every\n"
     "                     parameter the model expects must be present with its shape); the tokenizer comes from\n"
@@ -317,6 +323,46 @@ int reshard(const Opts& o) {
   return 0;
 }
 
+// --from-safetensors FILE [--config CFG] [--tokenizer SPM]: a step-0 checkpoint value, every parameter present
+ckpt::CheckpointValue safetensors_source(const Opts& o) {
+  MOE_CHECK(o.dir.empty(), "moe ckpt convert --from-safetensors: unexpected checkpoint directory '" << o.dir << "'");
+  const std::string st_path = o.get("--from-safetensors");
+  const ckpt::SafetensorsFile st = ckpt::read_safetensors(st_path);
+  Config cfg;
+  if (o.has("--config")) {
+    cfg = load_config_file(o.get("--config"));
+  } else {
+    auto it = st.metadata.find("moe.config");
+    MOE_CHECK(it != st.metadata.end(), "moe ckpt convert --from-safetensors: --config CFG.pbtxt is required ("
+                                           << st_path << " has no moe.config metadata)");
+    cfg = parse_config_text(it->second, st_path + " (__metadata__ moe.config)");
+  }
+  for (const auto& s : o.sets) apply_override(cfg, s);
+  ckpt::CheckpointValue c = ckpt::from_safetensors(st, cfg, st_path);
+  std::string tok_path = o.get("--tokenizer");
+  if (tok_path.empty()) tok_path = c.config().data().tokenizer_model();
+  if (!tok_path.empty()) {
+    MOE_CHECK(fs::is_regular_file(tok_path), "moe ckpt convert: tokenizer '" << tok_path << "' does not exist");
+    c.tokenizer = ckpt::read_file(tok_path);
+    c.has_tokenizer = true;
+  } else {
+    std::printf("note: no tokenizer (--tokenizer or data.tokenizer_model): eval/generate need one\n");
+  }
+  ckpt::require_consistent(c.config(), c.tensors, "safetensors file " + st_path);  // before any conversion
+  return c;
+}
+
+// --from-hf DIR: a transformers llama / mixtral directory as a step-0 checkpoint value (--set applies to its config)
+ckpt::CheckpointValue hf_source(const Opts& o) {
+  MOE_CHECK(o.dir.empty(), "moe ckpt convert --from-hf: unexpected checkpoint directory '" << o.dir << "'");
+  const std::string dir = o.get("--from-hf");
+  ckpt::CheckpointValue c = ckpt::from_hf(ckpt::read_hf(dir), dir);
+  for (const auto& s : o.sets) apply_override(c.mutable_config(), s);
+  fill_defaults(c.mutable_config());
+  validate_config(c.config(), false);
+  return c;
+}
+
 // The converted value to its destination: --to-safetensors FILE, --to-hf DIR or a checkpoint under --out OUT.
 int write_output(const Opts& o, const ckpt::CheckpointValue& c, bool from_st) {
   if (o.has("--to-safetensors")) {
@@ -328,7 +374,9 @@ int write_output(const Opts& o, const ckpt::CheckpointValue& c, bool from_st) {
   }
   if (o.has("--to-hf")) {
     const ckpt::HfModel hf = ckpt::to_hf(c);
-    ckpt::write_hf(o.get("--to-hf"), hf);
+    const int64_t shard = o.has("--max-shard-size") ? parse_int("--max-shard-size", o.get("--max-shard-size"), 1)
+                                                    : int64_t(2) << 30;
+    ckpt::write_hf(o.get("--to-hf"), hf, shard);
     std::printf("exported %s as a transformers model (%zu tensors) -> %s\n", c.source.c_str(), hf.tensors.size(),
                 o.get("--to-hf").c_str());
     return 0;
@@ -342,6 +390,8 @@ int write_output(const Opts& o, const ckpt::CheckpointValue& c, bool from_st) {
 
 int convert(const Opts& o) {
   const bool from_st = o.has("--from-safetensors"), to_st = o.has("--to-safetensors"), to_hf = o.has("--to-hf");
+  const bool from_hf = o.has("--from-hf");
+  MOE_CHECK(!(from_st && from_hf), "moe ckpt convert: --from-safetensors and --from-hf exclude each other");
   const std::string out = o.get("--out");
   MOE_CHECK(!(from_st && to_st), "moe ckpt convert: --from-safetensors and --to-safetensors exclude each other");
   MOE_CHECK(int(to_st) + int(to_hf) + int(!out.empty()) == 1,
@@ -357,32 +407,9 @@ int convert(const Opts& o) {
 
   ckpt::CheckpointValue c;
   std::string where;
-  if (from_st) {
-    MOE_CHECK(o.dir.empty(), "moe ckpt convert --from-safetensors: unexpected checkpoint directory '" << o.dir << "'");
-    const std::string st_path = o.get("--from-safetensors");
-    where = "safetensors file " + st_path;
-    const ckpt::SafetensorsFile st = ckpt::read_safetensors(st_path);
-    Config cfg;
-    if (o.has("--config")) {
-      cfg = load_config_file(o.get("--config"));
-    } else {
-      auto it = st.metadata.find("moe.config");
-      MOE_CHECK(it != st.metadata.end(), "moe ckpt convert --from-safetensors: --config CFG.pbtxt is required ("
-                                             << st_path << " has no moe.config metadata)");
-      cfg = parse_config_text(it->second, st_path + " (__metadata__ moe.config)");
-    }
-    for (const auto& s : o.sets) apply_override(cfg, s);
-    c = ckpt::from_safetensors(st, cfg, st_path);
-    std::string tok_path = o.get("--tokenizer");
-    if (tok_path.empty()) tok_path = c.config().data().tokenizer_model();
-    if (!tok_path.empty()) {
-      MOE_CHECK(fs::is_regular_file(tok_path), "moe ckpt convert: tokenizer '" << tok_path << "' does not exist");
-      c.tokenizer = ckpt::read_file(tok_path);
-      c.has_tokenizer = true;
-    } else {
-      std::printf("note: no tokenizer (--tokenizer or data.tokenizer_model): eval/generate need one\n");
-    }
-    ckpt::require_consistent(c.config(), c.tensors, where);  // every parameter present, before any conversion
+  if (from_st || from_hf) {
+    c = from_st ? safetensors_source(o) : hf_source(o);
+    where = (from_st ? "safetensors file " : "transformers model ") + c.source;
   } else {
     MOE_CHECK(!o.dir.empty(), "moe ckpt convert: missing checkpoint directory\n" << kCkptUsage);
     c = ckpt::load_all(o.dir);
@@ -407,7 +434,7 @@ int convert(const Opts& o) {
     if (ckpt::is_param_key(t.name) && t.tensor.dtype() == DType::kBF16) param_dtype = DType::kBF16;
   if (!dtype_opt.empty()) param_dtype = dtype_from_name(dtype_opt);
 
-  bool drop_optimizer = from_st;
+  bool drop_optimizer = from_st || from_hf;
   if (upcycle) {
     std::vector<std::string> notes;
     c = ckpt::upcycle(std::move(c), upcycle, seed, where, &notes);
@@ -422,7 +449,7 @@ int convert(const Opts& o) {
   if (drop_optimizer) c = ckpt::drop_optimizer(std::move(c));
   c = ckpt::finalize(std::move(c), where);
 
-  return write_output(o, c, from_st);
+  return write_output(o, c, from_st || from_hf);
 }
 
 }  // namespace
@@ -447,7 +474,7 @@ int ckpt_tool_main(int argc, char** argv) {
   if (cmd == "reshard") return reshard(parse_opts(cmd, argc, argv, {"--ep", "--out"}));
   if (cmd == "convert")
     return convert(parse_opts(cmd, argc, argv,
-                              {"--out", "--to-safetensors", "--to-hf", "--from-safetensors", "--config", "--tokenizer", "--set",
+                              {"--out", "--to-safetensors", "--to-hf", "--max-shard-size", "--from-hf", "--from-safetensors", "--config", "--tokenizer", "--set",
                                "--to-gqa", "--upcycle", "--dtype", "--seed"}));
   MOE_THROW("moe ckpt: unknown command '" << cmd << "'\n" << kCkptUsage);
 }

@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "checkpoints/checkpoint.h"
+#include "checkpoints/naming.h"
 #include "core/data.h"
 #include "core/log.h"
 #include "core/metrics.h"
@@ -90,8 +91,19 @@ Resume open_resume(bool resume, const std::string& root, Config& cfg, bool lead)
 }
 
 // Loads the checkpoint's tensors and run state into the model and trainer; returns the step to start from.
+// A checkpoint without optimizer state (converted or imported: `moe ckpt convert --to-gqa / --upcycle / --from-hf`)
+// starts a fine-tune: its parameters and step, fresh AdamW state and the loader's own seed.
 int apply_resume(Resume& r, const Config& cfg, Model& model, Trainer& trainer, bool lead) {
   if (!r) return 0;
+  const bool fine_tune = !r.reader->has(ckpt::optim_m_key(model.params().all().front()->name));
+  if (fine_tune) {
+    restore_state(*r.reader, model.params(), nullptr);
+    model.restore_unit_state(r.state.units);
+    if (lead)
+      MOE_INFO("resumed parameters from " << r.dir << " at step " << r.state.step
+                                         << " (no optimizer state: a fine-tune with fresh AdamW state)");
+    return static_cast<int>(r.state.step);
+  }
   restore_state(*r.reader, model.params(), &trainer.optimizer());
   MOE_CHECK(r.manifest.loader_rng_size() == 4, "checkpoint " << r.dir << ": manifest has no data-loader state");
   const int missing_rng = static_cast<int>(model.unit_state().rngs.size() - r.state.units.rngs.size());
@@ -237,11 +249,14 @@ int run_training(Config cfg, const TrainOptions& opt, comm::Parallel& par) {
   experts::check_memory(cfg, par.size(), opt.ranks_on_node, "training");
   const bool lead = par.rank() == 0;
   const std::string root = cfg.train().out_dir() + "/checkpoints";
-  Tokenizer tok(prepare_tokenizer(cfg, par));
+  Resume resume = open_resume(opt.resume, root, cfg, lead);
+  // resuming: the checkpoint's own tokenizer (an imported model brings its own); else the configured or trained one
+  Tokenizer tok(resume && !resume.manifest.tokenizer_file().empty()
+                    ? resume.dir + "/" + resume.manifest.tokenizer_file()
+                    : prepare_tokenizer(cfg, par));
   set_vocab(cfg, tok);
   Corpus corpus = load_corpus(tok, cfg.data().train_file(), cfg.data().val_fraction());
   const std::vector<int64_t> counts = token_counts(corpus, tok.vocab_size());
-  Resume resume = open_resume(opt.resume, root, cfg, lead);
   auto model = experts::build_model(
       cfg, {.ep = par.expert_group(), .token_counts = &counts, .state = resume ? &resume.state.units : nullptr});
   Trainer trainer(cfg, *model, corpus);
