@@ -34,8 +34,8 @@ fi
 # Debian's torch, h5py and numpy (--system-site-packages; the pyenv python3 on PATH has no torch: use /usr/bin).
 # Downloads about 45 MB of wheels (these and their dependencies) on the first run; nothing when
 # up to date. transformers 4.38 works with Debian's torch 1.13 (newer releases need torch 2).
-VENV_PKGS=(tensorboard==2.15.1 transformers==4.38.2 safetensors==0.4.2 openai==1.30.1 prometheus_client==0.20.0
-           schemathesis==3.27.1)
+VENV_PKGS=(tensorboard==2.15.1 transformers==4.38.2 safetensors==0.4.2 sentencepiece==0.1.99 openai==1.30.1
+           prometheus_client==0.20.0 schemathesis==3.27.1)
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv
 frozen=$(.venv/bin/python -m pip freeze 2>/dev/null || true)

@@ -53,6 +53,10 @@ with torch.no_grad():
     prompt, ids, ours = read(greedy)
     gen = model.generate(torch.tensor([prompt]), max_new_tokens=len(ours), do_sample=False)[0].tolist()
 assert gen == ids, ("greedy generation differs", gen[len(prompt):], ids[len(prompt):])
+# the exported tokenizer: transformers' LlamaTokenizer (slow: use_fast=False) encodes the prompt as we did
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(d, use_fast=False)
+assert tok("ROMEO:", add_special_tokens=False)["input_ids"] == prompt, (tok("ROMEO:")["input_ids"], prompt)
 print("%s: transformers %s loads it; %d log-probabilities within %.2e of ours; greedy generation identical (%d tokens)"
       % (d.rsplit("/", 1)[-1], arch, n, worst, len(ours)))
 PY

@@ -14,7 +14,7 @@ for pin in sys.argv[1:]:
     name, want = pin.split("==")
     got = version(name)
     assert got == want, (name, got, want)
-import torch, h5py, tensorboard, transformers, safetensors, openai, prometheus_client, schemathesis
+import torch, h5py, tensorboard, transformers, safetensors, sentencepiece, openai, prometheus_client, schemathesis
 assert torch.__version__.startswith("1.13"), torch.__version__  # Debian's python3-torch, not a PyPI wheel
 print("venv: %s; torch %s (Debian), h5py %s" % (", ".join(sys.argv[1:]), torch.__version__, h5py.__version__))
 PY
