@@ -25,20 +25,20 @@ const Tensor& param(const CheckpointValue& c, const std::string& name) {
   MOE_THROW(c.source << ": tensor '" << key << "' is missing");
 }
 
-// Rows of w [heads*D, C] reordered within each head from interleaved rotary pairs to halves: out row j <- 2j,
-// out row D/2 + j <- 2j + 1.
-Tensor interleaved_to_halves(const Tensor& w, int heads, int D) {
-  MOE_CHECK(w.ndim() == 2 && w.dim(0) == int64_t(heads) * D, "rotary permutation: shape " << shape_str(w.shape())
-                                                                                           << " is not [" << heads
-                                                                                           << "*" << D << ", C]");
+// Rows of w [heads*D, C] reordered within each head between our interleaved rotary pairs and transformers' halves:
+// half-layout row j is interleaved row 2j, half-layout row D/2 + j is interleaved row 2j + 1. to_halves picks the
+// direction (export: true; import: false).
+Tensor permute_rotary_rows(const Tensor& w, int heads, int D, bool to_halves, const std::string& name) {
+  MOE_CHECK(w.ndim() == 2 && w.dim(0) == int64_t(heads) * D,
+            "tensor '" << name << "' has shape " << shape_str(w.shape()) << ", expected [" << heads * D << ", C]");
   Tensor out = Tensor::empty(w.shape(), w.dtype());
   const size_t row = w.nbytes() / w.dim(0);
   const auto* src = static_cast<const uint8_t*>(w.raw());
   auto* dst = static_cast<uint8_t*>(out.raw());
   for (int h = 0; h < heads; ++h)
-    for (int j = 0; j < D / 2; ++j) {
-      std::memcpy(dst + (size_t(h) * D + j) * row, src + (size_t(h) * D + 2 * j) * row, row);
-      std::memcpy(dst + (size_t(h) * D + D / 2 + j) * row, src + (size_t(h) * D + 2 * j + 1) * row, row);
+    for (int j = 0; j < D; ++j) {
+      const size_t half = size_t(h) * D + (j % 2 ? D / 2 : 0) + j / 2, inter = size_t(h) * D + j;
+      std::memcpy(dst + (to_halves ? half : inter) * row, src + (to_halves ? inter : half) * row, row);
     }
   return out;
 }
@@ -112,8 +112,8 @@ HfModel to_hf(const CheckpointValue& c) {
   for (int l = 0; l < m.n_layers(); ++l) {
     const std::string ours = "layers." + std::to_string(l) + ".", hf = "model.layers." + std::to_string(l) + ".";
     add(hf + "input_layernorm.weight", param(c, ours + "attn_norm.weight"));
-    add(hf + "self_attn.q_proj.weight", interleaved_to_halves(param(c, ours + "attn.wq"), H, D));
-    add(hf + "self_attn.k_proj.weight", interleaved_to_halves(param(c, ours + "attn.wk"), Hkv, D));
+    add(hf + "self_attn.q_proj.weight", permute_rotary_rows(param(c, ours + "attn.wq"), H, D, true, ours + "attn.wq"));
+    add(hf + "self_attn.k_proj.weight", permute_rotary_rows(param(c, ours + "attn.wk"), Hkv, D, true, ours + "attn.wk"));
     add(hf + "self_attn.v_proj.weight", param(c, ours + "attn.wv"));
     add(hf + "self_attn.o_proj.weight", param(c, ours + "attn.wo"));
     add(hf + "post_attention_layernorm.weight", param(c, ours + "ffn_norm.weight"));
@@ -190,22 +190,6 @@ void write_hf(const std::string& dir, const HfModel& m, int64_t shard_bytes) {
 // ------------------------------------------------------------------------------------------------ import
 namespace moe::ckpt {
 namespace {
-
-// The inverse of interleaved_to_halves: our row 2j <- row j, our row 2j + 1 <- row D/2 + j (within each head).
-Tensor halves_to_interleaved(const Tensor& w, int heads, int D, const std::string& name) {
-  MOE_CHECK(w.ndim() == 2 && w.dim(0) == int64_t(heads) * D,
-            "tensor '" << name << "' has shape " << shape_str(w.shape()) << ", expected [" << heads * D << ", C]");
-  Tensor out = Tensor::empty(w.shape(), w.dtype());
-  const size_t row = w.nbytes() / w.dim(0);
-  const auto* src = static_cast<const uint8_t*>(w.raw());
-  auto* dst = static_cast<uint8_t*>(out.raw());
-  for (int h = 0; h < heads; ++h)
-    for (int j = 0; j < D / 2; ++j) {
-      std::memcpy(dst + (size_t(h) * D + 2 * j) * row, src + (size_t(h) * D + j) * row, row);
-      std::memcpy(dst + (size_t(h) * D + 2 * j + 1) * row, src + (size_t(h) * D + D / 2 + j) * row, row);
-    }
-  return out;
-}
 
 // [E, ...] from E tensors of the same shape and dtype
 Tensor stack(const std::vector<Tensor>& parts, const std::string& name) {
@@ -309,8 +293,8 @@ CheckpointValue from_hf(const HfModel& hf, const std::string& source) {
   for (int l = 0; l < m.n_layers(); ++l) {
     const std::string ours = "layers." + std::to_string(l) + ".", hfp = "model.layers." + std::to_string(l) + ".";
     add(ours + "attn_norm.weight", take(hfp + "input_layernorm.weight"));
-    add(ours + "attn.wq", halves_to_interleaved(take(hfp + "self_attn.q_proj.weight"), H, D, hfp + "q_proj"));
-    add(ours + "attn.wk", halves_to_interleaved(take(hfp + "self_attn.k_proj.weight"), Hkv, D, hfp + "k_proj"));
+    add(ours + "attn.wq", permute_rotary_rows(take(hfp + "self_attn.q_proj.weight"), H, D, false, hfp + "q_proj"));
+    add(ours + "attn.wk", permute_rotary_rows(take(hfp + "self_attn.k_proj.weight"), Hkv, D, false, hfp + "k_proj"));
     add(ours + "attn.wv", take(hfp + "self_attn.v_proj.weight"));
     add(ours + "attn.wo", take(hfp + "self_attn.o_proj.weight"));
     add(ours + "ffn_norm.weight", take(hfp + "post_attention_layernorm.weight"));
