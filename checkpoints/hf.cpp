@@ -112,8 +112,10 @@ HfModel to_hf(const CheckpointValue& c) {
   for (int l = 0; l < m.n_layers(); ++l) {
     const std::string ours = "layers." + std::to_string(l) + ".", hf = "model.layers." + std::to_string(l) + ".";
     add(hf + "input_layernorm.weight", param(c, ours + "attn_norm.weight"));
-    add(hf + "self_attn.q_proj.weight", permute_rotary_rows(param(c, ours + "attn.wq"), H, D, true, ours + "attn.wq"));
-    add(hf + "self_attn.k_proj.weight", permute_rotary_rows(param(c, ours + "attn.wk"), Hkv, D, true, ours + "attn.wk"));
+    add(hf + "self_attn.q_proj.weight",
+        permute_rotary_rows(param(c, ours + "attn.wq"), H, D, /*to_halves=*/true, ours + "attn.wq"));
+    add(hf + "self_attn.k_proj.weight",
+        permute_rotary_rows(param(c, ours + "attn.wk"), Hkv, D, /*to_halves=*/true, ours + "attn.wk"));
     add(hf + "self_attn.v_proj.weight", param(c, ours + "attn.wv"));
     add(hf + "self_attn.o_proj.weight", param(c, ours + "attn.wo"));
     add(hf + "post_attention_layernorm.weight", param(c, ours + "ffn_norm.weight"));

@@ -32,7 +32,8 @@ float* grad(Param* p) { return p ? p->grad.f32() : nullptr; }
 }  // namespace
 
 GroupedFfn::GroupedFfn(Workspace& ws, int C, int F, proto::Activation act, const FfnWeights& w)
-    : be_(ws.backend()), C_(C), F_(F), act_(act), w_(w), gate_(ws.buffer()), up_(ws.buffer()), aout_(ws.buffer()), dact_(ws.buffer()),
+    : be_(ws.backend()), C_(C), F_(F), act_(act), w_(w), gate_(ws.buffer()), up_(ws.buffer()), aout_(ws.buffer()),
+      dact_(ws.buffer()),
       dgate_(ws.buffer()), dup_(ws.buffer()) {
   MOE_CHECK(C >= 1 && F >= 1, "grouped FFN: d_model and hidden size must be >= 1, got " << C << ", " << F);
   MOE_CHECK(act == proto::SWIGLU || act == proto::GELU, "grouped FFN: unsupported activation " << int(act));

@@ -33,7 +33,8 @@ void Norm::backward(float* dinp, const float* dout, int N) {
 
 // ================================================================== Attention
 Attention::Attention(ParamStore& ps, Workspace& ws, const std::string& prefix, const AttentionDims& d)
-    : be_(ws.backend()), d_(d), q_(ws.buffer()), k_(ws.buffer()), v_(ws.buffer()), att_(ws.buffer()), y_(ws.buffer()), dq_(ws.buffer()),
+    : be_(ws.backend()), d_(d), q_(ws.buffer()), k_(ws.buffer()), v_(ws.buffer()), att_(ws.buffer()), y_(ws.buffer()),
+      dq_(ws.buffer()),
       dk_(ws.buffer()), dv_(ws.buffer()), datt_(ws.buffer()), dy_(ws.buffer()), tmp_(ws.buffer()) {
   wq = ps.add(prefix + ".wq", {d.H * d.D, d.C}, true);
   wk = ps.add(prefix + ".wk", {d.Hkv * d.D, d.C}, true);

@@ -69,7 +69,13 @@ void Block::decode(float* out, const float* x, float* k_cache, float* v_cache, i
 
 // ================================================================== Model
 Model::Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory, bool sized_only)
-    : cfg_(cfg), V_(cfg.vocab_size()), C_(cfg.d_model()), ps_(sized_only), ws_(backend_for(cfg.device() == proto::DEVICE_CUDA ? Device::kCUDA : Device::kCPU)), lnf_(ws_.buffer()), logits_(ws_.buffer()),
+    : cfg_(cfg),
+      V_(cfg.vocab_size()),
+      C_(cfg.d_model()),
+      ps_(sized_only),
+      ws_(backend_for(cfg.device() == proto::DEVICE_CUDA ? Device::kCUDA : Device::kCPU)),
+      lnf_(ws_.buffer()),
+      logits_(ws_.buffer()),
       probs_(ws_.buffer()), losses_(ws_.buffer()), dlogits_(ws_.buffer()), dlnf_(ws_.buffer()), dres_a_(ws_.buffer()),
       dres_b_(ws_.buffer()), dec_x_(ws_.buffer()), dec_y_(ws_.buffer()), dec_lnf_(ws_.buffer()),
       dec_logits_(ws_.buffer()) {
