@@ -106,11 +106,10 @@ int apply_resume(Resume& r, const Config& cfg, Model& model, Trainer& trainer, b
   }
   restore_state(*r.reader, model.params(), &trainer.optimizer());
   MOE_CHECK(r.manifest.loader_rng_size() == 4, "checkpoint " << r.dir << ": manifest has no data-loader state");
-  const int missing_rng = static_cast<int>(model.unit_state().rngs.size() - r.state.units.rngs.size());
-  r.state.restore(model, trainer.optimizer(), trainer.loader());
+  const int missing = r.state.restore(model, trainer.optimizer(), trainer.loader());
   if (lead) MOE_INFO("resumed from " << r.dir << " at step " << r.state.step);
-  if (lead && missing_rng > 0 && cfg.model().moe().jitter_eps() > 0)
-    MOE_INFO("checkpoint has no router jitter RNG state for " << missing_rng
+  if (lead && missing > 0 && cfg.model().moe().jitter_eps() > 0)
+    MOE_INFO("checkpoint has no router jitter RNG state for " << missing
                                                               << " learned router(s): their noise restarts from the seed");
   return static_cast<int>(r.state.step);
 }
@@ -143,7 +142,7 @@ class Checkpoints {
         saver_(par, {root, cfg.checkpoint().async(), cfg.checkpoint().keep_last(), ckpt::SaveFault::from_env(), {}}) {
     // the snapshot buffers, allocated now rather than in the first save's step (only the final save, which is
     // synchronous, is taken when checkpoint.every is 0)
-    if (cfg.checkpoint().async() && cfg.checkpoint().every() > 0) saver_.prepare(tensors());
+    if (cfg.checkpoint().async() && cfg.checkpoint().every() > 0) saver_.prepare(tensors(capture(0)));
   }
   void on_step(int step, bool final) {
     log_commit(saver_.poll());  // collective while an asynchronous save is pending
@@ -152,15 +151,16 @@ class Checkpoints {
     if (lead() && saver_.pending())
       MOE_INFO("waiting for the background checkpoint to finish before the checkpoint of step " << step);
     log_commit(saver_.finish());  // the previous save first: never two in flight
+    const RunState rs = capture(step);
     ckpt::SaveState st;
     st.step = step;
-    st.tensors = tensors();
+    st.tensors = tensors(rs);
     ckpt::SaveRequest base;
     base.config = &cfg_;
     base.world_size = par_.size();
     base.tokenizer_blob = &tok_.serialized();
     st.manifest = ckpt::base_manifest(base);
-    RunState::capture(step, model_, trainer_.optimizer(), trainer_.loader()).to_manifest(st.manifest);
+    rs.to_manifest(st.manifest);
     st.tokenizer_blob = &tok_.serialized();
     const std::string dir = saver_.save(std::move(st), /*wait=*/final);
     if (dir.empty() && lead()) MOE_INFO("checkpoint of step " << step << ": writing in the background");
@@ -173,11 +173,12 @@ class Checkpoints {
   void log_commit(const std::string& dir) {
     if (lead() && !dir.empty()) MOE_INFO("checkpoint " << dir);
   }
-  // this rank's parameters and optimizer state, then the routing tables
-  std::vector<ckpt::LocalTensor> tensors() const {
+  RunState capture(int step) const {
+    return RunState::capture(step, model_, trainer_.optimizer(), trainer_.loader());
+  }
+  // this rank's parameters and optimizer state, then the run state's routing tables
+  std::vector<ckpt::LocalTensor> tensors(const RunState& rs) const {
     std::vector<ckpt::LocalTensor> t = collect_local_state(model_.params(), &trainer_.optimizer());
-    RunState rs;
-    rs.units = model_.unit_state();
     for (ckpt::LocalTensor& r : rs.tensors()) t.push_back(std::move(r));
     return t;
   }
@@ -257,8 +258,8 @@ int run_training(Config cfg, const TrainOptions& opt, comm::Parallel& par) {
   set_vocab(cfg, tok);
   Corpus corpus = load_corpus(tok, cfg.data().train_file(), cfg.data().val_fraction());
   const std::vector<int64_t> counts = token_counts(corpus, tok.vocab_size());
-  auto model = experts::build_model(
-      cfg, {.ep = par.expert_group(), .token_counts = &counts, .state = resume ? &resume.state.units : nullptr});
+  // (a checkpoint's unit state, routing tables included, is restored by apply_resume, once)
+  auto model = experts::build_model(cfg, {.ep = par.expert_group(), .token_counts = &counts});
   Trainer trainer(cfg, *model, corpus);
   const int start = apply_resume(resume, cfg, *model, trainer, lead);
   if (lead) announce(cfg, *model, par, opt.threads, corpus, root);
