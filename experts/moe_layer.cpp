@@ -126,7 +126,7 @@ FfnStats MoeFfn::stats() const {
   s.load_min = plan.load_min();
   s.load_max = plan.load_max();
   s.expert_load.assign(plan.counts.begin(), plan.counts.end());
-  s.experts_used = std::count_if(plan.counts.begin(), plan.counts.end(), [](int32_t c) { return c > 0; });
+  s.experts_used = plan.experts_used();
   return s;
 }
 
@@ -210,7 +210,7 @@ FfnStats WordExpertFfn::stats() const {
   s.dropped_fraction = plan_.dropped_fraction();
   s.load_min = plan_.load_min();
   s.load_max = plan_.load_max();
-  s.experts_used = std::count_if(plan_.counts.begin(), plan_.counts.end(), [](int32_t c) { return c > 0; });
+  s.experts_used = plan_.experts_used();
   return s;
 }
 

@@ -115,6 +115,9 @@ int DispatchPlan::load_min() const {
   if (counts.empty() || (!global_expert.empty() && num_experts < total_experts)) return 0;
   return *std::min_element(counts.begin(), counts.end());
 }
+int DispatchPlan::experts_used() const {
+  return static_cast<int>(std::count_if(counts.begin(), counts.end(), [](int32_t c) { return c > 0; }));
+}
 int DispatchPlan::load_max() const { return counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end()); }
 
 // ---------------------------------------------------------------- permute

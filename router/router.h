@@ -76,6 +76,7 @@ struct DispatchPlan {
   double dropped_fraction() const;  // num_dropped / (N*k); 0 for N == 0
   int load_min() const;             // min over experts of counts (0 when a compact plan leaves experts unused)
   int load_max() const;             // max over experts of counts
+  int experts_used() const;         // experts with at least one kept slot
 
   // out[r] = x[token of order[r]]: gather the kept slots into per-expert contiguous rows.
   void permute(float* out /*[rows,C]*/, const float* x /*[N,C]*/, int C) const;
