@@ -80,9 +80,19 @@ class CpuBackend final : public Backend {
                           int D) override {
     cpu::attention_backward(dq, dk, dv, datt_scratch, dout, q, k, v, att, B, T, H, Hkv, D);
   }
-  void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
-                        int H, int Hkv, int D) override {
-    cpu::attention_decode(out, scores, q, k_cache, v_cache, len, H, Hkv, D);
+  void linear_rows(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) override {
+    cpu::linear_rows(out, inp, w, bias, N, IC, OC);
+  }
+  void rope_rows(float* x, const int32_t* pos, const float* cs, int N, int nh, int D) override {
+    cpu::rope_rows(x, pos, cs, N, nh, D);
+  }
+  void scatter_rows(float* dst, const float* src, const int32_t* idx, int N, int C) override {
+    cpu::scatter_rows(dst, src, idx, N, C);
+  }
+  void attention_paged(float* out, const float* q, const float* k_pool, const float* v_pool, const int32_t* pos,
+                       const int32_t* table, const int32_t* table_start, int block_size, int N, int H, int Hkv,
+                       int D) override {
+    cpu::attention_paged(out, q, k_pool, v_pool, pos, table, table_start, block_size, N, H, Hkv, D);
   }
 
   void gelu_forward(float* out, const float* inp, int64_t N) override { cpu::gelu_forward(out, inp, N); }

@@ -78,10 +78,20 @@ class Backend {
   virtual void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout,
                                   const float* q, const float* k, const float* v, const float* att, int B, int T, int H,
                                   int Hkv, int D) = 0;
-  // One query position attending to cached positions 0..len-1 (q and k already rotated): out[H,D], scores[len]
-  // scratch, q[H,D], k_cache[len,Hkv,D], v_cache[len,Hkv,D]. Query head h uses kv head h / (H / Hkv).
-  virtual void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache,
-                                int len, int H, int Hkv, int D) = 0;
+  // ---------------------------------------------------------------- the inference path (serving, generation)
+  // Batch-invariant linear layer: as linear_forward, but each output row is a function of its input row alone, bit
+  // for bit, whatever N, the other rows and the thread count. out[N,OC], inp[N,IC], w[OC,IC], bias[OC] or null.
+  virtual void linear_rows(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) = 0;
+  // x[N,nh,D] rotated in place, row n at position pos[n], from the table cs[P, D/2, 2] of cpu::rope_cos_sin
+  // (pos[N] < P)
+  virtual void rope_rows(float* x, const int32_t* pos, const float* cs, int N, int nh, int D) = 0;
+  // dst[idx[n], :] = src[n, :]: src[N,C], idx[N] >= 0
+  virtual void scatter_rows(float* dst, const float* src, const int32_t* idx, int N, int C) = 0;
+  // N query rows over a paged KV cache (cpu::attention_paged): q[N,H,D] -> out[N,H,D]; k_pool, v_pool
+  // [slots, Hkv, D]; pos[N]; block tables table[...] with row n's at table_start[N]
+  virtual void attention_paged(float* out, const float* q, const float* k_pool, const float* v_pool, const int32_t* pos,
+                               const int32_t* table, const int32_t* table_start, int block_size, int N, int H, int Hkv,
+                               int D) = 0;
 
   // ---------------------------------------------------------------- activations
   // GELU, tanh approximation: out[N], inp[N]

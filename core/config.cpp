@@ -173,6 +173,21 @@ void fill_defaults(proto::GenerateConfig* g) {
   if (!g->has_max_new_tokens()) g->set_max_new_tokens(200);
 }
 
+void fill_defaults(proto::ServingConfig* s) {
+  if (!s->has_host()) s->set_host("127.0.0.1");
+  if (!s->has_port()) s->set_port(8000);
+  if (!s->has_max_batch_tokens()) s->set_max_batch_tokens(512);
+  if (!s->has_max_running()) s->set_max_running(64);
+  if (!s->has_max_queue()) s->set_max_queue(256);
+  if (!s->has_kv_block_size()) s->set_kv_block_size(16);
+  if (!s->has_kv_cache_bytes()) s->set_kv_cache_bytes(int64_t(256) << 20);
+  if (!s->has_max_connections()) s->set_max_connections(256);
+  if (!s->has_max_body_bytes()) s->set_max_body_bytes(int64_t(1) << 20);
+  if (!s->has_drain_timeout_s()) s->set_drain_timeout_s(30);
+  if (!s->has_request_timeout_s()) s->set_request_timeout_s(30);
+  if (!s->has_idle_timeout_s()) s->set_idle_timeout_s(60);
+}
+
 void fill_defaults(Config& cfg) {
   fill_defaults(cfg.mutable_model(), cfg.data().seq_len());
   fill_defaults(cfg.mutable_data());
@@ -180,6 +195,7 @@ void fill_defaults(Config& cfg) {
   fill_defaults(cfg.mutable_train());
   fill_defaults(cfg.mutable_parallel());
   fill_defaults(cfg.mutable_generate());
+  fill_defaults(cfg.mutable_serving());
 }
 
 // ---- validation: one function per subsystem ----
@@ -328,7 +344,18 @@ void validate(const proto::GenerateConfig& g) {
 }
 
 void validate(const proto::ServingConfig& s) {
+  MOE_CHECK_FIELD(!s.host().empty(), "serving.host", "\"\"", "must name an address (e.g. 127.0.0.1 or 0.0.0.0)");
   MOE_CHECK_FIELD(s.port() >= 0 && s.port() <= 65535, "serving.port", s.port(), "must be in [0, 65535]");
+  MOE_CHECK_FIELD(s.max_batch_tokens() > 0, "serving.max_batch_tokens", s.max_batch_tokens(), "must be > 0");
+  MOE_CHECK_FIELD(s.max_running() > 0, "serving.max_running", s.max_running(), "must be > 0");
+  MOE_CHECK_FIELD(s.max_queue() > 0, "serving.max_queue", s.max_queue(), "must be > 0");
+  MOE_CHECK_FIELD(s.kv_block_size() > 0, "serving.kv_block_size", s.kv_block_size(), "must be > 0");
+  MOE_CHECK_FIELD(s.kv_cache_bytes() > 0, "serving.kv_cache_bytes", s.kv_cache_bytes(), "must be > 0");
+  MOE_CHECK_FIELD(s.max_connections() > 0, "serving.max_connections", s.max_connections(), "must be > 0");
+  MOE_CHECK_FIELD(s.max_body_bytes() > 0, "serving.max_body_bytes", s.max_body_bytes(), "must be > 0");
+  MOE_CHECK_FIELD(s.drain_timeout_s() >= 0, "serving.drain_timeout_s", s.drain_timeout_s(), "must be >= 0");
+  MOE_CHECK_FIELD(s.request_timeout_s() > 0, "serving.request_timeout_s", s.request_timeout_s(), "must be > 0");
+  MOE_CHECK_FIELD(s.idle_timeout_s() > 0, "serving.idle_timeout_s", s.idle_timeout_s(), "must be > 0");
 }
 
 void validate_config(const Config& cfg, bool needs_data) {

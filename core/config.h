@@ -36,7 +36,8 @@ void fill_defaults(proto::OptimizerConfig* o);
 void fill_defaults(proto::TrainConfig* t);
 void fill_defaults(proto::ParallelConfig* p);
 void fill_defaults(proto::GenerateConfig* g);
-// All of the above (CheckpointConfig and ServingConfig have no defaulted fields).
+void fill_defaults(proto::ServingConfig* s);
+// All of the above (CheckpointConfig has no defaulted fields).
 void fill_defaults(Config& cfg);
 
 // Validators per subsystem: check sizes and relations of filled configs; throw moe::Error naming the offending

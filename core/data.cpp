@@ -46,6 +46,28 @@ Tokenizer::~Tokenizer() = default;
 
 int Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
 
+int Tokenizer::eos_id() const { return sp_->eos_id() >= 0 && sp_->eos_id() < vocab_size() ? sp_->eos_id() : -1; }
+
+std::string Tokenizer::token_text(int32_t id) const {
+  MOE_CHECK(id >= 0 && id < vocab_size(), "token id " << id << " outside the tokenizer vocabulary");
+  if (id == nl_id_) return "\n";
+  if (sp_->IsControl(id)) return "";
+  const std::string piece = sp_->IdToPiece(id);
+  if (sp_->IsByte(id) && piece.size() == 6)  // "<0xNN>"
+    return std::string(1, static_cast<char>(std::stoi(piece.substr(3, 2), nullptr, 16)));
+  static const std::string kSpace = "\xe2\x96\x81";  // U+2581
+  std::string out;
+  for (size_t i = 0; i < piece.size();) {
+    if (piece.compare(i, kSpace.size(), kSpace) == 0) {
+      out += ' ';
+      i += kSpace.size();
+    } else {
+      out += piece[i++];
+    }
+  }
+  return out;
+}
+
 std::vector<int32_t> Tokenizer::encode(const std::string& text) const {
   std::vector<int32_t> out;
   size_t start = 0;

@@ -28,6 +28,12 @@ class Tokenizer {
   int vocab_size() const;
   std::vector<int32_t> encode(const std::string& text) const;  // handles newlines
   std::string decode(const std::vector<int32_t>& ids) const;
+  // The end-of-sequence id, -1 when the model has none (the tokenizers `moe train` makes have none; imported ones
+  // may).
+  int eos_id() const;
+  // The text of one token alone: its piece with the word-boundary mark U+2581 as a space, the newline symbol as
+  // "\n" and a byte piece <0xNN> as that byte (for logprobs; the text of a sequence is decode(ids)).
+  std::string token_text(int32_t id) const;
   const std::string& model_path() const { return path_; }
   const std::string& serialized() const { return blob_; }  // the .model file bytes
 

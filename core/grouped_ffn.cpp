@@ -55,7 +55,8 @@ void GroupedFfn::for_each_group(const Fn& fn) {
 }
 
 // y[rows,C] = ffn_{slots[g]}(x[rows,C]) group by group
-void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const int64_t* offsets, int64_t n_groups) {
+void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const int64_t* offsets, int64_t n_groups,
+                         bool batch_invariant) {
   const int64_t S = num_slots();
   MOE_CHECK(n_groups >= 0 && offsets[0] == 0, "grouped FFN: bad layout (" << n_groups << " groups, offsets[0] "
                                                                           << offsets[0] << ")");
@@ -91,6 +92,10 @@ void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const i
   float* act = aout_.get(rows * F);                        // [rows,F]
   const float *wg = ptr(w_.w_gate), *wu = ptr(w_.w_up), *wd = ptr(w_.w_down);
   const float *bu = ptr(w_.b_up), *bd = ptr(w_.b_down);
+  auto linear = [&](float* out, const float* in, const float* w, const float* b, int n, int ic, int oc) {
+    if (batch_invariant) be_.linear_rows(out, in, w, b, n, ic, oc);
+    else be_.linear_forward(out, in, w, b, n, ic, oc);
+  };
   for_each_group([&](int g, int q) {
     const int64_t r0 = offsets_[g], s = slots_[g];
     const int n = static_cast<int>(offsets_[g + 1] - r0);
@@ -99,17 +104,17 @@ void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const i
     float* ag = act + r0 * F;      // [n,F]
     const int64_t qs = q >= 0 ? slots_[q] * FC : -1;
     if (qs >= 0) prefetch_read(wu + qs, FC);
-    be_.linear_forward(ug, xg, wu + s * FC, bu ? bu + s * F : nullptr, n, C, F);
+    linear(ug, xg, wu + s * FC, bu ? bu + s * F : nullptr, n, C, F);
     if (qs >= 0) prefetch_read(wd + qs, FC);
     if (swiglu) {
       float* gg = gate + r0 * F;  // [n,F]
       if (qs >= 0) prefetch_read(wg + qs, FC);
-      be_.linear_forward(gg, xg, wg + s * FC, nullptr, n, C, F);
+      linear(gg, xg, wg + s * FC, nullptr, n, C, F);
       be_.swiglu_forward(ag, gg, ug, int64_t(n) * F);
     } else {
       be_.gelu_forward(ag, ug, int64_t(n) * F);
     }
-    be_.linear_forward(y + r0 * C, ag, wd + s * FC, bd ? bd + s * C : nullptr, n, F, C);
+    linear(y + r0 * C, ag, wd + s * FC, bd ? bd + s * C : nullptr, n, F, C);
   });
 }
 

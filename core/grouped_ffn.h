@@ -41,7 +41,10 @@ class GroupedFfn {
   // y[rows,C] written from x[rows,C], rows = offsets[n_groups]. slots[n_groups]: distinct weight slots in
   // [0, S); offsets[n_groups+1]: offsets[0] = 0, non-decreasing (empty groups allowed, they do nothing). Keeps the
   // layout, the x pointer (x must stay alive and unchanged until backward) and the activations.
-  void forward(float* y, const float* x, const int64_t* slots, const int64_t* offsets, int64_t n_groups);
+  // batch_invariant: the GEMMs run Backend::linear_rows (each row's result independent of the other rows: the
+  // inference path) instead of linear_forward.
+  void forward(float* y, const float* x, const int64_t* slots, const int64_t* offsets, int64_t n_groups,
+               bool batch_invariant = false);
   // dx[rows,C] written from dy[rows,C] of the last forward (keeps the dy pointer and the activation gradients
   // for backward_weights: dy must stay alive until then).
   void backward_data(float* dx, const float* dy);

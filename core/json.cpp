@@ -268,6 +268,15 @@ std::string json_escape(const std::string& s) {
   return out + "\"";
 }
 
+std::string json_array(const std::vector<std::string>& items) {
+  std::string a = "[";
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (i) a += ',';
+    a += items[i];
+  }
+  return a + "]";
+}
+
 JsonObject& JsonObject::raw(const std::string& key, const std::string& json) {
   if (!body_.empty()) body_ += ",";
   body_ += json_escape(key) + ":" + json;

@@ -29,6 +29,9 @@ JsonValue parse_json(const std::string& text, const std::string& what);
 // bytes >= 0x80 pass through: UTF-8 stays UTF-8).
 std::string json_escape(const std::string& s);
 
+// A JSON array of values given as JSON texts: json_array({"1", "null", "\"a\""}) == "[1,null,\"a\"]".
+std::string json_array(const std::vector<std::string>& items);
+
 // A JSON object built field by field (numbers, strings, nested objects and arrays; keys in insertion order).
 // Non-finite numbers are written as null (JSON has no NaN or Infinity).
 class JsonObject {
@@ -42,6 +45,9 @@ class JsonObject {
   JsonObject& nums(const std::string& key, const std::vector<int64_t>& v);
   JsonObject& obj(const std::string& key, const JsonObject& v);
   JsonObject& objs(const std::string& key, const std::vector<JsonObject>& v);
+  // A value given as JSON text, written as is (the caller vouches for it: an array of mixed values from
+  // json_array, a number that must be written exactly).
+  JsonObject& json(const std::string& key, const std::string& json_text) { return raw(key, json_text); }
   std::string text() const { return "{" + body_ + "}"; }
 
  private:

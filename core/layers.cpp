@@ -2,6 +2,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
+
+#include "core/kernels/cpu/kernels.h"
 
 
 namespace moe {
@@ -35,7 +38,7 @@ void Norm::backward(float* dinp, const float* dout, int N) {
 Attention::Attention(ParamStore& ps, Workspace& ws, const std::string& prefix, const AttentionDims& d)
     : be_(ws.backend()), d_(d), q_(ws.buffer()), k_(ws.buffer()), v_(ws.buffer()), att_(ws.buffer()), y_(ws.buffer()),
       dq_(ws.buffer()),
-      dk_(ws.buffer()), dv_(ws.buffer()), datt_(ws.buffer()), dy_(ws.buffer()), tmp_(ws.buffer()) {
+      dk_(ws.buffer()), dv_(ws.buffer()), datt_(ws.buffer()), dy_(ws.buffer()), rope_cs_(ws.buffer()) {
   wq = ps.add(prefix + ".wq", {d.H * d.D, d.C}, true);
   wk = ps.add(prefix + ".wk", {d.Hkv * d.D, d.C}, true);
   wv = ps.add(prefix + ".wv", {d.Hkv * d.D, d.C}, true);
@@ -78,19 +81,28 @@ void Attention::backward(float* dinp, const float* dout, int B, int T) {
   be_.matmul(dinp, dv, wv->value.f32(), N, C, Hkv * D, false, false, 1.0f, 1.0f);
 }
 
-void Attention::decode(float* out, const float* inp, float* k_cache, float* v_cache, int pos) {
-  const int C = d_.C, H = d_.H, Hkv = d_.Hkv, D = d_.D;
-  float* q = q_.get(int64_t(H) * D);           // [H,D]
-  float* k = k_cache + int64_t(pos) * Hkv * D;  // [Hkv,D] written in place into the cache
-  float* v = v_cache + int64_t(pos) * Hkv * D;  // [Hkv,D]
-  be_.linear_forward(q, inp, wq->value.f32(), nullptr, 1, C, H * D);
-  be_.linear_forward(k, inp, wk->value.f32(), nullptr, 1, C, Hkv * D);
-  be_.linear_forward(v, inp, wv->value.f32(), nullptr, 1, C, Hkv * D);
-  be_.rope_forward(q, 1, 1, H, D, pos, d_.rope_theta);
-  be_.rope_forward(k, 1, 1, Hkv, D, pos, d_.rope_theta);
-  float* y = y_.get(int64_t(H) * D);  // [H,D]
-  be_.attention_decode(y, tmp_.get(pos + 1), q, k_cache, v_cache, pos + 1, H, Hkv, D);
-  be_.linear_forward(out, y, wo->value.f32(), nullptr, 1, H * D, C);
+void Attention::forward_infer(float* out, const float* inp, const InferRows& r, float* k_pool, float* v_pool) {
+  const int N = r.N, C = d_.C, H = d_.H, Hkv = d_.Hkv, D = d_.D;
+  if (N == 0) return;
+  if (!rope_ready_) {  // the rotation table of every position, once (the same values rope_forward computes)
+    std::vector<float> cs(size_t(d_.max_T) * D);
+    cpu::rope_cos_sin(cs.data(), d_.max_T, D, 0, d_.rope_theta);
+    be_.from_host(rope_cs_.get(int64_t(d_.max_T) * D), cs.data(), sizeof(float) * cs.size());
+    rope_ready_ = true;
+  }
+  float* q = q_.get(int64_t(N) * H * D);    // [N,H,D]
+  float* k = k_.get(int64_t(N) * Hkv * D);  // [N,Hkv,D]
+  float* v = v_.get(int64_t(N) * Hkv * D);  // [N,Hkv,D]
+  be_.linear_rows(q, inp, wq->value.f32(), nullptr, N, C, H * D);
+  be_.linear_rows(k, inp, wk->value.f32(), nullptr, N, C, Hkv * D);
+  be_.linear_rows(v, inp, wv->value.f32(), nullptr, N, C, Hkv * D);
+  be_.rope_rows(q, r.pos, rope_cs_.data(), N, H, D);
+  be_.rope_rows(k, r.pos, rope_cs_.data(), N, Hkv, D);
+  be_.scatter_rows(k_pool, k, r.slots, N, Hkv * D);
+  be_.scatter_rows(v_pool, v, r.slots, N, Hkv * D);
+  float* y = y_.get(int64_t(N) * H * D);  // [N,H,D]
+  be_.attention_paged(y, q, k_pool, v_pool, r.pos, r.table, r.table_start, r.block_size, N, H, Hkv, D);
+  be_.linear_rows(out, y, wo->value.f32(), nullptr, N, H * D, C);
 }
 
 // ================================================================== DenseFfn
@@ -104,9 +116,9 @@ DenseFfn::DenseFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, int
   ffn_ = std::make_unique<GroupedFfn>(ws, C, F, act, w);
 }
 
-void DenseFfn::forward(const FfnContext&, float* y, const float* x, int N) {
+void DenseFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   const int64_t slot = 0, offsets[2] = {0, N};
-  ffn_->forward(y, x, &slot, offsets, 1);
+  ffn_->forward(y, x, &slot, offsets, 1, ctx.batch_invariant);
 }
 
 void DenseFfn::backward(const FfnContext&, float* dx, const float* dy, int N) { ffn_->backward(dx, dy); }

@@ -44,6 +44,19 @@ struct AttentionDims {
   int Hkv;  // key/value heads
   int D;    // head dim
   float rope_theta;
+  int max_T;  // model.max_seq_len: the positions of the inference path's rotation table
+};
+
+// The rows of an inference batch as a layer sees them (device pointers, see InferBatch in core/model.h): row n is
+// at position pos[n] of its sequence, its keys and values go to cache slot slots[n], and its sequence's block table
+// starts at table + table_start[n].
+struct InferRows {
+  int N = 0;
+  const int32_t* pos = nullptr;          // [N]
+  const int32_t* slots = nullptr;        // [N]
+  const int32_t* table = nullptr;        // block tables, concatenated
+  const int32_t* table_start = nullptr;  // [N]
+  int block_size = 0;
 };
 
 class Attention {
@@ -53,9 +66,10 @@ class Attention {
   void forward(float* out, const float* inp, int B, int T);
   // dinp[B*T,C] written; parameter grads accumulated
   void backward(float* dinp, const float* dout, int B, int T);
-  // One decoding step with a KV cache. inp[C] is the token at position pos; k_cache/v_cache[max_T,Hkv,D]
-  // hold positions 0..pos-1 and get position pos appended. out[C].
-  void decode(float* out, const float* inp, float* k_cache, float* v_cache, int pos);
+  // The inference path: out[N,C] from inp[N,C] of a ragged batch over a paged KV cache (batch-invariant kernels).
+  // Writes the rows' keys and values into k_pool / v_pool [slots, Hkv, D] (this layer's pools of a KvCache),
+  // then attends over each row's positions 0..pos[n]. Keeps nothing for backward.
+  void forward_infer(float* out, const float* inp, const InferRows& rows, float* k_pool, float* v_pool);
 
   const AttentionDims& dims() const { return d_; }
   Param *wq, *wk, *wv, *wo;
@@ -64,7 +78,8 @@ class Attention {
   Backend& be_;
   AttentionDims d_;
   const float* inp_ = nullptr;
-  Workspace::Buffer &q_, &k_, &v_, &att_, &y_, &dq_, &dk_, &dv_, &datt_, &dy_, &tmp_;
+  Workspace::Buffer &q_, &k_, &v_, &att_, &y_, &dq_, &dk_, &dv_, &datt_, &dy_, &rope_cs_;
+  bool rope_ready_ = false;  // rope_cs_ holds the rotation table of positions 0..max_T-1
 };
 
 // ------------------------------------------------------------------ FFN units (pluggable per layer)
@@ -74,6 +89,9 @@ struct FfnContext {
   // reaches all of its top-k experts (dropless), so a token's output never depends on the other tokens routed
   // with it, at any world size.
   bool training = true;
+  // The inference path (generation, serving; not training): every matrix product uses the batch-invariant kernel
+  // (Backend::linear_rows), so a token's output is the same bit for bit whatever it is batched with.
+  bool batch_invariant = false;
 };
 
 // What an FFN unit reports about its last forward (routers fill it; dense leaves it empty).

@@ -13,7 +13,7 @@ Block::Block(ParamStore& ps, Workspace& ws, const proto::ModelConfig& cfg, int l
       norm1_(ps, ws, "layers." + std::to_string(layer) + ".attn_norm", cfg.d_model(), cfg.norm(), cfg.norm_eps()),
       attn_(ps, ws, "layers." + std::to_string(layer) + ".attn",
             AttentionDims{cfg.d_model(), cfg.n_heads(), cfg.n_kv_heads(), cfg.d_model() / cfg.n_heads(),
-                          cfg.rope_theta()}),
+                          cfg.rope_theta(), cfg.max_seq_len()}),
       norm2_(ps, ws, "layers." + std::to_string(layer) + ".ffn_norm", cfg.d_model(), cfg.norm(), cfg.norm_eps()),
       ln1_(ws.buffer()), attn_out_(ws.buffer()), x2_(ws.buffer()), ln2_(ws.buffer()), ffn_out_(ws.buffer()),
       dtmp_(ws.buffer()), dx2_(ws.buffer()) {
@@ -51,34 +51,34 @@ void Block::backward(const FfnContext& ctx, float* dx, const float* dout, int B,
   be_.add_inplace(dx, dx2, NC);
 }
 
-void Block::decode(float* out, const float* x, float* k_cache, float* v_cache, int pos, int32_t token) {
-  float* ln = ln1_.get(C_);
-  float* a = attn_out_.get(C_);
-  float* x2 = x2_.get(C_);
-  norm1_.forward(ln, x, 1);
-  attn_.decode(a, ln, k_cache, v_cache, pos);
-  be_.add(x2, x, a, C_);
-  norm2_.forward(ln, x2, 1);
-  float* f = ffn_out_.get(C_);
-  FfnContext ctx;
-  ctx.token_ids = &token;
-  ctx.training = false;
-  ffn_->forward(ctx, f, ln, 1);
-  be_.add(out, x2, f, C_);
+void Block::forward_infer(const FfnContext& ctx, float* out, const float* x, const InferRows& rows, float* k_pool,
+                          float* v_pool) {
+  const int N = rows.N;
+  const int64_t NC = int64_t(N) * C_;
+  float* ln = ln1_.get(NC);
+  float* a = attn_out_.get(NC);
+  float* x2 = x2_.get(NC);
+  float* f = ffn_out_.get(NC);
+  norm1_.forward(ln, x, N);
+  attn_.forward_infer(a, ln, rows, k_pool, v_pool);
+  be_.add(x2, x, a, NC);
+  norm2_.forward(ln, x2, N);
+  ffn_->forward(ctx, f, ln, N);  // every rank, even with N == 0: the MoE layers exchange tokens
+  be_.add(out, x2, f, NC);
 }
 
 // ================================================================== Model
-Model::Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory, bool sized_only)
+Model::Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory, bool sized_only, bool with_grads)
     : cfg_(cfg),
       V_(cfg.vocab_size()),
       C_(cfg.d_model()),
-      ps_(sized_only),
+      ps_(sized_only, with_grads),
       ws_(backend_for(cfg.device() == proto::DEVICE_CUDA ? Device::kCUDA : Device::kCPU)),
       lnf_(ws_.buffer()),
       logits_(ws_.buffer()),
       probs_(ws_.buffer()), losses_(ws_.buffer()), dlogits_(ws_.buffer()), dlnf_(ws_.buffer()), dres_a_(ws_.buffer()),
-      dres_b_(ws_.buffer()), dec_x_(ws_.buffer()), dec_y_(ws_.buffer()), dec_lnf_(ws_.buffer()),
-      dec_logits_(ws_.buffer()) {
+      dres_b_(ws_.buffer()), inf_ints_(ws_.buffer()), inf_a_(ws_.buffer()), inf_b_(ws_.buffer()),
+      inf_last_(ws_.buffer()), inf_lnf_(ws_.buffer()), inf_logits_(ws_.buffer()) {
   MOE_CHECK(V_ > 0, "model.vocab_size must be set (> 0) before building the model");
   wte_ = ps_.add("tok_emb.weight", {V_, C_}, true);
   for (int l = 0; l < cfg.n_layers(); ++l)
@@ -164,33 +164,89 @@ std::vector<FfnStats> Model::ffn_stats() const {
   return out;
 }
 
-Model::KvCache Model::make_cache(int max_T) const {
-  MOE_CHECK(max_T > 0 && max_T <= cfg_.max_seq_len(),
-            "KV cache length " << max_T << " must be in [1, model.max_seq_len = " << cfg_.max_seq_len() << "]");
-  KvCache c;
-  c.max_T = max_T;
-  const int64_t per = int64_t(max_T) * cfg_.n_kv_heads() * (cfg_.d_model() / cfg_.n_heads());
-  c.k.assign(cfg_.n_layers(), std::vector<float>(per));
-  c.v.assign(cfg_.n_layers(), std::vector<float>(per));
-  return c;
+void InferBatch::clear() {
+  tokens.clear();
+  positions.clear();
+  slots.clear();
+  table.clear();
+  table_start.clear();
+  logit_rows.clear();
 }
 
-const float* Model::decode_step(KvCache& cache, int32_t token) {
-  MOE_CHECK(cache.len < cache.max_T, "KV cache is full (" << cache.max_T << " positions)");
-  MOE_CHECK(token >= 0 && token < V_, "token id " << token << " is outside the vocabulary [0, " << V_ << ")");
-  float* x = dec_x_.get(C_);
-  float* y = dec_y_.get(C_);
-  ws_.backend().embedding_forward(x, &token, wte_->value.f32(), 1, C_);
+void InferBatch::add(const int32_t* toks, int n, int pos0, const std::vector<int32_t>& blocks, int block_size,
+                     bool want_logits) {
+  MOE_CHECK(n > 0 && pos0 >= 0, "inference batch: a sequence chunk needs tokens (" << n << " at position " << pos0
+                                                                                     << ")");
+  MOE_CHECK(int64_t(blocks.size()) * block_size >= int64_t(pos0) + n,
+            "inference batch: " << blocks.size() << " blocks of " << block_size
+                                << " positions cannot hold positions up to " << pos0 + n - 1);
+  const int start = static_cast<int>(table.size());
+  table.insert(table.end(), blocks.begin(), blocks.end());
+  for (int i = 0; i < n; ++i) {
+    const int p = pos0 + i;
+    tokens.push_back(toks[i]);
+    positions.push_back(p);
+    slots.push_back(blocks[p / block_size] * block_size + p % block_size);
+    table_start.push_back(start);
+  }
+  if (want_logits) logit_rows.push_back(rows() - 1);
+}
+
+KvCacheDims Model::kv_dims(int num_blocks, int block_size) const {
+  return KvCacheDims{cfg_.n_layers(), num_blocks, block_size, cfg_.n_kv_heads(), cfg_.d_model() / cfg_.n_heads()};
+}
+
+const float* Model::forward_infer(const InferBatch& b, KvCache& cache) {
+  const KvCacheDims& kd = cache.dims();
+  MOE_CHECK(kd.n_layers == cfg_.n_layers() && kd.n_kv_heads == cfg_.n_kv_heads() &&
+                kd.head_dim == cfg_.d_model() / cfg_.n_heads(),
+            "KV cache shape (" << kd.n_layers << " layers, " << kd.n_kv_heads << " x " << kd.head_dim
+                               << ") does not match the model");
+  const int N = b.rows(), L = static_cast<int>(b.logit_rows.size());
+  const int64_t n_slots = int64_t(kd.num_blocks) * kd.block_size;
+  MOE_CHECK(int(b.positions.size()) == N && int(b.slots.size()) == N && int(b.table_start.size()) == N,
+            "inference batch: per-row arrays of different lengths");
+  for (int i = 0; i < N; ++i) {
+    MOE_CHECK(b.tokens[i] >= 0 && b.tokens[i] < V_,
+              "token id " << b.tokens[i] << " at row " << i << " is outside the vocabulary [0, " << V_ << ")");
+    MOE_CHECK(b.positions[i] >= 0 && b.positions[i] < cfg_.max_seq_len(),
+              "position " << b.positions[i] << " at row " << i << " is outside [0, model.max_seq_len = "
+                          << cfg_.max_seq_len() << ")");
+    MOE_CHECK(b.slots[i] >= 0 && b.slots[i] < n_slots,
+              "cache slot " << b.slots[i] << " at row " << i << " is outside the cache (" << n_slots << " slots)");
+  }
+  for (int32_t blk : b.table)
+    MOE_CHECK(blk >= 0 && blk < kd.num_blocks, "block " << blk << " is outside the cache (" << kd.num_blocks << ")");
+  for (int32_t r : b.logit_rows) MOE_CHECK(r >= 0 && r < N, "logit row " << r << " is outside the batch");
+  Backend& be = ws_.backend();
+  // the int arrays on the device: tokens, positions, slots, table starts, logit rows, then the tables
+  const int64_t n_ints = int64_t(4) * N + L + int64_t(b.table.size());
+  auto* ints = reinterpret_cast<int32_t*>(inf_ints_.get(std::max<int64_t>(n_ints, 1)));
+  int32_t* at = ints;
+  for (const auto* v : {&b.tokens, &b.positions, &b.slots, &b.table_start, &b.logit_rows, &b.table}) {
+    be.from_host(at, v->data(), sizeof(int32_t) * v->size());
+    at += v->size();
+  }
+  InferRows rows{N, ints + N, ints + 2 * N, ints + 4 * N + L, ints + 3 * N, kd.block_size};
+  FfnContext ctx;
+  ctx.token_ids = b.tokens.data();  // host: the routers read them
+  ctx.training = false;
+  ctx.batch_invariant = true;
+  const int64_t NC = int64_t(N) * C_;
+  float* x = inf_a_.get(std::max<int64_t>(NC, 1));
+  float* y = inf_b_.get(std::max<int64_t>(NC, 1));
+  be.embedding_forward(x, ints, wte_->value.f32(), N, C_);
   for (size_t l = 0; l < blocks_.size(); ++l) {
-    blocks_[l]->decode(y, x, cache.k[l].data(), cache.v[l].data(), cache.len, token);
+    blocks_[l]->forward_infer(ctx, y, x, rows, cache.keys(int(l)), cache.values(int(l)));
     std::swap(x, y);
   }
-  float* lnf = dec_lnf_.get(C_);
-  final_norm_->forward(lnf, x, 1);
-  float* logits = dec_logits_.get(V_);
+  float* last = inf_last_.get(std::max<int64_t>(int64_t(L) * C_, 1));  // [L,C] the rows that want logits
+  be.embedding_forward(last, ints + 4 * N, x, L, C_);                    // (a row gather)
+  float* lnf = inf_lnf_.get(std::max<int64_t>(int64_t(L) * C_, 1));
+  final_norm_->forward(lnf, last, L);
+  float* logits = inf_logits_.get(std::max<int64_t>(int64_t(L) * V_, 1));
   const float* w_out = lm_head_ ? lm_head_->value.f32() : wte_->value.f32();
-  ws_.backend().linear_forward(logits, lnf, w_out, nullptr, 1, C_, V_);
-  ++cache.len;
+  be.linear_rows(logits, lnf, w_out, nullptr, L, C_, V_);
   return logits;
 }
 

@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "core/kv_cache.h"
 #include "core/layers.h"
 #include "core/params.h"
 #include "proto/config.pb.h"
@@ -25,8 +26,9 @@ class Block {
   void forward(const FfnContext& ctx, float* out, const float* x, int B, int T);
   // dx[N,C] written from dout[N,C]
   void backward(const FfnContext& ctx, float* dx, const float* dout, int B, int T);
-  // one decoding step (x, out [C]); caches [max_T, Hkv, D]
-  void decode(float* out, const float* x, float* k_cache, float* v_cache, int pos, int32_t token);
+  // the inference path: out[N,C] = block(x[N,C]) over a ragged batch, keys and values into this layer's pools
+  void forward_infer(const FfnContext& ctx, float* out, const float* x, const InferRows& rows, float* k_pool,
+                     float* v_pool);
   FfnUnit& ffn() { return *ffn_; }
   Attention& attention() { return attn_; }
 
@@ -40,12 +42,32 @@ class Block {
   Workspace::Buffer &ln1_, &attn_out_, &x2_, &ln2_, &ffn_out_, &dtmp_, &dx2_;
 };
 
+// A ragged batch of the inference path: rows are the tokens of several sequences (a prefill chunk, or the one
+// new token of a decoding sequence), each at its own position, with its keys and values going into a paged KV
+// cache (core/kv_cache.h). Host arrays; the model copies what its device needs.
+struct InferBatch {
+  std::vector<int32_t> tokens;       // [N]
+  std::vector<int32_t> positions;    // [N] position of each row in its sequence (< model.max_seq_len)
+  std::vector<int32_t> slots;        // [N] cache slot of each row: block * block_size + position % block_size
+  std::vector<int32_t> table;        // the sequences' block tables, concatenated
+  std::vector<int32_t> table_start;  // [N] where row n's block table starts in `table`
+  std::vector<int32_t> logit_rows;   // the rows whose next-token logits are wanted
+  int rows() const { return static_cast<int>(tokens.size()); }
+  void clear();
+  // Appends `n` tokens of one sequence at positions pos0.. with the sequence's block table (block ids by position);
+  // want_logits: the logits of its last row.
+  void add(const int32_t* tokens, int n, int pos0, const std::vector<int32_t>& blocks, int block_size,
+           bool want_logits);
+};
+
 class Model {
  public:
   // Registers every parameter (zeros, norms at 1) and takes activations from its own workspace; init_weights
   // draws the weights. experts::build_model does both (and restores extra state): use it.
   // sized_only: parameters get their shapes but no storage (a layout, e.g. for the checkpoint tools).
-  Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory, bool sized_only = false);
+  // with_grads false: no gradient storage (inference only: forward_infer and the forward without backward).
+  Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory, bool sized_only = false,
+        bool with_grads = true);
   const proto::ModelConfig& config() const { return cfg_; }
   ParamStore& params() { return ps_; }
   const ParamStore& params() const { return ps_; }
@@ -72,15 +94,15 @@ class Model {
   UnitState unit_state() const;
   int restore_unit_state(const UnitState& s);
 
-  // ---- incremental decoding with a KV cache sized [n_layers, max_T, n_kv_heads, head_dim]
-  struct KvCache {
-    int max_T = 0;
-    int len = 0;
-    std::vector<std::vector<float>> k, v;  // per layer, [max_T * Hkv * D]
-  };
-  KvCache make_cache(int max_T) const;
-  // Feeds one token at position cache.len; writes logits[V] (returned pointer valid until the next call).
-  const float* decode_step(KvCache& cache, int32_t token);
+  // ---- the inference path (generation and serving)
+  // The cache shape of this model with `num_blocks` blocks of `block_size` positions.
+  KvCacheDims kv_dims(int num_blocks, int block_size) const;
+  // Runs the batch through the model (dropless, batch-invariant kernels: a row's result does not depend on the
+  // other rows) writing every row's keys and values into `cache`, and returns the logits [logit_rows, V] on the
+  // model's device (valid until the next call). Rows attend to positions 0..pos of their own sequence, so earlier
+  // positions must already be in the cache (or in this batch, before them). Every expert-parallel rank must call
+  // it for every step (with 0 rows if it has none): the MoE layers exchange tokens.
+  const float* forward_infer(const InferBatch& batch, KvCache& cache);
 
  private:
   proto::ModelConfig cfg_;
@@ -97,7 +119,8 @@ class Model {
   const int32_t* targets_ = nullptr;
   std::vector<Workspace::Buffer*> resid_;  // n_layers + 1 residual streams [N,C]
   Workspace::Buffer &lnf_, &logits_, &probs_, &losses_, &dlogits_, &dlnf_, &dres_a_, &dres_b_;
-  Workspace::Buffer &dec_x_, &dec_y_, &dec_lnf_, &dec_logits_;
+  // the inference path: the rows' int arrays on the device, two residual streams, the logit rows
+  Workspace::Buffer &inf_ints_, &inf_a_, &inf_b_, &inf_last_, &inf_lnf_, &inf_logits_;
 };
 
 }  // namespace moe

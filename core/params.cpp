@@ -11,7 +11,7 @@ Param* ParamStore::add(const std::string& name, const Shape& shape, bool decay, 
   auto p = std::make_unique<Param>();
   p->name = name;
   p->value = sized_only_ ? Tensor::shape_only(shape) : Tensor::zeros(shape);
-  p->grad = sized_only_ ? Tensor::shape_only(shape) : Tensor::zeros(shape);
+  p->grad = sized_only_ || !with_grads_ ? Tensor::shape_only(shape) : Tensor::zeros(shape);
   p->decay = decay;
   p->init = init;
   if (init == Init::kOnes && !sized_only_) p->value.fill_(1.0f);

@@ -47,8 +47,10 @@ struct Param {
 
 class ParamStore {
  public:
-  // sized_only: parameters get their shapes but no storage (for sizing a model without allocating it)
-  explicit ParamStore(bool sized_only = false) : sized_only_(sized_only) {}
+  // sized_only: parameters get their shapes but no storage (for sizing a model without allocating it).
+  // with_grads false: values only, gradients get their shapes but no storage (inference: generation, serving).
+  explicit ParamStore(bool sized_only = false, bool with_grads = true)
+      : sized_only_(sized_only), with_grads_(with_grads) {}
   // Adds a zero-initialised parameter; the returned pointer stays valid (params live in a deque-like vector of
   // unique_ptr).
   Param* add(const std::string& name, const Shape& shape, bool decay, Init init = Init::kNormal);
@@ -66,6 +68,7 @@ class ParamStore {
 
  private:
   bool sized_only_;
+  bool with_grads_;
   std::vector<std::unique_ptr<Param>> params_;
   std::vector<Param*> view_;
 };

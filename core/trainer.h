@@ -101,11 +101,4 @@ class Trainer {
 // The progress line of a logged step ("step 20/300 | loss ... | router loss ... | expert load 10..90").
 std::string progress_line(const LogRecord& r);
 
-// Samples up to max_new_tokens after `prompt` with temperature / top-k (greedy when temperature == 0),
-// using the model's KV cache. Stops at model.max_seq_len.
-// logprobs (optional): the log-probability (log-softmax of the model's logits, before temperature and top-k) of
-// each generated token.
-std::vector<int32_t> generate(Model& model, const std::vector<int32_t>& prompt, const proto::GenerateConfig& g,
-                              std::vector<double>* logprobs = nullptr);
-
 }  // namespace moe

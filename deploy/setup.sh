@@ -33,9 +33,11 @@ fi
 # The test clients from PyPI, pinned, in a project-local virtual environment (.venv, git-ignored) that still sees
 # Debian's torch, h5py and numpy (--system-site-packages; the pyenv python3 on PATH has no torch: use /usr/bin).
 # Downloads about 45 MB of wheels (these and their dependencies) on the first run; nothing when
-# up to date. transformers 4.38 works with Debian's torch 1.13 (newer releases need torch 2).
+# up to date. transformers 4.38 works with Debian's torch 1.13 (newer releases need torch 2); openai 1.30 needs
+# httpx < 0.28 (0.28 removed the `proxies` argument it passes); schemathesis 3.27 needs click < 8.2 (LazyFile) and a
+# hypothesis of its time (6.100).
 VENV_PKGS=(tensorboard==2.15.1 transformers==4.38.2 safetensors==0.4.2 sentencepiece==0.1.99 openai==1.30.1
-           prometheus_client==0.20.0 schemathesis==3.27.1)
+           prometheus_client==0.20.0 schemathesis==3.27.1 httpx==0.27.2 click==8.1.7 hypothesis==6.100.1)
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv
 frozen=$(.venv/bin/python -m pip freeze 2>/dev/null || true)

@@ -42,7 +42,8 @@ void check_device(const proto::ModelConfig& m) {
 
 std::unique_ptr<Model> build_model(const Config& cfg, const ModelInputs& in) {
   check_device(cfg.model());
-  auto model = std::make_unique<Model>(cfg.model(), ffn_factory(in, cfg.train().seed()), in.sized_only);
+  auto model =
+      std::make_unique<Model>(cfg.model(), ffn_factory(in, cfg.train().seed()), in.sized_only, !in.inference);
   if (in.init && !in.sized_only) model->init_weights(cfg.train().seed());
   if (in.state) model->restore_unit_state(*in.state);
   return model;

@@ -24,6 +24,7 @@ struct ModelInputs {
   const UnitState* state = nullptr;  // extra state from a checkpoint (routing tables, router RNGs), restored
   bool init = true;                  // draw the weights from train.seed (false: the caller loads them next)
   bool sized_only = false;           // parameters with shapes but no storage: the model's layout only (no init)
+  bool inference = false;            // no gradient storage: generation and serving (backward is impossible)
 };
 
 // Throws unless the model can run on model.device here (run it before any work: the CLI does).

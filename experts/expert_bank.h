@@ -35,8 +35,9 @@ class ExpertBank {
 
   // y[rows,C] from x[rows,C] grouped by local expert: group g is local expert experts[g] on rows
   // [offsets[g], offsets[g+1]) (the dispatcher's local_experts / group_offsets). See GroupedFfn::forward.
-  void forward(float* y, const float* x, const int64_t* experts, const int64_t* offsets, int64_t n_groups) {
-    ffn_->forward(y, x, experts, offsets, n_groups);
+  void forward(float* y, const float* x, const int64_t* experts, const int64_t* offsets, int64_t n_groups,
+               bool batch_invariant = false) {
+    ffn_->forward(y, x, experts, offsets, n_groups, batch_invariant);
   }
   // The same with every local expert as a group: offsets[E+1] (offsets[0] == 0, non-decreasing).
   void forward(float* y, const float* x, const int64_t* offsets);

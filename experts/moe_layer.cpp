@@ -92,13 +92,14 @@ void MoeFfn::reset_timings() {
 
 void MoeFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   auto t0 = clk::now();
-  last_ = router_.forward(x, w_router_->value.f32(), N, ctx.training);
+  last_ = router_.forward(x, w_router_->value.f32(), N, ctx.training, ctx.batch_invariant);
   route_seconds_ += since(t0);
   step_ = &dispatcher_.dispatch(last_.plan, x, C_);
   t0 = clk::now();
   float* out = grow(expert_out_, std::max<int64_t>(step_->local_rows(), 1) * C_);  // [local_rows,C]
   const auto& used = step_->experts();
-  bank_.forward(out, step_->rows(), used.data(), step_->offsets().data(), static_cast<int64_t>(used.size()));
+  bank_.forward(out, step_->rows(), used.data(), step_->offsets().data(), static_cast<int64_t>(used.size()),
+                ctx.batch_invariant);
   expert_seconds_ += since(t0);
   step_->combine(y, out);
 }
@@ -192,7 +193,8 @@ void WordExpertFfn::forward(const FfnContext& ctx, float* y, const float* x, int
   // the experts that received rows, with their row ranges (the table works on used experts only)
   const auto& used = step_->experts();
   float* out = grow(expert_out_, std::max<int64_t>(step_->local_rows(), 1) * C_);  // [local_rows,C]
-  table_.forward(out, step_->rows(), used.data(), step_->offsets().data(), static_cast<int64_t>(used.size()));
+  table_.forward(out, step_->rows(), used.data(), step_->offsets().data(), static_cast<int64_t>(used.size()),
+                 ctx.batch_invariant);
   step_->combine(y, out);
 }
 

@@ -34,8 +34,9 @@ class WordExpertTable {
 
   // y[rows,C] = expert_{experts[g]}(x[rows,C]) row range by row range (GroupedFfn::forward): experts[n_groups]
   // distinct local expert ids in [0, E), any order; offsets[n_groups+1].
-  void forward(float* y, const float* x, const int64_t* experts, const int64_t* offsets, int64_t n_groups) {
-    ffn_->forward(y, x, experts, offsets, n_groups);
+  void forward(float* y, const float* x, const int64_t* experts, const int64_t* offsets, int64_t n_groups,
+               bool batch_invariant = false) {
+    ffn_->forward(y, x, experts, offsets, n_groups, batch_invariant);
   }
   // dx[rows,C] written; gradients accumulated only into the rows of the experts of non-empty groups, which are
   // registered with touch_row on every table.

@@ -28,6 +28,7 @@
 #include "launcher/launch_env.h"
 #include "comm/parallel.h"
 #include "launcher/run_state.h"
+#include "launcher/serve.h"
 #include "launcher/train.h"
 
 namespace fs = std::filesystem;
@@ -67,6 +68,10 @@ const OptionDoc kOptions[] = {
      "relative data paths (data.train_file, data.tokenizer_model) of the config file, or of the\n"
      "checkpoint's config for eval, are relative to DIR (default: the config file's directory;\n"
      "for eval: the working directory); --set paths stay relative to the working directory"},
+    {"--api-key-file", "FILE",
+     "the API key clients must send (Authorization: Bearer KEY): the first line of FILE\n"
+     "(overrides serving.api_key_file; without either the API is open to whoever reaches\n"
+     "serving.host)"},
     {"--print-ids", "",
      "also print on stderr the token ids (prompt, then continuation) on one line, and on the next the\n"
      "log-probability of each generated token (log-softmax of the logits, before temperature/top-k)"},
@@ -90,6 +95,9 @@ const std::vector<CommandSpec>& commands() {
       {"generate", "--checkpoint DIR [--prompt TEXT] [--set generate.temperature=0.8 ...] [--threads N]",
        "sample text from a checkpoint; prints the prompt and its continuation, decoded together",
        {"--checkpoint", "--prompt", "--set", "--threads", "--print-ids"}, "--checkpoint"},
+      {"serve", "--checkpoint DIR [--set serving.port=8000 ...] [--api-key-file FILE] [--threads N]",
+       "serve a checkpoint over an OpenAI-compatible HTTP API (several ranks: mpirun; experts sharded over them)",
+       {"--checkpoint", "--set", "--api-key-file", "--threads"}, "--checkpoint"},
       {"eval", "--checkpoint DIR [--data-dir DIR] [--set data.train_file=...] [--threads N]",
        "validation loss of a checkpoint on its data split (dropless: the same at any world size)",
        {"--checkpoint", "--data-dir", "--set", "--threads"}, "--checkpoint"},
@@ -99,7 +107,7 @@ const std::vector<CommandSpec>& commands() {
   };
   return k;
 }
-constexpr const char* kKnownCommands = "train, generate, eval, config, ckpt";
+constexpr const char* kKnownCommands = "train, generate, serve, eval, config, ckpt";
 
 const CommandSpec* find_command(const std::string& name) {
   for (const auto& c : commands())
@@ -150,6 +158,7 @@ struct Args {
   bool prompt_set = false;
   bool resume = false;
   bool print_ids = false;
+  std::string api_key_file;
   int threads = -1;
   int ranks_on_node = 1;  // from the launcher: "all cores" is divided among the ranks of one node
   std::string loss_log;
@@ -195,6 +204,7 @@ Args parse_args(int argc, char** argv) {
     else if (k == "--set") a.overrides.push_back(value());
     else if (k == "--resume") a.resume = true;
     else if (k == "--print-ids") a.print_ids = true;
+    else if (k == "--api-key-file") a.api_key_file = value();
     else if (k == "--loss-log") a.loss_log = value();
     else if (k == "--metrics") a.metrics = value();
     else if (k == "--tensorboard") a.tensorboard = value();
@@ -237,32 +247,18 @@ int cmd_train(const Args& a, comm::Parallel& par) {
 }
 
 int cmd_generate(const Args& a) {
-  LoadedModel lm = load_for_inference(a.checkpoint, a.overrides, a.data_dir);
-  set_num_threads(threads_for(a, lm.cfg.train().threads()));
-  std::string prompt = a.prompt_set ? a.prompt : "\n";
-  std::vector<int32_t> ids = lm.tok->encode(prompt);
-  MOE_CHECK(!ids.empty(), "--prompt '" << prompt << "' encodes to no tokens");
-  std::vector<int32_t> all = ids;
-  std::vector<double> logprobs;
-  const std::vector<int32_t> out = generate(*lm.model, ids, lm.cfg.generate(), &logprobs);
-  all.insert(all.end(), out.begin(), out.end());
-  // decoded as one sequence: the continuation decoded alone would lose its leading space ("looked atthe")
-  std::cout << lm.tok->decode(all) << std::endl;
-  if (a.print_ids) {
-    for (size_t i = 0; i < all.size(); ++i) std::cerr << (i ? " " : "") << all[i];
-    std::cerr << std::endl;
-    char buf[32];
-    for (size_t i = 0; i < logprobs.size(); ++i) {
-      std::snprintf(buf, sizeof buf, "%.9g", logprobs[i]);
-      std::cerr << (i ? " " : "") << buf;
-    }
-    std::cerr << std::endl;
-  }
-  return 0;
+  // the thread count before loading: the model's config is the checkpoint's
+  set_num_threads(threads_for(a, 0));
+  return run_generate({a.checkpoint, a.overrides, a.prompt_set ? a.prompt : "\n", a.print_ids});
+}
+
+int cmd_serve(const Args& a, comm::Communicator& world) {
+  set_num_threads(threads_for(a, 0));
+  return run_serve({a.checkpoint, a.overrides, a.api_key_file}, world);
 }
 
 int cmd_eval(const Args& a) {
-  LoadedModel lm = load_for_inference(a.checkpoint, a.overrides, a.data_dir);
+  LoadedModel lm = load_for_inference(a.checkpoint, {a.overrides, a.data_dir});
   set_num_threads(threads_for(a, lm.cfg.train().threads()));
   validate_config(lm.cfg, true);
   Corpus corpus = load_corpus(*lm.tok, lm.cfg.data().train_file(), lm.cfg.data().val_fraction());
@@ -318,7 +314,7 @@ int run_cli(int argc, char** argv) {
       MPI_Finalize();
       return rc;
     }
-    if (a.command != "train")
+    if (a.command != "train" && a.command != "serve")
       MOE_CHECK(world == 1, "'moe " << a.command << "' runs on one rank (launched on " << world << ")");
     if (a.command == "train") {
       // the process groups come first: a layout error must reach every rank before any other work
@@ -327,6 +323,9 @@ int run_cli(int argc, char** argv) {
       world_comm->set_deadline(peek.parallel().collective_timeout_s());  // inherited by the process groups
       comm::Parallel par(std::move(world_comm), std::max(peek.parallel().expert_parallel(), 1));
       rc = cmd_train(a, par);
+    } else if (a.command == "serve") {
+      auto world_comm = comm::Communicator::world();
+      rc = cmd_serve(a, *world_comm);
     } else if (a.command == "generate") rc = cmd_generate(a);
     else if (a.command == "eval") rc = cmd_eval(a);
     else if (a.command == "config") rc = cmd_config(a);

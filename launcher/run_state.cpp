@@ -102,24 +102,23 @@ void restore_state(ckpt::Reader& r, ParamStore& ps, AdamW* opt) {
   }
 }
 
-LoadedModel load_for_inference(const std::string& checkpoint, const std::vector<std::string>& overrides,
-                               const std::string& data_dir) {
+LoadedModel load_for_inference(const std::string& checkpoint, const LoadOptions& o) {
   MOE_CHECK(!checkpoint.empty(), "needs --checkpoint DIR");
   LoadedModel lm;
   lm.dir = ckpt::resolve(checkpoint);
   lm.manifest = ckpt::read_manifest(lm.dir);
   lm.cfg = lm.manifest.config();
-  if (!data_dir.empty()) resolve_data_paths(lm.cfg.mutable_data(), data_dir);
-  for (const auto& o : overrides) apply_override(lm.cfg, o);
+  if (!o.data_dir.empty()) resolve_data_paths(lm.cfg.mutable_data(), o.data_dir);
+  for (const auto& a : o.overrides) apply_override(lm.cfg, a);
   fill_defaults(lm.cfg);
-  // a single-rank model holds every expert: the checkpoint stores expert tensors with their global shapes
-  lm.cfg.mutable_parallel()->set_expert_parallel(1);
+  // the checkpoint stores expert tensors with their global shapes: any group dividing the experts reads its rows
+  lm.cfg.mutable_parallel()->set_expert_parallel(o.ep ? o.ep->size() : 1);
   validate_config(lm.cfg, false);
   MOE_CHECK(!lm.manifest.tokenizer_file().empty(), "checkpoint " << lm.dir << " has no tokenizer");
   lm.tok = std::make_unique<Tokenizer>(lm.dir + "/" + lm.manifest.tokenizer_file());
   ckpt::Reader reader(lm.dir, lm.manifest);
   const RunState rs = RunState::read(reader, lm.manifest);
-  lm.model = experts::build_model(lm.cfg, {.state = &rs.units, .init = false});
+  lm.model = experts::build_model(lm.cfg, {.ep = o.ep, .state = &rs.units, .init = false, .inference = o.inference});
   restore_state(reader, lm.model->params(), nullptr);
   return lm;
 }

@@ -22,6 +22,7 @@
 #include "core/optimizer.h"
 #include "core/params.h"
 #include "checkpoints/saver.h"
+#include "comm/communicator.h"
 
 namespace moe::launcher {
 
@@ -52,9 +53,17 @@ std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, const AdamW* 
 // Loads params (and optimizer state if opt) from the reader; expert-sharded ones read rows [first_row, ...).
 void restore_state(ckpt::Reader& r, ParamStore& ps, AdamW* opt);
 
-// A model loaded from a checkpoint for inference (eval, generate): one rank holding every expert, the checkpoint's
-// config (its relative data paths resolved against data_dir when given) with `overrides` applied (validated), its
-// tokenizer, weights and routing tables.
+// A model loaded from a checkpoint for inference (eval, generate, serve): the checkpoint's config (its relative data
+// paths resolved against data_dir when given) with `overrides` applied (validated), its tokenizer, weights and
+// routing tables. With an expert-parallel group the experts are sharded over it and each rank reads only its rows
+// of the expert tensors (any group size dividing the experts, whatever the checkpoint was saved with); without
+// one this rank holds every expert.
+struct LoadOptions {
+  std::vector<std::string> overrides;  // --set path=value
+  std::string data_dir;                // relative data paths of the checkpoint's config are relative to this
+  comm::Communicator* ep = nullptr;    // the expert-parallel group (serve); null: one rank holds every expert
+  bool inference = false;              // no gradient storage (generate, serve)
+};
 struct LoadedModel {
   Config cfg;
   std::string dir;
@@ -62,7 +71,6 @@ struct LoadedModel {
   std::unique_ptr<Tokenizer> tok;
   std::unique_ptr<Model> model;
 };
-LoadedModel load_for_inference(const std::string& checkpoint, const std::vector<std::string>& overrides,
-                               const std::string& data_dir = "");
+LoadedModel load_for_inference(const std::string& checkpoint, const LoadOptions& o = {});
 
 }  // namespace moe::launcher

@@ -7,6 +7,7 @@
 #pragma once
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <map>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "core/kernels/cpu/kernels.h"
 #include "core/rng.h"
 #include "tests/unit/oracle.h"
 
@@ -227,20 +229,72 @@ inline Outputs run_attention(Backend& be, const AttnCase& c) {
           {"dk", d.get(dk, c.nkv())},  {"dv", d.get(dv, c.nkv())}};
 }
 
-// ---------------------------------------------------------------- attention over a KV cache (decoding)
-struct DecodeCase {
-  int len, H, Hkv, D;
-  Vec q, k, v;  // q[H,D], k_cache/v_cache[len,Hkv,D]
+// ---------------------------------------------------------------- the inference path
+// attention over a paged KV cache: B sequences of T positions, their keys and values scattered over shuffled blocks
+// of a pool (block_size = T: one contiguous block per sequence); rows (b, t) in order, row (b, t) at position t
+struct PagedCase {
+  int B, T, H, Hkv, D, block_size, slots;
+  Vec q, k_pool, v_pool;    // q[B*T,H,D], pools [slots,Hkv,D]
+  Ids pos, table, table_start;
+  int rows() const { return B * T; }
 };
-inline DecodeCase make_decode(Rng& rng, int len, int H, int Hkv, int D) {
-  return {len, H, Hkv, D, randn(rng, int64_t(H) * D), randn(rng, int64_t(len) * Hkv * D),
-          randn(rng, int64_t(len) * Hkv * D)};
+// the paged layout of a causal attention case (its q, k, v): the same result as attention_forward's out
+inline PagedCase make_paged(Rng& rng, const AttnCase& a, int block_size) {
+  const int per = (a.T + block_size - 1) / block_size, nblk = a.B * per + 3;  // 3 blocks nobody uses
+  PagedCase c{a.B, a.T, a.H, a.Hkv, a.D, block_size, nblk * block_size, a.q, {}, {}, {}, {}, {}};
+  const int64_t row = int64_t(a.Hkv) * a.D;
+  c.k_pool = randn(rng, c.slots * row);  // garbage where no sequence lives
+  c.v_pool = randn(rng, c.slots * row);
+  Ids order(nblk);
+  for (int i = 0; i < nblk; ++i) order[i] = i;
+  for (int i = nblk - 1; i > 0; --i) std::swap(order[i], order[rng.below(i + 1)]);
+  for (int b = 0; b < a.B; ++b) {
+    const int start = static_cast<int>(c.table.size());
+    for (int j = 0; j < per; ++j) c.table.push_back(order[b * per + j]);
+    for (int t = 0; t < a.T; ++t) {
+      const int64_t slot = int64_t(c.table[start + t / block_size]) * block_size + t % block_size;
+      const int64_t src = (int64_t(b) * a.T + t) * row;
+      std::copy(a.k.begin() + src, a.k.begin() + src + row, c.k_pool.begin() + slot * row);
+      std::copy(a.v.begin() + src, a.v.begin() + src + row, c.v_pool.begin() + slot * row);
+      c.pos.push_back(t);
+      c.table_start.push_back(start);
+    }
+  }
+  return c;
 }
-inline Outputs run_decode(Backend& be, const DecodeCase& c) {
+inline Outputs run_paged(Backend& be, const PagedCase& c) {
   DeviceArena d(be);
-  float *out = d.unwritten(int64_t(c.H) * c.D), *scores = d.unwritten(c.len);
-  be.attention_decode(out, scores, d.put(c.q), d.put(c.k), d.put(c.v), c.len, c.H, c.Hkv, c.D);
-  return {{"out", d.get(out, int64_t(c.H) * c.D)}};
+  float* out = d.unwritten(int64_t(c.rows()) * c.H * c.D);
+  be.attention_paged(out, d.put(c.q), d.put(c.k_pool), d.put(c.v_pool), d.put(c.pos), d.put(c.table),
+                     d.put(c.table_start), c.block_size, c.rows(), c.H, c.Hkv, c.D);
+  return {{"out", d.get(out, int64_t(c.rows()) * c.H * c.D)}};
+}
+// the batch-invariant linear layer (the forward of a LinearCase)
+inline Outputs run_linear_rows(Backend& be, const LinearCase& c) {
+  DeviceArena d(be);
+  float* out = d.unwritten(int64_t(c.N) * c.OC);
+  be.linear_rows(out, d.put(c.inp), d.put(c.w), c.bias ? d.put(c.b) : nullptr, c.N, c.IC, c.OC);
+  return {{"out", d.get(out, int64_t(c.N) * c.OC)}};
+}
+// rope_rows at scattered positions, and scatter_rows of the rotated rows into a bigger pool
+struct RowsCase {
+  int N, nh, D, P;  // P positions in the table
+  Vec x, cs, pool;  // x[N,nh,D], cs[P,D], pool[slots, nh*D]
+  Ids pos, slot;    // [N] positions < P, distinct slots
+};
+inline RowsCase make_rows(Rng& rng, int N, int nh, int D, int P) {
+  RowsCase c{N, nh, D, P, randn(rng, int64_t(N) * nh * D), Vec(size_t(P) * D), randn(rng, int64_t(2 * N) * nh * D),
+             rand_ids(rng, N, P), {}};
+  cpu::rope_cos_sin(c.cs.data(), P, D, 0, 10000.0f);
+  for (int n = 0; n < N; ++n) c.slot.push_back(2 * N - 1 - 2 * n);
+  return c;
+}
+inline Outputs run_rows(Backend& be, const RowsCase& c) {
+  DeviceArena d(be);
+  float *x = d.put(c.x), *pool = d.put(c.pool);
+  be.rope_rows(x, d.put(c.pos), d.put(c.cs), c.N, c.nh, c.D);
+  be.scatter_rows(pool, x, d.put(c.slot), c.N, c.nh * c.D);
+  return {{"x", d.get(x, int64_t(c.x.size()))}, {"pool", d.get(pool, int64_t(c.pool.size()))}};
 }
 
 // ---------------------------------------------------------------- activations

@@ -1,9 +1,10 @@
 // The CPU backend (core/backend.h): every op, run through the Backend table on backend memory (runners in
 // backend_ops.h), against the plain *_ref references of core/kernels/cpu/reference.cpp where one exists, else
-// against a small loop or the direct cpu:: call; attention_decode against the last row of attention_forward_ref
-// and, inside a whole decoding step, bit for bit against Attention::decode (the loop it was taken from); the
-// memory ops; backend_for; and the Workspace (core/workspace.h).
+// against a small loop or the direct cpu:: call; the inference ops (paged attention against causal attention,
+// linear_rows against the linear layer) and their batch invariance, bit for bit; the memory ops; backend_for; and
+// the Workspace (core/workspace.h).
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <cstring>
@@ -238,62 +239,121 @@ TEST(BackendCpu, ElementwiseVsLoop) {
   EXPECT_NEAR(got_sq, sq, 1e-10 * sq);
 }
 
-// ================================================================== attention_decode
-TEST(BackendCpu, AttentionDecodeIsTheLastRowOfCausalAttention) {
+// ================================================================== the inference path
+// Paged attention over B sequences of T positions, their keys and values in shuffled blocks, is causal attention:
+// every row (b, t) sees exactly positions 0..t of its own sequence, whatever the block size (1, 4, or T: one
+// contiguous block per sequence).
+TEST(BackendCpu, AttentionPagedIsCausalAttention) {
   Rng rng(12);
   for (const auto& [H, Hkv] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{4, 1}}) {
-    const int T = 23, D = 16;
-    SCOPED_TRACE("H=" + std::to_string(H) + " Hkv=" + std::to_string(Hkv));
-    const AttnCase full = make_attn(rng, 1, T, H, Hkv, D, false);
-    Vec out(full.nq()), att(full.natt());
-    cpu::attention_forward_ref(out.data(), att.data(), full.q.data(), full.k.data(), full.v.data(), 1, T, H, Hkv, D);
-    const DecodeCase c{T, H, Hkv, D, Vec(full.q.end() - int64_t(H) * D, full.q.end()), full.k, full.v};
-    const Outputs got = run_decode(host_be(), c);
-    expect_outputs_near(got, {{"out", Vec(out.end() - int64_t(H) * D, out.end())}}, kTol);
-  }
-}
-
-// The whole decoding step of Attention::decode (core/layers.cpp), rebuilt from backend ops around attention_decode
-// (the loop it was taken from): bit-identical outputs, for MHA, GQA and MQA and several head dims.
-Vec decode_with_backend(Attention& attn, const Vec& inp, const Vec& k_cache, const Vec& v_cache, int pos) {
-  const AttentionDims& d = attn.dims();
-  Backend& be = host_be();
-  Vec q(size_t(d.H) * d.D), y(q.size()), scores(pos + 1), out(d.C);
-  be.linear_forward(q.data(), inp.data(), attn.wq->value.f32(), nullptr, 1, d.C, d.H * d.D);
-  be.rope_forward(q.data(), 1, 1, d.H, d.D, pos, d.rope_theta);
-  be.attention_decode(y.data(), scores.data(), q.data(), k_cache.data(), v_cache.data(), pos + 1, d.H, d.Hkv, d.D);
-  be.linear_forward(out.data(), y.data(), attn.wo->value.f32(), nullptr, 1, d.H * d.D, d.C);
-  return out;
-}
-
-TEST(BackendCpu, AttentionDecodeReproducesAttentionDecodeBitForBit) {
-  for (const AttentionDims& dims : {AttentionDims{32, 4, 2, 8, 10000.0f}, AttentionDims{64, 4, 4, 16, 10000.0f},
-                                    AttentionDims{96, 6, 1, 64, 500000.0f}, AttentionDims{40, 2, 2, 20, 10000.0f}}) {
-    SCOPED_TRACE("H=" + std::to_string(dims.H) + " Hkv=" + std::to_string(dims.Hkv) + " D=" + std::to_string(dims.D));
-    const int steps = 37;
-    ParamStore ps;
-    Workspace ws(host_be());
-    Attention attn(ps, ws, "attn", dims);
-    Rng rng(14);
-    for (Param* p : ps.all()) init_normal(p->value, rng, 0.3f);
-    Vec k_cache(size_t(steps) * dims.Hkv * dims.D), v_cache(k_cache.size()), out(dims.C);
-    for (int pos = 0; pos < steps; ++pos) {
-      const Vec inp = randn(rng, dims.C);
-      attn.decode(out.data(), inp.data(), k_cache.data(), v_cache.data(), pos);
-      ASSERT_EQ(decode_with_backend(attn, inp, k_cache, v_cache, pos), out) << "pos " << pos;
+    for (int bs : {1, 4, 23}) {
+      const int B = 3, T = 23, D = 16;
+      SCOPED_TRACE("H=" + std::to_string(H) + " Hkv=" + std::to_string(Hkv) + " block " + std::to_string(bs));
+      const AttnCase full = make_attn(rng, B, T, H, Hkv, D, false);
+      Vec out(full.nq()), att(full.natt());
+      cpu::attention_forward_ref(out.data(), att.data(), full.q.data(), full.k.data(), full.v.data(), B, T, H, Hkv,
+                                 D);
+      expect_outputs_near(run_paged(host_be(), make_paged(rng, full, bs)), {{"out", out}}, kTol);
     }
   }
 }
 
-TEST(BackendCpu, AttentionDecodeOfOnePositionIsItsValue) {
+// A row's attention output does not depend on the other rows of the batch, bit for bit: each row alone (and in a
+// reversed batch) gives what it gives in the whole batch, whatever the block size.
+TEST(BackendCpu, AttentionPagedIsBatchInvariant) {
+  Rng rng(15);
+  const AttnCase full = make_attn(rng, 2, 19, 6, 2, 32, false);
+  for (int bs : {1, 16, 19}) {
+    const PagedCase c = make_paged(rng, full, bs);
+    const Vec batch = run_paged(host_be(), c).at("out");
+    const int64_t w = int64_t(c.H) * c.D;
+    PagedCase rev = c;  // the rows in reverse order
+    for (int n = 0; n < c.rows(); ++n) {
+      const int m = c.rows() - 1 - n;
+      std::copy(c.q.begin() + m * w, c.q.begin() + (m + 1) * w, rev.q.begin() + n * w);
+      rev.pos[n] = c.pos[m];
+      rev.table_start[n] = c.table_start[m];
+    }
+    const Vec reversed = run_paged(host_be(), rev).at("out");
+    for (int n = 0; n < c.rows(); ++n) {
+      PagedCase one = c;
+      one.B = 1;
+      one.T = 1;
+      one.q.assign(c.q.begin() + n * w, c.q.begin() + (n + 1) * w);
+      one.pos = {c.pos[n]};
+      one.table_start = {c.table_start[n]};
+      const Vec want(batch.begin() + n * w, batch.begin() + (n + 1) * w);
+      ASSERT_EQ(run_paged(host_be(), one).at("out"), want) << "block " << bs << " row " << n;
+      const int m = c.rows() - 1 - n;
+      ASSERT_EQ(Vec(reversed.begin() + m * w, reversed.begin() + (m + 1) * w), want) << "block " << bs << " row " << n;
+    }
+  }
+}
+
+TEST(BackendCpu, AttentionPagedOfOnePositionIsItsValue) {
   Rng rng(13);
-  const DecodeCase c = make_decode(rng, 1, 4, 2, 8);
-  const Vec out = run_decode(host_be(), c).at("out");
+  const AttnCase one = make_attn(rng, 1, 1, 4, 2, 8, false);
+  const PagedCase c = make_paged(rng, one, 16);
+  const Vec out = run_paged(host_be(), c).at("out");
   for (int h = 0; h < 4; ++h)
-    for (int i = 0; i < 8; ++i) EXPECT_EQ(out[h * 8 + i], c.v[(h / 2) * 8 + i]);
-  Vec o(32), s(1);
-  EXPECT_THROW(host_be().attention_decode(o.data(), s.data(), c.q.data(), c.k.data(), c.v.data(), 0, 4, 2, 8), Error);
-  EXPECT_THROW(host_be().attention_decode(o.data(), s.data(), c.q.data(), c.k.data(), c.v.data(), 1, 4, 3, 8), Error);
+    for (int i = 0; i < 8; ++i) EXPECT_EQ(out[h * 8 + i], one.v[(h / 2) * 8 + i]);
+  Vec o(32);
+  const int32_t pos = 0, table = 0, start = 0;
+  EXPECT_THROW(host_be().attention_paged(o.data(), c.q.data(), c.k_pool.data(), c.v_pool.data(), &pos, &table,
+                                         &start, 16, 1, 4, 3, 8),
+               Error);
+  EXPECT_THROW(host_be().attention_paged(o.data(), c.q.data(), c.k_pool.data(), c.v_pool.data(), &pos, &table,
+                                         &start, 0, 1, 4, 2, 8),
+               Error);
+}
+
+// linear_rows computes the linear layer, and each output row depends on its input row alone, bit for bit: the
+// same alone, in any batch size, at any position of the batch, on 1 or 2 threads (tails of IC, N and OC that are
+// not multiples of the SIMD width and the register tile included).
+TEST(BackendCpu, LinearRowsIsTheLinearLayerAndBatchInvariant) {
+  Rng rng(16);
+  const int threads = omp_get_max_threads();
+  for (const auto& [N, IC, OC] : {std::tuple{13, 192, 1024}, std::tuple{7, 37, 23}, std::tuple{64, 256, 192},
+                                  std::tuple{3, 5, 1}, std::tuple{33, 513, 67}}) {
+    SCOPED_TRACE("N=" + std::to_string(N) + " IC=" + std::to_string(IC) + " OC=" + std::to_string(OC));
+    for (bool bias : {false, true}) {
+      const LinearCase c = make_linear(rng, N, IC, OC, bias, false);
+      Vec want(size_t(N) * OC);
+      cpu::linear_forward_ref(want.data(), c.inp.data(), c.w.data(), bias ? c.b.data() : nullptr, N, IC, OC);
+      omp_set_num_threads(2);
+      const Vec batch = run_linear_rows(host_be(), c).at("out");
+      expect_outputs_near({{"out", batch}}, {{"out", want}}, kTol);
+      omp_set_num_threads(1);
+      ASSERT_EQ(run_linear_rows(host_be(), c).at("out"), batch) << "one thread";
+      for (int n = 0; n < N; n += std::max(1, N / 5)) {
+        LinearCase part = c;  // rows n.. alone: row n first
+        part.N = N - n;
+        part.inp.assign(c.inp.begin() + int64_t(n) * IC, c.inp.end());
+        const Vec got = run_linear_rows(host_be(), part).at("out");
+        const Vec want(batch.begin() + int64_t(n) * OC, batch.begin() + int64_t(n + 1) * OC);
+        ASSERT_EQ(Vec(got.begin(), got.begin() + OC), want) << "row " << n << " of a batch of " << part.N;
+      }
+    }
+  }
+  omp_set_num_threads(threads);
+}
+
+// rope_rows at per-row positions is rope_forward at those positions (the same table; the compiler may contract the
+// rotation into FMAs differently in the two loops: within float rounding); scatter_rows moves whole rows exactly.
+TEST(BackendCpu, RopeRowsAndScatterRows) {
+  Rng rng(17);
+  const RowsCase c = make_rows(rng, 9, 3, 16, 40);
+  const Outputs got = run_rows(host_be(), c);
+  const int64_t w = int64_t(c.nh) * c.D;
+  Vec want_pool = c.pool;
+  for (int n = 0; n < c.N; ++n) {
+    Vec x(c.x.begin() + n * w, c.x.begin() + (n + 1) * w);
+    host_be().rope_forward(x.data(), 1, 1, c.nh, c.D, c.pos[n], 10000.0f);
+    const Vec row(got.at("x").begin() + n * w, got.at("x").begin() + (n + 1) * w);
+    EXPECT_LE(max_rel_err(row, x), 1e-6) << "row " << n;
+    std::copy(row.begin(), row.end(), want_pool.begin() + int64_t(c.slot[n]) * w);
+  }
+  EXPECT_EQ(got.at("pool"), want_pool);
 }
 
 // ================================================================== Workspace

@@ -195,7 +195,10 @@ data { seq_len: 8 tokenizer_vocab_size: 300 tokenizer_type: "unigram" val_fracti
 optimizer { beta1: 0.8 beta2: 0.99 eps: 1e-6 }
 train { log_every: 3 eval_batches: 2 out_dir: "x" }
 parallel { expert_parallel: 2 collective_timeout_s: 5 communicator: "nccl" }
-generate { max_new_tokens: 7 })", "explicit.pbtxt");
+generate { max_new_tokens: 7 }
+serving { host: "0.0.0.0" port: 0 max_batch_tokens: 9 max_running: 3 max_queue: 4 kv_block_size: 8
+          kv_cache_bytes: 4096 max_connections: 5 max_body_bytes: 100 drain_timeout_s: 0 request_timeout_s: 2
+          idle_timeout_s: 3 })", "explicit.pbtxt");
   const std::string before = c.SerializeAsString();
   fill_defaults(c);
   EXPECT_EQ(c.SerializeAsString(), before);
@@ -220,6 +223,14 @@ TEST(Config, ExplicitZeroIsKeptAndRejected) {
       {"parallel.expert_parallel=0", "config field parallel.expert_parallel = 0: must be > 0"},
       {"parallel.collective_timeout_s=0", "config field parallel.collective_timeout_s = 0: must be > 0"},
       {"generate.max_new_tokens=0", "config field generate.max_new_tokens = 0: must be > 0"},
+      {"serving.max_batch_tokens=0", "config field serving.max_batch_tokens = 0: must be > 0"},
+      {"serving.max_running=0", "config field serving.max_running = 0: must be > 0"},
+      {"serving.max_queue=0", "config field serving.max_queue = 0: must be > 0"},
+      {"serving.kv_block_size=0", "config field serving.kv_block_size = 0: must be > 0"},
+      {"serving.kv_cache_bytes=0", "config field serving.kv_cache_bytes = 0: must be > 0"},
+      {"serving.max_connections=0", "config field serving.max_connections = 0: must be > 0"},
+      {"serving.request_timeout_s=0", "config field serving.request_timeout_s = 0: must be > 0"},
+      {"serving.host=", "config field serving.host = \"\": must name an address"},
   };
   for (const auto& z : cases) {
     Config c = parse_config_text(kGood, "good.pbtxt");

@@ -27,26 +27,12 @@ using detail::vexp;
 constexpr int64_t kParMin = 16384;  // below this much work a loop stays on one thread
 constexpr int kRowBlock = 32;        // query rows per sgemm block in attention
 
-// cs[T, D/2, 2] = (cos, sin) of (pos0 + t) * theta^(-2i/D), computed in double (large positions stay accurate)
-std::vector<float> rope_table(int T, int D, int pos0, float theta) {
-  const int half = D / 2;
-  std::vector<float> cs(size_t(T) * D);
-  for (int i = 0; i < half; ++i) {
-    const double inv_freq = std::pow(static_cast<double>(theta), -2.0 * i / D);
-    for (int t = 0; t < T; ++t) {
-      const double a = static_cast<double>(pos0 + t) * inv_freq;
-      cs[(size_t(t) * half + i) * 2] = static_cast<float>(std::cos(a));
-      cs[(size_t(t) * half + i) * 2 + 1] = static_cast<float>(std::sin(a));
-    }
-  }
-  return cs;
-}
-
 // x[B,T,nh,D] in place: (x0, x1) <- (x0 c - x1 s, x0 s + x1 c); sign = -1 rotates by the negative angle (R^T)
 void rope_apply(float* x, int B, int T, int nh, int D, int pos0, float theta, float sign) {
   MOE_CHECK(D % 2 == 0, "rope: head dim D=" << D << " must be even");
   if (int64_t(B) * T * nh * D == 0) return;
-  const std::vector<float> cs = rope_table(T, D, pos0, theta);
+  std::vector<float> cs(size_t(T) * D);
+  rope_cos_sin(cs.data(), T, D, pos0, theta);
   const int half = D / 2;
 #pragma omp parallel for collapse(2) if (int64_t(B) * T * nh * D > kParMin) schedule(static)
   for (int b = 0; b < B; ++b) {
@@ -177,39 +163,6 @@ void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, co
           }
         }
       }
-    }
-  }
-}
-
-// ---------------------------------------------------------------- attention over a KV cache, one query position
-// out[H,D], scores[len] (scratch) <- q[H,D], k_cache[len,Hkv,D], v_cache[len,Hkv,D]. The loop of the original
-// Attention::decode, kept exactly (same accumulation order) so that decoding stays bit-identical.
-void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
-                      int H, int Hkv, int D) {
-  check_heads(H, Hkv, D);
-  MOE_CHECK(len > 0, "attention_decode: cache length " << len << " must be positive");
-  float* s = scores;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int group = H / Hkv;
-  for (int h = 0; h < H; ++h) {
-    const int g = h / group;
-    const float* qh = q + h * D;  // [D]
-    float mx = -INFINITY;
-    for (int t = 0; t < len; ++t) {
-      const float* kt = k_cache + (int64_t(t) * Hkv + g) * D;  // [D]
-      float dot = 0;
-      for (int i = 0; i < D; ++i) dot += qh[i] * kt[i];
-      s[t] = dot * scale;
-      mx = std::max(mx, s[t]);
-    }
-    float sum = 0;
-    for (int t = 0; t < len; ++t) sum += (s[t] = std::exp(s[t] - mx));
-    float* yh = out + h * D;  // [D]
-    std::memset(yh, 0, sizeof(float) * D);
-    for (int t = 0; t < len; ++t) {
-      const float p = s[t] / sum;
-      const float* vt = v_cache + (int64_t(t) * Hkv + g) * D;  // [D]
-      for (int i = 0; i < D; ++i) yh[i] += p * vt[i];
     }
   }
 }

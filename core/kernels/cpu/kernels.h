@@ -63,12 +63,6 @@ void attention_forward(float* out, float* att, const float* q, const float* k, c
 // dq[B,T,H,D], dk[B,T,Hkv,D], dv[B,T,Hkv,D] written. datt_scratch[B,H,T,T] is workspace (may be reused).
 void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout, const float* q,
                         const float* k, const float* v, const float* att, int B, int T, int H, int Hkv, int D);
-// One query position attending to cached positions 0..len-1 (decoding): q[H,D] and k_cache[len,Hkv,D] already
-// rotated, v_cache[len,Hkv,D] -> out[H,D]; scores[len] is scratch. Query head h uses kv head h / (H / Hkv),
-// scale = 1/sqrt(D). A plain loop (its own reference): float accumulators, exp(s - max), each probability s / sum.
-void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
-                      int H, int Hkv, int D);
-
 // ---------------------------------------------------------------- activations
 // GELU, tanh approximation (as torch.nn.functional.gelu(approximate="tanh")). out[N], inp[N]
 void gelu_forward(float* out, const float* inp, int64_t N);
@@ -91,6 +85,28 @@ void add_inplace(float* y, const float* x, int64_t n);               // y += x
 void add(float* out, const float* a, const float* b, int64_t n);     // out = a + b
 void scale_inplace(float* y, float s, int64_t n);                    // y *= s
 double sum_squares(const float* x, int64_t n);                       // sum x^2 in double
+
+// ---------------------------------------------------------------- the inference path (inference.cpp)
+// Batch-invariant linear layer: out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC] (bias may be null), where each output
+// row is a function of its input row alone, bit for bit: the same whatever N, the other rows, the row's place in
+// the batch and the thread count (a fixed-order SIMD dot product per element; see inference.cpp). Serving and
+// generation use it so that a request's tokens do not depend on what it is batched with.
+void linear_rows(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC);
+// cs[T, D/2, 2] = (cos, sin) of (pos0 + t) * theta^(-2i/D), computed in double: the rotation table of
+// rope_forward, and of rope_rows at positions pos0..pos0+T-1.
+void rope_cos_sin(float* cs, int T, int D, int pos0, float theta);
+// x[N,nh,D] rotated in place, row n at position pos[n] (interleaved pairs, as rope_forward), from a table
+// cs[P, D/2, 2] of rope_cos_sin(cs, P, D, 0, theta) with P > every pos[n].
+void rope_rows(float* x, const int32_t* pos, const float* cs, int N, int nh, int D);
+// dst[idx[n], :] = src[n, :] for n < N (rows of C floats; idx[N] >= 0): the KV cache write.
+void scatter_rows(float* dst, const float* src, const int32_t* idx, int N, int C);
+// Attention of N query rows over a paged KV cache. Row n is at position pos[n] of its sequence and attends to
+// positions 0..pos[n] (its own included, written before the call). Position p of row n is cache slot
+// table[table_start[n] + p / block_size] * block_size + p % block_size of k_pool / v_pool [slots, Hkv, D] (keys
+// already rotated). q[N,H,D] rotated -> out[N,H,D]. Query head h uses kv head h / (H / Hkv); scale 1/sqrt(D).
+// Each (row, head) is computed in a fixed order: batch-invariant like linear_rows.
+void attention_paged(float* out, const float* q, const float* k_pool, const float* v_pool, const int32_t* pos,
+                     const int32_t* table, const int32_t* table_start, int block_size, int N, int H, int Hkv, int D);
 
 // ---------------------------------------------------------------- plain references (reference.cpp)
 void linear_forward_ref(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC);

@@ -2,7 +2,7 @@
 // Straightforward and deterministic rather than fast: the forward and the dq pass run one block per
 // (b, h, t) query row; the dk/dv pass runs one block per (b, kvh, j) key row and sums over the query heads of
 // the group and the rows t >= j in a fixed order (no atomics). Decoding (one query position over a KV cache)
-// runs one block per query head with an online softmax.
+// runs one block per (query head, row) over a paged KV cache with an online softmax.
 #include <cmath>
 
 #include "core/kernels/cuda/common.cuh"
@@ -148,32 +148,45 @@ __global__ void __launch_bounds__(kAttBlock)
 
 constexpr int kDecodeChunk = 1024;  // cached positions whose scores one block stages in shared memory at a time
 
-// Grid (H), one block per query head. Online softmax over chunks of kDecodeChunk positions: m and sum (the running
-// max and sum of exp(score - m), the same in every thread) and out[h] (each thread owns its columns d) are
-// rescaled by exp(m_old - m_new) when a chunk raises the max; out[h] is divided by sum at the end.
+// Grid (H, N): one block per (query head, row) of a paged KV cache. Online softmax over chunks of kDecodeChunk
+// positions: m and sum (the running max and sum of exp(score - m), the same in every thread) and out (each thread
+// owns its columns d) are rescaled by exp(m_old - m_new) when a chunk raises the max; out is divided by sum at
+// the end. Position t of row n lives in slot table[table_start[n] + t / block_size] * block_size + t % block_size.
+struct PagedArgs {
+  const int32_t* pos;
+  const int32_t* table;
+  const int32_t* table_start;
+  int block_size;
+};
+
 __global__ void __launch_bounds__(kAttBlock)
-    attention_decode_kernel(float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ k_cache,
-                            const float* __restrict__ v_cache, int len, AttShape s) {
+    attention_paged_kernel(float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ k_pool,
+                           const float* __restrict__ v_pool, PagedArgs pa, AttShape s) {
   extern __shared__ float smem[];
-  const int h = blockIdx.x, D = s.D;
+  const int h = blockIdx.x, n = blockIdx.y, D = s.D;
   float* q_row = smem;  // [D]
   float* p = smem + D;  // [kDecodeChunk] scores, then exp(score - m)
   const int kvh = h / (s.H / s.Hkv);
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  float* o = out + static_cast<int64_t>(h) * D;  // [D]
+  const int len = pa.pos[n] + 1;
+  const int32_t* blocks = pa.table + pa.table_start[n];
+  const int64_t qo = (static_cast<int64_t>(n) * s.H + h) * D;
+  float* o = out + qo;  // [D]
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    q_row[d] = q[static_cast<int64_t>(h) * D + d];
+    q_row[d] = q[qo + d];
     o[d] = 0.0f;
   }
   __syncthreads();
-  const int64_t stride = static_cast<int64_t>(s.Hkv) * D;  // between consecutive cached positions
-  const float* kb = k_cache + static_cast<int64_t>(kvh) * D;
-  const float* vb = v_cache + static_cast<int64_t>(kvh) * D;
+  const int64_t row = static_cast<int64_t>(s.Hkv) * D;  // floats per slot
+  auto slot_off = [&](int t) {
+    return (static_cast<int64_t>(blocks[t / pa.block_size]) * pa.block_size + t % pa.block_size) * row +
+           static_cast<int64_t>(kvh) * D;
+  };
   float m = -INFINITY, sum = 0.0f;
   for (int c0 = 0; c0 < len; c0 += kDecodeChunk) {
-    const int n = min(kDecodeChunk, len - c0);
-    for (int j = wid; j < n; j += nw) {  // scores: one warp per cached position
-      const float* kj = kb + (c0 + j) * stride;
+    const int cn = min(kDecodeChunk, len - c0);
+    for (int j = wid; j < cn; j += nw) {  // scores: one warp per cached position
+      const float* kj = k_pool + slot_off(c0 + j);
       float dot = 0.0f;
       for (int d = lane; d < D; d += 32) dot += q_row[d] * kj[d];
       dot = warp_sum(dot);
@@ -181,11 +194,11 @@ __global__ void __launch_bounds__(kAttBlock)
     }
     __syncthreads();
     float cm = -INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) cm = fmaxf(cm, p[j]);
+    for (int j = threadIdx.x; j < cn; j += blockDim.x) cm = fmaxf(cm, p[j]);
     const float m_new = fmaxf(m, block_max(cm));
     const float rescale = expf(m - m_new);  // 0 on the first chunk (m = -inf)
     float cs = 0.0f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    for (int j = threadIdx.x; j < cn; j += blockDim.x) {
       const float e = expf(p[j] - m_new);
       p[j] = e;
       cs += e;
@@ -194,7 +207,7 @@ __global__ void __launch_bounds__(kAttBlock)
     m = m_new;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
       float acc = o[d] * rescale;
-      for (int j = 0; j < n; ++j) acc += p[j] * vb[(c0 + j) * stride + d];
+      for (int j = 0; j < cn; ++j) acc += p[j] * v_pool[slot_off(c0 + j) + d];
       o[d] = acc;
     }
     __syncthreads();  // the next chunk overwrites p
@@ -237,12 +250,16 @@ void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, co
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 
-void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
-                      int H, int Hkv, int D, cudaStream_t stream) {
-  const AttShape s = check_shape(1, len, H, Hkv, D, "cuda::attention_decode");
-  MOE_CHECK(len > 0, "cuda::attention_decode: cache length " << len << " must be positive");
+void attention_paged(float* out, const float* q, const float* k_pool, const float* v_pool, const int32_t* pos,
+                     const int32_t* table, const int32_t* table_start, int block_size, int N, int H, int Hkv, int D,
+                     cudaStream_t stream) {
+  const AttShape s = check_shape(1, 1, H, Hkv, D, "cuda::attention_paged");
+  MOE_CHECK(block_size > 0, "cuda::attention_paged: block size " << block_size << " must be positive");
+  MOE_CHECK(N >= 0 && N <= 65535, "cuda::attention_paged: " << N << " rows (at most 65535 per call)");
+  if (N == 0) return;
   const size_t shmem = (static_cast<size_t>(D) + kDecodeChunk) * sizeof(float);  // <= 36 KiB for D <= 8192
-  attention_decode_kernel<<<H, kAttBlock, shmem, stream>>>(out, q, k_cache, v_cache, len, s);
+  attention_paged_kernel<<<dim3(H, N), kAttBlock, shmem, stream>>>(out, q, k_pool, v_pool,
+                                                                   PagedArgs{pos, table, table_start, block_size}, s);
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 

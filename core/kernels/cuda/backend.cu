@@ -98,9 +98,19 @@ class CudaBackend final : public Backend {
   void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout, const float* q,
                           const float* k, const float* v, const float* att, int B, int T, int H, int Hkv,
                           int D) override;
-  void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
-                        int H, int Hkv, int D) override {
-    cuda::attention_decode(out, scores, q, k_cache, v_cache, len, H, Hkv, D, stream_);
+  void linear_rows(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) override {
+    cuda::linear_rows(out, inp, w, bias, N, IC, OC, stream_);
+  }
+  void rope_rows(float* x, const int32_t* pos, const float* cs, int N, int nh, int D) override {
+    cuda::rope_rows(x, pos, cs, N, nh, D, stream_);
+  }
+  void scatter_rows(float* dst, const float* src, const int32_t* idx, int N, int C) override {
+    cuda::scatter_rows(dst, src, idx, N, C, stream_);
+  }
+  void attention_paged(float* out, const float* q, const float* k_pool, const float* v_pool, const int32_t* pos,
+                       const int32_t* table, const int32_t* table_start, int block_size, int N, int H, int Hkv,
+                       int D) override {
+    cuda::attention_paged(out, q, k_pool, v_pool, pos, table, table_start, block_size, N, H, Hkv, D, stream_);
   }
 
   void gelu_forward(float* out, const float* inp, int64_t N) override { cuda::gelu_forward(out, inp, N, stream_); }

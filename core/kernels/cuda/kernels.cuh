@@ -102,12 +102,22 @@ void attention_forward(float* out, float* att, const float* q, const float* k, c
 void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout, const float* q,
                         const float* k, const float* v, const float* att, int B, int T, int H, int Hkv, int D,
                         cudaStream_t stream);
-// One query position attending to cached positions 0..len-1 (decoding; q and k already rotated): out[H,D] written,
-// q[H,D], k_cache[len,Hkv,D], v_cache[len,Hkv,D]; query head h uses kv head h / (H / Hkv), scale 1/sqrt(D).
-// scores[len] is the CPU's scratch and is not used here (may be null). One block per query head, online softmax
-// over chunks of cached positions (any len > 0). 0 < D <= 8192.
-void attention_decode(float* out, float* scores, const float* q, const float* k_cache, const float* v_cache, int len,
-                      int H, int Hkv, int D, cudaStream_t stream);
+// N query rows over a paged KV cache (core/kernels/cpu/kernels.h attention_paged; every pointer on the device):
+// q[N,H,D] -> out[N,H,D], k_pool / v_pool [slots, Hkv, D], pos[N], block tables. One block per (head, row),
+// online softmax over chunks of cached positions. 0 < D <= 8192, N <= 65535.
+void attention_paged(float* out, const float* q, const float* k_pool, const float* v_pool, const int32_t* pos,
+                     const int32_t* table, const int32_t* table_start, int block_size, int N, int H, int Hkv, int D,
+                     cudaStream_t stream);
+
+// ---------------------------------------------------------------- the inference path (inference.cu)
+// Batch-invariant linear layer (cpu::linear_rows): out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC]; one warp per
+// output element with a fixed lane assignment and shuffle tree, so a row's result never depends on the batch.
+void linear_rows(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC,
+                 cudaStream_t stream);
+// x[N,nh,D] rotated in place at positions pos[N] from the table cs[P, D/2, 2] (cpu::rope_rows)
+void rope_rows(float* x, const int32_t* pos, const float* cs, int N, int nh, int D, cudaStream_t stream);
+// dst[idx[n], :] = src[n, :], src[N,C]
+void scatter_rows(float* dst, const float* src, const int32_t* idx, int N, int C, cudaStream_t stream);
 
 // ---------------------------------------------------------------- activations
 // GELU, tanh approximation. out[N], inp[N]
