@@ -113,6 +113,7 @@ void engine_steps(const std::string& ckpt, int threads, const std::vector<double
   lo.inference = true;
   moe::launcher::LoadedModel lm = moe::launcher::load_for_inference(ckpt, lo);
   moe::Model& m = *lm.model;
+  m.prepare_inference();
   const int bs = 16, per = (m.config().max_seq_len() + bs - 1) / bs;
   std::printf("engine decode step (forward_infer, %d threads, context %d)   ms/step   tokens/s\n", threads, ctx);
   for (double bd : batches) {

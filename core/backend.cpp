@@ -80,9 +80,12 @@ class CpuBackend final : public Backend {
                           int D) override {
     cpu::attention_backward(dq, dk, dv, datt_scratch, dout, q, k, v, att, B, T, H, Hkv, D);
   }
-  void linear_rows(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) override {
-    cpu::linear_rows(out, inp, w, bias, N, IC, OC);
+  void linear_rows(float* out, const float* inp, const float* packed, const float* bias, int N, int IC,
+                   int OC) override {
+    cpu::linear_rows(out, inp, packed, bias, N, IC, OC);
   }
+  int64_t packed_rows_floats(int IC, int OC) override { return cpu::packed_rows_floats(IC, OC); }
+  void pack_rows(float* packed, const float* w, int IC, int OC) override { cpu::pack_rows(packed, w, IC, OC); }
   void rope_rows(float* x, const int32_t* pos, const float* cs, int N, int nh, int D) override {
     cpu::rope_rows(x, pos, cs, N, nh, D);
   }

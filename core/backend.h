@@ -80,8 +80,12 @@ class Backend {
                                   int Hkv, int D) = 0;
   // ---------------------------------------------------------------- the inference path (serving, generation)
   // Batch-invariant linear layer: as linear_forward, but each output row is a function of its input row alone, bit
-  // for bit, whatever N, the other rows and the thread count. out[N,OC], inp[N,IC], w[OC,IC], bias[OC] or null.
-  virtual void linear_rows(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) = 0;
+  // for bit, whatever N, the other rows and the thread count. out[N,OC], inp[N,IC], bias[OC] or null; the weight
+  // w[OC,IC] in this backend's inference layout: packed[packed_rows_floats(IC, OC)] made by pack_rows.
+  virtual void linear_rows(float* out, const float* inp, const float* packed, const float* bias, int N, int IC,
+                           int OC) = 0;
+  virtual int64_t packed_rows_floats(int IC, int OC) = 0;
+  virtual void pack_rows(float* packed, const float* w, int IC, int OC) = 0;  // w[OC,IC] -> packed
   // x[N,nh,D] rotated in place, row n at position pos[n], from the table cs[P, D/2, 2] of cpu::rope_cos_sin
   // (pos[N] < P)
   virtual void rope_rows(float* x, const int32_t* pos, const float* cs, int N, int nh, int D) = 0;

@@ -34,10 +34,16 @@ float* grad(Param* p) { return p ? p->grad.f32() : nullptr; }
 GroupedFfn::GroupedFfn(Workspace& ws, int C, int F, proto::Activation act, const FfnWeights& w)
     : be_(ws.backend()), C_(C), F_(F), act_(act), w_(w), gate_(ws.buffer()), up_(ws.buffer()), aout_(ws.buffer()),
       dact_(ws.buffer()),
-      dgate_(ws.buffer()), dup_(ws.buffer()) {
+      dgate_(ws.buffer()), dup_(ws.buffer()), pg_(ws), pu_(ws), pd_(ws) {
   MOE_CHECK(C >= 1 && F >= 1, "grouped FFN: d_model and hidden size must be >= 1, got " << C << ", " << F);
   MOE_CHECK(act == proto::SWIGLU || act == proto::GELU, "grouped FFN: unsupported activation " << int(act));
   MOE_CHECK(w.w_up && w.w_down && (act != proto::SWIGLU || w.w_gate), "grouped FFN: missing weights");
+}
+
+void GroupedFfn::prepare_inference() {
+  if (w_.w_gate) pg_.pack(*w_.w_gate);
+  pu_.pack(*w_.w_up);
+  pd_.pack(*w_.w_down);
 }
 
 // fn(g, q): group g, and q the group whose weight rows to prefetch (row-sparse weights only; -1: none)
@@ -92,9 +98,11 @@ void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const i
   float* act = aout_.get(rows * F);                        // [rows,F]
   const float *wg = ptr(w_.w_gate), *wu = ptr(w_.w_up), *wd = ptr(w_.w_down);
   const float *bu = ptr(w_.b_up), *bd = ptr(w_.b_down);
-  auto linear = [&](float* out, const float* in, const float* w, const float* b, int n, int ic, int oc) {
-    if (batch_invariant) be_.linear_rows(out, in, w, b, n, ic, oc);
-    else be_.linear_forward(out, in, w, b, n, ic, oc);
+  // slot s of a weight: its packed matrix (the inference path) or its row-major one
+  auto linear = [&](float* out, const float* in, const PackedWeight& pw, const float* w, int64_t s, const float* b,
+                    int n, int ic, int oc) {
+    if (batch_invariant) be_.linear_rows(out, in, pw.slot(s), b, n, ic, oc);
+    else be_.linear_forward(out, in, w + s * int64_t(ic) * oc, b, n, ic, oc);
   };
   for_each_group([&](int g, int q) {
     const int64_t r0 = offsets_[g], s = slots_[g];
@@ -102,19 +110,19 @@ void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const i
     const float* xg = x + r0 * C;  // [n,C]
     float* ug = up + r0 * F;       // [n,F]
     float* ag = act + r0 * F;      // [n,F]
-    const int64_t qs = q >= 0 ? slots_[q] * FC : -1;
+    const int64_t qs = q >= 0 && !batch_invariant ? slots_[q] * FC : -1;  // (the packed path reads other memory)
     if (qs >= 0) prefetch_read(wu + qs, FC);
-    linear(ug, xg, wu + s * FC, bu ? bu + s * F : nullptr, n, C, F);
+    linear(ug, xg, pu_, wu, s, bu ? bu + s * F : nullptr, n, C, F);
     if (qs >= 0) prefetch_read(wd + qs, FC);
     if (swiglu) {
       float* gg = gate + r0 * F;  // [n,F]
       if (qs >= 0) prefetch_read(wg + qs, FC);
-      linear(gg, xg, wg + s * FC, nullptr, n, C, F);
+      linear(gg, xg, pg_, wg, s, nullptr, n, C, F);
       be_.swiglu_forward(ag, gg, ug, int64_t(n) * F);
     } else {
       be_.gelu_forward(ag, ug, int64_t(n) * F);
     }
-    linear(y + r0 * C, ag, wd + s * FC, bd ? bd + s * C : nullptr, n, F, C);
+    linear(y + r0 * C, ag, pd_, wd, s, bd ? bd + s * C : nullptr, n, F, C);
   });
 }
 

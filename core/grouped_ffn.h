@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/packed.h"
 #include "core/params.h"
 #include "core/workspace.h"
 #include "proto/config.pb.h"
@@ -41,8 +42,8 @@ class GroupedFfn {
   // y[rows,C] written from x[rows,C], rows = offsets[n_groups]. slots[n_groups]: distinct weight slots in
   // [0, S); offsets[n_groups+1]: offsets[0] = 0, non-decreasing (empty groups allowed, they do nothing). Keeps the
   // layout, the x pointer (x must stay alive and unchanged until backward) and the activations.
-  // batch_invariant: the GEMMs run Backend::linear_rows (each row's result independent of the other rows: the
-  // inference path) instead of linear_forward.
+  // batch_invariant: the GEMMs run Backend::linear_rows on the packed weights (each row's result independent of the
+  // other rows: the inference path; needs prepare_inference) instead of linear_forward.
   void forward(float* y, const float* x, const int64_t* slots, const int64_t* offsets, int64_t n_groups,
                bool batch_invariant = false);
   // dx[rows,C] written from dy[rows,C] of the last forward (keeps the dy pointer and the activation gradients
@@ -55,6 +56,9 @@ class GroupedFfn {
     backward_data(dx, dy);
     backward_weights();
   }
+
+  // Packs every slot's matrices for the batch-invariant forward, from their current values.
+  void prepare_inference();
 
   int d_model() const { return C_; }
   int d_hidden() const { return F_; }
@@ -79,6 +83,7 @@ class GroupedFfn {
   int stage_ = 0;                 // 1: forward done, 2: backward_data done
   // [rows,F]: gate and up pre-activations, activation output; their gradients
   Workspace::Buffer &gate_, &up_, &aout_, &dact_, &dgate_, &dup_;
+  PackedWeight pg_, pu_, pd_;  // w_gate, w_up, w_down in the inference layout
 };
 
 }  // namespace moe

@@ -38,7 +38,8 @@ void Norm::backward(float* dinp, const float* dout, int N) {
 Attention::Attention(ParamStore& ps, Workspace& ws, const std::string& prefix, const AttentionDims& d)
     : be_(ws.backend()), d_(d), q_(ws.buffer()), k_(ws.buffer()), v_(ws.buffer()), att_(ws.buffer()), y_(ws.buffer()),
       dq_(ws.buffer()),
-      dk_(ws.buffer()), dv_(ws.buffer()), datt_(ws.buffer()), dy_(ws.buffer()), rope_cs_(ws.buffer()) {
+      dk_(ws.buffer()), dv_(ws.buffer()), datt_(ws.buffer()), dy_(ws.buffer()), rope_cs_(ws.buffer()),
+      pq_(ws), pk_(ws), pv_(ws), po_(ws) {
   wq = ps.add(prefix + ".wq", {d.H * d.D, d.C}, true);
   wk = ps.add(prefix + ".wk", {d.Hkv * d.D, d.C}, true);
   wv = ps.add(prefix + ".wv", {d.Hkv * d.D, d.C}, true);
@@ -81,28 +82,33 @@ void Attention::backward(float* dinp, const float* dout, int B, int T) {
   be_.matmul(dinp, dv, wv->value.f32(), N, C, Hkv * D, false, false, 1.0f, 1.0f);
 }
 
+void Attention::prepare_inference() {
+  pq_.pack(*wq);
+  pk_.pack(*wk);
+  pv_.pack(*wv);
+  po_.pack(*wo);
+  // the rotation table of every position (the same values rope_forward computes)
+  std::vector<float> cs(size_t(d_.max_T) * d_.D);
+  cpu::rope_cos_sin(cs.data(), d_.max_T, d_.D, 0, d_.rope_theta);
+  be_.from_host(rope_cs_.get(int64_t(d_.max_T) * d_.D), cs.data(), sizeof(float) * cs.size());
+}
+
 void Attention::forward_infer(float* out, const float* inp, const InferRows& r, float* k_pool, float* v_pool) {
   const int N = r.N, C = d_.C, H = d_.H, Hkv = d_.Hkv, D = d_.D;
   if (N == 0) return;
-  if (!rope_ready_) {  // the rotation table of every position, once (the same values rope_forward computes)
-    std::vector<float> cs(size_t(d_.max_T) * D);
-    cpu::rope_cos_sin(cs.data(), d_.max_T, D, 0, d_.rope_theta);
-    be_.from_host(rope_cs_.get(int64_t(d_.max_T) * D), cs.data(), sizeof(float) * cs.size());
-    rope_ready_ = true;
-  }
   float* q = q_.get(int64_t(N) * H * D);    // [N,H,D]
   float* k = k_.get(int64_t(N) * Hkv * D);  // [N,Hkv,D]
   float* v = v_.get(int64_t(N) * Hkv * D);  // [N,Hkv,D]
-  be_.linear_rows(q, inp, wq->value.f32(), nullptr, N, C, H * D);
-  be_.linear_rows(k, inp, wk->value.f32(), nullptr, N, C, Hkv * D);
-  be_.linear_rows(v, inp, wv->value.f32(), nullptr, N, C, Hkv * D);
+  be_.linear_rows(q, inp, pq_.slot(), nullptr, N, C, H * D);
+  be_.linear_rows(k, inp, pk_.slot(), nullptr, N, C, Hkv * D);
+  be_.linear_rows(v, inp, pv_.slot(), nullptr, N, C, Hkv * D);
   be_.rope_rows(q, r.pos, rope_cs_.data(), N, H, D);
   be_.rope_rows(k, r.pos, rope_cs_.data(), N, Hkv, D);
   be_.scatter_rows(k_pool, k, r.slots, N, Hkv * D);
   be_.scatter_rows(v_pool, v, r.slots, N, Hkv * D);
   float* y = y_.get(int64_t(N) * H * D);  // [N,H,D]
   be_.attention_paged(y, q, k_pool, v_pool, r.pos, r.table, r.table_start, r.block_size, N, H, Hkv, D);
-  be_.linear_rows(out, y, wo->value.f32(), nullptr, N, H * D, C);
+  be_.linear_rows(out, y, po_.slot(), nullptr, N, H * D, C);
 }
 
 // ================================================================== DenseFfn

@@ -11,6 +11,7 @@
 #include <map>
 
 #include "core/grouped_ffn.h"
+#include "core/packed.h"
 #include "core/params.h"
 #include "core/workspace.h"
 #include "proto/config.pb.h"
@@ -68,8 +69,10 @@ class Attention {
   void backward(float* dinp, const float* dout, int B, int T);
   // The inference path: out[N,C] from inp[N,C] of a ragged batch over a paged KV cache (batch-invariant kernels).
   // Writes the rows' keys and values into k_pool / v_pool [slots, Hkv, D] (this layer's pools of a KvCache),
-  // then attends over each row's positions 0..pos[n]. Keeps nothing for backward.
+  // then attends over each row's positions 0..pos[n]. Keeps nothing for backward. Needs prepare_inference().
   void forward_infer(float* out, const float* inp, const InferRows& rows, float* k_pool, float* v_pool);
+  // The projections in the inference layout and the rotation table of every position (from the current weights).
+  void prepare_inference();
 
   const AttentionDims& dims() const { return d_; }
   Param *wq, *wk, *wv, *wo;
@@ -79,7 +82,7 @@ class Attention {
   AttentionDims d_;
   const float* inp_ = nullptr;
   Workspace::Buffer &q_, &k_, &v_, &att_, &y_, &dq_, &dk_, &dv_, &datt_, &dy_, &rope_cs_;
-  bool rope_ready_ = false;  // rope_cs_ holds the rotation table of positions 0..max_T-1
+  PackedWeight pq_, pk_, pv_, po_;  // wq, wk, wv, wo in the inference layout
 };
 
 // ------------------------------------------------------------------ FFN units (pluggable per layer)
@@ -127,6 +130,8 @@ class FfnUnit {
   // for this unit, which then keeps its own).
   virtual void capture_state(UnitState& s) const {}
   virtual bool restore_state(const UnitState& s) { return true; }
+  // Packs the unit's matrices for the inference path (forward with ctx.batch_invariant), from their current values.
+  virtual void prepare_inference() = 0;
 };
 
 // Dense FFN: SwiGLU  y = (silu(x Wg^T) * (x Wu^T)) Wd^T   or   GELU  y = gelu(x Wu^T + bu) Wd^T + bd
@@ -136,6 +141,7 @@ class DenseFfn : public FfnUnit {
   DenseFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, int C, int F, proto::Activation act);
   void forward(const FfnContext& ctx, float* y, const float* x, int N) override;
   void backward(const FfnContext& ctx, float* dx, const float* dy, int N) override;
+  void prepare_inference() override { ffn_->prepare_inference(); }
 
  private:
   std::unique_ptr<GroupedFfn> ffn_;

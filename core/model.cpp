@@ -51,6 +51,11 @@ void Block::backward(const FfnContext& ctx, float* dx, const float* dout, int B,
   be_.add_inplace(dx, dx2, NC);
 }
 
+void Block::prepare_inference() {
+  attn_.prepare_inference();
+  ffn_->prepare_inference();
+}
+
 void Block::forward_infer(const FfnContext& ctx, float* out, const float* x, const InferRows& rows, float* k_pool,
                           float* v_pool) {
   const int N = rows.N;
@@ -78,7 +83,7 @@ Model::Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory, bool 
       logits_(ws_.buffer()),
       probs_(ws_.buffer()), losses_(ws_.buffer()), dlogits_(ws_.buffer()), dlnf_(ws_.buffer()), dres_a_(ws_.buffer()),
       dres_b_(ws_.buffer()), inf_ints_(ws_.buffer()), inf_a_(ws_.buffer()), inf_b_(ws_.buffer()),
-      inf_last_(ws_.buffer()), inf_lnf_(ws_.buffer()), inf_logits_(ws_.buffer()) {
+      inf_last_(ws_.buffer()), inf_lnf_(ws_.buffer()), inf_logits_(ws_.buffer()), head_packed_(ws_) {
   MOE_CHECK(V_ > 0, "model.vocab_size must be set (> 0) before building the model");
   wte_ = ps_.add("tok_emb.weight", {V_, C_}, true);
   for (int l = 0; l < cfg.n_layers(); ++l)
@@ -192,11 +197,18 @@ void InferBatch::add(const int32_t* toks, int n, int pos0, const std::vector<int
   if (want_logits) logit_rows.push_back(rows() - 1);
 }
 
+void Model::prepare_inference() {
+  for (auto& b : blocks_) b->prepare_inference();
+  head_packed_.pack(lm_head_ ? *lm_head_ : *wte_);
+  inference_ready_ = true;
+}
+
 KvCacheDims Model::kv_dims(int num_blocks, int block_size) const {
   return KvCacheDims{cfg_.n_layers(), num_blocks, block_size, cfg_.n_kv_heads(), cfg_.d_model() / cfg_.n_heads()};
 }
 
 const float* Model::forward_infer(const InferBatch& b, KvCache& cache) {
+  MOE_CHECK(inference_ready_, "Model::forward_infer before prepare_inference()");
   const KvCacheDims& kd = cache.dims();
   MOE_CHECK(kd.n_layers == cfg_.n_layers() && kd.n_kv_heads == cfg_.n_kv_heads() &&
                 kd.head_dim == cfg_.d_model() / cfg_.n_heads(),
@@ -245,8 +257,7 @@ const float* Model::forward_infer(const InferBatch& b, KvCache& cache) {
   float* lnf = inf_lnf_.get(std::max<int64_t>(int64_t(L) * C_, 1));
   final_norm_->forward(lnf, last, L);
   float* logits = inf_logits_.get(std::max<int64_t>(int64_t(L) * V_, 1));
-  const float* w_out = lm_head_ ? lm_head_->value.f32() : wte_->value.f32();
-  be.linear_rows(logits, lnf, w_out, nullptr, L, C_, V_);
+  be.linear_rows(logits, lnf, head_packed_.slot(), nullptr, L, C_, V_);
   return logits;
 }
 

@@ -26,6 +26,7 @@ class Block {
   void forward(const FfnContext& ctx, float* out, const float* x, int B, int T);
   // dx[N,C] written from dout[N,C]
   void backward(const FfnContext& ctx, float* dx, const float* dout, int B, int T);
+  void prepare_inference();  // the attention's and the FFN unit's matrices
   // the inference path: out[N,C] = block(x[N,C]) over a ragged batch, keys and values into this layer's pools
   void forward_infer(const FfnContext& ctx, float* out, const float* x, const InferRows& rows, float* k_pool,
                      float* v_pool);
@@ -95,6 +96,9 @@ class Model {
   int restore_unit_state(const UnitState& s);
 
   // ---- the inference path (generation and serving)
+  // Packs every matrix into the inference layout of the backend (core/packed.h) from the current weights: before the
+  // first forward_infer, and again after the weights changed.
+  void prepare_inference();
   // The cache shape of this model with `num_blocks` blocks of `block_size` positions.
   KvCacheDims kv_dims(int num_blocks, int block_size) const;
   // Runs the batch through the model (dropless, batch-invariant kernels: a row's result does not depend on the
@@ -121,6 +125,8 @@ class Model {
   Workspace::Buffer &lnf_, &logits_, &probs_, &losses_, &dlogits_, &dlnf_, &dres_a_, &dres_b_;
   // the inference path: the rows' int arrays on the device, two residual streams, the logit rows
   Workspace::Buffer &inf_ints_, &inf_a_, &inf_b_, &inf_last_, &inf_lnf_, &inf_logits_;
+  PackedWeight head_packed_;  // the output projection in the inference layout
+  bool inference_ready_ = false;
 };
 
 }  // namespace moe

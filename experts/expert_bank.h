@@ -43,6 +43,7 @@ class ExpertBank {
   void forward(float* y, const float* x, const int64_t* offsets);
   // dx[rows,C] written from dy[rows,C]; the grads of experts with rows accumulated (+=).
   void backward(float* dx, const float* dy) { ffn_->backward(dx, dy); }
+  void prepare_inference() { ffn_->prepare_inference(); }  // GroupedFfn::prepare_inference
 
   const ExpertBankDims& dims() const { return d_; }
 

@@ -70,6 +70,7 @@ MoeFfn::MoeFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const p
       C_(cfg.d_model()),
       E_(cfg.moe().num_experts()),
       w_router_(ps.add(prefix + ".router.weight", {cfg.moe().num_experts(), cfg.d_model()}, false)),
+      w_router_packed_(ws),
       router_(cfg.moe().num_experts(), cfg.moe().top_k(), cfg.d_model(), router_options(cfg.moe(), seed)),
       dispatcher_(ep, cfg.moe().num_experts()),
       bank_(ps, ws, prefix + ".experts",
@@ -77,6 +78,11 @@ MoeFfn::MoeFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const p
                            cfg.activation(), dispatcher_.first_local_expert()}) {}
 
 void MoeFfn::capture_state(UnitState& s) const { s.rngs[prefix_] = router_.rng_state(); }
+
+void MoeFfn::prepare_inference() {
+  w_router_packed_.pack(*w_router_);
+  bank_.prepare_inference();
+}
 
 bool MoeFfn::restore_state(const UnitState& s) {
   auto it = s.rngs.find(prefix_);
@@ -92,7 +98,8 @@ void MoeFfn::reset_timings() {
 
 void MoeFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   auto t0 = clk::now();
-  last_ = router_.forward(x, w_router_->value.f32(), N, ctx.training, ctx.batch_invariant);
+  last_ = router_.forward(x, w_router_->value.f32(), N, ctx.training,
+                          ctx.batch_invariant ? w_router_packed_.slot() : nullptr);
   route_seconds_ += since(t0);
   step_ = &dispatcher_.dispatch(last_.plan, x, C_);
   t0 = clk::now();

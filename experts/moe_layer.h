@@ -31,6 +31,7 @@ class MoeFfn : public FfnUnit {
   FfnStats stats() const override;
   void capture_state(UnitState& s) const override;  // the jitter RNG
   bool restore_state(const UnitState& s) override;
+  void prepare_inference() override;  // the router's and the experts' matrices
   Dispatcher& dispatcher() { return dispatcher_; }
   double expert_seconds() const { return expert_seconds_; }
   double route_seconds() const { return route_seconds_; }
@@ -41,6 +42,7 @@ class MoeFfn : public FfnUnit {
   std::string prefix_;
   int C_, E_;
   Param* w_router_;
+  PackedWeight w_router_packed_;
   router::LearnedRouter router_;
   Dispatcher dispatcher_;
   ExpertBank bank_;
@@ -80,6 +82,7 @@ class WordExpertFfn : public FfnUnit {
   FfnStats stats() const override;
   void capture_state(UnitState& s) const override;  // the routing table (vocabulary routing)
   bool restore_state(const UnitState& s) override;
+  void prepare_inference() override { table_.prepare_inference(); }
   Dispatcher& dispatcher() { return dispatcher_; }
 
  private:

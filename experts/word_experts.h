@@ -41,6 +41,7 @@ class WordExpertTable {
   // dx[rows,C] written; gradients accumulated only into the rows of the experts of non-empty groups, which are
   // registered with touch_row on every table.
   void backward(float* dx, const float* dy) { ffn_->backward(dx, dy); }
+  void prepare_inference() { ffn_->prepare_inference(); }  // GroupedFfn::prepare_inference (every row)
 
   const WordExpertDims& dims() const { return d_; }
   Param* w_gate() const { return w_.w_gate; }  // null for GELU

@@ -27,10 +27,10 @@ LearnedRouter::LearnedRouter(int num_experts, int k, int channels, const Learned
 
 // ---------------------------------------------------------------- forward
 RouterOutput LearnedRouter::forward(const float* x /*[N,C]*/, const float* w_router /*[E,C]*/, int N,
-                                    bool training, bool batch_invariant) {
+                                    bool training, const float* w_packed) {
   const int E = E_, k = k_, C = C_;
   MOE_CHECK(N >= 0, "LearnedRouter::forward: negative token count " << N);
-  MOE_CHECK(N == 0 || (x && w_router), "LearnedRouter::forward: null x or w_router");
+  MOE_CHECK(N == 0 || (x && (w_router || w_packed)), "LearnedRouter::forward: null x or w_router");
   have_forward_ = false;  // set again once the whole forward succeeded
   N_ = N;
   const int64_t NC = static_cast<int64_t>(N) * C;
@@ -49,7 +49,7 @@ RouterOutput LearnedRouter::forward(const float* x /*[N,C]*/, const float* w_rou
 
   // 2. logits[N,E] = x'[N,C] @ W[E,C]^T
   logits_.assign(static_cast<size_t>(N) * E, 0.0f);
-  if (N > 0 && batch_invariant) cpu::linear_rows(logits_.data(), xin_.data(), w_router, nullptr, N, C, E);
+  if (N > 0 && w_packed) cpu::linear_rows(logits_.data(), xin_.data(), w_packed, nullptr, N, C, E);
   else if (N > 0) cpu::matmul(logits_.data(), xin_.data(), w_router, N, E, C, false, true);
 
   // 3. scores, logsumexp, top-k (descending logit, ties: lower expert index first)

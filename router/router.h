@@ -145,10 +145,11 @@ class LearnedRouter {
 
   // x[N,C], w_router[E,C]. Keeps what backward needs (a copy of x', scores, choices) until the next forward.
   // Capacity and jitter apply only when `training`: inference (evaluation, generation, serving) is dropless.
-  // batch_invariant: the logits come from cpu::linear_rows (a token's routing independent of the other tokens, bit
-  // for bit: the inference path) instead of sgemm.
+  // w_packed: the router weight in the inference layout (cpu::pack_rows): the logits come from cpu::linear_rows
+  // (a token's routing independent of the other tokens, bit for bit: the inference path) instead of sgemm on
+  // w_router.
   RouterOutput forward(const float* x /*[N,C]*/, const float* w_router /*[E,C]*/, int N, bool training,
-                       bool batch_invariant = false);
+                       const float* w_packed = nullptr);
 
   // Backward of L = sum_s dgate[s] * gate[s] + loss_scale * (aux_loss_coef * aux + z_loss_coef * z) for the
   // last forward. dx += dL/dx (null: skipped), dw += dL/dW (null: skipped). dgate of dropped slots is ignored.

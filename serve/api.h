@@ -48,7 +48,7 @@ struct TokenEvent {
   std::string text;       // the new text this token completes; may be empty (a UTF-8 character still incomplete,
                           // or text held back because it may start a stop string) and may hold text of earlier
                           // tokens released now. The concatenation of every event's text is the completion.
-  double logprob = 0;     // when the request asked for logprobs
+  double logprob = 0;     // when the request asked for logprobs (else 0)
   std::vector<TopLogprob> top;  // the request's `logprobs` most likely tokens, most likely first
 };
 

@@ -77,6 +77,7 @@ void Engine::attach(Model& model, const Tokenizer* tok, ModelInfo info) {
                 << s.kv_block_size() << " positions), but one sequence of model.max_seq_len = " << m.max_seq_len()
                 << " needs " << need << " (at least " << need * block_bytes << " bytes)");
   cache_ = std::make_unique<KvCache>(model.workspace().backend(), model.kv_dims(int(blocks), s.kv_block_size()));
+  model.prepare_inference();
   for (int l = 0; l < m.n_layers(); ++l)
     if (layer_ffn_kind(m, l) == proto::FFN_MOE) moe_layers_.push_back(l);
   num_experts_ = moe_layers_.empty() ? 0 : m.moe().num_experts();

@@ -67,11 +67,12 @@ Sampled sample_token(const float* logits, int V, const SampleChoice& c) {
       arg = i;
     }
   }
+  Sampled s;
+  s.token = c.temperature <= 0 ? arg : draw(logits, V, c, mx);
+  if (c.logprobs < 0) return s;  // (the log-sum-exp over the vocabulary only when asked for)
   double sum = 0;
   for (int i = 0; i < V; ++i) sum += std::exp(double(logits[i]) - mx);
   const double lse = mx + std::log(sum);
-  Sampled s;
-  s.token = c.temperature <= 0 ? arg : draw(logits, V, c, mx);
   s.logprob = double(logits[s.token]) - lse;
   if (c.logprobs > 0)
     for (int id : top_ids(logits, V, c.logprobs)) s.top.push_back({id, double(logits[id]) - lse});

@@ -20,7 +20,8 @@ struct SampleChoice {
 
 struct Sampled {
   int32_t token = 0;
-  double logprob = 0;           // log-softmax of the raw logits at `token` (before temperature and filters)
+  double logprob = 0;           // log-softmax of the raw logits at `token` (before temperature and filters); 0 when
+                                // no logprobs were asked for (logprobs -1)
   std::vector<TopLogprob> top;  // the `logprobs` most likely tokens by raw logit (ties: lower id first)
 };
 

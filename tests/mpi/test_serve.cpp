@@ -77,6 +77,7 @@ TEST(ServeEngineMpi, ShardedExpertsGiveTheOneRankTokens) {
   OneRankEngine one(*whole, serve_config(64, 16));
   for (size_t i = 0; i < kPrompts.size(); ++i) {
     serve::GenerationRequest r = greedy_request(kPrompts[i], 16);
+    r.logprobs = 2;
     const serve::Completion c = serve::generate(one.engine, r);
     EXPECT_TRUE(sinks[i]->finished);
     EXPECT_EQ(sinks[i]->ids(), c.tokens) << "world " << par.size() << ", prompt '" << kPrompts[i] << "'";

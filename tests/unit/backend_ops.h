@@ -269,11 +269,13 @@ inline Outputs run_paged(Backend& be, const PagedCase& c) {
                      d.put(c.table_start), c.block_size, c.rows(), c.H, c.Hkv, c.D);
   return {{"out", d.get(out, int64_t(c.rows()) * c.H * c.D)}};
 }
-// the batch-invariant linear layer (the forward of a LinearCase)
+// the batch-invariant linear layer (the forward of a LinearCase), its weight packed into the inference layout first
 inline Outputs run_linear_rows(Backend& be, const LinearCase& c) {
   DeviceArena d(be);
   float* out = d.unwritten(int64_t(c.N) * c.OC);
-  be.linear_rows(out, d.put(c.inp), d.put(c.w), c.bias ? d.put(c.b) : nullptr, c.N, c.IC, c.OC);
+  float* packed = d.unwritten(be.packed_rows_floats(c.IC, c.OC));
+  be.pack_rows(packed, d.put(c.w), c.IC, c.OC);
+  be.linear_rows(out, d.put(c.inp), packed, c.bias ? d.put(c.b) : nullptr, c.N, c.IC, c.OC);
   return {{"out", d.get(out, int64_t(c.N) * c.OC)}};
 }
 // rope_rows at scattered positions, and scatter_rows of the rotated rows into a bigger pool

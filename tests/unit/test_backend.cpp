@@ -242,13 +242,14 @@ TEST(BackendCpu, ElementwiseVsLoop) {
 // ================================================================== the inference path
 // Paged attention over B sequences of T positions, their keys and values in shuffled blocks, is causal attention:
 // every row (b, t) sees exactly positions 0..t of its own sequence, whatever the block size (1, 4, or T: one
-// contiguous block per sequence).
+// contiguous block per sequence); head dims with a SIMD kernel (16, 64) and without (20).
 TEST(BackendCpu, AttentionPagedIsCausalAttention) {
   Rng rng(12);
-  for (const auto& [H, Hkv] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{4, 1}}) {
+  for (const auto& [H, Hkv, D] : {std::tuple{4, 4, 16}, std::tuple{6, 2, 64}, std::tuple{4, 1, 20}}) {
     for (int bs : {1, 4, 23}) {
-      const int B = 3, T = 23, D = 16;
-      SCOPED_TRACE("H=" + std::to_string(H) + " Hkv=" + std::to_string(Hkv) + " block " + std::to_string(bs));
+      const int B = 3, T = 23;
+      SCOPED_TRACE("H=" + std::to_string(H) + " Hkv=" + std::to_string(Hkv) + " D=" + std::to_string(D) + " block " +
+                   std::to_string(bs));
       const AttnCase full = make_attn(rng, B, T, H, Hkv, D, false);
       Vec out(full.nq()), att(full.natt());
       cpu::attention_forward_ref(out.data(), att.data(), full.q.data(), full.k.data(), full.v.data(), B, T, H, Hkv,

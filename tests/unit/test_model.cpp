@@ -148,6 +148,7 @@ std::vector<float> infer_logits(Model& model, const std::vector<int32_t>& toks, 
   const proto::ModelConfig& cfg = model.config();
   const int T = static_cast<int>(toks.size()), V = cfg.vocab_size();
   const int nblk = (cfg.max_seq_len() + block_size - 1) / block_size;
+  model.prepare_inference();
   KvCache cache(model.workspace().backend(), model.kv_dims(nblk + 2, block_size));
   std::vector<int32_t> blocks;  // the sequence's blocks: the pool's last ones, backwards
   for (int b = 0; b < nblk; ++b) blocks.push_back(nblk + 1 - b);

@@ -224,6 +224,7 @@ TEST(ServeScheduler, RunningOutOfBlocksPreemptsTheNewestAndRecomputesIt) {
 // reference the engine's scheduling, paging and batching must not change.
 std::vector<int32_t> reference_greedy(Model& model, std::vector<int32_t> toks, int n) {
   const int V = model.config().vocab_size(), T = model.config().max_seq_len();
+  model.prepare_inference();
   KvCache cache(model.workspace().backend(), model.kv_dims(1, T));
   InferBatch b;
   std::vector<int32_t> out;

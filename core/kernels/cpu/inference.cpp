@@ -1,13 +1,14 @@
-// The kernels of the inference path (serving and generation): a batch-invariant linear layer, rotary embedding at
-// per-row positions, the scatter into a paged KV cache and attention over it (kernels.h states the contracts).
+// The kernels of the inference path (serving and generation): a batch-invariant linear layer on weights in the
+// inference layout, rotary embedding at per-row positions, the scatter into a paged KV cache and attention over it
+// (kernels.h states the contracts).
 //
-// Batch invariance (linear_rows): every output element out[n,o] is one dot product of inp[n,:] and w[o,:] computed
-// by one fixed sequence of operations: kW-wide SIMD lanes (lane l accumulates the products k = l, l + kW, ... with
-// FMA, in order of k; a masked tail for IC % kW), then the lanes added in a fixed grouping (the reduction network
-// below), then + bias[o]. Register tiles (kW elements: 1 x kW, 2 x kW/2 or 4 x kW/4 rows x outputs, chosen by N)
-// only decide which elements are computed together, never how one is, and each element is computed by exactly one
-// thread: a row's result does not depend on N, the other rows, its place in the batch or the thread count.
-// (OpenBLAS sgemm does not promise this: its kernels and blocking change with the matrix sizes.)
+// Batch invariance (linear_rows): every output element out[n,o] is computed by one fixed sequence of operations:
+// acc = 0, then acc = fma(inp[n,k], w[o,k], acc) for k = 0, 1, ..., IC-1 in order, then + bias[o]. The SIMD lanes
+// hold different outputs (a panel of kW consecutive outputs, so the weights are packed by output panels: pack_rows),
+// never parts of one sum; register tiles of up to kR rows x kP panels only decide which elements are computed
+// together, and each element is computed by exactly one thread: a row's result does not depend on N, the other rows,
+// its place in the batch or the thread count. (OpenBLAS sgemm does not promise this: its kernels and blocking change
+// with the matrix sizes.)
 #include <immintrin.h>
 #include <omp.h>
 
@@ -34,64 +35,42 @@ namespace moe::cpu {
 namespace {
 
 // ---------------------------------------------------------------- SIMD lanes for linear_rows
-// A register tile holds kW accumulators of kW lanes (one per output element of the tile); reduce() turns them into
-// the kW sums at once by a fixed network: each step adds lane i and lane i + w/2 of every accumulator (w = kW, then
-// halves), the shuffles only moving data, so every accumulator's lanes are added in the same grouping whatever its
-// place in the tile. The network's output order is found once by a probe (out_slot).
+// kW outputs per panel (vector lanes); tiles of up to kR rows x kP panels (kR * kP accumulators, kP weight vectors and
+// one broadcast in the registers); one row at a time uses kP1 panels (enough independent FMA chains).
 #if defined(__AVX512F__)
-constexpr int kW = 16;
+constexpr int kW = 16, kR = 6, kP = 4, kP1 = 8;
 using Vec = __m512;
 inline Vec vzero() { return _mm512_setzero_ps(); }
-inline Vec vset(float x) { return _mm512_set1_ps(x); }
+inline Vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec vload_tail(const float* p, int n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline Vec network(Vec (&a)[kW]) {
-  Vec t[8], u[4], v[2];
-  for (int i = 0; i < 8; ++i)  // lane i + lane i+8 (128-bit chunks 0,1 vs 2,3)
-    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xee));
-  for (int i = 0; i < 4; ++i)  // lane i + lane i+4 (chunks 0 vs 1 of each half)
-    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
-  for (int i = 0; i < 2; ++i)  // lane i + lane i+2 within a chunk
-    v[i] =
-        _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44), _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xee));
-  return _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xdd));  // lane i + i+1
+inline void vstore(float* p, Vec v, int n) {  // the first n lanes
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
 }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 #elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kW = 8;
+constexpr int kW = 8, kR = 4, kP = 3, kP1 = 6;
 using Vec = __m256;
 inline Vec vzero() { return _mm256_setzero_ps(); }
-inline Vec vset(float x) { return _mm256_set1_ps(x); }
+inline Vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec vload_tail(const float* p, int n) {
-  alignas(32) static constexpr int32_t kMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-  return _mm256_maskload_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMask + 8 - n)));
-}
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Vec network(Vec (&a)[kW]) {
-  Vec t[4], u[2];
-  for (int i = 0; i < 4; ++i)  // lane i + lane i+4
-    t[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20),
-                         _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));
-  for (int i = 0; i < 2; ++i)  // lane i + lane i+2
-    u[i] =
-        _mm256_add_ps(_mm256_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm256_shuffle_ps(t[2 * i], t[2 * i + 1], 0xee));
-  return _mm256_add_ps(_mm256_shuffle_ps(u[0], u[1], 0x88), _mm256_shuffle_ps(u[0], u[1], 0xdd));  // lane i + i+1
+inline void vstore(float* p, Vec v, int n) {
+  alignas(32) float t[kW];
+  _mm256_store_ps(t, v);
+  std::memcpy(p, t, sizeof(float) * n);
 }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 #else
-// portable lanes: plain arrays; the same fixed grouping (the compiler does not reassociate)
-constexpr int kW = 8;
+// portable lanes: plain arrays (std::fma per lane: the same operations, in the same order)
+constexpr int kW = 8, kR = 2, kP = 2, kP1 = 4;
 struct Vec {
   float l[kW];
 };
 inline Vec vzero() { return Vec{}; }
-inline Vec vset(float x) {
+inline Vec vbcast(const float* p) {
   Vec v;
-  for (float& e : v.l) e = x;
+  for (float& e : v.l) e = *p;
   return v;
 }
 inline Vec vload(const float* p) {
@@ -99,94 +78,73 @@ inline Vec vload(const float* p) {
   for (int i = 0; i < kW; ++i) v.l[i] = p[i];
   return v;
 }
-inline Vec vload_tail(const float* p, int n) {
-  Vec v{};
-  for (int i = 0; i < n; ++i) v.l[i] = p[i];
-  return v;
-}
 inline Vec vfma(Vec a, Vec b, Vec c) {
   for (int i = 0; i < kW; ++i) c.l[i] = std::fma(a.l[i], b.l[i], c.l[i]);
   return c;
 }
-inline void vstore(float* p, Vec v) {
-  for (int i = 0; i < kW; ++i) p[i] = v.l[i];
-}
-inline Vec network(Vec (&a)[kW]) {
-  Vec out;
-  for (int j = 0; j < kW; ++j) {
-    Vec x = a[j];
-    for (int w = kW / 2; w >= 1; w /= 2)
-      for (int i = 0; i < w; ++i) x.l[i] += x.l[i + w];
-    out.l[j] = x.l[0];
-  }
-  return out;
+inline void vstore(float* p, Vec v, int n) { std::memcpy(p, v.l, sizeof(float) * n); }
+inline Vec vadd(Vec a, Vec b) {
+  for (int i = 0; i < kW; ++i) a.l[i] += b.l[i];
+  return a;
 }
 #endif
 
-// slot[j]: the lane of network()'s result that holds accumulator j's sum (probed once: accumulator j = j + 1
-// everywhere sums to kW * (j + 1))
-const std::array<int, kW>& out_slot() {
-  static const std::array<int, kW> slot = [] {
-    Vec a[kW];
-    for (int j = 0; j < kW; ++j) a[j] = vset(static_cast<float>(j + 1));
-    float r[kW];
-    vstore(r, network(a));
-    std::array<int, kW> s{};
-    for (int lane = 0; lane < kW; ++lane) s[static_cast<int>(r[lane]) / kW - 1] = lane;
-    return s;
-  }();
-  return slot;
-}
-
-// out[nr,no] (row stride ldo) = x[nr,K] (ldx) . w[no,K] (ldw) + bias: one tile of R x O = kW elements (nr <= R rows,
-// no <= O outputs; the missing ones are computed on row 0 / output 0 and dropped)
-template <int R, int O>
-void linear_tile(float* out, int64_t ldo, const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias,
-                 int K, int nr, int no) {
-  static_assert(R * O == kW, "a tile holds one accumulator per lane");
+// out[nr rows, outputs of np panels] (row stride ldo; the last panel has `last` valid outputs) = x[nr,K] (ldx) times
+// the panels at pw (each [K][kW], consecutive) + bias. Rows past nr and panels past np are computed on row 0 /
+// panel 0 and dropped.
+template <int R, int P>
+void linear_tile(float* out, int64_t ldo, const float* x, int64_t ldx, const float* pw, const float* bias, int K,
+                 int nr, int np, int last) {
   const float* xr[R];
-  const float* wo[O];
+  const float* wp[P];
   for (int r = 0; r < R; ++r) xr[r] = x + (r < nr ? r : 0) * ldx;
-  for (int o = 0; o < O; ++o) wo[o] = w + (o < no ? o : 0) * ldw;
-  Vec acc[kW];
-  for (Vec& a : acc) a = vzero();
-  int k = 0;
-  for (; k + kW <= K; k += kW) {
-    Vec xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = vload(xr[r] + k);
-    for (int o = 0; o < O; ++o) {
-      const Vec wv = vload(wo[o] + k);
-      for (int r = 0; r < R; ++r) acc[r * O + o] = vfma(xv[r], wv, acc[r * O + o]);
+  for (int p = 0; p < P; ++p) wp[p] = pw + int64_t(p < np ? p : 0) * K * kW;
+  Vec acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = vzero();
+  for (int k = 0; k < K; ++k) {
+    Vec wv[P];
+    for (int p = 0; p < P; ++p) wv[p] = vload(wp[p] + int64_t(k) * kW);
+    for (int r = 0; r < R; ++r) {
+      const Vec xb = vbcast(xr[r] + k);
+      for (int p = 0; p < P; ++p) acc[r][p] = vfma(xb, wv[p], acc[r][p]);
     }
   }
-  if (k < K) {
-    const int n = K - k;
-    Vec xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = vload_tail(xr[r] + k, n);
-    for (int o = 0; o < O; ++o) {
-      const Vec wv = vload_tail(wo[o] + k, n);
-      for (int r = 0; r < R; ++r) acc[r * O + o] = vfma(xv[r], wv, acc[r * O + o]);
+  for (int p = 0; p < np; ++p) {
+    const int n = p == np - 1 ? last : kW;
+    float* o = out + p * kW;
+    Vec b = vzero();
+    if (bias) {
+      alignas(64) float t[kW] = {};
+      std::memcpy(t, bias + p * kW, sizeof(float) * n);
+      b = vload(t);
     }
+    for (int r = 0; r < nr; ++r) vstore(o + r * ldo, bias ? vadd(acc[r][p], b) : acc[r][p], n);
   }
-  float sums[kW];
-  vstore(sums, network(acc));
-  const std::array<int, kW>& slot = out_slot();
-  for (int r = 0; r < nr; ++r)
-    for (int o = 0; o < no; ++o) {
-      const float s = sums[slot[r * O + o]];
-      out[r * ldo + o] = bias ? s + bias[o] : s;
-    }
 }
 
-// all rows [0, N) against outputs [0, no) of w: tiles of R rows (the tile shape is a speed choice only)
-template <int R>
-void linear_block(float* out, int64_t ldo, const float* x, int64_t ldx, const float* w, const float* bias, int N, int K,
-                  int no) {
-  constexpr int O = kW / R;
-  for (int o0 = 0; o0 < no; o0 += O)
+// the rows [0, N) times panels [0, np) (the last with `last` outputs): tiles of R rows x P panels
+template <int R, int P>
+void linear_block(float* out, int64_t ldo, const float* x, int64_t ldx, const float* pw, const float* bias, int N,
+                  int K, int np, int last) {
+  for (int p0 = 0; p0 < np; p0 += P) {
+    const int n_p = std::min(P, np - p0), l = p0 + n_p == np ? last : kW;
+    const float* bp = bias ? bias + p0 * kW : nullptr;
     for (int n0 = 0; n0 < N; n0 += R)
-      linear_tile<R, O>(out + int64_t(n0) * ldo + o0, ldo, x + int64_t(n0) * ldx, ldx, w + int64_t(o0) * K, K,
-                        bias ? bias + o0 : nullptr, K, std::min(R, N - n0), std::min(O, no - o0));
+      linear_tile<R, P>(out + int64_t(n0) * ldo + p0 * kW, ldo, x + int64_t(n0) * ldx, ldx, pw + int64_t(p0) * K * kW,
+                        bp, K, std::min(R, N - n0), n_p, l);
+  }
+}
+
+// the tile height for N rows: all of them when fewer than kR (no wasted rows), else kR
+template <int R = kR>
+void linear_rows_block(float* out, int64_t ldo, const float* x, int64_t ldx, const float* pw, const float* bias, int N,
+                       int K, int np, int last) {
+  if constexpr (R > 1) {
+    if (N < R) return linear_rows_block<R - 1>(out, ldo, x, ldx, pw, bias, N, K, np, last);
+  }
+  if (R == 1) return linear_block<1, kP1>(out, ldo, x, ldx, pw, bias, N, K, np, last);
+  linear_block<R, kP>(out, ldo, x, ldx, pw, bias, N, K, np, last);
 }
 
 constexpr double kParMinMacs = double(1 << 18);  // below this many multiply-adds linear_rows stays on one thread
@@ -194,26 +152,36 @@ constexpr double kParMinMacs = double(1 << 18);  // below this many multiply-add
 }  // namespace
 
 // ---------------------------------------------------------------- linear layer, batch-invariant
-// out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC]. Work items are blocks of kO outputs (all rows of the batch for
-// them: the weight block stays in L1 while the rows stream past), split statically over the threads.
-void linear_rows(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) {
+int rows_panel() { return kW; }
+
+int64_t packed_rows_floats(int IC, int OC) { return int64_t((OC + kW - 1) / kW) * kW * IC; }
+
+// panel p, input k, lane j = w[p * kW + j, k] (0 past OC)
+void pack_rows(float* packed, const float* w, int IC, int OC) {
+  MOE_CHECK(IC >= 0 && OC >= 0, "pack_rows: negative size IC=" << IC << " OC=" << OC);
+  const int np = (OC + kW - 1) / kW;
+  for (int p = 0; p < np; ++p)
+    for (int j = 0; j < kW; ++j) {
+      const int o = p * kW + j;
+      float* dst = packed + int64_t(p) * IC * kW + j;
+      for (int k = 0; k < IC; ++k) dst[int64_t(k) * kW] = o < OC ? w[int64_t(o) * IC + k] : 0.0f;
+    }
+}
+
+// out[N,OC] = inp[N,IC] @ w^T + bias with w packed. Work items: groups of panels (all rows of the batch for them:
+// the panels stay in L1/L2 while the rows stream past), split statically over the threads.
+void linear_rows(float* out, const float* inp, const float* packed, const float* bias, int N, int IC, int OC) {
   MOE_CHECK(N >= 0 && IC >= 0 && OC >= 0, "linear_rows: negative size N=" << N << " IC=" << IC << " OC=" << OC);
   if (N == 0 || OC == 0) return;
-  constexpr int kBlock = 4 * kW;  // outputs per work item
-  const int n_blk = (OC + kBlock - 1) / kBlock;
-  const bool par = double(N) * IC * OC > kParMinMacs && n_blk > 1 && !omp_in_parallel();
+  const int np = (OC + kW - 1) / kW, last = OC - (np - 1) * kW;
+  const int per = N == 1 ? kP1 : kP;  // panels per work item
+  const int items = (np + per - 1) / per;
+  const bool par = double(N) * IC * OC > kParMinMacs && items > 1 && !omp_in_parallel();
 #pragma omp parallel for schedule(static) if (par)
-  for (int b = 0; b < n_blk; ++b) {
-    const int o0 = b * kBlock, no = std::min(kBlock, OC - o0);
-    float* o = out + o0;
-    const float* wb = w + int64_t(o0) * IC;
-    const float* bb = bias ? bias + o0 : nullptr;
-    if (N >= 4)
-      linear_block<4>(o, OC, inp, IC, wb, bb, N, IC, no);
-    else if (N >= 2)
-      linear_block<2>(o, OC, inp, IC, wb, bb, N, IC, no);
-    else
-      linear_block<1>(o, OC, inp, IC, wb, bb, N, IC, no);
+  for (int it = 0; it < items; ++it) {
+    const int p0 = it * per, n_p = std::min(per, np - p0);
+    linear_rows_block(out + p0 * kW, OC, inp, IC, packed + int64_t(p0) * IC * kW, bias ? bias + p0 * kW : nullptr, N,
+                      IC, n_p, p0 + n_p == np ? last : kW);
   }
 }
 
@@ -258,9 +226,147 @@ void scatter_rows(float* dst, const float* src, const int32_t* idx, int N, int C
   }
 }
 
+namespace {
+
+// ---------------------------------------------------------------- attention over the cache: scores and values
+// s[t] = scale * <q[D], k at offset at[t]> for t < len. Generic lanes: the compiler's simd reduction over D.
+void scores_generic(float* s, const float* q, const float* k_pool, const int64_t* at, int len, int D, float scale) {
+  for (int t = 0; t < len; ++t) {
+    const float* kt = k_pool + at[t];  // [D]
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int i = 0; i < D; ++i) dot += q[i] * kt[i];
+    s[t] = dot * scale;
+  }
+}
+
+// y[h][D] = sum_t p[h][t] v_t for the heads h < nh, p rows of stride ldp, in order of t
+void values_generic(float* y, int64_t ldy, const float* p, int64_t ldp, int nh, const float* v_pool, const int64_t* at,
+                    int len, int D) {
+  for (int h = 0; h < nh; ++h) {
+    float* yh = y + h * ldy;
+    std::memset(yh, 0, sizeof(float) * D);
+    for (int t = 0; t < len; ++t) {
+      const float pt = p[h * ldp + t];
+      const float* vt = v_pool + at[t];  // [D]
+#pragma omp simd
+      for (int i = 0; i < D; ++i) yh[i] += pt * vt[i];
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// 16 dot products at once: acc[j] holds 16 lane partials of dot j; the sums come out of a fixed network that adds
+// lane i and lane i + w/2 of every accumulator (w = 16, then halves): every dot's lanes in the same grouping, whatever
+// its place among the 16. slot[j] is the output lane of accumulator j (probed once).
+__m512 network16(__m512 (&a)[16]) {
+  __m512 t[8], u[4], v[2];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xee));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
+  for (int i = 0; i < 2; ++i)
+    v[i] =
+        _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44), _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xee));
+  return _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xdd));
+}
+
+const std::array<int, 16>& network16_slot() {
+  static const std::array<int, 16> slot = [] {
+    __m512 a[16];
+    for (int j = 0; j < 16; ++j) a[j] = _mm512_set1_ps(static_cast<float>(j + 1));
+    float r[16];
+    _mm512_storeu_ps(r, network16(a));
+    std::array<int, 16> s{};
+    for (int lane = 0; lane < 16; ++lane) s[static_cast<int>(r[lane]) / 16 - 1] = lane;
+    return s;
+  }();
+  return slot;
+}
+
+// scores_generic for D = 16 NV: each dot = lane partials (a product, then fma over the NV vectors), summed by the
+// network, 16 positions at a time (missing positions of the last group computed on position t0 and dropped)
+template <int NV>
+void scores16(float* s, const float* q, const float* k_pool, const int64_t* at, int len, float scale) {
+  __m512 qv[NV];
+  for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_ps(q + 16 * v);
+  const std::array<int, 16>& slot = network16_slot();
+  for (int t0 = 0; t0 < len; t0 += 16) {
+    const int n = std::min(16, len - t0);
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) {
+      const float* kt = k_pool + at[t0 + (j < n ? j : 0)];
+      acc[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kt));
+      for (int v = 1; v < NV; ++v) acc[j] = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(kt + 16 * v), acc[j]);
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, network16(acc));
+    for (int j = 0; j < n; ++j) s[t0 + j] = sums[slot[j]] * scale;
+  }
+}
+
+// values_generic for D = 16 NV: the heads' accumulators in registers (up to kMaxAcc vectors), one fma per element
+// and position, in order of t
+template <int NV>
+void values16(float* y, int64_t ldy, const float* p, int64_t ldp, int nh, const float* v_pool, const int64_t* at,
+              int len) {
+  constexpr int kHeads = std::max(1, 24 / NV);  // heads per pass
+  for (int h0 = 0; h0 < nh; h0 += kHeads) {
+    const int hc = std::min(kHeads, nh - h0);
+    __m512 acc[kHeads][NV];
+    for (int h = 0; h < kHeads; ++h)
+      for (int v = 0; v < NV; ++v) acc[h][v] = _mm512_setzero_ps();
+    for (int t = 0; t < len; ++t) {
+      __m512 vt[NV];
+      for (int v = 0; v < NV; ++v) vt[v] = _mm512_loadu_ps(v_pool + at[t] + 16 * v);
+      for (int h = 0; h < hc; ++h) {
+        const __m512 pt = _mm512_set1_ps(p[(h0 + h) * ldp + t]);
+        for (int v = 0; v < NV; ++v) acc[h][v] = _mm512_fmadd_ps(pt, vt[v], acc[h][v]);
+      }
+    }
+    for (int h = 0; h < hc; ++h)
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + (h0 + h) * ldy + 16 * v, acc[h][v]);
+  }
+}
+#endif
+
+// The kernels for head dim D (each D always gets the same ones: a model's attention is batch invariant)
+struct AttnKernels {
+  void (*scores)(float*, const float*, const float*, const int64_t*, int, float) = nullptr;
+  void (*values)(float*, int64_t, const float*, int64_t, int, const float*, const int64_t*, int) = nullptr;
+};
+AttnKernels attn_kernels(int D) {
+#if defined(__AVX512F__)
+  switch (D) {
+    case 16:
+      return {&scores16<1>, &values16<1>};
+    case 32:
+      return {&scores16<2>, &values16<2>};
+    case 48:
+      return {&scores16<3>, &values16<3>};
+    case 64:
+      return {&scores16<4>, &values16<4>};
+    case 96:
+      return {&scores16<6>, &values16<6>};
+    case 128:
+      return {&scores16<8>, &values16<8>};
+    case 256:
+      return {&scores16<16>, &values16<16>};
+    default:
+      break;
+  }
+#endif
+  return {};
+}
+
+}  // namespace
+
 // Per (row, kv head): the scores of the group's query heads against every cached key, a softmax per head
-// (detail::softmax_row: max, exp, one sum, multiply by the inverse), then the probability-weighted values. Each
-// (row, head) is computed in the same order whatever the batch: the batch only decides which items run.
+// (detail::softmax_row: max, exp, one sum, multiply by the inverse), then the probability-weighted values of all the
+// group's heads in one pass over the positions. Each (row, head) is computed in the same order whatever the batch:
+// the batch only decides which items run.
 void attention_paged(float* out, const float* q, const float* k_pool, const float* v_pool, const int32_t* pos,
                      const int32_t* table, const int32_t* table_start, int block_size, int N, int H, int Hkv, int D) {
   MOE_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0,
@@ -270,6 +376,7 @@ void attention_paged(float* out, const float* q, const float* k_pool, const floa
   const int group = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t row = int64_t(Hkv) * D;  // floats per cached position
+  const AttnKernels kern = attn_kernels(D);
   int max_len = 0;
   for (int n = 0; n < N; ++n) {
     MOE_CHECK(pos[n] >= 0, "attention_paged: row " << n << " has negative position " << pos[n]);
@@ -287,29 +394,20 @@ void attention_paged(float* out, const float* q, const float* k_pool, const floa
       const int32_t* blocks = table + table_start[n];
       for (int t = 0; t < len; ++t)
         at[t] = (int64_t(blocks[t / block_size]) * block_size + t % block_size) * row + int64_t(g) * D;
+      const float* qg = q + (int64_t(n) * H + g * group) * D;  // [group, D]
       for (int j = 0; j < group; ++j) {
-        const float* qh = q + (int64_t(n) * H + g * group + j) * D;  // [D]
         float* sj = s.data() + size_t(j) * max_len;
-        for (int t = 0; t < len; ++t) {
-          const float* kt = k_pool + at[t];  // [D]
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int i = 0; i < D; ++i) dot += qh[i] * kt[i];
-          sj[t] = dot * scale;
-        }
+        if (kern.scores)
+          kern.scores(sj, qg + j * D, k_pool, at.data(), len, scale);
+        else
+          scores_generic(sj, qg + j * D, k_pool, at.data(), len, D, scale);
         detail::softmax_row(sj, sj, len);
       }
-      for (int j = 0; j < group; ++j) {
-        float* yh = out + (int64_t(n) * H + g * group + j) * D;  // [D]
-        const float* pj = s.data() + size_t(j) * max_len;
-        std::memset(yh, 0, sizeof(float) * D);
-        for (int t = 0; t < len; ++t) {
-          const float p = pj[t];
-          const float* vt = v_pool + at[t];  // [D]
-#pragma omp simd
-          for (int i = 0; i < D; ++i) yh[i] += p * vt[i];
-        }
-      }
+      float* yg = out + (int64_t(n) * H + g * group) * D;  // [group, D]
+      if (kern.values)
+        kern.values(yg, D, s.data(), max_len, group, v_pool, at.data(), len);
+      else
+        values_generic(yg, D, s.data(), max_len, group, v_pool, at.data(), len, D);
     }
   }
 }

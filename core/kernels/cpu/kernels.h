@@ -89,9 +89,14 @@ double sum_squares(const float* x, int64_t n);                       // sum x^2 
 // ---------------------------------------------------------------- the inference path (inference.cpp)
 // Batch-invariant linear layer: out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC] (bias may be null), where each output
 // row is a function of its input row alone, bit for bit: the same whatever N, the other rows, the row's place in
-// the batch and the thread count (a fixed-order SIMD dot product per element; see inference.cpp). Serving and
-// generation use it so that a request's tokens do not depend on what it is batched with.
-void linear_rows(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC);
+// the batch and the thread count (each element is one fma chain over k in order; see inference.cpp). Serving and
+// generation use it so that a request's tokens do not depend on what it is batched with. w is given in the
+// inference layout: packed[packed_rows_floats(IC, OC)] from pack_rows (panels of rows_panel() outputs, each
+// [IC][rows_panel()], zero past OC).
+void linear_rows(float* out, const float* inp, const float* packed, const float* bias, int N, int IC, int OC);
+int rows_panel();
+int64_t packed_rows_floats(int IC, int OC);
+void pack_rows(float* packed, const float* w, int IC, int OC);
 // cs[T, D/2, 2] = (cos, sin) of (pos0 + t) * theta^(-2i/D), computed in double: the rotation table of
 // rope_forward, and of rope_rows at positions pos0..pos0+T-1.
 void rope_cos_sin(float* cs, int T, int D, int pos0, float theta);

@@ -98,8 +98,14 @@ class CudaBackend final : public Backend {
   void attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout, const float* q,
                           const float* k, const float* v, const float* att, int B, int T, int H, int Hkv,
                           int D) override;
-  void linear_rows(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) override {
-    cuda::linear_rows(out, inp, w, bias, N, IC, OC, stream_);
+  // the inference layout on the GPU is the plain [OC,IC] layout (the warp-per-output kernel reads rows of w)
+  void linear_rows(float* out, const float* inp, const float* packed, const float* bias, int N, int IC,
+                   int OC) override {
+    cuda::linear_rows(out, inp, packed, bias, N, IC, OC, stream_);
+  }
+  int64_t packed_rows_floats(int IC, int OC) override { return int64_t(IC) * OC; }
+  void pack_rows(float* packed, const float* w, int IC, int OC) override {
+    copy(packed, w, sizeof(float) * size_t(IC) * OC);
   }
   void rope_rows(float* x, const int32_t* pos, const float* cs, int N, int nh, int D) override {
     cuda::rope_rows(x, pos, cs, N, nh, D, stream_);
