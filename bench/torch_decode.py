@@ -3,7 +3,9 @@ decoding greedily in eager mode with a KV cache, the way a plain PyTorch server 
 sparse MoE block: route, then one gather / FFN / index_add per expert). Prints one JSON line per batch size.
 
 usage: /usr/bin/python3 bench/torch_decode.py CHECKPOINT_STEP_DIR [--batches 1,16] [--prompt 17] [--new 64]
-       [--threads 2]
+       [--threads 2] [--greedy-ids "ID ID ..."]
+--greedy-ids: instead, print the greedy continuation (--new tokens) of those prompt ids, to check that this loop
+decodes the same model as `moe generate` (bench/serve.sh compares them).
 """
 import argparse
 import json
@@ -149,6 +151,18 @@ def run(c, p, B, prompt, new):
     return {"batch": B, "tokens_per_s": B * new / dt, "ms_per_step": dt / new * 1e3}
 
 
+def greedy(c, p, ids, new):
+    dec = Decoder(c, p, 1, len(ids) + new)
+    out = []
+    with torch.inference_mode():
+        logits = dec.step(torch.tensor([ids]), 0)
+        for i in range(new):
+            nxt = int(logits[0].argmax())
+            out.append(nxt)
+            logits = dec.step(torch.tensor([[nxt]]), len(ids) + i)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("step_dir")
@@ -156,10 +170,14 @@ def main():
     ap.add_argument("--prompt", type=int, default=17)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--greedy-ids", default="")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     c = model_config(a.step_dir)
     p = load(a.step_dir, c)
+    if a.greedy_ids:
+        print(" ".join(str(t) for t in greedy(c, p, [int(t) for t in a.greedy_ids.split()], a.new)))
+        return
     run(c, p, 1, a.prompt, 4)  # warm-up
     for B in [int(b) for b in a.batches.split(",")]:
         r = run(c, p, B, a.prompt, a.new)

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -22,14 +23,29 @@ namespace fs = std::filesystem;
 namespace moe::launcher {
 namespace {
 
-// The checkpoint's serving config with the overrides (the HTTP server starts before the model loads).
-proto::ServingConfig serving_config(const ServeOptions& o) {
+// The checkpoint's config with the overrides (the HTTP server starts before the model loads).
+Config serve_config(const ServeOptions& o) {
   Config cfg = ckpt::read_manifest(ckpt::resolve(o.checkpoint)).config();
   for (const auto& a : o.overrides) apply_override(cfg, a);
   fill_defaults(cfg);
   if (!o.api_key_file.empty()) cfg.mutable_serving()->set_api_key_file(o.api_key_file);
   validate(cfg.serving());
-  return cfg.serving();
+  return cfg;
+}
+
+// The experts are sharded over every rank of the job: each expert count must be divisible by the rank count.
+void check_ranks(const proto::ModelConfig& m, int ranks) {
+  for (int l = 0; l < std::min(m.n_layers(), std::max(1, m.ffn_pattern_size())); ++l) {
+    const proto::FfnKind k = layer_ffn_kind(m, l);
+    const int E = k == proto::FFN_MOE ? m.moe().num_experts()
+                                      : (k == proto::FFN_WORD_EXPERT ? m.word_experts().num_experts() : 0);
+    MOE_CHECK(E == 0 || E % ranks == 0, "moe serve on " << ranks << " ranks: "
+                                                        << (k == proto::FFN_MOE ? "model.moe.num_experts = "
+                                                                                : "model.word_experts.num_experts = ")
+                                                        << E << " is not divisible by " << ranks
+                                                        << " (the experts are sharded over every rank): launch a "
+                                                           "rank count that divides it");
+  }
 }
 
 serve::ModelInfo model_info(const LoadedModel& lm) {
@@ -91,7 +107,11 @@ std::unique_ptr<serve::HttpServer> start_http(serve::Engine& engine, const proto
 }  // namespace
 
 int run_serve(const ServeOptions& o, comm::Communicator& world_in) {
-  const proto::ServingConfig serving = serving_config(o);
+  const Config cfg = serve_config(o);
+  check_ranks(cfg.model(), world_in.size());
+  const proto::ServingConfig& serving = cfg.serving();
+  // a peer that stops answering fails the collectives after parallel.collective_timeout_s (never a hang)
+  world_in.set_deadline(cfg.parallel().collective_timeout_s());
   comm::Parallel par(world_in.split(0, world_in.rank()), world_in.size());  // experts over every rank
   serve::EngineOptions eo;
   eo.serving = serving;

@@ -2,8 +2,10 @@
 # Bad input and failures of `moe serve`, with curl: no or a wrong API key (401, /health open), malformed JSON, a
 # wrong type, an unknown field, an unknown model, an empty prompt, max_tokens past the context, a token id outside
 # the vocabulary, a body over the limit, an unknown route: each a 4xx with an OpenAI error JSON naming the problem,
-# and the server keeps serving; a full queue answers 429 with Retry-After; bad serving configs and a taken port are
-# refused at start with a clear error; a rank killed with SIGKILL takes the 2-rank server down with an error.
+# and the server keeps serving; a full queue answers 429 with Retry-After; /health answers 503 "loading" until the
+# model is ready; SIGTERM drains (the requests already accepted all finish, later ones are refused, exit 0); bad
+# serving configs and a taken port are refused at start with a clear error; a rank killed with SIGKILL takes the
+# 2-rank server down with an error.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 source "$(dirname "${BASH_SOURCE[0]}")/lib/serve.bash"
@@ -80,10 +82,63 @@ done
 expect 200 '"text_completion"' POST /v1/completions "${json[@]}" -d "$ok"
 stop_server TERM || fail "the server did not drain cleanly"
 
+echo "loading: /health is 503 until the model (and a 2 GiB KV cache) is ready, then 200"
+"$MOE_BIN" serve --checkpoint "$ckpt" --threads 1 --set serving.port=0 --set serving.kv_cache_bytes=2147483648 \
+  > "$work/serve_l.log" 2>&1 &
+server_pid=$!
+codes=""
+for _ in $(seq 1 600); do
+  port=$(sed -n 's|.*listening on http://[^:]*:\([0-9]*\).*|\1|p' "$work/serve_l.log" | head -n 1)
+  if [ -n "$port" ]; then
+    c=$(http_code GET /health)
+    [ "$c" = 503 ] && grep -q loading "$work/body.txt" && codes="$codes 503"
+    [ "$c" = 200 ] && { codes="$codes 200"; break; }
+  fi
+  sleep 0.01
+done
+echo "  /health:$(tr ' ' '\n' <<<"$codes" | uniq -c | tr -s ' \n' ' ')"
+grep -q 503 <<<"$codes" && grep -q 200 <<<"$codes" || fail "no 503 while loading, then 200: $codes"
+stop_server TERM || fail "the server did not drain cleanly"
+
+echo "drain: SIGTERM with 40 requests accepted (one running at a time): all finish, exit 0"
+start_server "$work/serve_d.log" "$MOE_BIN" serve --checkpoint "$ckpt" --threads 1 --set serving.port=0 \
+  --set serving.max_running=1 --set serving.max_queue=64
+pids=()
+for i in $(seq 1 40); do
+  curl -s -o "$work/d$i.json" -w '%{http_code}' "${json[@]}" \
+    -d '{"prompt": "ROMEO:", "max_tokens": 50, "temperature": 0, "ignore_eos": true}' \
+    "http://127.0.0.1:$port/v1/completions" > "$work/dcode$i.txt" &
+  pids+=($!)
+done
+for _ in $(seq 1 500); do  # SIGTERM once a first request has finished (the others are running or queued)
+  generated=$(curl -s "http://127.0.0.1:$port/metrics" | sed -n 's/^moe_generation_tokens_total //p')
+  [ "${generated%.*}" -ge 50 ] 2>/dev/null && break
+  sleep 0.01
+done
+waiting=$(curl -s "http://127.0.0.1:$port/metrics" | sed -n 's/^moe_requests_waiting //p')
+drain_pid=$server_pid
+kill -TERM "$drain_pid"
+sleep 0.05
+late=$(curl -s -o /dev/null -w '%{http_code}' "${json[@]}" -d "$ok" "http://127.0.0.1:$port/v1/completions" || true)
+wait "${pids[@]}"
+rc=0
+wait "$drain_pid" || rc=$?
+server_pid=""
+[ $rc -eq 0 ] || { tail "$work/serve_d.log"; fail "the drained server exited with $rc"; }
+done_ok=0
+for i in $(seq 1 40); do
+  [ "$(cat "$work/dcode$i.txt")" = 200 ] && grep -q '"completion_tokens":50' "$work/d$i.json" && done_ok=$((done_ok + 1))
+done
+echo "  $waiting waiting at SIGTERM; $done_ok of 40 finished with 50 tokens; a request after SIGTERM: ${late:-refused}"
+[ "$done_ok" = 40 ] || fail "only $done_ok of the 40 accepted requests finished during the drain"
+[ "$late" != 200 ] || fail "a request after SIGTERM was served"
+grep -q "draining" "$work/serve_d.log" || fail "no drain in the log"
+
 echo "refused at start"
 expect_fail "serving.max_batch_tokens" "$MOE_BIN" serve --checkpoint "$ckpt" --set serving.max_batch_tokens=0
 expect_fail "serving.kv_cache_bytes" "$MOE_BIN" serve --checkpoint "$ckpt" --set serving.kv_cache_bytes=1000
 expect_fail "no-such-key" "$MOE_BIN" serve --checkpoint "$ckpt" --api-key-file "$work/no-such-key"
+expect_fail "not divisible by 3" mpiexec -n 3 "$MOE_BIN" serve --checkpoint "$ckpt" --threads 1
 "$VPY" -c 'import socket,time; s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen(); open("'"$work"'/port","w").write(str(s.getsockname()[1])); time.sleep(30)' &
 holder=$!
 for _ in $(seq 1 50); do [ -s "$work/port" ] && break; sleep 0.1; done

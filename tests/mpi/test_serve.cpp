@@ -13,22 +13,7 @@
 namespace moe::test {
 namespace {
 
-const std::vector<std::string> kPrompts = {"ROMEO:",
-                                           "First Citizen:\nBefore we proceed",
-                                           "KING RICHARD",
-                                           "O",
-                                           "What light through yonder",
-                                           "MENENIUS:\nEither you must",
-                                           "I say",
-                                           "JULIET:\nAy me",
-                                           "He that",
-                                           "Tell me, good",
-                                           "Now is the winter",
-                                           "Speak",
-                                           "Good morrow",
-                                           "What, ho!",
-                                           "The king's a",
-                                           "Alas"};
+const std::vector<std::string>& kPrompts = serve_prompts();
 
 proto::ModelConfig moe_and_word_experts() {
   proto::ModelConfig m = serve_model_config(true);

@@ -112,6 +112,15 @@ struct OneRankEngine {
   }
 };
 
+// 16 prompts of different lengths (batch-invariance tests send them together and one by one)
+inline const std::vector<std::string>& serve_prompts() {
+  static const std::vector<std::string> p = {
+      "ROMEO:",  "First Citizen:\nBefore we proceed", "KING RICHARD", "O", "What light through yonder",
+      "MENENIUS:\nEither you must", "I say", "JULIET:\nAy me", "He that", "Tell me, good",
+      "Now is the winter", "Speak", "Good morrow", "What, ho!", "The king's a", "Alas"};
+  return p;
+}
+
 inline serve::GenerationRequest greedy_request(const std::string& prompt, int max_tokens) {
   serve::GenerationRequest r;
   r.prompt = serve_tokenizer().encode(prompt);

@@ -240,22 +240,7 @@ std::vector<int32_t> reference_greedy(Model& model, std::vector<int32_t> toks, i
   return out;
 }
 
-const std::vector<std::string> kPrompts = {"ROMEO:",
-                                           "First Citizen:\nBefore we proceed",
-                                           "KING RICHARD",
-                                           "O",
-                                           "What light through yonder",
-                                           "MENENIUS:\nEither you must",
-                                           "I say",
-                                           "JULIET:\nAy me",
-                                           "He that",
-                                           "Tell me, good",
-                                           "Now is the winter",
-                                           "Speak",
-                                           "Good morrow",
-                                           "What, ho!",
-                                           "The king's a",
-                                           "Alas"};
+const std::vector<std::string>& kPrompts = serve_prompts();
 
 TEST(ServeEngine, GreedyTokensEqualPlainGreedyDecodingAndAreBatchInvariant) {
   for (bool moe : {false, true}) {
