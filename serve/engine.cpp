@@ -4,6 +4,7 @@
 #include <bit>
 #include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "core/config.h"
 #include "core/error.h"
@@ -246,6 +247,7 @@ bool Engine::step() {
   apply(chunks, results);
   ++step_no_;
   publish_stats();
+  std::this_thread::yield();  // let the HTTP thread send this step's tokens now if it shares our core
   return true;
 }
 
