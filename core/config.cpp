@@ -304,6 +304,7 @@ void validate(const proto::TrainConfig& t) {
   MOE_CHECK_FIELD(t.eval_every() >= 0, "train.eval_every", t.eval_every(), "must be >= 0");
   MOE_CHECK_FIELD(t.eval_batches() > 0, "train.eval_batches", t.eval_batches(), "must be > 0");
   MOE_CHECK_FIELD(t.threads() >= 0, "train.threads", t.threads(), "must be >= 0");
+  MOE_CHECK_FIELD(t.micro_batch_size() >= 0, "train.micro_batch_size", t.micro_batch_size(), "must be >= 0");
 }
 
 void validate(const proto::ParallelConfig& p, const proto::ModelConfig& m) {

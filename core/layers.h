@@ -95,6 +95,8 @@ struct FfnContext {
   // The inference path (generation, serving; not training): every matrix product uses the batch-invariant kernel
   // (Backend::linear_rows), so a token's output is the same bit for bit whatever it is batched with.
   bool batch_invariant = false;
+  // Backward: the weight of the unit's extra losses (router aux / z-loss) in the objective (Model::backward).
+  float loss_scale = 1.0f;
 };
 
 // What an FFN unit reports about its last forward (routers fill it; dense leaves it empty).

@@ -135,12 +135,12 @@ float Model::forward(const int32_t* inputs, const int32_t* targets, int B, int T
   return ws_.backend().cross_entropy_forward(losses_.get(N), probs_.get(int64_t(N) * V_), logits, targets, N, V_);
 }
 
-void Model::backward() {
+void Model::backward(float loss_scale) {
   MOE_CHECK(targets_ != nullptr, "Model::backward needs a forward with targets first");
   const int N = B_ * T_;
   const int64_t NC = int64_t(N) * C_;
   float* dlogits = dlogits_.get(int64_t(N) * V_);
-  ws_.backend().cross_entropy_backward(dlogits, probs_.data(), targets_, N, V_, 1.0f);
+  ws_.backend().cross_entropy_backward(dlogits, probs_.data(), targets_, N, V_, loss_scale);
   float* dlnf = dlnf_.get(NC);
   Param* head = lm_head_ ? lm_head_ : wte_;
   ws_.backend().linear_backward(dlnf, head->grad.f32(), nullptr, dlogits, lnf_.data(), head->value.f32(), N, C_, V_);
@@ -150,6 +150,7 @@ void Model::backward() {
   FfnContext ctx;
   ctx.token_ids = inputs_;
   ctx.training = true;
+  ctx.loss_scale = loss_scale;
   for (int l = static_cast<int>(blocks_.size()) - 1; l >= 0; --l) {
     blocks_[l]->backward(ctx, db, da, B_, T_);
     std::swap(da, db);

@@ -83,7 +83,9 @@ class Model {
   // Logits [B*T, V] stay available through logits().
   float forward(const int32_t* inputs, const int32_t* targets, int B, int T, bool training = true);
   // Backward of the last forward (which must have had targets); accumulates into the parameter grads.
-  void backward();
+  // loss_scale: the weight of this forward's loss (and router losses) in the objective (1/k for k accumulated
+  // micro-batches).
+  void backward(float loss_scale = 1.0f);
   const float* logits() const { return logits_.data(); }
   // Sum of extra losses (router aux losses) from the last forward.
   double extra_loss() const;

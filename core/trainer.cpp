@@ -45,17 +45,26 @@ StepRecord Trainer::step(const Batch& global_batch, int step_index, const TrainH
   ParamStore& ps = model_.params();
   ps.zero_grad();
   const Batch batch = shard_batch(global_batch, hooks.shard_rank, hooks.shard_count);
-  float loss = model_.forward(batch.inputs.data(), batch.targets.data(), batch.B, batch.T, true);
-  const double router_loss = model_.extra_loss();
-  if (hooks.mean_over_ranks) loss = static_cast<float>(hooks.mean_over_ranks(loss));
-  MOE_CHECK(std::isfinite(loss), "training loss is " << loss << " at step " << step_index + 1
-                                                     << " (diverged: lower optimizer.lr or set optimizer.grad_clip)");
-  model_.backward();
+  // the share in micro-batches, their gradients accumulated with weight 1/k (train.micro_batch_size)
+  const int mb = cfg_.train().micro_batch_size() > 0 ? std::min(cfg_.train().micro_batch_size(), batch.B) : batch.B;
+  MOE_CHECK(batch.B % mb == 0, "config field train.micro_batch_size = " << mb << ": must divide this rank's "
+                                                                        << batch.B << " sequences of the batch");
+  const int k = batch.B / mb;
+  double loss = 0, router_loss = 0;
+  for (int c = 0; c < k; ++c) {
+    const size_t off = size_t(c) * mb * batch.T;
+    loss += model_.forward(batch.inputs.data() + off, batch.targets.data() + off, mb, batch.T, true) / double(k);
+    router_loss += model_.extra_loss() / k;
+    MOE_CHECK(std::isfinite(loss), "training loss is " << loss << " at step " << step_index + 1
+                                                       << " (diverged: lower optimizer.lr or set optimizer.grad_clip)");
+    model_.backward(1.0f / static_cast<float>(k));
+  }
+  if (hooks.mean_over_ranks) loss = hooks.mean_over_ranks(loss);
   if (hooks.reduce_grads) hooks.reduce_grads(ps);
   const double norm = clip_grad_norm(ps, cfg_.optimizer().grad_clip(), hooks.sum_over_expert_group);
   const float lr = lr_at(cfg_.optimizer(), step_index, cfg_.train().steps());
   opt_.step(lr);
-  return {step_index + 1, loss, lr, norm, router_loss};
+  return {step_index + 1, static_cast<float>(loss), lr, norm, router_loss};
 }
 
 float Trainer::evaluate(const TrainHooks& hooks) {

@@ -89,7 +89,9 @@ MemoryEstimate estimate_memory(const Config& cfg, int world) {
   const double V = m.vocab_size() > 0 ? m.vocab_size() : cfg.data().tokenizer_vocab_size(), C = m.d_model();
   const int ep = std::max(1, cfg.parallel().expert_parallel());
   double params = V * C * (m.tie_embeddings() ? 1 : 2) + C * (m.norm() == proto::LAYERNORM ? 2 : 1), rows = 0;
-  const double tokens = double(cfg.data().batch_size()) / std::max(1, world) * cfg.data().seq_len();
+  double seqs = double(cfg.data().batch_size()) / std::max(1, world);  // one forward: the share, or a micro-batch
+  if (cfg.train().micro_batch_size() > 0) seqs = std::min(seqs, double(cfg.train().micro_batch_size()));
+  const double tokens = seqs * cfg.data().seq_len();
   double act = tokens * (3 * V + 4 * C);
   proto::ModelConfig one = m;  // a sized-only block per kind: the layers' own parameter declarations
   one.set_vocab_size(static_cast<int>(V));

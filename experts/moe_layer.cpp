@@ -111,7 +111,7 @@ void MoeFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   step_->combine(y, out);
 }
 
-void MoeFfn::backward(const FfnContext&, float* dx, const float* dy, int N) {
+void MoeFfn::backward(const FfnContext& ctx, float* dx, const float* dy, int N) {
   float* dgate = grow(dgate_, std::max(last_.plan.num_slots(), 1));  // [N*k]
   const float* dexp_out = step_->combine_backward(dy, dgate);
   auto t0 = clk::now();
@@ -121,7 +121,7 @@ void MoeFfn::backward(const FfnContext&, float* dx, const float* dy, int N) {
   std::memset(dx, 0, sizeof(float) * int64_t(N) * C_);
   step_->dispatch_backward(dx, dexp_in);
   t0 = clk::now();
-  router_.backward(dx, w_router_->grad.f32(), dgate, w_router_->value.f32(), 1.0f);
+  router_.backward(dx, w_router_->grad.f32(), dgate, w_router_->value.f32(), ctx.loss_scale);
   route_seconds_ += since(t0);
 }
 

@@ -9,6 +9,7 @@
 #include "core/config.h"
 #include "core/model.h"
 #include "core/optimizer.h"
+#include "core/trainer.h"
 #include "tests/unit/model_helpers.h"
 #include "tests/unit/oracle.h"
 
@@ -340,5 +341,40 @@ TEST(ModelMemory, EstimateMatchesTheBuiltModel) {
   // a world of 2 ranks halves the tokens per rank, so the activations
   EXPECT_NEAR(experts::estimate_memory(cfg, 2).activation_bytes, e.activation_bytes / 2, 1e-6 * e.activation_bytes);
 }
+// Gradient accumulation (train.micro_batch_size): a step over a batch of 8 in micro-batches of 2 (weights 1/4 in
+// Model::backward) has the loss and the gradient (its global norm, before the optimizer) of the step over all 8 at
+// once, for a dense and a dropless MoE model (without the router losses, which are computed per forward).
+TEST(TrainerMicroBatches, AccumulatedStepEqualsTheWholeBatch) {
+  for (bool moe : {false, true}) {
+    Config cfg;
+    *cfg.mutable_model() = tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, false);
+    if (moe) {
+      cfg.mutable_model()->add_ffn_pattern(proto::FFN_MOE);
+      cfg.mutable_model()->mutable_moe()->set_num_experts(4);
+      cfg.mutable_model()->mutable_moe()->set_dropless(true);
+    }
+    cfg.mutable_data()->set_seq_len(8);
+    cfg.mutable_data()->set_batch_size(8);
+    cfg.mutable_optimizer()->set_lr(1e-3f);
+    cfg.mutable_train()->set_steps(4);
+    cfg.mutable_train()->set_seed(3);
+    fill_defaults(cfg);
+    Corpus corpus;
+    Rng rng(5);
+    random_tokens(rng, corpus.train, 4000, cfg.model().vocab_size());
+    random_tokens(rng, corpus.val, 400, cfg.model().vocab_size());
+    std::vector<StepRecord> got;
+    for (int micro : {0, 2}) {
+      cfg.mutable_train()->set_micro_batch_size(micro);
+      auto model = experts::build_model(cfg);
+      Trainer t(cfg, *model, corpus);
+      got.push_back(t.step(t.loader().next(), 0, {}));
+    }
+    SCOPED_TRACE(moe ? "MoE" : "dense");
+    EXPECT_NEAR(got[1].loss, got[0].loss, 1e-6 * std::fabs(got[0].loss));
+    EXPECT_NEAR(got[1].grad_norm, got[0].grad_norm, 1e-5 * got[0].grad_norm);
+  }
+}
+
 }  // namespace
 }  // namespace moe::test
