@@ -283,12 +283,14 @@ JsonObject& JsonObject::raw(const std::string& key, const std::string& json) {
   return *this;
 }
 
-JsonObject& JsonObject::num(const std::string& key, double v) {
-  if (!std::isfinite(v)) return raw(key, "null");  // JSON has no NaN / Infinity
+std::string json_number(double v) {
+  if (!std::isfinite(v)) return "null";  // JSON has no NaN / Infinity
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.9g", v);
-  return raw(key, buf);
+  return buf;
 }
+
+JsonObject& JsonObject::num(const std::string& key, double v) { return raw(key, json_number(v)); }
 
 JsonObject& JsonObject::num(const std::string& key, int64_t v) { return raw(key, std::to_string(v)); }
 JsonObject& JsonObject::str(const std::string& key, const std::string& v) { return raw(key, json_escape(v)); }

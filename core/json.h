@@ -31,6 +31,8 @@ std::string json_escape(const std::string& s);
 
 // A JSON array of values given as JSON texts: json_array({"1", "null", "\"a\""}) == "[1,null,\"a\"]".
 std::string json_array(const std::vector<std::string>& items);
+// v as a JSON number (%.9g: a float round-trips), null when not finite (JSON has no NaN or Infinity).
+std::string json_number(double v);
 
 // A JSON object built field by field (numbers, strings, nested objects and arrays; keys in insertion order).
 // Non-finite numbers are written as null (JSON has no NaN or Infinity).

@@ -6,7 +6,7 @@ set -euo pipefail
 PKGS=(build-essential cmake ninja-build pkgconf git
       libopenmpi-dev openmpi-bin libboost-dev libboost-system-dev
       libprotobuf-dev protobuf-compiler libhdf5-dev libopenblas-dev libopenblas-openmp-dev
-      libsentencepiece-dev sentencepiece libgtest-dev libgmock-dev)
+      libsentencepiece-dev sentencepiece libgtest-dev libgmock-dev libssl-dev curl chromium)
 WITH_TORCH=1
 for a in "$@"; do
   case "$a" in
