@@ -25,6 +25,7 @@
 #include "core/threads.h"
 #include "core/trainer.h"
 #include "launcher/ckpt_tool.h"
+#include "launcher/coordinator_cli.h"
 #include "launcher/launch_env.h"
 #include "comm/parallel.h"
 #include "launcher/run_state.h"
@@ -107,7 +108,7 @@ const std::vector<CommandSpec>& commands() {
   };
   return k;
 }
-constexpr const char* kKnownCommands = "train, generate, serve, eval, config, ckpt";
+constexpr const char* kKnownCommands = "train, generate, serve, eval, config, ckpt, coordinator";
 
 const CommandSpec* find_command(const std::string& name) {
   for (const auto& c : commands())
@@ -125,6 +126,8 @@ std::string general_usage() {
   }
   o << "  ckpt      inspect|verify|reshard|convert ...\n"
        "            checkpoint utilities\n"
+       "  coordinator run|serve|status|checkpoint|slots|shutdown ...\n"
+       "            supervise a training or serving job: restarts after failures, resizing, a dashboard\n"
        "'moe <command> --help' (or 'moe help <command>') lists a command's options.\n";
   return o.str();
 }
@@ -175,7 +178,8 @@ Args parse_args(int argc, char** argv) {
   if (a.command == "help" || a.command == "--help" || a.command == "-h") {
     a.command = "help";
     if (argc >= 3) a.help_topic = argv[2];
-    if (!a.help_topic.empty() && a.help_topic != "ckpt" && !find_command(a.help_topic))
+    if (!a.help_topic.empty() && a.help_topic != "ckpt" && a.help_topic != "coordinator" &&
+        !find_command(a.help_topic))
       throw UsageError(unknown_command(a.help_topic));
     return a;
   }
@@ -286,6 +290,14 @@ int run_cli(int argc, char** argv) {
     std::fprintf(stderr, "error: %s (%s)\n", e.what(), e.where().c_str());
     return 1;
   }
+  if (argc >= 2 && std::string(argv[1]) == "coordinator") {  // starts the ranks itself: no MPI here
+    try {
+      return coordinator_cli_main(argc - 1, argv + 1);
+    } catch (const Error& e) {
+      std::fprintf(stderr, "error: %s (%s)\n", e.what(), e.where().c_str());
+      return 1;
+    }
+  }
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
   int rank = 0, world = 1;
@@ -305,7 +317,9 @@ int run_cli(int argc, char** argv) {
     Args a = parse_args(argc, argv);
     a.ranks_on_node = launch.local_size;
     if (a.command == "help") {
-      if (a.help_topic == "ckpt") {
+      if (a.help_topic == "coordinator") {
+        if (rank == 0) std::cout << coordinator_usage();
+      } else if (a.help_topic == "ckpt") {
         char* help_argv[] = {argv[0], const_cast<char*>("--help"), nullptr};
         rc = ckpt_tool_main(2, help_argv);
       } else if (rank == 0) {

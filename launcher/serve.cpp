@@ -3,17 +3,21 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
 #include <memory>
+#include <thread>
 
 #include "checkpoints/checkpoint.h"
 #include "comm/parallel.h"
 #include "comm/self_comm.h"
 #include "core/config.h"
 #include "core/log.h"
+#include "launcher/control_client.h"
 #include "launcher/run_state.h"
 #include "serve/engine.h"
 #include "serve/http_server.h"
@@ -104,6 +108,38 @@ std::unique_ptr<serve::HttpServer> start_http(serve::Engine& engine, const proto
   return http;
 }
 
+// What the coordinator sees of a serving rank (when one launched it): loading, then serving. Its STOP command, or
+// losing the coordinator, drains the server as a stop signal does.
+class ServeLink {
+ public:
+  explicit ServeLink(comm::Communicator& world) : client_(ControlClient::from_env(world.rank(), world.size())) {
+    if (!client_) return;
+    set_phase(proto::PHASE_LOADING);
+    watch_ = std::thread([this] {
+      while (!quit_) {
+        if (client_->stop_requested() || client_->lost()) return serve::Engine::request_drain();
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    });
+  }
+  ~ServeLink() {
+    quit_ = true;
+    if (watch_.joinable()) watch_.join();
+    if (client_) set_phase(proto::PHASE_DONE);
+  }
+  void set_phase(proto::Phase p) {
+    if (!client_) return;
+    proto::Heartbeat hb;
+    hb.set_phase(p);
+    client_->publish(hb);
+  }
+
+ private:
+  std::unique_ptr<ControlClient> client_;
+  std::atomic<bool> quit_{false};
+  std::thread watch_;
+};
+
 }  // namespace
 
 int run_serve(const ServeOptions& o, comm::Communicator& world_in) {
@@ -117,6 +153,7 @@ int run_serve(const ServeOptions& o, comm::Communicator& world_in) {
   eo.serving = serving;
   serve::Engine engine(eo, par.world());
   DrainSignals signals;
+  ServeLink link(par.world());
   std::unique_ptr<serve::HttpServer> http = start_http(engine, serving, par.world());
   if (http) engine.set_on_drain([h = http.get()] { h->stop_accepting(); });
   LoadOptions lo;
@@ -133,6 +170,7 @@ int run_serve(const ServeOptions& o, comm::Communicator& world_in) {
                                           << " positions over " << par.size() << " rank(s), step budget "
                                           << serving.max_batch_tokens() << " tokens, up to " << serving.max_running()
                                           << " running sequences");
+  link.set_phase(proto::PHASE_SERVING);
   engine.run();
   if (http) {
     // the engine finished every request; let the last responses reach their clients

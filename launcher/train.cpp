@@ -1,6 +1,8 @@
 #include "launcher/train.h"
 
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -14,6 +16,7 @@
 #include "experts/build_model.h"
 #include "checkpoints/saver.h"
 #include "launcher/run_state.h"
+#include "launcher/control_client.h"
 #include "launcher/stop_control.h"
 #include "launcher/tensorboard.h"
 
@@ -144,10 +147,11 @@ class Checkpoints {
     // synchronous, is taken when checkpoint.every is 0)
     if (cfg.checkpoint().async() && cfg.checkpoint().every() > 0) saver_.prepare(tensors(capture(0)));
   }
-  void on_step(int step, bool final) {
+  // after step `step`: the periodic checkpoint, the final one, or one asked for now (`forced`)
+  void on_step(int step, bool final, bool forced = false) {
     log_commit(saver_.poll());  // collective while an asynchronous save is pending
     const int every = cfg_.checkpoint().every();
-    if (!final && !(every > 0 && step % every == 0)) return;
+    if (!final && !forced && !(every > 0 && step % every == 0)) return;
     if (lead() && saver_.pending())
       MOE_INFO("waiting for the background checkpoint to finish before the checkpoint of step " << step);
     log_commit(saver_.finish());  // the previous save first: never two in flight
@@ -167,12 +171,16 @@ class Checkpoints {
     log_commit(dir);
   }
   void finish() { log_commit(saver_.finish()); }
+  int64_t last_committed() const { return committed_; }  // the step of the newest committed checkpoint (0: none)
 
  private:
   bool lead() const { return par_.rank() == 0; }
   void log_commit(const std::string& dir) {
-    if (lead() && !dir.empty()) MOE_INFO("checkpoint " << dir);
+    if (dir.empty()) return;
+    committed_ = std::atoll(dir.substr(dir.rfind("step_") + 5).c_str());
+    if (lead()) MOE_INFO("checkpoint " << dir);
   }
+  int64_t committed_ = 0;
   RunState capture(int step) const {
     return RunState::capture(step, model_, trainer_.optimizer(), trainer_.loader());
   }
@@ -228,6 +236,60 @@ struct Reports {
   }
 };
 
+// What the coordinator sees of this rank (when one launched it): phase, step, loss, speed, the newest checkpoint and
+// (rank 0) the per-expert loads of the last logged step, published for the heartbeats of the control client.
+class CoordinatorLink {
+ public:
+  explicit CoordinatorLink(comm::Parallel& par) : client_(ControlClient::from_env(par.rank(), par.size())) {
+    set_phase(proto::PHASE_LOADING);
+  }
+  ControlClient* client() { return client_.get(); }
+  void set_resumed_step(int step) { hb_.set_resumed_step(step); }
+  void set_phase(proto::Phase p) {
+    hb_.set_phase(p);
+    publish();
+  }
+  // chains into the hooks: every step and every logged step update the heartbeat
+  void hook(TrainHooks& h, const Checkpoints& ckpts) {
+    if (!client_) return;
+    auto step = h.on_step;
+    auto log = h.on_log;
+    h.on_step = [this, step, &ckpts](const StepRecord& r) {
+      if (step) step(r);
+      const auto now = std::chrono::steady_clock::now();
+      if (hb_.step() > 0) {
+        const double dt = std::chrono::duration<double>(now - last_).count();
+        hb_.set_step_time_s(hb_.step_time_s() > 0 ? 0.8 * hb_.step_time_s() + 0.2 * dt : dt);
+      }
+      last_ = now;
+      hb_.set_step(r.step);
+      hb_.set_loss(r.loss);
+      hb_.set_checkpoint_step(ckpts.last_committed());
+      publish();
+    };
+    h.on_log = [this, log](const LogRecord& r) {
+      if (log) log(r);
+      hb_.set_tokens_per_s(r.tokens_per_s);
+      hb_.clear_expert_layers();
+      hb_.clear_expert_tokens();
+      for (size_t l = 0; l < r.layers.size(); ++l) {
+        if (r.layers[l].expert_load.empty()) continue;
+        hb_.add_expert_layers(static_cast<int32_t>(l));
+        hb_.set_experts(static_cast<int32_t>(r.layers[l].expert_load.size()));
+        for (int64_t x : r.layers[l].expert_load) hb_.add_expert_tokens(x);
+      }
+    };
+  }
+
+ private:
+  void publish() {
+    if (client_) client_->publish(hb_);
+  }
+  std::unique_ptr<ControlClient> client_;
+  proto::Heartbeat hb_;
+  std::chrono::steady_clock::time_point last_;
+};
+
 TrainHooks parallel_hooks(comm::Parallel& par) {
   TrainHooks h;
   h.shard_rank = par.rank();
@@ -249,6 +311,7 @@ int run_training(Config cfg, const TrainOptions& opt, comm::Parallel& par) {
   experts::check_device(cfg.model());
   experts::check_memory(cfg, par.size(), opt.ranks_on_node, "training");
   const bool lead = par.rank() == 0;
+  CoordinatorLink link(par);  // (connects now when a coordinator launched this rank: it sees the loading)
   const std::string root = cfg.train().out_dir() + "/checkpoints";
   Resume resume = open_resume(opt.resume, root, cfg, lead);
   // resuming: the checkpoint's own tokenizer (an imported model brings its own); else the configured or trained one
@@ -265,19 +328,26 @@ int run_training(Config cfg, const TrainOptions& opt, comm::Parallel& par) {
   if (lead) announce(cfg, *model, par, opt.threads, corpus, root);
   if (start >= cfg.train().steps()) {
     if (lead) MOE_INFO("nothing to do: checkpoint step " << start << " >= train.steps " << cfg.train().steps());
+    link.set_phase(proto::PHASE_DONE);
     return 0;
   }
-  StopControl stop(par);
+  link.set_resumed_step(start);
+  StopControl stop(par, link.client());
   Checkpoints ckpts(cfg, par, tok, *model, trainer, root);
   Reports reports(opt, lead);
   TrainHooks hooks = parallel_hooks(par);
   reports.hook(hooks, lead);
+  link.hook(hooks, ckpts);
   hooks.should_stop = [&stop](int step) { return stop.should_stop(step); };
-  hooks.maybe_checkpoint = [&ckpts](int step, bool final) { ckpts.on_step(step, final); };
+  hooks.maybe_checkpoint = [&](int step, bool final) { ckpts.on_step(step, final, stop.checkpoint_now()); };
+  link.set_phase(proto::PHASE_TRAINING);
   const RunOutcome out = trainer.run(hooks, start);
   ckpts.finish();  // (the final save is synchronous; this only guards against a pending one)
+  link.set_phase(proto::PHASE_DONE);
   if (!out.stopped) return 0;
-  if (lead) MOE_INFO("stopped by a signal after checkpointing step " << out.last_step << "; exit code 3 (requeue)");
+  if (lead)
+    MOE_INFO("stopped by a signal after checkpointing step "
+             << out.last_step << (link.client() ? " (or by the coordinator)" : "") << "; exit code 3 (requeue)");
   return 3;
 }
 

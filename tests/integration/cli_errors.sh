@@ -42,11 +42,11 @@ expect_usage_error() {  # expect_usage_error "<exact stderr line>" cmd...
   fi
   echo "ok (rc 2): $want"
 }
-unknown_fly="error: unknown command 'fly' (known: train, generate, serve, eval, config, ckpt); see 'moe --help'"
+unknown_fly="error: unknown command 'fly' (known: train, generate, serve, eval, config, ckpt, coordinator); see 'moe --help'"
 expect_usage_error "$unknown_fly" "$MOE_BIN" fly
 expect_usage_error "$unknown_fly" "$MOE_BIN" fly --help
 expect_usage_error "$unknown_fly" "$MOE_BIN" help fly
-expect_usage_error "error: missing command (known: train, generate, serve, eval, config, ckpt); see 'moe --help'" "$MOE_BIN"
+expect_usage_error "error: missing command (known: train, generate, serve, eval, config, ckpt, coordinator); see 'moe --help'" "$MOE_BIN"
 expect_usage_error "error: unknown option '--bogus' for 'moe train'; see 'moe train --help'" \
   "$MOE_BIN" train --config "$cfg" --bogus
 expect_usage_error "error: unknown option '--resume' for 'moe generate'; see 'moe generate --help'" \
