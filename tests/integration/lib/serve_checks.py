@@ -3,6 +3,7 @@ raw sockets), called by the serving integration scripts: python serve_checks.py 
 Each check prints one line and exits non-zero (with the reason) on failure."""
 import http.client
 import json
+import os
 import socket
 import sys
 import threading
@@ -147,13 +148,67 @@ def disconnect(port):
     raise AssertionError("the abandoned request still holds KV blocks: %s" % v)
 
 
+def failover(port, started_file, stop_file):
+    """Load through the coordinator's endpoint while a replica is killed: two clients send completions, one streams
+    chat completions, until stop_file exists. Every completion must succeed (one whose replica dies is retried on
+    another: its response comes whole, at the end); a stream may be cut short by the failure only after its first
+    token (an error event then ends it), never before. Writes started_file once requests have succeeded."""
+    stats = {"ok": 0, "stream_ok": 0, "stream_cut": 0}
+    errors = []
+    lock = threading.Lock()
+    m = model_id(client(port))
+
+    def completions():
+        c = client(port)
+        while not os.path.exists(stop_file):
+            try:
+                r = c.completions.create(model=m, prompt="ROMEO:", max_tokens=24, temperature=0)
+                assert r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length", r
+                with lock:
+                    stats["ok"] += 1
+                    if stats["ok"] == 4:
+                        open(started_file, "w").close()
+            except Exception as e:  # noqa: BLE001 (any failure is the finding)
+                with lock:
+                    errors.append("completion at %.3f: %r" % (time.time(), e))
+
+    def streams():
+        c = client(port)
+        while not os.path.exists(stop_file):
+            tokens = 0
+            try:
+                for chunk in c.chat.completions.create(model=m, messages=[{"role": "user", "content": "Speak."}],
+                                                       max_tokens=24, temperature=0, stream=True):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        tokens += 1
+                with lock:
+                    stats["stream_ok"] += 1
+            except openai.APIError as e:
+                with lock:
+                    if tokens > 0:
+                        stats["stream_cut"] += 1  # the replica died after the first token: cut, with an error
+                    else:
+                        errors.append("stream before its first token at %.3f: %r" % (time.time(), e))
+
+    threads = [threading.Thread(target=f) for f in (completions, completions, streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, "%d failed: %s" % (len(errors), errors[:5])
+    assert stats["ok"] > 0 and stats["stream_ok"] > 0, stats
+    print("failover: %d completions, %d streams whole, %d streams cut after their first token; no failure" % (
+        stats["ok"], stats["stream_ok"], stats["stream_cut"]))
+
+
 def main():
     check, port = sys.argv[1], int(sys.argv[2])
     {"greedy": lambda: greedy(port, sys.argv[3], sys.argv[4], int(sys.argv[5])),
      "chat": lambda: chat(port),
      "concurrent": lambda: concurrent(port, int(sys.argv[3]), int(sys.argv[4])),
      "metrics": lambda: metrics(port),
-     "disconnect": lambda: disconnect(port)}[check]()
+     "disconnect": lambda: disconnect(port),
+     "failover": lambda: failover(port, sys.argv[3], sys.argv[4])}[check]()
 
 
 if __name__ == "__main__":
