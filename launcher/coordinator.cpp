@@ -18,6 +18,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <sstream>
 #include <thread>
 #include <utility>  // (before Asio: Boost 1.74 needs std::exchange declared)
 
@@ -65,6 +66,34 @@ Layout choose_layout(int slots, int min_world, int max_world, int batch_size, co
   return {};
 }
 
+int hostfile_slots(const std::string& path) {
+  std::ifstream f(path);
+  MOE_CHECK(f, "cannot read the hostfile '" << path << "'");
+  int total = 0, lineno = 0;
+  for (std::string line; std::getline(f, line);) {
+    ++lineno;
+    line = line.substr(0, line.find('#'));
+    std::istringstream words(line);
+    std::string host, w;
+    if (!(words >> host)) continue;
+    int slots = 1;
+    while (words >> w) {
+      if (w.rfind("slots=", 0) != 0) continue;
+      size_t used = 0;
+      try {
+        slots = std::stoi(w.substr(6), &used);
+      } catch (...) {
+        used = 0;
+      }
+      MOE_CHECK(used > 0 && used == w.size() - 6 && slots > 0,
+                "hostfile " << path << " line " << lineno << ": '" << w << "' is not slots=N with N >= 1");
+    }
+    total += slots;
+  }
+  MOE_CHECK(total > 0, "the hostfile '" << path << "' names no host");
+  return total;
+}
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -101,6 +130,15 @@ JobFacts train_facts(const CoordinatorOptions& o) {
     if (layer_ffn_kind(m, l) == proto::FFN_WORD_EXPERT) f.experts.push_back(m.word_experts().num_experts());
   }
   return f;
+}
+
+// --slurm: the allocation's tasks; --hostfile: the sum of its slots; else this host's cores
+int default_slots(const CoordinatorOptions& o) {
+  if (!o.hostfile.empty()) return hostfile_slots(o.hostfile);
+  const char* n = std::getenv("SLURM_NTASKS");
+  MOE_CHECK(!o.slurm || (n && std::atoi(n) > 0), "--slurm: SLURM_NTASKS is not set (run inside an allocation: sbatch "
+                                                 "or salloc)");
+  return o.slurm ? std::atoi(n) : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 std::string self_exe() {
@@ -217,6 +255,10 @@ class Coordinator {
   void request_stop(Group& g, const std::string& why);  // planned: checkpoint and exit
   void command_all(Group& g, proto::Command::Kind k);
   void resize(int slots);
+  Layout layout_for(int slots) const {  // the training group's layout on `slots`
+    return choose_layout(slots, o_.min_world, o_.max_world, facts_.batch_size, facts_.experts, facts_.preferred_ep,
+                         first_share_);
+  }
   Group* group_of_session(int session, int* rank);
   // events and status
   void record(Event e);
@@ -262,10 +304,7 @@ Coordinator::Coordinator(const CoordinatorOptions& o) : o_(o), timer_(io_) {
     o_.job_dir = facts_.out_dir + "/coordinator";
   }
   if (o_.moe_bin.empty()) o_.moe_bin = self_exe();
-  if (o_.slots <= 0) {
-    const char* n = std::getenv("SLURM_NTASKS");
-    o_.slots = o.slurm && n ? std::atoi(n) : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  }
+  if (o_.slots <= 0) o_.slots = default_slots(o_);
   slots_ = o_.slots;
   fs::create_directories(o_.job_dir + "/logs");
   const std::string secret_file = o_.job_dir + "/secret";
@@ -378,9 +417,12 @@ proto::AdminReply Coordinator::on_admin(const proto::Admin& a) {
       r.set_message("asked every rank to checkpoint at the next step boundary");
       break;
     case proto::Admin::SET_SLOTS:
-      if (a.slots() < 1 || o_.serve) {
+      if (a.slots() < 1 || o_.serve || layout_for(a.slots()).world == 0) {
         r.set_ok(false);
-        r.set_message(o_.serve ? "slots apply to training jobs" : "slots must be >= 1");
+        r.set_message(o_.serve       ? "slots apply to training jobs"
+                      : a.slots() < 1 ? "slots must be >= 1"
+                                      : std::to_string(a.slots()) + " slot(s) allow no world size of at least " +
+                                            std::to_string(o_.min_world) + " that fits the batch and the experts");
         break;
       }
       resize(a.slots());
@@ -510,9 +552,7 @@ void Coordinator::launch(Group& g) {
     stopped_early_ = stopped_early_ || !o_.serve;
     return;
   }
-  g.layout = o_.serve ? Layout{o_.ranks_per_replica, o_.ranks_per_replica, 0}
-                      : choose_layout(slots_, o_.min_world, o_.max_world, facts_.batch_size, facts_.experts,
-                                      facts_.preferred_ep, first_share_);
+  g.layout = o_.serve ? Layout{o_.ranks_per_replica, o_.ranks_per_replica, 0} : layout_for(slots_);
   if (g.layout.world == 0) {
     g.state = Group::kFailed;
     record({unix_now(), g.epoch, "error",
@@ -608,6 +648,8 @@ void Coordinator::fail(Group& g, const std::string& cause, double detection_s) {
   Event e{unix_now(), g.epoch, "failure", cause, detection_s, -1, -1, g.layout.world, 0, o_.serve ? g.id : -1};
   g.state = Group::kStopping;
   stop_group(g);
+  e.cause += last_error(g.log);  // (the launch's output is complete now: what a rank said before it failed)
+  if (e.cause.size() > cause.size()) MOE_WARN("coordinator: epoch " << g.epoch << e.cause.substr(cause.size()));
   record(e);
   g.recovery = Recovery{now, g.max_step, events_.size() - 1};
   if (g.launches_without_progress >= o_.max_restarts) {
@@ -627,8 +669,7 @@ void Coordinator::fail(Group& g, const std::string& cause, double detection_s) {
 
 // The launcher exited with `code` (or the group was killed after a planned stop took too long).
 void Coordinator::group_exited(Group& g, int code) {
-  if (!g.planned && (code != 0 || o_.serve))
-    return fail(g, "the launcher exited with code " + std::to_string(code) + last_error(g.log), -1);
+  if (!g.planned && (code != 0 || o_.serve)) return fail(g, "the launcher exited with code " + std::to_string(code), -1);
   const bool finished = code == 0 && !g.planned;
   g.state = Group::kStopping;
   stop_group(g);
@@ -666,8 +707,7 @@ void Coordinator::resize(int slots) {
   slots_ = slots;
   if (o_.serve || groups_.empty()) return;
   Group& g = groups_[0];
-  const Layout next = choose_layout(slots_, o_.min_world, o_.max_world, facts_.batch_size, facts_.experts,
-                                    facts_.preferred_ep, first_share_);
+  const Layout next = layout_for(slots_);
   MOE_INFO("coordinator: slots " << before << " -> " << slots_ << " (world " << g.layout.world << " -> " << next.world
                                  << ")");
   if (next.world < g.layout.world) {

@@ -51,6 +51,10 @@ struct CoordinatorOptions {
 // failed (a crash loop, no usable layout). Throws moe::Error on a bad configuration.
 int run_coordinator(const CoordinatorOptions& o);
 
+// The slots of an Open MPI hostfile: the sum of each host line's slots=N (1 when not given); throws moe::Error naming
+// the file and line when it cannot be read or a slots value is malformed.
+int hostfile_slots(const std::string& path);
+
 // One administrative request to the coordinator of job_dir (endpoint.json, secret); throws moe::Error when it cannot
 // be reached or refuses.
 proto::AdminReply coordinator_admin(const std::string& job_dir, const proto::Admin& request);

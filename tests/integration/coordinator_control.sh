@@ -6,7 +6,9 @@
 #  - /status and the dashboard need the API key (Bearer or ?key=); headless Chromium renders the dashboard (loss
 #    curve, ranks, events, expert heat map) from a live job; its screenshot is kept in MOE_ARTIFACT_DIR;
 #  - kill -9 the coordinator: the workers checkpoint and exit within seconds (nothing left behind); a new
-#    coordinator of the same job dir continues the epochs and the run from `latest`, to train.steps.
+#    coordinator of the same job dir continues the epochs and the run from `latest`, to train.steps;
+#  - a bad config is refused before anything runs; slots that allow no world >= --min-world are refused; launches
+#    that keep failing back off and end in a crash-loop error (exit 1) naming why they failed.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 source "$(dirname "${BASH_SOURCE[0]}")/lib/coordinator.bash"
@@ -20,8 +22,16 @@ printf 'dashboard-key-%s\n' "$$" > "$work/key"
 chmod 600 "$work/key"
 key=$(head -n 1 "$work/key")
 jd=$work/job
-coord_start "$jd" run --config "$cfg" "${args[@]}" --set train.out_dir="$work/run" --slots 2 --api-key-file "$work/key"
+# a bad config is refused before anything is launched
+expect_fail "model.n_heads" "$MOE_BIN" coordinator run --config "$cfg" "${args[@]}" --set model.n_heads=3 \
+  --job-dir "$work/badjob"
+[ ! -e "$work/badjob" ] || fail "the refused job left $work/badjob behind"
+# the slots from a hostfile (mpirun --hostfile); at least 2 ranks
+echo "localhost slots=2" > "$work/hostfile"
+coord_start "$jd" run --config "$cfg" "${args[@]}" --set train.out_dir="$work/run" --hostfile "$work/hostfile" \
+  --min-world 2 --api-key-file "$work/key"
 wait_status "$jd" "$(running "$jd" 1 2)" 90 "epoch 1 running"
+expect_fail "allow no world size of at least 2" "$MOE_BIN" coordinator slots 1 --job-dir "$jd"
 control=$(sed -n 's/.*"control":"\([^"]*\)".*/\1/p' "$jd/endpoint.json")
 http=$(sed -n 's/.*"http":"\([^"]*\)".*/\1/p' "$jd/endpoint.json")
 
@@ -111,10 +121,23 @@ lost=$(sed 's/step_//' "$work/run/checkpoints/latest")
 [ "$lost" -gt "$asked" ] || fail "no checkpoint when the coordinator was lost (latest $lost, asked $asked)"
 grep -q "lost the coordinator" "$jd/logs/epoch_1.log" || fail "the ranks did not report losing the coordinator"
 
-coord_start "$jd" run --config "$cfg" "${args[@]}" --set train.out_dir="$work/run" --slots 2 --api-key-file "$work/key"
+coord_start "$jd" run --config "$cfg" "${args[@]}" --set train.out_dir="$work/run" --hostfile "$work/hostfile" \
+  --min-world 2 --api-key-file "$work/key"
 wait_status "$jd" "$(running "$jd" 2 2)" 90 "epoch 2 running under the new coordinator"
 grep -q "resumed from .*step_$lost at step $lost" "$jd/logs/epoch_2.log" || { cat "$jd/logs/epoch_2.log"; fail "not resumed from step $lost"; }
 coord_wait 0
 [ "$(cat "$work/run/checkpoints/latest")" = "step_$steps" ] || fail "the run did not reach step $steps"
+no_orphans "train.out_dir=$work/run"
+
+# ---- a crash loop: every launch fails (latest names a checkpoint that is not there); the coordinator gives up ----
+echo "step_999999" > "$work/run/checkpoints/latest"
+coord_start "$jd" run --config "$cfg" "${args[@]}" --set train.out_dir="$work/run" --set train.steps=$((steps * 2)) \
+  --slots 2 --max-restarts 3
+coord_wait 1
+grep -q "giving up after 3 launches without progress" "$jd.out" || { cat "$jd.out"; fail "no crash-loop message"; }
+grep -q "relaunching in 2 s (backoff)" "$jd.out" || fail "no backoff between the failed launches"
+grep -q '"kind":"error","cause":"3 launches in a row made no progress (a crash loop): giving up"' "$jd/events.jsonl" \
+  || fail "no crash-loop event"
+grep -q "not a complete checkpoint" "$jd/events.jsonl" || fail "the failure events do not say why the launches failed"
 no_orphans "train.out_dir=$work/run"
 echo "OK"

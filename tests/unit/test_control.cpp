@@ -401,3 +401,26 @@ TEST(ChooseLayout, LargestWorldThatFitsTheBatchAndTheExperts) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(Hostfile, SlotsAreSummedPerHostLine) {
+  const fs::path dir = fs::temp_directory_path() / ("moe_hostfile_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const std::string good = (dir / "good").string(), bad = (dir / "bad").string();
+  std::ofstream(good) << "# cluster\nnode1 slots=4\nnode2\n\nnode3 slots=2 max_slots=8  # a comment\n";
+  EXPECT_EQ(hostfile_slots(good), 7);
+  std::ofstream(bad) << "node1 slots=4\nnode2 slots=x\n";
+  try {
+    hostfile_slots(bad);
+    FAIL() << "a malformed slots value was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("line 2"), std::string::npos) << e.what();
+  }
+  std::ofstream(bad) << "# nothing\n";
+  EXPECT_THROW(hostfile_slots(bad), Error);
+  EXPECT_THROW(hostfile_slots((dir / "missing").string()), Error);
+  fs::remove_all(dir);
+}
+
+}  // namespace
