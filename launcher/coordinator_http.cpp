@@ -7,16 +7,14 @@
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <chrono>
-#include <mutex>
+#include <memory>
 #include <optional>
-#include <thread>
-#include <unordered_map>
-#include <vector>
 
 #include "core/error.h"
 #include "core/log.h"
+#include "serve/http_connection.h"
 #include "serve/http_server.h"
+#include "serve/http_service.h"
 #include "serve/openai.h"
 
 namespace moe::launcher {
@@ -27,15 +25,10 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 using tcp = net::ip::tcp;
 using Request = http::request<http::string_body>;
-using Response = http::response<http::string_body>;
+using Reply = serve::HttpReply;
+using serve::json_reply;
 
 constexpr size_t kMaxTargetInMessage = 200;  // characters of a request target quoted in an error message
-constexpr double kLingerSeconds = 1.0;       // reading (and dropping) what a client still sends before closing
-constexpr size_t kLingerBytes = 4096;        // one read while lingering
-
-std::chrono::steady_clock::duration duration_of(double s) {
-  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(s));
-}
 
 std::string_view view(beast::string_view s) { return std::string_view(s.data(), s.size()); }
 
@@ -47,26 +40,10 @@ std::string_view trim(std::string_view s) {
 
 // ---- replies ----
 
-// A complete response.
-struct Reply {
-  int status = 200;
-  std::string body;
-  std::string content_type = "application/json";
-  std::vector<std::pair<std::string, std::string>> headers;
-};
-
-Reply json_reply(int status, std::string body) {
-  Reply r;
-  r.status = status;
-  r.body = std::move(body);
-  return r;
-}
-
-// The serving API's error JSON (its type from the status); 401 carries WWW-Authenticate: Bearer.
+// The serving API's error JSON (its type from the status); 401 carries WWW-Authenticate: Bearer. (The server answers
+// nothing 429 or 503, so no Retry-After.)
 Reply error_reply(int status, std::string message, std::string code = "") {
-  Reply r = json_reply(status, serve::error_json(serve::ApiError{status, std::move(message), "", std::move(code)}));
-  if (status == 401) r.headers.emplace_back("WWW-Authenticate", "Bearer");
-  return r;
+  return serve::error_reply(serve::ApiError{status, std::move(message), "", std::move(code)}, 0);
 }
 
 // The page may only run its own inline script and style and fetch from its own origin; it never sends the URL (and
@@ -144,12 +121,11 @@ std::string auth_failure(const Request& req, std::string_view query, const std::
 
 // ---- routing ----
 
-// What the connections share; it lives as long as any of them. `sessions` is touched on the I/O thread only.
-class Session;
+// What the connections share; it lives as long as any of them.
 struct Core {
   std::function<std::string()> status_json;
   CoordinatorHttpOptions opt;
-  std::unordered_map<Session*, std::weak_ptr<Session>> sessions;
+  std::shared_ptr<serve::ConnectionSet> connections;
 };
 
 Reply status_reply(const Core& core) {
@@ -186,77 +162,20 @@ Reply route(const Request& req, const Core& core) {
   return page_reply();
 }
 
-// The reply to a request that could not be read (then the connection closes), or nullopt when there is nobody to
-// answer: the client closed the connection or it failed, or the read timed out (the stream closed the socket).
-std::optional<Reply> read_error_reply(const beast::error_code& ec, const CoordinatorHttpOptions& opt) {
-  const std::string limit = std::to_string(opt.max_request_bytes) + " bytes";
-  if (ec == http::error::body_limit) return error_reply(413, "the request body is over the limit of " + limit);
-  if (ec == http::error::header_limit)
-    return error_reply(431, "the request line and headers are over the limit of " + limit);
-  const auto& http_category = http::make_error_code(http::error::bad_target).category();
-  if (&ec.category() == &http_category && ec != http::error::end_of_stream && ec != http::error::partial_message)
-    return error_reply(400, "malformed HTTP request: " + ec.message());
-  return std::nullopt;
-}
-
 // ---- one connection ----
 
-// One TCP connection: reads requests (keep-alive; pipelined bytes stay in the buffer), answers each in order.
-class Session : public std::enable_shared_from_this<Session> {
+// One TCP connection (serve::HttpConnection reads its requests and writes the replies): answers each request at once.
+class Session : public serve::HttpConnection {
  public:
-  Session(tcp::socket socket, std::shared_ptr<Core> core) : stream_(std::move(socket)), core_(std::move(core)) {}
-  ~Session() {
-    if (!closed_) core_->sessions.erase(this);
-  }
-  void start() {
-    core_->sessions[this] = weak_from_this();
-    beast::error_code ec;
-    stream_.socket().set_option(tcp::no_delay(true), ec);
-    read();
-  }
-  // Now: drops the connection (pending operations end with operation_aborted).
-  void close() {
-    if (closed_) return;
-    closed_ = true;
-    beast::error_code ec;
-    stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
-    stream_.socket().close(ec);
-    core_->sessions.erase(this);
-  }
+  Session(tcp::socket socket, std::shared_ptr<const Core> core, bool admitted)
+      : HttpConnection(std::move(socket), core->connections, admitted), core_(std::move(core)) {}
 
  private:
-  void read();
-  void on_read(const beast::error_code& ec);
-  void write(const Reply& r, unsigned version, bool keep_alive);
-  void on_write(const beast::error_code& ec, bool keep_alive);
-  void linger();
-  void drain();
-
-  beast::tcp_stream stream_;
-  std::shared_ptr<Core> core_;
-  beast::flat_buffer buffer_;
-  std::optional<http::request_parser<http::string_body>> parser_;
-  Response res_;
-  char drain_[kLingerBytes];
-  bool closed_ = false;
+  void on_request(Request req) override;
+  std::shared_ptr<const Core> core_;
 };
 
-void Session::read() {
-  parser_.emplace();
-  parser_->header_limit(static_cast<uint32_t>(core_->opt.max_request_bytes));
-  parser_->body_limit(static_cast<uint64_t>(core_->opt.max_request_bytes));
-  stream_.expires_after(duration_of(core_->opt.read_timeout_s));
-  http::async_read(stream_, buffer_, *parser_,
-                   [self = shared_from_this()](const beast::error_code& ec, size_t) { self->on_read(ec); });
-}
-
-void Session::on_read(const beast::error_code& ec) {
-  if (closed_) return;
-  if (ec) {
-    const std::optional<Reply> r = read_error_reply(ec, core_->opt);
-    return r ? write(*r, 11, false) : close();
-  }
-  const Request req = parser_->release();
+void Session::on_request(Request req) {
   Reply r;
   try {
     r = route(req, *core_);
@@ -264,126 +183,23 @@ void Session::on_read(const beast::error_code& ec) {
     MOE_WARN("coordinator http: " << req.method_string() << " " << req.target() << " failed: " << e.what());
     r = error_reply(500, std::string("internal error: ") + e.what(), "internal_error");
   }
-  write(r, req.version(), req.keep_alive());
+  reply(r);
 }
 
-void Session::write(const Reply& r, unsigned version, bool keep_alive) {
-  res_ = Response{static_cast<http::status>(r.status), version};
-  res_.set(http::field::server, "moe-coordinator");
-  res_.set(http::field::content_type, r.content_type);
-  res_.set(http::field::cache_control, "no-store");
-  res_.set("X-Content-Type-Options", "nosniff");
-  for (const auto& [k, v] : r.headers) res_.set(k, v);
-  res_.keep_alive(keep_alive);
-  res_.body() = r.body;
-  res_.prepare_payload();
-  stream_.expires_after(duration_of(core_->opt.read_timeout_s));  // a client that stops reading is dropped
-  http::async_write(stream_, res_, [self = shared_from_this(), keep_alive](const beast::error_code& ec, size_t) {
-    self->on_write(ec, keep_alive);
-  });
-}
-
-void Session::on_write(const beast::error_code& ec, bool keep_alive) {
-  if (closed_) return;
-  if (ec) return close();
-  if (keep_alive) return read();
-  linger();
-}
-
-// Closing after a response: stop sending, then drop what the client still sends (the rest of an oversized request)
-// until it closes or kLingerSeconds pass, so that it reads the response instead of a reset.
-void Session::linger() {
-  beast::error_code ec;
-  stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
-  buffer_.consume(buffer_.size());
-  stream_.expires_after(duration_of(kLingerSeconds));  // one deadline for every read below
-  drain();
-}
-
-void Session::drain() {
-  stream_.async_read_some(net::buffer(drain_), [self = shared_from_this()](const beast::error_code& ec, size_t) {
-    if (self->closed_) return;
-    if (ec) return self->close();  // EOF, timeout, reset
-    self->drain();
-  });
-}
-
-// ---- the listener ----
-
-tcp::endpoint resolve(net::io_context& ioc, const std::string& host, int port) {
-  beast::error_code ec;
-  const net::ip::address addr = net::ip::make_address(host, ec);
-  if (!ec) return tcp::endpoint(addr, static_cast<unsigned short>(port));
-  tcp::resolver resolver(ioc);
-  const auto results = resolver.resolve(host, std::to_string(port), ec);
-  MOE_CHECK(!ec && !results.empty(),
-            "cannot listen on " << host << ":" << port << ": unknown host (" << ec.message() << ")");
-  return results.begin()->endpoint();
-}
-
-// Accepts connections: up to max_connections become sessions, any more are closed at once.
-class Listener : public std::enable_shared_from_this<Listener> {
- public:
-  Listener(net::io_context& ioc, std::shared_ptr<Core> core);  // binds and listens
-  void start() { accept(); }
-  void close() {
-    beast::error_code ec;
-    acceptor_.close(ec);
-    retry_.cancel();
-  }
-  int port() const { return port_; }
-
- private:
-  void accept();
-  void on_accept(const beast::error_code& ec, tcp::socket socket);
-
-  std::shared_ptr<Core> core_;
-  tcp::acceptor acceptor_;
-  net::steady_timer retry_;
-  int port_ = 0;
-};
-
-Listener::Listener(net::io_context& ioc, std::shared_ptr<Core> core)
-    : core_(std::move(core)), acceptor_(ioc), retry_(ioc) {
-  const CoordinatorHttpOptions& o = core_->opt;
-  const std::string where = o.host + ":" + std::to_string(o.port);
-  MOE_CHECK(o.port >= 0 && o.port <= 65535, "cannot listen on " << where << ": the port must be in [0, 65535]");
-  const tcp::endpoint ep = resolve(ioc, o.host, o.port);
-  beast::error_code ec;
-  acceptor_.open(ep.protocol(), ec);
-  MOE_CHECK(!ec, "cannot listen on " << where << ": " << ec.message());
-  acceptor_.set_option(net::socket_base::reuse_address(true), ec);
-  acceptor_.bind(ep, ec);
-  MOE_CHECK(!ec, "cannot listen on " << where << ": " << ec.message());
-  acceptor_.listen(net::socket_base::max_listen_connections, ec);
-  MOE_CHECK(!ec, "cannot listen on " << where << ": " << ec.message());
-  port_ = acceptor_.local_endpoint().port();
-}
-
-void Listener::accept() {
-  acceptor_.async_accept([self = shared_from_this()](const beast::error_code& ec, tcp::socket socket) {
-    self->on_accept(ec, std::move(socket));
-  });
-}
-
-void Listener::on_accept(const beast::error_code& ec, tcp::socket socket) {
-  if (!acceptor_.is_open()) return;  // stopped
-  if (ec) {                          // e.g. out of file descriptors: try again shortly instead of spinning
-    MOE_WARN("coordinator http: accept failed: " << ec.message() << "; retrying");
-    retry_.expires_after(std::chrono::milliseconds(50));
-    retry_.async_wait([self = shared_from_this()](const beast::error_code& e) {
-      if (!e) self->accept();
-    });
-    return;
-  }
-  if (core_->sessions.size() < static_cast<size_t>(core_->opt.max_connections)) {
-    std::make_shared<Session>(std::move(socket), core_)->start();
-  } else {
-    MOE_WARN("coordinator http: " << core_->sessions.size() << " connections open (max_connections); closing one more");
-    beast::error_code ignored;
-    socket.close(ignored);
-  }
-  accept();
+// The connections' side of the options: one limit for the header and the body, one timeout for waiting, reading
+// and writing; a connection over max_connections is closed at once.
+serve::ConnectionOptions connection_options(const CoordinatorHttpOptions& o) {
+  serve::ConnectionOptions c;
+  c.server = "moe-coordinator";
+  c.headers = {{"Cache-Control", "no-store"}, {"X-Content-Type-Options", "nosniff"}};
+  c.max_connections = o.max_connections;
+  c.refuse_over_limit = false;
+  c.max_body_bytes = o.max_request_bytes;
+  c.max_header_bytes = o.max_request_bytes;
+  c.request_timeout_s = o.read_timeout_s;
+  c.request_timeout_name = "read_timeout_s";
+  c.idle_timeout_s = o.read_timeout_s;
+  return c;
 }
 
 void check_options(const std::function<std::string()>& status_json, const CoordinatorHttpOptions& o) {
@@ -404,70 +220,25 @@ void check_options(const std::function<std::string()>& status_json, const Coordi
 class CoordinatorHttp::Impl {
  public:
   Impl(std::function<std::string()> status_json, const CoordinatorHttpOptions& opt)
-      : work_(net::make_work_guard(ioc_)),
-        core_(std::make_shared<Core>(Core{std::move(status_json), opt, {}})),
-        listener_(std::make_shared<Listener>(ioc_, core_)) {}
+      : service_({"coordinator http", "CoordinatorHttp", ""}, connection_options(opt)),
+        core_(std::make_shared<Core>(Core{std::move(status_json), opt, service_.connections()})) {
+    service_.listen(opt.host, opt.port, [core = core_](tcp::socket socket, bool admitted) {
+      std::make_shared<Session>(std::move(socket), core, admitted)->start();
+    });
+  }
   ~Impl() { stop(); }
-  int port() const { return listener_->port(); }
-  void start();
-  void stop();
+  int port() const { return service_.port(); }
+  void start() {
+    if (!service_.start()) return;
+    MOE_DEBUG("coordinator http: listening on http://" << core_->opt.host << ":" << port()
+                                                       << (core_->opt.api_key.empty() ? " (open)" : " (API key)"));
+  }
+  void stop() { service_.stop(); }
 
  private:
-  void run();
-  void shutdown_all();  // on the I/O thread (or before it started)
-
-  net::io_context ioc_;
-  std::optional<net::executor_work_guard<net::io_context::executor_type>> work_;
-  std::shared_ptr<Core> core_;
-  std::shared_ptr<Listener> listener_;
-  std::thread thread_;
-  std::mutex mu_;
-  bool started_ = false, stopped_ = false;
+  serve::HttpService service_;
+  std::shared_ptr<const Core> core_;
 };
-
-void CoordinatorHttp::Impl::start() {
-  std::lock_guard<std::mutex> lock(mu_);
-  MOE_CHECK(!stopped_, "CoordinatorHttp::start after stop (" << core_->opt.host << ":" << port() << ")");
-  if (started_) return;
-  started_ = true;
-  listener_->start();
-  thread_ = std::thread([this] { run(); });
-  MOE_DEBUG("coordinator http: listening on http://" << core_->opt.host << ":" << port()
-                                                     << (core_->opt.api_key.empty() ? " (open)" : " (API key)"));
-}
-
-void CoordinatorHttp::Impl::run() {
-  while (true) {
-    try {
-      ioc_.run();
-      return;
-    } catch (const std::exception& e) {  // a handler threw: log it and keep serving
-      MOE_WARN("coordinator http: I/O thread: " << e.what());
-    }
-  }
-}
-
-void CoordinatorHttp::Impl::stop() {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (stopped_) return;
-  stopped_ = true;
-  if (started_) {
-    net::post(ioc_, [this] { shutdown_all(); });
-    thread_.join();
-  } else {
-    shutdown_all();
-  }
-}
-
-void CoordinatorHttp::Impl::shutdown_all() {
-  listener_->close();
-  std::vector<std::shared_ptr<Session>> sessions;
-  for (auto& [p, w] : core_->sessions)
-    if (auto s = w.lock()) sessions.push_back(std::move(s));
-  for (auto& s : sessions) s->close();
-  work_.reset();
-  ioc_.stop();
-}
 
 CoordinatorHttp::CoordinatorHttp(std::function<std::string()> status_json, const CoordinatorHttpOptions& opt) {
   check_options(status_json, opt);

@@ -6,7 +6,8 @@
 // `Authorization: Bearer <key>` or as the query parameter `key` (`/?key=<key>`: browsers cannot set the header on a
 // page load; form-encoded, so a '+' in a key is written %2B); both are compared in constant time. Without it: 401
 // with WWW-Authenticate: Bearer. A request over max_request_bytes (413 or 431), a malformed one (400) or one not
-// received within read_timeout_s (the connection is closed) ends its connection; the server keeps serving.
+// received within read_timeout_s of its first byte (408) is answered and ends its connection; the server keeps
+// serving. The connections are serve/http_connection.h's (keep-alive, pipelining, 100 Continue, a lingering close).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -21,8 +22,8 @@ struct CoordinatorHttpOptions {
   int port = 0;                          // 0: an ephemeral port (CoordinatorHttp::port() tells which)
   std::string api_key;                   // empty: every route is open
   int64_t max_request_bytes = 64 << 10;  // limit of the request line and headers (431), and of a body (413)
-  double read_timeout_s = 15;            // a request must arrive in full within this (from the connection's opening or
-                                         // its previous response), a response be written within it; else closed
+  double read_timeout_s = 15;            // a request must arrive in full within this from its first byte (408), a
+                                         // response be written within it, an idle connection wait at most this
   int max_connections = 64;              // open connections; one more is closed at once
 };
 

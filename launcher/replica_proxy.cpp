@@ -10,7 +10,6 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <cctype>
-#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <limits>
@@ -18,12 +17,12 @@
 #include <optional>
 #include <sstream>
 #include <string_view>
-#include <thread>
-#include <unordered_map>
 
 #include "core/error.h"
 #include "core/json.h"
 #include "core/log.h"
+#include "serve/http_connection.h"
+#include "serve/http_service.h"
 #include "serve/openai.h"
 
 namespace moe::launcher {
@@ -61,15 +60,13 @@ namespace net = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
 using tcp = net::ip::tcp;
-using Clock = std::chrono::steady_clock;
 using Request = http::request<http::string_body>;
 using UpstreamParser = http::response_parser<http::buffer_body>;
+using Reply = serve::HttpReply;
 
-constexpr size_t kWatchBytes = 4096;                 // one read of a client while its request is proxied
 constexpr size_t kBodyPiece = 16 << 10;              // one read of a replica's response body
 constexpr uint32_t kUpstreamHeaderLimit = 64 << 10;  // a replica's response head
 constexpr size_t kMaxHeldEvent = 1 << 20;            // an unfinished server-sent event is held back at most this long
-constexpr double kLingerSeconds = 1.0;               // reading (and dropping) what a client still sends before closing
 constexpr const char* kChunkedEnd = "0\r\n\r\n";     // the last chunk of a chunked body
 
 std::string where(const Replica& r) {
@@ -129,31 +126,9 @@ class LoadTable {
 
 // ---- replies and headers ----
 
-// A complete response of the proxy itself (JSON).
-struct Reply {
-  int status = 200;
-  std::string body;
-  std::vector<std::pair<std::string, std::string>> headers;
-  bool close = false;  // close the connection after it
-};
-
+// A response of the proxy itself: OpenAI's error object (Retry-After on 429 and 503).
 Reply error_reply(int status, std::string message, std::string code, const ProxyOptions& opt) {
-  Reply r{status, serve::error_json(serve::ApiError{status, std::move(message), "", std::move(code)}), {}, false};
-  if (status == 429 || status == 503) r.headers.emplace_back("Retry-After", std::to_string(opt.retry_after_s));
-  return r;
-}
-
-std::string serialize(const Reply& r, unsigned version, bool keep_alive) {
-  http::response<http::string_body> res{static_cast<http::status>(r.status), version};
-  res.set(http::field::server, "moe-proxy");
-  res.set(http::field::content_type, "application/json");
-  for (const auto& [k, v] : r.headers) res.set(k, v);
-  res.keep_alive(keep_alive);
-  res.body() = r.body;
-  res.prepare_payload();
-  std::ostringstream os;
-  os << res;
-  return os.str();
+  return serve::error_reply(serve::ApiError{status, std::move(message), "", std::move(code)}, opt.retry_after_s);
 }
 
 // The header names listed in the Connection header (lower case): hop-by-hop too.
@@ -258,29 +233,6 @@ bool carries_output(std::string_view events) {
   return false;
 }
 
-// ---- deadlines ----
-
-// A timer whose expiry runs an action unless re-armed or disarmed first.
-class Deadline {
- public:
-  explicit Deadline(net::io_context& ioc) : timer_(ioc) {}
-  void arm(double s, std::function<void()> on_expiry) {
-    const uint64_t epoch = ++epoch_;
-    timer_.expires_after(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s)));
-    timer_.async_wait([this, epoch, f = std::move(on_expiry)](const beast::error_code& ec) {
-      if (!ec && epoch == epoch_) f();
-    });
-  }
-  void disarm() {
-    ++epoch_;
-    timer_.cancel();
-  }
-
- private:
-  net::steady_timer timer_;
-  uint64_t epoch_ = 0;
-};
-
 // ---- one upstream connection ----
 
 // One connection to one replica for one request (Connection: close): resolve and connect, send the request, read the
@@ -290,7 +242,8 @@ class Upstream : public std::enable_shared_from_this<Upstream> {
  public:
   using Handler = std::function<void(beast::error_code)>;
   using BodyHandler = std::function<void(beast::error_code, std::string_view piece)>;
-  Upstream(net::io_context& ioc, Replica r) : replica_(std::move(r)), resolver_(ioc), socket_(ioc), deadline_(ioc) {}
+  Upstream(net::io_context& ioc, Replica r)
+      : replica_(std::move(r)), resolver_(ioc), socket_(ioc), deadline_(ioc.get_executor()) {}
   const Replica& replica() const { return replica_; }
   void connect(double timeout_s, Handler h);
   void send(std::string bytes, double timeout_s, Handler h);
@@ -310,7 +263,7 @@ class Upstream : public std::enable_shared_from_this<Upstream> {
   Replica replica_;
   tcp::resolver resolver_;
   tcp::socket socket_;
-  Deadline deadline_;
+  serve::Deadline deadline_;
   beast::flat_buffer buffer_;
   std::optional<UpstreamParser> parser_;
   std::string out_;
@@ -399,67 +352,34 @@ class ProxiedRequest;
 // What the connections and proxied requests share; it lives as long as any of them. Fields without a comment are
 // touched on the I/O thread only.
 struct ProxyCore {
-  ProxyCore(ReplicaSet& r, const ProxyOptions& o, net::io_context& i) : replicas(r), opt(o), ioc(i) {}
+  ProxyCore(ReplicaSet& r, const ProxyOptions& o, net::io_context& i, std::shared_ptr<serve::ConnectionSet> c)
+      : replicas(r), opt(o), ioc(i), connections(std::move(c)) {}
   ReplicaSet& replicas;  // thread-safe
   const ProxyOptions opt;
   net::io_context& ioc;
-  LoadTable load;    // thread-safe
-  int admitted = 0;  // open connections within max_connections
-  int rejected = 0;  // open connections being answered 429
-  std::unordered_map<ClientSession*, std::weak_ptr<ClientSession>> sessions;
+  LoadTable load;  // thread-safe
+  std::shared_ptr<serve::ConnectionSet> connections;
 };
 
 // ---- one client connection ----
 
-// One client connection: reads requests (keep-alive; pipelined bytes kept), answers /health and bad requests itself,
-// hands every other request to a ProxiedRequest and writes what it relays, in order. While a request is proxied a
-// read stays pending to notice the client going away.
-class ClientSession : public std::enable_shared_from_this<ClientSession> {
+// One client connection (serve::HttpConnection reads its requests and writes in order what the proxy sends):
+// answers /health itself and hands every other request to a ProxiedRequest, which writes what it relays. While a
+// request is proxied a read stays pending to notice the client going away.
+class ClientSession : public serve::HttpConnection {
  public:
-  ClientSession(tcp::socket socket, std::shared_ptr<ProxyCore> core, bool admitted);
-  ~ClientSession();
-  void start();
-  void close();  // now: drops the connection; the request being proxied closes its upstream
-  bool open() const { return state_ != State::kClosed; }
-  unsigned version() const { return version_; }
-  bool keep_alive() const { return keep_alive_ && version_ >= 10; }
-
-  // For the request being answered:
-  void reply(const Reply& r);  // a complete response
-  // Part of a response; on_written (if any) runs once it and everything before it is written (never if the
-  // connection closes first). At most one on_written is pending at a time.
-  void send(std::string bytes, std::function<void()> on_written = {});
-  void end_response(bool close);  // the response ends with what was sent; then the next request, or close
+  ClientSession(tcp::socket socket, std::shared_ptr<ProxyCore> core, bool admitted)
+      : HttpConnection(std::move(socket), core->connections, admitted), core_(std::move(core)) {}
+  ~ClientSession() override;
 
  private:
-  enum class State { kIdle, kReading, kBusy, kClosing, kClosed };
-  void wait_for_request();
-  void watch();
-  void on_watch(const beast::error_code& ec, size_t n);
-  void read_request();
-  void on_header(const beast::error_code& ec);
-  void on_body(const beast::error_code& ec);
-  void on_read_error(const beast::error_code& ec);
-  void handle();
+  void on_request(Request req) override;
+  void on_closed() override;  // the request being proxied closes its upstream
+  void on_response_end() override { request_.reset(); }
   Reply health(const Request& req) const;
-  void do_write();
-  void on_write(const beast::error_code& ec);
-  void after_response(bool close);
-  void linger();
-  void count_open(int delta);
 
-  tcp::socket socket_;
   std::shared_ptr<ProxyCore> core_;
-  bool admitted_;
-  State state_ = State::kIdle;
-  beast::flat_buffer buffer_;
-  std::optional<http::request_parser<http::string_body>> parser_;
-  Deadline read_deadline_, write_deadline_;
-  std::string pending_, writing_;
-  bool write_pending_ = false, watching_ = false, timed_out_ = false, keep_alive_ = true;
-  std::function<void()> after_write_;
   std::shared_ptr<ProxiedRequest> request_;
-  unsigned version_ = 11;
 };
 
 // ---- one proxied request ----
@@ -710,165 +630,22 @@ void ProxiedRequest::drop_upstream() {
 
 // ---- ClientSession ----
 
-ClientSession::ClientSession(tcp::socket socket, std::shared_ptr<ProxyCore> core, bool admitted)
-    : socket_(std::move(socket)),
-      core_(std::move(core)),
-      admitted_(admitted),
-      read_deadline_(core_->ioc),
-      write_deadline_(core_->ioc) {}
-
 ClientSession::~ClientSession() {
-  if (state_ == State::kClosed) return;
-  core_->sessions.erase(this);
-  count_open(-1);
+  if (!open()) return;
   if (auto r = std::move(request_)) r->client_gone();
 }
 
-void ClientSession::count_open(int delta) {
-  if (admitted_)
-    core_->admitted += delta;
-  else
-    core_->rejected += delta;
-}
-
-void ClientSession::start() {
-  core_->sessions[this] = weak_from_this();
-  count_open(+1);
-  beast::error_code ec;
-  socket_.set_option(tcp::no_delay(true), ec);
-  wait_for_request();
-}
-
-void ClientSession::close() {
-  if (state_ == State::kClosed) return;
-  state_ = State::kClosed;
-  read_deadline_.disarm();
-  write_deadline_.disarm();
-  beast::error_code ec;
-  socket_.shutdown(tcp::socket::shutdown_both, ec);
-  socket_.close(ec);
-  core_->sessions.erase(this);
-  count_open(-1);
-  after_write_ = nullptr;
+void ClientSession::on_closed() {
   if (auto r = std::move(request_)) r->client_gone();
 }
 
-// Idle: the next request's first bytes (already buffered, or a read pending) within idle_timeout_s.
-void ClientSession::wait_for_request() {
-  state_ = State::kIdle;
-  auto self = shared_from_this();
-  read_deadline_.arm(core_->opt.idle_timeout_s, [self] {
-    if (self->state_ == State::kIdle) self->close();
-  });
-  if (buffer_.size() > 0) return read_request();
-  if (!watching_) watch();
-}
-
-// One read of whatever the client sends: a request's first bytes (idle), pipelined bytes or the end of the
-// connection (proxying), or what is left before closing (lingering). Never started with bytes in the buffer except
-// when lingering, so a pending watch and buffered request bytes never coexist.
-void ClientSession::watch() {
-  watching_ = true;
-  socket_.async_read_some(
-      buffer_.prepare(kWatchBytes),
-      [self = shared_from_this()](const beast::error_code& ec, size_t n) { self->on_watch(ec, n); });
-}
-
-void ClientSession::on_watch(const beast::error_code& ec, size_t n) {
-  watching_ = false;
-  if (state_ == State::kClosed) return;
-  if (ec) return close();  // EOF or reset: the client went away (close() drops its upstream)
-  buffer_.commit(n);
-  if (state_ == State::kIdle) return read_request();
-  if (state_ == State::kClosing) {
-    buffer_.consume(buffer_.size());
-    return watch();
-  }
-  // kBusy: a pipelined request; it waits in the buffer (a failed write still tells a client that went away)
-}
-
-void ClientSession::read_request() {
-  state_ = State::kReading;
-  timed_out_ = false;
-  parser_.emplace();
-  parser_->header_limit(static_cast<uint32_t>(core_->opt.max_header_bytes));
-  parser_->body_limit(static_cast<uint64_t>(core_->opt.max_body_bytes));
-  auto self = shared_from_this();
-  read_deadline_.arm(core_->opt.client_timeout_s, [self] {
-    if (self->state_ != State::kReading) return;
-    self->timed_out_ = true;
-    beast::error_code ec;
-    self->socket_.cancel(ec);  // the pending read ends with operation_aborted: on_read_error answers 408
-  });
-  http::async_read_header(socket_, buffer_, *parser_,
-                          [self](const beast::error_code& ec, size_t) { self->on_header(ec); });
-}
-
-void ClientSession::on_header(const beast::error_code& ec) {
-  if (state_ == State::kClosed) return;
-  if (ec) return on_read_error(ec);
-  const Request& req = parser_->get();
-  if (req.version() >= 11 && beast::iequals(req[http::field::expect], "100-continue") && !parser_->is_done())
-    send("HTTP/1.1 100 Continue\r\n\r\n");
-  http::async_read(socket_, buffer_, *parser_,
-                   [self = shared_from_this()](const beast::error_code& ec, size_t) { self->on_body(ec); });
-}
-
-void ClientSession::on_body(const beast::error_code& ec) {
-  if (state_ == State::kClosed) return;
-  if (ec) return on_read_error(ec);
-  read_deadline_.disarm();
-  handle();
-}
-
-// A request that could not be read: 408, 413, 431 or 400 (then the connection closes), or the client left.
-void ClientSession::on_read_error(const beast::error_code& ec) {
-  read_deadline_.disarm();
-  const ProxyOptions& opt = core_->opt;
-  const auto& http_category = http::make_error_code(http::error::bad_target).category();
-  int status = 400;
-  std::string msg;
-  if (timed_out_) {
-    status = 408;
-    msg = "the request was not received within client_timeout_s = " + seconds_text(opt.client_timeout_s) + " s";
-  } else if (ec == http::error::body_limit) {
-    status = 413;
-    msg = "the request body is over the limit of " + std::to_string(opt.max_body_bytes) + " bytes";
-  } else if (ec == http::error::header_limit) {
-    status = 431;
-    msg = "the request line and headers are over the limit of " + std::to_string(opt.max_header_bytes) + " bytes";
-  } else if (&ec.category() == &http_category && ec != http::error::end_of_stream &&
-             ec != http::error::partial_message) {
-    msg = "malformed HTTP request: " + ec.message();
-  } else {
-    return close();  // the client closed the connection, or it failed
-  }
-  state_ = State::kBusy;
-  version_ = 11;
-  keep_alive_ = false;
-  Reply r = error_reply(status, msg, "", opt);
-  r.close = true;
-  reply(r);
-}
-
-void ClientSession::handle() {
-  state_ = State::kBusy;
-  Request req = parser_->release();
-  version_ = req.version();
-  keep_alive_ = req.keep_alive();
-  if (!admitted_) {
-    Reply r = error_reply(429,
-                          "too many open connections (max_connections = " + std::to_string(core_->opt.max_connections) +
-                              "); retry after " + std::to_string(core_->opt.retry_after_s) + " s",
-                          "too_many_connections", core_->opt);
-    r.close = true;
-    return reply(r);
-  }
+void ClientSession::on_request(Request req) {
   const std::string_view target(req.target().data(), req.target().size());
   if (target.substr(0, target.find('?')) == "/health") return reply(health(req));
-  auto r = std::make_shared<ProxiedRequest>(core_, shared_from_this(), std::move(req));
+  auto self = std::static_pointer_cast<ClientSession>(shared_from_this());
+  auto r = std::make_shared<ProxiedRequest>(core_, std::move(self), std::move(req));
   request_ = r;
-  if (!watching_ && buffer_.size() == 0) watch();
+  watch_client();
   r->start();
 }
 
@@ -883,142 +660,10 @@ Reply ClientSession::health(const Request& req) const {
   int healthy = 0;
   for (const Replica& rep : core_->replicas.snapshot()) healthy += rep.healthy ? 1 : 0;
   const std::string n = std::to_string(healthy);
-  if (healthy > 0) return Reply{200, R"({"status":"ok","replicas_healthy":)" + n + "}", {}, false};
-  Reply r{503, R"({"status":"unavailable","replicas_healthy":0})", {}, false};
+  if (healthy > 0) return serve::json_reply(200, R"({"status":"ok","replicas_healthy":)" + n + "}");
+  Reply r = serve::json_reply(503, R"({"status":"unavailable","replicas_healthy":0})");
   r.headers.emplace_back("Retry-After", std::to_string(core_->opt.retry_after_s));
   return r;
-}
-
-void ClientSession::reply(const Reply& r) {
-  if (state_ == State::kClosed) return;
-  const bool close = r.close || !keep_alive();
-  send(serialize(r, version_, !close));
-  end_response(close);
-}
-
-void ClientSession::send(std::string bytes, std::function<void()> on_written) {
-  if (state_ == State::kClosed) return;
-  pending_ += bytes;
-  if (on_written) after_write_ = std::move(on_written);
-  if (write_pending_) return;
-  if (!pending_.empty()) return do_write();
-  if (auto f = std::exchange(after_write_, nullptr)) f();
-}
-
-void ClientSession::end_response(bool close) {
-  close = close || !keep_alive();
-  send("", [self = shared_from_this(), close] { self->after_response(close); });
-}
-
-void ClientSession::do_write() {
-  writing_.swap(pending_);
-  pending_.clear();
-  write_pending_ = true;
-  auto self = shared_from_this();
-  write_deadline_.arm(core_->opt.client_timeout_s, [self] { self->close(); });  // the client stopped reading
-  net::async_write(socket_, net::buffer(writing_), [self](const beast::error_code& ec, size_t) { self->on_write(ec); });
-}
-
-void ClientSession::on_write(const beast::error_code& ec) {
-  write_pending_ = false;
-  write_deadline_.disarm();
-  if (state_ == State::kClosed) return;
-  if (ec) return close();  // the client went away (close() drops its upstream)
-  if (!pending_.empty()) return do_write();
-  if (auto f = std::exchange(after_write_, nullptr)) f();
-}
-
-void ClientSession::after_response(bool close) {
-  request_.reset();
-  if (state_ == State::kClosed) return;
-  if (close) return linger();
-  wait_for_request();
-}
-
-// Closing after a response: stop sending, drop what the client still sends for a moment (so that it reads the
-// response instead of a reset), then close.
-void ClientSession::linger() {
-  state_ = State::kClosing;
-  beast::error_code ec;
-  socket_.shutdown(tcp::socket::shutdown_send, ec);
-  auto self = shared_from_this();
-  read_deadline_.arm(kLingerSeconds, [self] { self->close(); });
-  buffer_.consume(buffer_.size());
-  if (!watching_) watch();
-}
-
-// ---- Listener ----
-
-tcp::endpoint resolve(net::io_context& ioc, const std::string& host, int port) {
-  beast::error_code ec;
-  const net::ip::address addr = net::ip::make_address(host, ec);
-  if (!ec) return tcp::endpoint(addr, static_cast<unsigned short>(port));
-  tcp::resolver resolver(ioc);
-  const auto results = resolver.resolve(host, std::to_string(port), ec);
-  MOE_CHECK(!ec && !results.empty(),
-            "proxy: cannot listen on " << host << ":" << port << ": unknown host (" << ec.message() << ")");
-  return results.begin()->endpoint();
-}
-
-// Accepts client connections: those within max_connections become sessions, the next ones (as many again) are
-// answered 429, any more are closed at once.
-class Listener : public std::enable_shared_from_this<Listener> {
- public:
-  explicit Listener(std::shared_ptr<ProxyCore> core);  // binds and listens
-  void start() { accept(); }
-  void close() {
-    beast::error_code ec;
-    acceptor_.close(ec);
-    retry_.cancel();
-  }
-  int port() const { return port_; }
-
- private:
-  void accept();
-  void on_accept(const beast::error_code& ec, tcp::socket socket);
-  std::shared_ptr<ProxyCore> core_;
-  tcp::acceptor acceptor_;
-  net::steady_timer retry_;
-  int port_ = 0;
-};
-
-Listener::Listener(std::shared_ptr<ProxyCore> core)
-    : core_(std::move(core)), acceptor_(core_->ioc), retry_(core_->ioc) {
-  const ProxyOptions& o = core_->opt;
-  const std::string at = o.host + ":" + std::to_string(o.port);
-  MOE_CHECK(o.port >= 0 && o.port <= 65535, "proxy: cannot listen on " << at << ": the port must be in [0, 65535]");
-  const tcp::endpoint ep = resolve(core_->ioc, o.host, o.port);
-  beast::error_code ec;
-  acceptor_.open(ep.protocol(), ec);
-  MOE_CHECK(!ec, "proxy: cannot listen on " << at << ": " << ec.message());
-  acceptor_.set_option(net::socket_base::reuse_address(true), ec);
-  acceptor_.bind(ep, ec);
-  MOE_CHECK(!ec, "proxy: cannot listen on " << at << ": " << ec.message());
-  acceptor_.listen(net::socket_base::max_listen_connections, ec);
-  MOE_CHECK(!ec, "proxy: cannot listen on " << at << ": " << ec.message());
-  port_ = acceptor_.local_endpoint().port();
-}
-
-void Listener::accept() {
-  acceptor_.async_accept([self = shared_from_this()](const beast::error_code& ec, tcp::socket socket) {
-    self->on_accept(ec, std::move(socket));
-  });
-}
-
-void Listener::on_accept(const beast::error_code& ec, tcp::socket socket) {
-  if (!acceptor_.is_open()) return;  // stopped
-  if (ec) {                          // e.g. out of file descriptors: try again shortly instead of spinning
-    MOE_WARN("proxy: accept failed: " << ec.message() << "; retrying");
-    retry_.expires_after(std::chrono::milliseconds(50));
-    retry_.async_wait([self = shared_from_this()](const beast::error_code& e) {
-      if (!e) self->accept();
-    });
-    return;
-  }
-  const bool admitted = core_->admitted < core_->opt.max_connections;
-  if (admitted || core_->rejected < core_->opt.max_connections)
-    std::make_shared<ClientSession>(std::move(socket), core_, admitted)->start();
-  accept();
 }
 
 // `o`, once every field is in range.
@@ -1033,6 +678,21 @@ const ProxyOptions& checked(const ProxyOptions& o) {
   return o;
 }
 
+// The client connections' side of the options.
+serve::ConnectionOptions connection_options(const ProxyOptions& o) {
+  serve::ConnectionOptions c;
+  c.server = "moe-proxy";
+  c.max_connections = o.max_connections;
+  c.refuse_over_limit = true;
+  c.retry_after_s = o.retry_after_s;
+  c.max_body_bytes = o.max_body_bytes;
+  c.max_header_bytes = o.max_header_bytes;
+  c.request_timeout_s = o.client_timeout_s;
+  c.request_timeout_name = "client_timeout_s";
+  c.idle_timeout_s = o.idle_timeout_s;
+  return c;
+}
+
 }  // namespace
 
 // ---- ReplicaProxy ----
@@ -1040,70 +700,24 @@ const ProxyOptions& checked(const ProxyOptions& o) {
 class ReplicaProxy::Impl {
  public:
   Impl(ReplicaSet& replicas, const ProxyOptions& opt)
-      : work_(net::make_work_guard(ioc_)),
-        core_(std::make_shared<ProxyCore>(replicas, checked(opt), ioc_)),
-        listener_(std::make_shared<Listener>(core_)) {}
+      : service_({"proxy", "ReplicaProxy", "proxy: "}, connection_options(checked(opt))),
+        core_(std::make_shared<ProxyCore>(replicas, opt, service_.ioc(), service_.connections())) {
+    service_.listen(opt.host, opt.port, [core = core_](tcp::socket socket, bool admitted) {
+      std::make_shared<ClientSession>(std::move(socket), core, admitted)->start();
+    });
+  }
   ~Impl() { stop(); }
-  int port() const { return listener_->port(); }
-  void start();
-  void stop();
+  int port() const { return service_.port(); }
+  void start() {
+    if (service_.start()) MOE_INFO("proxy: listening on http://" << core_->opt.host << ":" << port());
+  }
+  void stop() { service_.stop(); }
   std::vector<int64_t> in_flight() const { return core_->load.by_id(core_->replicas.snapshot()); }
 
  private:
-  void run();
-  void shutdown_all();  // on the I/O thread (or before it started)
-
-  net::io_context ioc_;
-  std::optional<net::executor_work_guard<net::io_context::executor_type>> work_;
+  serve::HttpService service_;
   std::shared_ptr<ProxyCore> core_;
-  std::shared_ptr<Listener> listener_;
-  std::thread thread_;
-  std::mutex mu_;
-  bool started_ = false, stopped_ = false;
 };
-
-void ReplicaProxy::Impl::start() {
-  std::lock_guard<std::mutex> lock(mu_);
-  MOE_CHECK(!stopped_, "ReplicaProxy::start after stop (" << core_->opt.host << ":" << port() << ")");
-  if (started_) return;
-  started_ = true;
-  listener_->start();
-  thread_ = std::thread([this] { run(); });
-  MOE_INFO("proxy: listening on http://" << core_->opt.host << ":" << port());
-}
-
-void ReplicaProxy::Impl::run() {
-  while (true) {
-    try {
-      ioc_.run();
-      return;
-    } catch (const std::exception& e) {  // a handler threw: log it and keep serving
-      MOE_WARN("proxy: I/O thread: " << e.what());
-    }
-  }
-}
-
-void ReplicaProxy::Impl::stop() {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (stopped_) return;
-  stopped_ = true;
-  if (started_) {
-    net::post(ioc_, [this] { shutdown_all(); });
-    thread_.join();
-  } else {
-    shutdown_all();
-  }
-}
-
-void ReplicaProxy::Impl::shutdown_all() {
-  listener_->close();
-  std::vector<std::shared_ptr<ClientSession>> sessions;
-  for (auto& [p, w] : core_->sessions)
-    if (auto s = w.lock()) sessions.push_back(std::move(s));
-  for (auto& s : sessions) s->close();
-  work_.reset();
-  ioc_.stop();
-}
 
 ReplicaProxy::ReplicaProxy(ReplicaSet& replicas, const ProxyOptions& opt)
     : impl_(std::make_unique<Impl>(replicas, opt)) {}

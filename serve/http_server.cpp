@@ -12,7 +12,6 @@
 #include <boost/beast/http.hpp>
 #include <chrono>
 #include <cstdio>
-#include <deque>
 #include <fstream>
 #include <functional>
 #include <mutex>
@@ -27,6 +26,8 @@
 #include "core/data.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "serve/http_connection.h"
+#include "serve/http_service.h"
 #include "serve/openai.h"
 #include "serve/openapi.h"
 #include "serve/prometheus.h"
@@ -40,20 +41,19 @@ namespace http = beast::http;
 using tcp = net::ip::tcp;
 using Clock = std::chrono::steady_clock;
 using Request = http::request<http::string_body>;
+using Reply = HttpReply;
 
-constexpr size_t kWatchBytes = 4096;         // one read while waiting or generating
-constexpr size_t kMaxBuffered = 64 << 10;    // pipelined bytes kept while a request generates
-constexpr double kLingerSeconds = 1.0;       // reading (and dropping) what the client still sends before closing
 constexpr size_t kMaxTargetInMessage = 200;  // characters of a request target quoted in an error message
 
 double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
 // ---- metrics ----
 
-// The metrics the server exports; engine counters and gauges are copied from EngineStats at each scrape.
+// The metrics the server exports; engine counters and gauges are copied from EngineStats at each scrape, as is the
+// count of open connections.
 struct HttpMetrics {
   explicit HttpMetrics(prom::Registry& r);
-  void update(const EngineStats& s);
+  void update(const EngineStats& s, int open_connections);
 
   prom::ValueFamily& requests;
   prom::ValueFamily& connections;
@@ -98,7 +98,8 @@ HttpMetrics::HttpMetrics(prom::Registry& r)
       duration(r.histogram("moe_request_duration_seconds", "From the request received to its last token.",
                            duration_buckets())) {}
 
-void HttpMetrics::update(const EngineStats& s) {
+void HttpMetrics::update(const EngineStats& s, int open_connections) {
+  connections.set(double(open_connections));
   prompt_tokens.set(double(s.prompt_tokens));
   generation_tokens.set(double(s.generated_tokens));
   steps.set(double(s.steps));
@@ -140,8 +141,8 @@ class GenerationCall;
 // What the connections and requests share; it lives as long as any of them. Fields without a comment are touched
 // on the I/O thread only.
 struct ServerCore {
-  ServerCore(EngineApi& e, const HttpOptions& o, net::io_context& ioc)
-      : engine(e), opt(o), metrics(registry), poster(std::make_shared<EventPoster>(ioc)) {
+  ServerCore(EngineApi& e, const HttpOptions& o, net::io_context& ioc, std::shared_ptr<ConnectionSet> c)
+      : engine(e), opt(o), metrics(registry), poster(std::make_shared<EventPoster>(ioc)), connections(std::move(c)) {
     std::random_device rd;
     ids.seed((uint64_t(rd()) << 32) ^ rd());
     seeds.seed(opt.seed ? opt.seed : (uint64_t(rd()) << 32) ^ rd());
@@ -160,123 +161,43 @@ struct ServerCore {
   std::shared_ptr<EventPoster> poster;
   std::atomic<int64_t> in_flight{0};
   std::atomic<bool> draining{false};
-  int admitted = 0;  // open connections within max_connections
-  int rejected = 0;  // open connections being answered 429
-  std::unordered_map<Session*, std::weak_ptr<Session>> sessions;
+  std::shared_ptr<ConnectionSet> connections;  // the open connections
   std::unordered_map<GenerationCall*, std::weak_ptr<GenerationCall>> calls;
   std::mt19937_64 ids, seeds;
 };
 
-// ---- replies ----
-
-// A complete response.
-struct Reply {
-  int status = 200;
-  std::string body;
-  std::string content_type = "application/json";
-  std::vector<std::pair<std::string, std::string>> headers;
-  bool close = false;  // close the connection after it
-};
-
-Reply json_reply(int status, std::string body) {
-  Reply r;
-  r.status = status;
-  r.body = std::move(body);
-  return r;
-}
-
-// The error reply of `e`, with the headers its status needs (Retry-After, WWW-Authenticate).
-Reply error_reply(const ApiError& e, const HttpOptions& opt) {
-  Reply r = json_reply(e.status, error_json(e));
-  if (e.status == 429 || e.status == 503) r.headers.emplace_back("Retry-After", std::to_string(opt.retry_after_s));
-  if (e.status == 401) r.headers.emplace_back("WWW-Authenticate", "Bearer");
-  return r;
-}
-
-std::string serialize(const Reply& r, unsigned version, bool keep_alive) {
-  http::response<http::string_body> res{static_cast<http::status>(r.status), version};
-  res.set(http::field::server, "moe");
-  res.set(http::field::content_type, r.content_type);
-  for (const auto& [k, v] : r.headers) res.set(k, v);
-  res.keep_alive(keep_alive);
-  res.body() = r.body;
-  res.prepare_payload();
-  std::ostringstream os;
-  os << res;
-  return os.str();
-}
+// The error reply of `e` (serve/http_connection.h) with the server's Retry-After.
+Reply error_reply(const ApiError& e, const HttpOptions& opt) { return serve::error_reply(e, opt.retry_after_s); }
 
 // ---- one connection ----
 
-// A deadline on a connection: a timer whose expiry runs an action unless re-armed or disarmed first.
-class Deadline {
+// One TCP connection: routes each request and writes the replies and streams of its generations. While a generation
+// runs a read stays pending to notice the client going away.
+class Session : public HttpConnection {
  public:
-  explicit Deadline(net::io_context& ioc) : timer_(ioc) {}
-  void arm(double s, std::function<void()> on_expiry) {
-    const uint64_t epoch = ++epoch_;
-    timer_.expires_after(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s)));
-    timer_.async_wait([this, epoch, f = std::move(on_expiry)](const beast::error_code& ec) {
-      if (!ec && epoch == epoch_) f();
-    });
-  }
-  void disarm() {
-    ++epoch_;
-    timer_.cancel();
-  }
-
- private:
-  net::steady_timer timer_;
-  uint64_t epoch_ = 0;
-};
-
-// One TCP connection: reads requests (keep-alive, pipelined bytes kept), routes them, writes the replies and
-// streams, in order. While a generation runs a read stays pending to notice the client going away.
-class Session : public std::enable_shared_from_this<Session> {
- public:
-  Session(tcp::socket socket, net::io_context& ioc, std::shared_ptr<ServerCore> core, bool admitted);
-  ~Session();
-  void start();
-  void close();  // now: drops the connection and cancels its generation
-  bool open() const { return state_ != State::kClosed; }
+  Session(tcp::socket socket, std::shared_ptr<ServerCore> core, bool admitted)
+      : HttpConnection(std::move(socket), core->connections, admitted), core_(std::move(core)) {}
+  ~Session() override;
+  std::shared_ptr<Session> self() { return std::static_pointer_cast<Session>(shared_from_this()); }
   Clock::time_point received() const { return received_; }
 
   // For the router and generation calls (the request being answered):
-  void reply(const Reply& r, const std::string& route, std::function<void()> on_written = {});
+  void respond(const Reply& r, const std::string& route, std::function<void()> on_written = {});
   void begin_call(std::shared_ptr<GenerationCall> call);
   void start_stream(const std::string& route);  // 200 text/event-stream, chunked
   void stream_data(const std::string& data);
   void end_stream(std::function<void()> on_written);
 
  private:
-  enum class State { kIdle, kReading, kBusy, kClosing, kClosed };
-  void wait_for_request();
-  void watch();
-  void on_watch(const beast::error_code& ec, size_t n);
-  void read_request();
-  void on_header(const beast::error_code& ec);
-  void on_body(const beast::error_code& ec);
-  void on_read_error(const beast::error_code& ec);
-  void handle();
-  void send(std::string bytes);
-  void do_write();
-  void on_write(const beast::error_code& ec);
-  void after_write(std::function<void()> f);
-  void after_response(bool close);
-  void linger();
-  bool keep_alive() const { return keep_alive_ && !core_->draining && version_ >= 10; }
+  void on_request(Request req) override;
+  void on_closed() override;  // cancels its generation
+  void on_response_end() override { call_.reset(); }
+  bool keep_serving() const override { return !core_->draining; }
+  void reply_refusal(const Reply& r, std::string_view target) override;
 
-  tcp::socket socket_;
   std::shared_ptr<ServerCore> core_;
-  bool admitted_;
-  State state_ = State::kIdle;
-  beast::flat_buffer buffer_;
-  std::optional<http::request_parser<http::string_body>> parser_;
-  Deadline read_deadline_, write_deadline_;
-  std::string pending_, writing_;
-  bool write_pending_ = false, watching_ = false, timed_out_ = false, keep_alive_ = true, chunked_ = true;
-  std::function<void()> after_write_;
   std::shared_ptr<GenerationCall> call_;
-  unsigned version_ = 11;
+  bool chunked_ = true;
   Clock::time_point received_;
 };
 
@@ -425,7 +346,7 @@ void GenerationCall::complete() {
   if (stream_) return s->end_stream([self] { self->response_written(); });
   const Reply r =
       assembler_.failed() ? error_reply(assembler_.error(), core_->opt) : json_reply(200, assembler_.response_json());
-  s->reply(r, route_, [self] { self->response_written(); });
+  s->respond(r, route_, [self] { self->response_written(); });
 }
 
 void GenerationCall::fail_internal(const std::string& what) {
@@ -440,7 +361,7 @@ void GenerationCall::fail_internal(const std::string& what) {
     s->stream_data(sse_event(error_json(e)) + kSseDone);
     return s->end_stream([self] { self->response_written(); });
   }
-  s->reply(error_reply(e, core_->opt), route_, [self] { self->response_written(); });
+  s->respond(error_reply(e, core_->opt), route_, [self] { self->response_written(); });
 }
 
 void GenerationCall::client_gone() {
@@ -542,7 +463,7 @@ Reply Router::health() const {
 }
 
 Reply Router::metrics() const {
-  core_.metrics.update(core_.engine.stats());
+  core_.metrics.update(core_.engine.stats(), core_.connections->admitted());
   Reply r = json_reply(200, core_.registry.text());
   r.content_type = prom::kContentType;
   return r;
@@ -608,7 +529,7 @@ std::optional<Reply> Router::generate(ApiKind kind, const Request& req, Session&
   }
   const ResponseMeta meta{core_.new_id(kind == ApiKind::kChat ? "chatcmpl-" : "cmpl-"), int64_t(std::time(nullptr)),
                           pr.model};
-  auto call = std::make_shared<GenerationCall>(core_ptr_, s.shared_from_this(), pr, meta, route, s.received());
+  auto call = std::make_shared<GenerationCall>(core_ptr_, s.self(), pr, meta, route, s.received());
   const SubmitStatus st = call->submit(std::move(pr.choices));
   if (st == SubmitStatus::kQueueFull) {
     return error_reply(
@@ -629,213 +550,51 @@ std::optional<Reply> Router::generate(ApiKind kind, const Request& req, Session&
 
 // ---- Session ----
 
-std::string seconds_text(double s) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%g", s);
-  return buf;
-}
-
 // The route label of a request target in the metrics: a route's path, or "other" (bounded label values).
-std::string route_label(beast::string_view target) {
-  const std::string_view t(target.data(), target.size());
-  const Route* r = find_route(t.substr(0, t.find('?')));
+std::string route_label(std::string_view target) {
+  const Route* r = find_route(target.substr(0, target.find('?')));
   return r ? r->path : "other";
 }
 
-std::string route_of(const http::request_parser<http::string_body>& p) {
-  return p.is_header_done() ? route_label(p.get().target()) : "other";
-}
-
-Session::Session(tcp::socket socket, net::io_context& ioc, std::shared_ptr<ServerCore> core, bool admitted)
-    : socket_(std::move(socket)),
-      core_(std::move(core)),
-      admitted_(admitted),
-      read_deadline_(ioc),
-      write_deadline_(ioc) {}
-
 Session::~Session() {
-  if (state_ == State::kClosed) return;
-  core_->sessions.erase(this);
-  if (admitted_)
-    core_->metrics.connections.set(double(--core_->admitted));
-  else
-    --core_->rejected;
-  if (call_) call_->client_gone();
+  if (open() && call_) call_->client_gone();
 }
 
-void Session::start() {
-  core_->sessions[this] = weak_from_this();
-  if (admitted_)
-    core_->metrics.connections.set(double(++core_->admitted));
-  else
-    ++core_->rejected;
-  beast::error_code ec;
-  socket_.set_option(tcp::no_delay(true), ec);
-  wait_for_request();
-}
-
-void Session::close() {
-  if (state_ == State::kClosed) return;
-  state_ = State::kClosed;
-  read_deadline_.disarm();
-  write_deadline_.disarm();
-  beast::error_code ec;
-  socket_.shutdown(tcp::socket::shutdown_both, ec);
-  socket_.close(ec);
-  core_->sessions.erase(this);
-  if (admitted_)
-    core_->metrics.connections.set(double(--core_->admitted));
-  else
-    --core_->rejected;
-  after_write_ = nullptr;
+void Session::on_closed() {
   if (auto call = std::move(call_)) call->client_gone();
 }
 
-// Idle: the next request's first bytes (already buffered, or a read pending) within idle_timeout_s.
-void Session::wait_for_request() {
-  state_ = State::kIdle;
-  auto self = shared_from_this();
-  read_deadline_.arm(core_->opt.idle_timeout_s, [self] {
-    if (self->state_ == State::kIdle) self->close();
-  });
-  if (buffer_.size() > 0) return read_request();
-  if (!watching_) watch();
-}
-
-// One read of whatever the client sends: a request's first bytes (idle), pipelined bytes or the end of the
-// connection (generating), or what is left before closing (lingering). Never started with bytes in the buffer
-// except when lingering, so a pending watch and buffered request bytes never coexist.
-void Session::watch() {
-  watching_ = true;
-  socket_.async_read_some(
-      buffer_.prepare(kWatchBytes),
-      [self = shared_from_this()](const beast::error_code& ec, size_t n) { self->on_watch(ec, n); });
-}
-
-void Session::on_watch(const beast::error_code& ec, size_t n) {
-  watching_ = false;
-  if (state_ == State::kClosed) return;
-  if (ec) return close();  // EOF or reset: the client went away (close() cancels its generation)
-  buffer_.commit(n);
-  if (state_ == State::kIdle) return read_request();
-  if (state_ == State::kClosing) {
-    buffer_.consume(buffer_.size());
-    return watch();
-  }
-  // kBusy: a pipelined request; it waits in the buffer (a failed write still tells a client that went away)
-}
-
-void Session::read_request() {
-  state_ = State::kReading;
-  timed_out_ = false;
-  parser_.emplace();
-  parser_->header_limit(static_cast<uint32_t>(core_->opt.max_header_bytes));
-  parser_->body_limit(static_cast<uint64_t>(core_->opt.max_body_bytes));
-  auto self = shared_from_this();
-  read_deadline_.arm(core_->opt.request_timeout_s, [self] {
-    if (self->state_ != State::kReading) return;
-    self->timed_out_ = true;
-    beast::error_code ec;
-    self->socket_.cancel(ec);  // the pending read ends with operation_aborted: on_read_error answers 408
-  });
-  http::async_read_header(socket_, buffer_, *parser_,
-                          [self](const beast::error_code& ec, size_t) { self->on_header(ec); });
-}
-
-void Session::on_header(const beast::error_code& ec) {
-  if (state_ == State::kClosed) return;
-  if (ec) return on_read_error(ec);
-  const Request& req = parser_->get();
-  if (req.version() >= 11 && beast::iequals(req[http::field::expect], "100-continue") && !parser_->is_done()) {
-    send("HTTP/1.1 100 Continue\r\n\r\n");
-  }
-  http::async_read(socket_, buffer_, *parser_,
-                   [self = shared_from_this()](const beast::error_code& ec, size_t) { self->on_body(ec); });
-}
-
-void Session::on_body(const beast::error_code& ec) {
-  if (state_ == State::kClosed) return;
-  if (ec) return on_read_error(ec);
-  read_deadline_.disarm();
+void Session::on_request(Request req) {
   received_ = Clock::now();
-  handle();
-}
-
-// A request that could not be read: 408, 413, 431 or 400 (then the connection closes), or the client left.
-void Session::on_read_error(const beast::error_code& ec) {
-  read_deadline_.disarm();
-  const HttpOptions& opt = core_->opt;
-  const auto& http_category = http::make_error_code(http::error::bad_target).category();
-  ApiError e;
-  if (timed_out_) {
-    e.status = 408;
-    e.message = "the request was not received within request_timeout_s = " + seconds_text(opt.request_timeout_s) + " s";
-  } else if (ec == http::error::body_limit) {
-    e.status = 413;
-    e.message = "the request body is over the limit of " + std::to_string(opt.max_body_bytes) + " bytes";
-  } else if (ec == http::error::header_limit) {
-    e.status = 431;
-    e.message = "the request line and headers are over the limit of " + std::to_string(opt.max_header_bytes) + " bytes";
-  } else if (&ec.category() == &http_category && ec != http::error::end_of_stream &&
-             ec != http::error::partial_message) {
-    e.message = "malformed HTTP request: " + ec.message();
-  } else {
-    return close();  // the client closed the connection, or it failed
-  }
-  state_ = State::kBusy;
-  version_ = 11;
-  keep_alive_ = false;
-  Reply r = error_reply(e, opt);
-  r.close = true;
-  reply(r, route_of(*parser_));
-}
-
-void Session::handle() {
-  state_ = State::kBusy;
-  const Request req = parser_->release();
-  version_ = req.version();
-  keep_alive_ = req.keep_alive();
-  std::string label = route_label(req.target());
+  const std::string label = route_label(std::string_view(req.target().data(), req.target().size()));
   std::optional<Reply> r;
-  if (!admitted_) {
-    const ApiError e{429,
-                     "too many open connections (max_connections = " + std::to_string(core_->opt.max_connections) +
-                         "); retry after " + std::to_string(core_->opt.retry_after_s) + " s",
-                     "", "too_many_connections"};
-    r = error_reply(e, core_->opt);
-    r->close = true;
-  } else {
-    try {
-      r = Router(core_).route(req, *this);
-    } catch (const std::exception& ex) {
-      MOE_WARN("http: " << req.method_string() << " " << req.target() << " failed: " << ex.what());
-      r = error_reply(ApiError{500, std::string("internal error: ") + ex.what(), "", "internal_error"}, core_->opt);
-    }
+  try {
+    r = Router(core_).route(req, *this);
+  } catch (const std::exception& ex) {
+    MOE_WARN("http: " << req.method_string() << " " << req.target() << " failed: " << ex.what());
+    r = error_reply(ApiError{500, std::string("internal error: ") + ex.what(), "", "internal_error"}, core_->opt);
   }
-  if (r) reply(*r, label);
+  if (r) respond(*r, label);
 }
 
-void Session::reply(const Reply& r, const std::string& route, std::function<void()> on_written) {
-  if (state_ == State::kClosed) return;
+void Session::reply_refusal(const Reply& r, std::string_view target) { respond(r, route_label(target)); }
+
+void Session::respond(const Reply& r, const std::string& route, std::function<void()> on_written) {
+  if (!open()) return;
   core_->metrics.requests.inc({route, std::to_string(r.status)});
-  const bool close = r.close || !keep_alive();
-  send(serialize(r, version_, !close));
-  after_write([self = shared_from_this(), close, f = std::move(on_written)] {
-    if (f) f();
-    self->after_response(close);
-  });
+  reply(r, std::move(on_written));
 }
 
 void Session::begin_call(std::shared_ptr<GenerationCall> call) {
   call_ = std::move(call);
-  if (!watching_ && buffer_.size() == 0) watch();
+  watch_client();
 }
 
 void Session::start_stream(const std::string& route) {
   core_->metrics.requests.inc({route, "200"});
-  chunked_ = version_ >= 11;
-  http::response<http::empty_body> res{http::status::ok, version_};
-  res.set(http::field::server, "moe");
+  chunked_ = version() >= 11;
+  http::response<http::empty_body> res{http::status::ok, version()};
+  res.set(http::field::server, options().server);
   res.set(http::field::content_type, "text/event-stream");
   res.set(http::field::cache_control, "no-cache");
   res.set("X-Accel-Buffering", "no");
@@ -856,140 +615,22 @@ void Session::stream_data(const std::string& data) {
 
 void Session::end_stream(std::function<void()> on_written) {
   if (chunked_) send("0\r\n\r\n");
-  const bool close = !chunked_ || !keep_alive();
-  after_write([self = shared_from_this(), close, f = std::move(on_written)] {
-    f();
-    self->after_response(close);
-  });
+  end_response(!chunked_, std::move(on_written));
 }
 
-void Session::send(std::string bytes) {
-  if (state_ == State::kClosed) return;
-  pending_ += bytes;
-  if (!write_pending_) do_write();
-}
-
-void Session::do_write() {
-  writing_.swap(pending_);
-  pending_.clear();
-  write_pending_ = true;
-  auto self = shared_from_this();
-  write_deadline_.arm(core_->opt.request_timeout_s, [self] { self->close(); });  // the client stopped reading
-  net::async_write(socket_, net::buffer(writing_), [self](const beast::error_code& ec, size_t) { self->on_write(ec); });
-}
-
-void Session::on_write(const beast::error_code& ec) {
-  write_pending_ = false;
-  write_deadline_.disarm();
-  if (state_ == State::kClosed) return;
-  if (ec) return close();  // the client went away (close() cancels its generation)
-  if (!pending_.empty()) return do_write();
-  if (after_write_) {
-    auto f = std::move(after_write_);
-    after_write_ = nullptr;
-    f();
-  }
-}
-
-// Runs f once everything queued so far is written.
-void Session::after_write(std::function<void()> f) {
-  if (!write_pending_ && pending_.empty()) return f();
-  after_write_ = std::move(f);
-}
-
-void Session::after_response(bool close) {
-  call_.reset();
-  if (state_ == State::kClosed) return;
-  if (close) return linger();
-  wait_for_request();
-}
-
-// Closing after a response: stop sending, drop what the client still sends for a moment (so that it reads the
-// response instead of a reset), then close.
-void Session::linger() {
-  state_ = State::kClosing;
-  beast::error_code ec;
-  socket_.shutdown(tcp::socket::shutdown_send, ec);
-  auto self = shared_from_this();
-  read_deadline_.arm(kLingerSeconds, [self] { self->close(); });
-  buffer_.consume(buffer_.size());
-  if (!watching_) watch();
-}
-
-// ---- Listener ----
-
-tcp::endpoint resolve(net::io_context& ioc, const std::string& host, int port) {
-  beast::error_code ec;
-  const net::ip::address addr = net::ip::make_address(host, ec);
-  if (!ec) return tcp::endpoint(addr, static_cast<unsigned short>(port));
-  tcp::resolver resolver(ioc);
-  const auto results = resolver.resolve(host, std::to_string(port), ec);
-  MOE_CHECK(!ec && !results.empty(),
-            "cannot listen on " << host << ":" << port << ": unknown host (" << ec.message() << ")");
-  return results.begin()->endpoint();
-}
-
-// Accepts connections: those within max_connections become sessions, the next ones (as many again) are answered
-// 429, any more are closed at once.
-class Listener : public std::enable_shared_from_this<Listener> {
- public:
-  Listener(net::io_context& ioc, std::shared_ptr<ServerCore> core);  // binds and listens
-  void start() { accept(); }
-  void close() {
-    beast::error_code ec;
-    acceptor_.close(ec);
-    retry_.cancel();
-  }
-  int port() const { return port_; }
-
- private:
-  void accept();
-  void on_accept(const beast::error_code& ec, tcp::socket socket);
-  net::io_context& ioc_;
-  std::shared_ptr<ServerCore> core_;
-  tcp::acceptor acceptor_;
-  net::steady_timer retry_;
-  int port_ = 0;
-};
-
-Listener::Listener(net::io_context& ioc, std::shared_ptr<ServerCore> core)
-    : ioc_(ioc), core_(std::move(core)), acceptor_(ioc), retry_(ioc) {
-  const HttpOptions& o = core_->opt;
-  const std::string where = o.host + ":" + std::to_string(o.port);
-  MOE_CHECK(o.port >= 0 && o.port <= 65535, "cannot listen on " << where << ": the port must be in [0, 65535]");
-  const tcp::endpoint ep = resolve(ioc, o.host, o.port);
-  beast::error_code ec;
-  acceptor_.open(ep.protocol(), ec);
-  MOE_CHECK(!ec, "cannot listen on " << where << ": " << ec.message());
-  acceptor_.set_option(net::socket_base::reuse_address(true), ec);
-  acceptor_.bind(ep, ec);
-  MOE_CHECK(!ec, "cannot listen on " << where << ": " << ec.message());
-  acceptor_.listen(net::socket_base::max_listen_connections, ec);
-  MOE_CHECK(!ec, "cannot listen on " << where << ": " << ec.message());
-  port_ = acceptor_.local_endpoint().port();
-}
-
-void Listener::accept() {
-  acceptor_.async_accept([self = shared_from_this()](const beast::error_code& ec, tcp::socket socket) {
-    self->on_accept(ec, std::move(socket));
-  });
-}
-
-void Listener::on_accept(const beast::error_code& ec, tcp::socket socket) {
-  if (!acceptor_.is_open()) return;  // closed: draining or stopped
-  if (ec) {                          // e.g. out of file descriptors: try again shortly instead of spinning
-    MOE_WARN("http: accept failed: " << ec.message() << "; retrying");
-    retry_.expires_after(std::chrono::milliseconds(50));
-    retry_.async_wait([self = shared_from_this()](const beast::error_code& e) {
-      if (!e) self->accept();
-    });
-    return;
-  }
-  const bool admitted = core_->admitted < core_->opt.max_connections;
-  if (admitted || core_->rejected < core_->opt.max_connections) {
-    std::make_shared<Session>(std::move(socket), ioc_, core_, admitted)->start();
-  }
-  accept();
+// The connections' side of the options.
+ConnectionOptions connection_options(const HttpOptions& o) {
+  ConnectionOptions c;
+  c.server = "moe";
+  c.max_connections = o.max_connections;
+  c.refuse_over_limit = true;
+  c.retry_after_s = o.retry_after_s;
+  c.max_body_bytes = o.max_body_bytes;
+  c.max_header_bytes = o.max_header_bytes;
+  c.request_timeout_s = o.request_timeout_s;
+  c.request_timeout_name = "request_timeout_s";
+  c.idle_timeout_s = o.idle_timeout_s;
+  return c;
 }
 
 }  // namespace
@@ -999,86 +640,44 @@ void Listener::on_accept(const beast::error_code& ec, tcp::socket socket) {
 class HttpServer::Impl {
  public:
   Impl(EngineApi& engine, const HttpOptions& opt)
-      : work_(net::make_work_guard(ioc_)),
-        core_(std::make_shared<ServerCore>(engine, opt, ioc_)),
-        listener_(std::make_shared<Listener>(ioc_, core_)) {}
+      : service_({"http", "HttpServer", ""}, connection_options(opt)),
+        core_(std::make_shared<ServerCore>(engine, opt, service_.ioc(), service_.connections())) {
+    service_.listen(opt.host, opt.port, [core = core_](tcp::socket socket, bool admitted) {
+      std::make_shared<Session>(std::move(socket), core, admitted)->start();
+    });
+  }
   ~Impl() { stop(); }
-  int port() const { return listener_->port(); }
+  int port() const { return service_.port(); }
   void start();
   void stop_accepting();
   void stop();
   int64_t in_flight() const { return core_->in_flight.load(); }
 
  private:
-  void run();
-  void shutdown_all();  // on the I/O thread (or before it started)
-
-  net::io_context ioc_;
-  std::optional<net::executor_work_guard<net::io_context::executor_type>> work_;
+  HttpService service_;
   std::shared_ptr<ServerCore> core_;
-  std::shared_ptr<Listener> listener_;
-  std::thread thread_;
-  std::mutex mu_;
-  bool started_ = false, stopped_ = false;
 };
 
 void HttpServer::Impl::start() {
-  std::lock_guard<std::mutex> lock(mu_);
-  MOE_CHECK(!stopped_, "HttpServer::start after stop (" << core_->opt.host << ":" << port() << ")");
-  if (started_) return;
-  started_ = true;
-  listener_->start();
-  thread_ = std::thread([this] { run(); });
+  if (!service_.start()) return;
   MOE_DEBUG("http: listening on http://" << core_->opt.host << ":" << port()
                                          << (core_->opt.api_key.empty() ? " (no API key)" : " (API key required)"));
 }
 
-void HttpServer::Impl::run() {
-  while (true) {
-    try {
-      ioc_.run();
-      return;
-    } catch (const std::exception& e) {  // a handler threw: log it and keep serving
-      MOE_WARN("http: I/O thread: " << e.what());
-    }
-  }
-}
-
 void HttpServer::Impl::stop_accepting() {
   core_->draining = true;
-  std::lock_guard<std::mutex> lock(mu_);
-  if (stopped_) return;
-  if (started_)
-    net::post(ioc_, [l = listener_] { l->close(); });
-  else
-    listener_->close();
+  service_.stop_accepting();
 }
 
+// After every connection closed, the generations still running are abandoned (the engine's events are dropped).
 void HttpServer::Impl::stop() {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (stopped_) return;
-  stopped_ = true;
-  core_->poster->close();  // engine events from now on are dropped
-  if (started_) {
-    net::post(ioc_, [this] { shutdown_all(); });
-    thread_.join();
-  } else {
-    shutdown_all();
-  }
-}
-
-void HttpServer::Impl::shutdown_all() {
-  listener_->close();
-  std::vector<std::shared_ptr<Session>> sessions;
-  for (auto& [p, w] : core_->sessions)
-    if (auto s = w.lock()) sessions.push_back(std::move(s));
-  for (auto& s : sessions) s->close();
-  std::vector<std::shared_ptr<GenerationCall>> calls;
-  for (auto& [p, w] : core_->calls)
-    if (auto c = w.lock()) calls.push_back(std::move(c));
-  for (auto& c : calls) c->abandon();
-  work_.reset();
-  ioc_.stop();
+  core_->poster->close();
+  service_.stop([core = core_] {
+    std::vector<std::shared_ptr<GenerationCall>> calls;
+    for (auto& [p, w] : core->calls)
+      if (auto c = w.lock()) calls.push_back(std::move(c));
+    for (auto& c : calls) c->abandon();
+  });
 }
 
 HttpServer::HttpServer(EngineApi& engine, const HttpOptions& opt) : impl_(std::make_unique<Impl>(engine, opt)) {}

@@ -1,7 +1,6 @@
 // launcher/coordinator_http.h end to end over real TCP sockets on 127.0.0.1: routes, auth (header and ?key=), errors
 // and limits, and the dashboard page it serves (its JavaScript runs in tests/integration/lib/dashboard_check.sh).
 #include <gtest/gtest.h>
-#include <sys/socket.h>
 
 // clang-format off
 #include <utility>  // before any Boost.Asio header: Boost 1.74's awaitable.hpp needs std::exchange
@@ -20,62 +19,13 @@
 #include "core/error.h"
 #include "core/json.h"
 #include "launcher/coordinator_http.h"
+#include "tests/unit/http_test_client.h"
 
 namespace moe::test {
 namespace {
 
-namespace net = boost::asio;
-namespace beast = boost::beast;
-namespace http = beast::http;
-using tcp = net::ip::tcp;
 using launcher::CoordinatorHttp;
 using launcher::CoordinatorHttpOptions;
-using Response = http::response<http::string_body>;
-using Headers = std::vector<std::pair<std::string, std::string>>;
-
-// One keep-alive connection; every read and write gives up after 5 s (a failed test, never a hang).
-class Client {
- public:
-  explicit Client(int port) : sock_(ioc_) {
-    sock_.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), static_cast<unsigned short>(port)));
-    const timeval tv{5, 0};
-    ::setsockopt(sock_.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    ::setsockopt(sock_.native_handle(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  }
-  Response send(http::verb method, const std::string& target, const Headers& headers = {}) {
-    http::request<http::string_body> req{method, target, 11};
-    req.set(http::field::host, "127.0.0.1");
-    for (const auto& [k, v] : headers) req.set(k, v);
-    req.prepare_payload();
-    http::write(sock_, req);
-    return read();
-  }
-  Response get(const std::string& target, const Headers& headers = {}) {
-    return send(http::verb::get, target, headers);
-  }
-  Response read() {
-    Response res;
-    http::read(sock_, buf_, res);
-    return res;
-  }
-  void write_raw(const std::string& bytes) { net::write(sock_, net::buffer(bytes)); }
-  // True when the server closed the connection (EOF or reset) before 5 s passed.
-  bool closed_by_server() {
-    char c;
-    beast::error_code ec;
-    while (!ec) sock_.read_some(net::buffer(&c, 1), ec);
-    return ec == net::error::eof || ec == net::error::connection_reset;
-  }
-
- private:
-  net::io_context ioc_;
-  tcp::socket sock_;
-  beast::flat_buffer buf_;
-};
-
-JsonValue json_of(const Response& r) { return parse_json(r.body(), "response body"); }
-std::string error_message(const Response& r) { return json_of(r).field("error")->field("message")->str; }
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 const char* kDoc = R"({"job":{"id":"a1b2c3","kind":"train","state":"running"},"epoch":3})";
 

@@ -22,16 +22,13 @@
 #include "core/data.h"
 #include "core/json.h"
 #include "serve/http_server.h"
+#include "tests/unit/http_test_client.h"
 #include "tests/unit/oracle.h"
 #include "tests/unit/serve_helpers.h"
 
 namespace moe::test {
 namespace {
 
-namespace net = boost::asio;
-namespace beast = boost::beast;
-namespace http = beast::http;
-using tcp = net::ip::tcp;
 using serve::SubmitStatus;
 using namespace std::chrono_literals;
 
@@ -157,74 +154,6 @@ class ScriptedEngine : public serve::EngineApi {
   bool quit_ = false;
   std::thread thread_;
 };
-
-// ---- a blocking test client ----
-
-using Response = http::response<http::string_body>;
-
-// One keep-alive connection; every read and write gives up after 5 s (a failed test, never a hang).
-class Client {
- public:
-  explicit Client(int port) : sock_(ioc_) {
-    sock_.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), static_cast<unsigned short>(port)));
-    const timeval tv{5, 0};
-    ::setsockopt(sock_.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    ::setsockopt(sock_.native_handle(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  }
-  Response send(http::verb method, const std::string& target, const std::string& body = "",
-                const std::vector<std::pair<std::string, std::string>>& headers = {}) {
-    http::request<http::string_body> req{method, target, 11};
-    req.set(http::field::host, "127.0.0.1");
-    for (const auto& [k, v] : headers) req.set(k, v);
-    if (!body.empty() || method == http::verb::post) {
-      req.set(http::field::content_type, "application/json");
-      req.body() = body;
-    }
-    req.prepare_payload();
-    http::write(sock_, req);
-    return read();
-  }
-  Response get(const std::string& target, const std::vector<std::pair<std::string, std::string>>& h = {}) {
-    return send(http::verb::get, target, "", h);
-  }
-  Response post(const std::string& target, const std::string& body,
-                const std::vector<std::pair<std::string, std::string>>& h = {}) {
-    return send(http::verb::post, target, body, h);
-  }
-  Response read() {
-    Response res;
-    http::read(sock_, buf_, res);
-    return res;
-  }
-  void write_raw(const std::string& bytes) { net::write(sock_, net::buffer(bytes)); }
-  // True when the server closed the connection (EOF or reset) before 5 s passed.
-  bool closed_by_server() {
-    char c;
-    beast::error_code ec;
-    while (!ec) sock_.read_some(net::buffer(&c, 1), ec);
-    return ec == net::error::eof || ec == net::error::connection_reset;
-  }
-  tcp::socket& socket() { return sock_; }
-  beast::flat_buffer& buffer() { return buf_; }
-
- private:
-  net::io_context ioc_;
-  tcp::socket sock_;
-  beast::flat_buffer buf_;
-};
-
-JsonValue json_of(const Response& r) { return parse_json(r.body(), "response body"); }
-
-std::string error_message(const Response& r) { return json_of(r).field("error")->field("message")->str; }
-
-// Waits (up to 5 s) for cond().
-bool eventually(const std::function<bool()>& cond) {
-  for (int i = 0; i < 500; ++i) {
-    if (cond()) return true;
-    std::this_thread::sleep_for(10ms);
-  }
-  return cond();
-}
 
 // A server on an ephemeral port around a ScriptedEngine.
 struct Served {
@@ -553,7 +482,7 @@ TEST(HttpServer, ConnectionLimit) {
     EXPECT_TRUE(second.closed_by_server());
   }
   EXPECT_EQ(first.get("/health").result_int(), 200);
-  first.socket().close();
+  first.close();
   EXPECT_TRUE(eventually([&] {  // once the first is gone, a new connection is admitted
     Client c = s.client();
     return c.get("/health").result_int() == 200;
