@@ -18,7 +18,7 @@ start() {
     command -v "$b" >/dev/null || { echo "local_cluster: '$b' not found (apt-get install slurmctld slurmd slurm-client munge)" >&2; exit 1; }
   done
   local cpus=${SLURM_CPUS:-$(nproc)}
-  mkdir -p "$D"/{state,spool,log,munge,run}
+  mkdir -p "$D"/{state,spool,log,munge,run,tmp}
   chmod 755 "$D" "$D/run"; chmod 700 "$D/munge"   # munged wants a world-executable socket dir and a private key dir
   cat > "$D/slurm.conf" <<CONF
 ClusterName=moetest
@@ -44,6 +44,7 @@ SchedulerType=sched/backfill
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=pmix
+TmpFS=$D/tmp
 MailProg=/bin/true
 ReturnToService=2
 SlurmctldTimeout=30
@@ -51,6 +52,9 @@ SlurmdTimeout=30
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=16000 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
+  # PMIx client directories (spmix_appdir_<uid>_<job>.<step>) under this cluster, not /tmp: two clusters started by
+  # concurrent tests both number their jobs from 1 and would collide on /tmp/spmix_appdir_0_1.0
+  echo "PMIxCliTmpDirBase=$D/tmp" > "$D/mpi.conf"
   [ -f "$D/munge/munge.key" ] || { dd if=/dev/urandom of="$D/munge/munge.key" bs=1 count=1024 2>/dev/null; chmod 600 "$D/munge/munge.key"; }
   munged --socket="$D/run/munge.socket" --key-file="$D/munge/munge.key" --pid-file="$D/run/munged.pid" \
          --log-file="$D/log/munged.log" --seed-file="$D/munge/munged.seed"

@@ -22,6 +22,11 @@ fi
 work=$(mktemp -d)
 chmod 755 "$work"   # munged needs a world-executable path to its socket
 cluster="$work/slurm"
+# the jobs' scratch (Open MPI's session directory, its shared-memory segments) under this test, not /tmp and
+# /dev/shm: two tests running at once have clusters that both number their jobs (and PMIx namespaces) from 1, so
+# their ranks would open each other's vader_segment.<host>.<job>.<rank> files; sbatch passes the environment on
+mkdir -p "$work/tmp"
+export TMPDIR="$work/tmp" OMPI_MCA_btl_vader_backing_directory="$work/tmp"
 cleanup() {
   set +e
   if [ -f "$cluster/slurm.conf" ]; then
