@@ -5,6 +5,7 @@
 #include <google/protobuf/text_format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -129,10 +130,14 @@ void fill_defaults(proto::MoeConfig* e, int d_ff) {
   if (!e->has_top_k()) e->set_top_k(2);
   if (!e->has_d_expert()) e->set_d_expert(d_ff);
   if (!e->has_capacity_factor()) e->set_capacity_factor(1.25f);
+  if (!e->has_bias_update_rate()) e->set_bias_update_rate(1e-3f);
 }
 
 void fill_defaults(proto::WordExpertConfig* w) {
   if (!w->has_placement()) w->set_placement(proto::WordExpertConfig::PLACEMENT_INTERLEAVED);
+  const int R = w->routing_vocab_size();
+  if (!w->has_routing_exact()) w->set_routing_exact(R - R / 16);
+  if (!w->has_skip_top()) w->set_skip_top(R > 0 ? 16 : 0);
 }
 
 void fill_defaults(proto::ModelConfig* m, int data_seq_len) {
@@ -224,6 +229,8 @@ void validate_moe(const proto::MoeConfig& e) {
   MOE_CHECK_FIELD(e.z_loss_coef() >= 0, "model.moe.z_loss_coef", e.z_loss_coef(), "must be >= 0");
   MOE_CHECK_FIELD(e.jitter_eps() >= 0 && e.jitter_eps() < 1, "model.moe.jitter_eps", e.jitter_eps(),
                   "must be in [0, 1)");
+  MOE_CHECK_FIELD(e.bias_update_rate() >= 0 && std::isfinite(e.bias_update_rate()), "model.moe.bias_update_rate",
+                  e.bias_update_rate(), "must be >= 0");
 }
 
 void validate_word_experts(const proto::WordExpertConfig& w) {
@@ -236,6 +243,18 @@ void validate_word_experts(const proto::WordExpertConfig& w) {
                       w.placement() == proto::WordExpertConfig::PLACEMENT_MULTIPLICATIVE,
                   "model.word_experts.placement", proto::WordExpertConfig::Placement_Name(w.placement()),
                   "must be PLACEMENT_INTERLEAVED or PLACEMENT_MULTIPLICATIVE (leave it out for the default)");
+  const int R = w.routing_vocab_size();
+  MOE_CHECK_FIELD(R >= 0 && R <= (1 << 24), "model.word_experts.routing_vocab_size", R, "must be in [0, 2^24]");
+  MOE_CHECK_FIELD(R == 0 || !w.hash_routing(), "model.word_experts.routing_vocab_size", R,
+                  "needs model.word_experts.hash_routing = false (hash routing ignores the routing vocabulary)");
+  MOE_CHECK_FIELD(R == 0 || (w.routing_exact() >= 1 && w.routing_exact() <= R), "model.word_experts.routing_exact",
+                  w.routing_exact(), "must be in [1, model.word_experts.routing_vocab_size = " << R << "]");
+  MOE_CHECK_FIELD(w.skip_top() >= 0 && w.skip_top() <= w.num_frequent(), "model.word_experts.skip_top", w.skip_top(),
+                  "must be in [0, model.word_experts.num_frequent = "
+                      << w.num_frequent() << "] (the skipped routes are the most frequent ones, which have their own "
+                                             "experts)");
+  MOE_CHECK_FIELD(w.skip_top() == 0 || !w.hash_routing(), "model.word_experts.skip_top", w.skip_top(),
+                  "must be 0 with hash routing (no frequency order to skip by)");
 }
 
 std::string device_name(proto::Device d) {
@@ -357,6 +376,10 @@ void validate(const proto::ServingConfig& s) {
   MOE_CHECK_FIELD(s.drain_timeout_s() >= 0, "serving.drain_timeout_s", s.drain_timeout_s(), "must be >= 0");
   MOE_CHECK_FIELD(s.request_timeout_s() > 0, "serving.request_timeout_s", s.request_timeout_s(), "must be > 0");
   MOE_CHECK_FIELD(s.idle_timeout_s() > 0, "serving.idle_timeout_s", s.idle_timeout_s(), "must be > 0");
+  MOE_CHECK_FIELD(s.sparq_r() >= 0, "serving.sparq_r", s.sparq_r(), "must be >= 0 (0: full attention)");
+  MOE_CHECK_FIELD(s.sparq_k() >= 0, "serving.sparq_k", s.sparq_k(), "must be >= 0 (0: full attention)");
+  MOE_CHECK_FIELD((s.sparq_r() == 0) == (s.sparq_k() == 0), "serving.sparq_k", s.sparq_k(),
+                  "serving.sparq_r and serving.sparq_k are set together (both 0: full attention)");
 }
 
 void validate_config(const Config& cfg, bool needs_data) {

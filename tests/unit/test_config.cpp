@@ -97,6 +97,44 @@ TEST(Config, ValidationNamesTheField) {
   }
 }
 
+TEST(Config, RoutingVocabularySkipListAndSparqFieldsAreValidated) {
+  struct Bad {
+    std::vector<const char*> set;
+    const char* expect;
+  } cases[] = {
+      {{"model.word_experts.routing_vocab_size=100", "model.word_experts.hash_routing=true",
+        "model.word_experts.skip_top=0"},
+       "needs model.word_experts.hash_routing = false"},
+      {{"model.word_experts.routing_vocab_size=100", "model.word_experts.routing_exact=101"},
+       "model.word_experts.routing_exact = 101"},
+      {{"model.word_experts.routing_vocab_size=-1"}, "model.word_experts.routing_vocab_size = -1"},
+      {{"model.word_experts.skip_top=40"}, "model.word_experts.skip_top = 40: must be in [0, "},
+      {{"model.moe.bias_update_rate=-1"}, "model.moe.bias_update_rate = -1"},
+      {{"serving.sparq_r=4"}, "set together"},
+      {{"serving.sparq_k=-1"}, "serving.sparq_k = -1"},
+  };
+  for (const auto& b : cases) {
+    Config c = parse_config_text("model { word_experts {} }", "x.pbtxt");
+    c.MergeFrom(good());
+    for (const char* s : {"model.ffn_pattern=FFN_MOE,FFN_WORD_EXPERT", "model.moe.num_experts=4",
+                          "model.word_experts.num_experts=64", "model.word_experts.d_expert=8",
+                          "model.word_experts.num_frequent=32"})
+      apply_override(c, s);
+    for (const char* s : b.set) apply_override(c, s);
+    fill_defaults(c);
+    std::string e = error_of([&] { validate_config(c, false); });
+    EXPECT_NE(e.find(b.expect), std::string::npos) << b.set[0] << " -> '" << e << "'";
+  }
+  Config c = parse_config_text("model { word_experts { routing_vocab_size: 4096 num_experts: 64 } }", "y.pbtxt");
+  fill_defaults(c);
+  EXPECT_EQ(c.model().word_experts().routing_exact(), 4096 - 256);
+  EXPECT_EQ(c.model().word_experts().skip_top(), 16);
+  EXPECT_FLOAT_EQ(c.model().moe().bias_update_rate(), 1e-3f);
+  Config d = parse_config_text("model { word_experts { num_experts: 64 } }", "z.pbtxt");
+  fill_defaults(d);
+  EXPECT_EQ(d.model().word_experts().skip_top(), 0);  // token-id routing keeps its old behaviour
+}
+
 TEST(Config, ExpertParallelLayoutErrors) {
   Config c = good();
   apply_override(c, "model.ffn_pattern=FFN_DENSE,FFN_MOE");
@@ -190,7 +228,8 @@ TEST(Config, EveryOptionalFieldHasOneDefaultAndFillingIsIdempotent) {
 TEST(Config, ExplicitValuesAreKeptNotDefaulted) {
   Config c = parse_config_text(R"(
 model { n_heads: 4 n_kv_heads: 1 max_seq_len: 16 rope_theta: 500 norm_eps: 1e-6 init_std: 0.1 d_ff: 64
-        moe { top_k: 1 d_expert: 8 capacity_factor: 2 } word_experts { placement: PLACEMENT_MULTIPLICATIVE } }
+        moe { top_k: 1 d_expert: 8 capacity_factor: 2 bias_update_rate: 0.01 }
+        word_experts { placement: PLACEMENT_MULTIPLICATIVE routing_exact: 5 skip_top: 0 } }
 data { seq_len: 8 tokenizer_vocab_size: 300 tokenizer_type: "unigram" val_fraction: 0.2 }
 optimizer { beta1: 0.8 beta2: 0.99 eps: 1e-6 }
 train { log_every: 3 eval_batches: 2 out_dir: "x" }
