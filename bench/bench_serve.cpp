@@ -131,7 +131,8 @@ void engine_steps(const std::string& ckpt, int threads, const std::vector<double
       const auto t0 = clk::now();
       for (int i = 0; i < iters; ++i) {
         batch.clear();
-        for (int b = 0; b < B; ++b) batch.add(&tok, 1, ctx, blocks[b], bs, true);
+        const int nb = std::min(ctx, moe::kTokenContext);
+        for (int b = 0; b < B; ++b) batch.add(&tok, 1, ctx, blocks[b], bs, true, prompt.data() + ctx - nb, nb);
         m.forward_infer(batch, cache);
       }
       return secs(t0, clk::now()) / iters;

@@ -3,6 +3,8 @@
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -64,6 +66,18 @@ std::string Tokenizer::token_text(int32_t id) const {
     } else {
       out += piece[i++];
     }
+  }
+  return out;
+}
+
+std::vector<int32_t> word_classes(const Tokenizer& tok) {
+  std::vector<int32_t> out(tok.vocab_size());
+  for (int v = 0; v < tok.vocab_size(); ++v) {
+    const std::string t = tok.token_text(v);
+    const bool word = std::any_of(t.begin(), t.end(), [](char c) {
+      return std::isalnum(static_cast<unsigned char>(c)) || static_cast<unsigned char>(c) >= 0x80;
+    });
+    out[v] = !word ? 2 : t[0] == ' ' ? 1 : 0;
   }
   return out;
 }

@@ -44,6 +44,11 @@ class Tokenizer {
   int nl_id_ = -1;
 };
 
+// Word classes of the token ids, for word-level routing (router/routing_vocab.h): 1 a token that starts a word (its
+// text begins with a space), 2 a symbol (no ASCII letter or digit and no non-ASCII byte: punctuation, the newline,
+// control pieces), 0 a token that continues the word before it.
+std::vector<int32_t> word_classes(const Tokenizer& tok);
+
 // The corpus as token ids, split into a training head and a validation tail.
 struct Corpus {
   std::vector<int32_t> train, val;

@@ -86,8 +86,14 @@ class Attention {
 };
 
 // ------------------------------------------------------------------ FFN units (pluggable per layer)
+// Tokens of context each row carries for word-level routing: the tokens before it in its sequence.
+inline constexpr int kTokenContext = 7;
+
 struct FfnContext {
   const int32_t* token_ids = nullptr;  // [N] the input token of each row (for vocabulary routing)
+  // [N, kTokenContext] the tokens before each row in its sequence, nearest first, -1 before the sequence's start
+  // (word-level routing reads them: router/routing_vocab.h). Filled by the model on every path.
+  const int32_t* token_context = nullptr;
   // Training: capacity limits and router jitter apply. Otherwise (evaluation, generation, serving) every token
   // reaches all of its top-k experts (dropless), so a token's output never depends on the other tokens routed
   // with it, at any world size.

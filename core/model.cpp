@@ -1,8 +1,8 @@
 #include "core/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
-
 
 namespace moe {
 
@@ -120,8 +120,12 @@ float Model::forward(const int32_t* inputs, const int32_t* targets, int B, int T
   for (int i = 0; i < N; ++i)
     MOE_CHECK(inputs[i] >= 0 && inputs[i] < V_, "token id " << inputs[i] << " at position " << i
                                                             << " is outside the vocabulary [0, " << V_ << ")");
+  context_.resize(int64_t(N) * kTokenContext);
+  for (int n = 0; n < N; ++n)  // row n is position n % T of sequence n / T
+    for (int j = 0; j < kTokenContext; ++j) context_[int64_t(n) * kTokenContext + j] = n % T > j ? inputs[n - 1 - j] : -1;
   FfnContext ctx;
   ctx.token_ids = inputs;
+  ctx.token_context = context_.data();
   ctx.training = training;
   ws_.backend().embedding_forward(resid_[0]->get(NC), inputs, wte_->value.f32(), N, C_);
   for (size_t l = 0; l < blocks_.size(); ++l)
@@ -149,6 +153,7 @@ void Model::backward(float loss_scale) {
   final_norm_->backward(da, dlnf, N);
   FfnContext ctx;
   ctx.token_ids = inputs_;
+  ctx.token_context = context_.data();
   ctx.training = true;
   ctx.loss_scale = loss_scale;
   for (int l = static_cast<int>(blocks_.size()) - 1; l >= 0; --l) {
@@ -177,12 +182,16 @@ void InferBatch::clear() {
   table.clear();
   table_start.clear();
   logit_rows.clear();
+  context.clear();
 }
 
 void InferBatch::add(const int32_t* toks, int n, int pos0, const std::vector<int32_t>& blocks, int block_size,
-                     bool want_logits) {
+                     bool want_logits, const int32_t* before, int n_before) {
   MOE_CHECK(n > 0 && pos0 >= 0, "inference batch: a sequence chunk needs tokens (" << n << " at position " << pos0
                                                                                      << ")");
+  MOE_CHECK(n_before == std::min(pos0, kTokenContext) && (n_before == 0 || before),
+            "inference batch: a chunk at position " << pos0 << " needs the " << std::min(pos0, kTokenContext)
+                                                    << " tokens before it, got " << n_before);
   MOE_CHECK(int64_t(blocks.size()) * block_size >= int64_t(pos0) + n,
             "inference batch: " << blocks.size() << " blocks of " << block_size
                                 << " positions cannot hold positions up to " << pos0 + n - 1);
@@ -194,6 +203,10 @@ void InferBatch::add(const int32_t* toks, int n, int pos0, const std::vector<int
     positions.push_back(p);
     slots.push_back(blocks[p / block_size] * block_size + p % block_size);
     table_start.push_back(start);
+    for (int j = 0; j < kTokenContext; ++j) {  // the j+1-th token before row i: in the chunk, or before it
+      const int back = i - 1 - j;
+      context.push_back(back >= 0 ? toks[back] : -back <= n_before ? before[n_before + back] : -1);
+    }
   }
   if (want_logits) logit_rows.push_back(rows() - 1);
 }
@@ -217,7 +230,8 @@ const float* Model::forward_infer(const InferBatch& b, KvCache& cache) {
                                << ") does not match the model");
   const int N = b.rows(), L = static_cast<int>(b.logit_rows.size());
   const int64_t n_slots = int64_t(kd.num_blocks) * kd.block_size;
-  MOE_CHECK(int(b.positions.size()) == N && int(b.slots.size()) == N && int(b.table_start.size()) == N,
+  MOE_CHECK(int(b.positions.size()) == N && int(b.slots.size()) == N && int(b.table_start.size()) == N &&
+                int64_t(b.context.size()) == int64_t(N) * kTokenContext,
             "inference batch: per-row arrays of different lengths");
   for (int i = 0; i < N; ++i) {
     MOE_CHECK(b.tokens[i] >= 0 && b.tokens[i] < V_,
@@ -243,6 +257,7 @@ const float* Model::forward_infer(const InferBatch& b, KvCache& cache) {
   InferRows rows{N, ints + N, ints + 2 * N, ints + 4 * N + L, ints + 3 * N, kd.block_size};
   FfnContext ctx;
   ctx.token_ids = b.tokens.data();  // host: the routers read them
+  ctx.token_context = b.context.data();
   ctx.training = false;
   ctx.batch_invariant = true;
   const int64_t NC = int64_t(N) * C_;

@@ -53,12 +53,14 @@ struct InferBatch {
   std::vector<int32_t> table;        // the sequences' block tables, concatenated
   std::vector<int32_t> table_start;  // [N] where row n's block table starts in `table`
   std::vector<int32_t> logit_rows;   // the rows whose next-token logits are wanted
+  std::vector<int32_t> context;      // [N, kTokenContext] the tokens before each row (FfnContext::token_context)
   int rows() const { return static_cast<int>(tokens.size()); }
   void clear();
   // Appends `n` tokens of one sequence at positions pos0.. with the sequence's block table (block ids by position);
-  // want_logits: the logits of its last row.
+  // want_logits: the logits of its last row. before[n_before]: the sequence's tokens just before pos0, in order
+  // (the last min(pos0, kTokenContext) of them: exactly that many are required).
   void add(const int32_t* tokens, int n, int pos0, const std::vector<int32_t>& blocks, int block_size,
-           bool want_logits);
+           bool want_logits, const int32_t* before = nullptr, int n_before = 0);
 };
 
 class Model {
@@ -123,6 +125,7 @@ class Model {
   int B_ = 0, T_ = 0;
   const int32_t* inputs_ = nullptr;
   const int32_t* targets_ = nullptr;
+  std::vector<int32_t> context_;           // [N, kTokenContext] of the inputs (FfnContext::token_context)
   std::vector<Workspace::Buffer*> resid_;  // n_layers + 1 residual streams [N,C]
   Workspace::Buffer &lnf_, &logits_, &probs_, &losses_, &dlogits_, &dlnf_, &dres_a_, &dres_b_;
   // the inference path: the rows' int arrays on the device, two residual streams, the logit rows

@@ -15,15 +15,34 @@
 namespace moe::experts {
 namespace {
 
+// What the word-expert layers share, with the routing vocabulary built from the corpus when the config asks for one
+// and the inputs bring the corpus (else it comes from a checkpoint's state, or forward names what is missing).
+std::shared_ptr<WordExpertShared> word_expert_shared(const ModelInputs& in, const proto::ModelConfig& cfg) {
+  auto shared = std::make_shared<WordExpertShared>();
+  const auto& w = cfg.word_experts();
+  if (w.routing_vocab_size() > 0 && in.corpus && in.word_classes) {
+    MOE_CHECK(static_cast<int>(in.word_classes->size()) == cfg.vocab_size(),
+              "word classes cover " << in.word_classes->size() << " ids, model.vocab_size is " << cfg.vocab_size());
+    shared->vocab.emplace(router::RoutingVocabulary::build(*in.corpus, *in.word_classes,
+                                                           {w.routing_vocab_size(), w.routing_exact()}));
+  }
+  return shared;
+}
+
 // Dense, MoE or word-expert FFN per layer (model.ffn_pattern).
 FfnFactory ffn_factory(const ModelInputs& in, uint64_t seed) {
-  return [in, seed](ParamStore& ps, Workspace& ws, const std::string& prefix, const proto::ModelConfig& cfg,
-                    int layer) -> std::unique_ptr<FfnUnit> {
+  std::shared_ptr<WordExpertShared> shared;  // made by the first word-expert layer
+  return [in, seed, shared](ParamStore& ps, Workspace& ws, const std::string& prefix, const proto::ModelConfig& cfg,
+                            int layer) mutable -> std::unique_ptr<FfnUnit> {
     switch (layer_ffn_kind(cfg, layer)) {
       case proto::FFN_MOE:
         return std::make_unique<MoeFfn>(ps, ws, prefix, cfg, in.ep, seed ^ hash_name(prefix));
-      case proto::FFN_WORD_EXPERT:
-        return std::make_unique<WordExpertFfn>(ps, ws, prefix, cfg, in.ep, in.token_counts);
+      case proto::FFN_WORD_EXPERT: {
+        if (!shared) shared = word_expert_shared(in, cfg);
+        const std::vector<int64_t>* counts = shared->vocab ? &shared->vocab->id_counts() : in.token_counts;
+        if (cfg.word_experts().routing_vocab_size() > 0 && !shared->vocab) counts = nullptr;  // from a checkpoint
+        return std::make_unique<WordExpertFfn>(ps, ws, prefix, cfg, in.ep, counts, shared);
+      }
       default:
         return std::make_unique<DenseFfn>(ps, ws, prefix, cfg.d_model(), cfg.d_ff(), cfg.activation());
     }

@@ -21,6 +21,10 @@ namespace moe::experts {
 struct ModelInputs {
   comm::Communicator* ep = nullptr;                    // expert-parallel group; null: this rank holds every expert
   const std::vector<int64_t>* token_counts = nullptr;  // corpus token counts: the vocabulary routing tables
+  // The training corpus's token stream and the word classes of the token ids (core/data.h word_classes): the MoWE
+  // routing vocabulary of model.word_experts.routing_vocab_size (new models; a checkpoint brings its own)
+  const std::vector<int32_t>* corpus = nullptr;
+  const std::vector<int32_t>* word_classes = nullptr;
   const UnitState* state = nullptr;  // extra state from a checkpoint (routing tables, router RNGs), restored
   bool init = true;                  // draw the weights from train.seed (false: the caller loads them next)
   bool sized_only = false;           // parameters with shapes but no storage: the model's layout only (no init)

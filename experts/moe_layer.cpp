@@ -140,59 +140,84 @@ FfnStats MoeFfn::stats() const {
 
 
 // ================================================================== WordExpertFfn
+static_assert(router::kMaxWordTokens - 1 == kTokenContext, "the model carries the context a routing key reads");
+
 WordExpertFfn::WordExpertFfn(ParamStore& ps, Workspace& ws, const std::string& prefix,
                              const proto::ModelConfig& cfg, comm::Communicator* ep,
-                             const std::vector<int64_t>* token_counts)
+                             const std::vector<int64_t>* route_counts, std::shared_ptr<WordExpertShared> shared)
     : prefix_(prefix),
-      vocab_size_(cfg.vocab_size()),
+      num_routes_(cfg.word_experts().routing_vocab_size() > 0 ? cfg.word_experts().routing_vocab_size()
+                                                              : cfg.vocab_size()),
       num_frequent_(cfg.word_experts().num_frequent()),
+      skip_top_(cfg.word_experts().skip_top()),
+      word_routing_(cfg.word_experts().routing_vocab_size() > 0),
       C_(cfg.d_model()),
       E_(cfg.word_experts().num_experts()),
+      shared_(std::move(shared)),
       dispatcher_(ep, cfg.word_experts().num_experts()),
-      table_(ps, ws, prefix + ".experts",
+      table_(ps, ws, cfg.word_experts().share_table() ? WordExpertShared::kSharedTablePrefix : prefix + ".experts",
              WordExpertDims{cfg.word_experts().num_experts() / ep_size(ep), cfg.d_model(),
-                            cfg.word_experts().d_expert(), cfg.activation(), dispatcher_.first_local_expert()}),
+                            cfg.word_experts().d_expert(), cfg.activation(), dispatcher_.first_local_expert()},
+             cfg.word_experts().share_table() ? &shared_->table : nullptr),
       placement_(E_, cfg.word_experts().placement() == proto::WordExpertConfig::PLACEMENT_UNSET
                          ? proto::WordExpertConfig::PLACEMENT_INTERLEAVED
                          : cfg.word_experts().placement()) {
   const auto& w = cfg.word_experts();
   if (w.hash_routing()) {
     hash_.emplace(E_);
-  } else if (token_counts) {
-    MOE_CHECK(static_cast<int>(token_counts->size()) == cfg.vocab_size(),
-              prefix << ": token counts cover " << token_counts->size() << " ids, model.vocab_size is "
-                     << cfg.vocab_size());
-    vocab_.emplace(router::VocabRouter::build(*token_counts, E_, w.num_frequent()));
+  } else if (route_counts) {
+    MOE_CHECK(static_cast<int>(route_counts->size()) == num_routes_,
+              prefix << ": route counts cover " << route_counts->size() << " routes, the layer has " << num_routes_
+                     << (w.routing_vocab_size() > 0 ? " (model.word_experts.routing_vocab_size)" : " (model.vocab_size)"));
+    vocab_.emplace(router::VocabRouter::build(*route_counts, E_, w.num_frequent()));
   }
 }
 
 void WordExpertFfn::capture_state(UnitState& s) const {
   if (vocab_) s.tables[prefix_] = vocab_->table();
+  if (shared_->vocab) shared_->vocab->to_tables(WordExpertShared::kVocabPrefix, s.tables);
 }
 
 bool WordExpertFfn::restore_state(const UnitState& s) {
   if (hash_) return true;  // nothing to restore
+  if (word_routing_) {  // the vocabulary the layers share: read once per state
+    if (!router::RoutingVocabulary::has_tables(WordExpertShared::kVocabPrefix, s.tables)) return false;
+    if (!shared_->vocab || !shared_->vocab->matches_tables(WordExpertShared::kVocabPrefix, s.tables))
+      shared_->vocab.emplace(router::RoutingVocabulary::from_tables(WordExpertShared::kVocabPrefix, s.tables));
+    MOE_CHECK(shared_->vocab->sizes().size == num_routes_,
+              prefix_ << ": the stored routing vocabulary has " << shared_->vocab->sizes().size
+                      << " ids, model.word_experts.routing_vocab_size is " << num_routes_);
+  }
   auto it = s.tables.find(prefix_);
   if (it == s.tables.end()) return false;
-  MOE_CHECK(static_cast<int>(it->second.size()) == vocab_size_,
-            prefix_ << ": stored routing table has " << it->second.size() << " entries, model.vocab_size is "
-                    << vocab_size_);
+  MOE_CHECK(static_cast<int>(it->second.size()) == num_routes_,
+            prefix_ << ": stored routing table has " << it->second.size() << " entries, the layer routes "
+                    << num_routes_ << " ids");
   vocab_.emplace(router::VocabRouter::load(it->second, E_, num_frequent_));
   return true;
+}
+
+int32_t WordExpertFfn::route_of(const FfnContext& ctx, int n) const {
+  if (!word_routing_) return ctx.token_ids[n];
+  return shared_->vocab->id(ctx.token_ids[n], ctx.token_context + int64_t(n) * kTokenContext);
 }
 
 void WordExpertFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   MOE_CHECK(ctx.token_ids, "word-expert FFN needs the token ids of its rows");
   MOE_CHECK(vocab_ || hash_, prefix_ << ": no routing table (build the model with corpus token counts, or load the "
                                         "table from a checkpoint)");
-  // The routing table gives logical experts (word experts 0..W-1 in descending token frequency, then shared ones).
-  // Experts are sharded over the EP group in contiguous blocks, so the logical ids are placed by a fixed
-  // permutation of [0, E) first (model.word_experts.placement): otherwise every frequent token would land on the
-  // first rank. The interleaved placement also keeps the frequent experts in a few dense runs of rows.
+  MOE_CHECK(!word_routing_ || (shared_->vocab && ctx.token_context),
+            prefix_ << ": word routing needs the routing vocabulary (built from the corpus, or from a checkpoint) and "
+                       "the rows' token context");
+  // The routing table gives logical experts (word experts 0..W-1 in descending route frequency, then shared ones);
+  // the skip_top most frequent routes bypass the layer (expert -1: output 0). Experts are sharded over the EP group
+  // in contiguous blocks, so the logical ids are placed by a fixed permutation of [0, E) first
+  // (model.word_experts.placement): otherwise every frequent route would land on the first rank. The interleaved
+  // placement also keeps the frequent experts in a few dense runs of rows.
   expert_ids_.resize(N);
   for (int n = 0; n < N; ++n) {
-    const int64_t logical = vocab_ ? vocab_->expert_of(ctx.token_ids[n]) : hash_->expert_of(ctx.token_ids[n]);
-    expert_ids_[n] = static_cast<int32_t>(placement_.row(logical));
+    const int64_t logical = vocab_ ? vocab_->expert_of(route_of(ctx, n)) : hash_->expert_of(ctx.token_ids[n]);
+    expert_ids_[n] = logical < skip_top_ ? -1 : static_cast<int32_t>(placement_.row(logical));
   }
   // a compact plan and the dispatcher's (expert, rows) exchange: nothing per step is O(E)
   plan_ = router::make_top1_plan_compact(expert_ids_.data(), N, E_);

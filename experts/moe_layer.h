@@ -17,6 +17,7 @@
 #include "experts/expert_bank.h"
 #include "experts/word_experts.h"
 #include "router/router.h"
+#include "router/routing_vocab.h"
 
 namespace moe::experts {
 
@@ -69,14 +70,26 @@ class WordExpertPlacement {
 // WordExpertPlacement(E, placement).row(l)
 int64_t word_expert_row(int64_t l, int64_t E, proto::WordExpertConfig::Placement placement);
 
+// What the word-expert layers of one model share: the routing vocabulary (model.word_experts.routing_vocab_size >
+// 0) and, with model.word_experts.share_table, the table's parameters (registered by the first layer, under
+// kSharedTablePrefix).
+struct WordExpertShared {
+  static constexpr const char* kVocabPrefix = "word_routing";             // the vocabulary's checkpoint tables
+  static constexpr const char* kSharedTablePrefix = "word_experts.shared";  // the shared table's parameters
+  std::optional<router::RoutingVocabulary> vocab;
+  FfnWeights table;
+};
+
 class WordExpertFfn : public FfnUnit {
  public:
-  // Registers <prefix>.experts.* (this rank's E/P word experts, row-sparse). The routing table comes from
-  // `table` (a checkpoint) or, if empty, is built from `token_counts` (vocabulary routing) or is a hash.
-  // The routing table is built from `token_counts` (vocabulary routing, new models) or set by restore_state (a
-  // checkpoint's table); with neither, forward throws naming the layer. Hash routing needs neither.
+  // Registers <prefix>.experts.* (this rank's E/P word experts, row-sparse), or uses the shared table. Routes are
+  // token ids, or with a routing vocabulary (in `shared`) word-level routing ids; a route's expert comes from a
+  // table built from `route_counts` (corpus counts of the routes: token counts, or the vocabulary's id counts;
+  // new models) or set by restore_state (a checkpoint's table); with neither, forward throws naming the layer.
+  // Hash routing needs neither.
   WordExpertFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const proto::ModelConfig& cfg,
-                comm::Communicator* ep, const std::vector<int64_t>* token_counts);
+                comm::Communicator* ep, const std::vector<int64_t>* route_counts,
+                std::shared_ptr<WordExpertShared> shared = std::make_shared<WordExpertShared>());
   void forward(const FfnContext& ctx, float* y, const float* x, int N) override;
   void backward(const FfnContext& ctx, float* dx, const float* dy, int N) override;
   FfnStats stats() const override;
@@ -86,9 +99,12 @@ class WordExpertFfn : public FfnUnit {
   Dispatcher& dispatcher() { return dispatcher_; }
 
  private:
+  int32_t route_of(const FfnContext& ctx, int n) const;  // token n's route: its token id or routing id
   std::string prefix_;
-  int vocab_size_, num_frequent_;
+  int num_routes_, num_frequent_, skip_top_;  // routes: model.vocab_size, or routing_vocab_size
+  bool word_routing_;                          // routes are the shared vocabulary's routing ids
   int C_, E_;
+  std::shared_ptr<WordExpertShared> shared_;  // with the other word-expert layers of the model
   std::optional<router::VocabRouter> vocab_;
   std::optional<router::HashRouter> hash_;
   router::DispatchPlan plan_;

@@ -206,10 +206,16 @@ int inspect(const std::string& path) {
     std::printf("moe: %d experts, top-%d, d_expert %d, %s, capacity factor %g%s\n", mc.moe().num_experts(),
                 mc.moe().top_k(), mc.moe().d_expert(), proto::RouterScore_Name(mc.moe().score()).c_str(),
                 mc.moe().capacity_factor(), mc.moe().dropless() ? " (dropless)" : "");
-  if (any_word)
-    std::printf("word experts: %d experts, d_expert %d, %d frequent, %s routing\n", mc.word_experts().num_experts(),
-                mc.word_experts().d_expert(), mc.word_experts().num_frequent(),
-                mc.word_experts().hash_routing() ? "hash" : "vocabulary");
+  if (any_word) {
+    const proto::WordExpertConfig& w = mc.word_experts();
+    std::string routing = w.hash_routing() ? "hash routing" : "token-id routing";
+    if (w.routing_vocab_size() > 0)
+      routing = "routing vocabulary of " + std::to_string(w.routing_vocab_size()) + " ids (" +
+                std::to_string(w.routing_exact()) + " exact)";
+    std::printf("word experts: %d experts, d_expert %d, %d frequent, %s, skip top %d%s%s\n", w.num_experts(),
+                w.d_expert(), w.num_frequent(), routing.c_str(), w.skip_top(), w.share_table() ? ", one shared table" : "",
+                w.freeze() ? ", frozen" : "");
+  }
   std::printf("tokenizer: %s\n", m.tokenizer_file().empty() ? "(none)" : m.tokenizer_file().c_str());
   std::map<std::string, bool> is_sharded = sharding_of_checkpoint(dir, m);
   std::printf("%-52s %-18s %-5s %12s %-10s %10s\n", "tensor", "shape", "dtype", "bytes", "sharding", "crc32c");

@@ -321,8 +321,10 @@ int run_training(Config cfg, const TrainOptions& opt, comm::Parallel& par) {
   set_vocab(cfg, tok);
   Corpus corpus = load_corpus(tok, cfg.data().train_file(), cfg.data().val_fraction());
   const std::vector<int64_t> counts = token_counts(corpus, tok.vocab_size());
+  const std::vector<int32_t> classes = word_classes(tok);
   // (a checkpoint's unit state, routing tables included, is restored by apply_resume, once)
-  auto model = experts::build_model(cfg, {.ep = par.expert_group(), .token_counts = &counts});
+  auto model = experts::build_model(
+      cfg, {.ep = par.expert_group(), .token_counts = &counts, .corpus = &corpus.train, .word_classes = &classes});
   Trainer trainer(cfg, *model, corpus);
   const int start = apply_resume(resume, cfg, *model, trainer, lead);
   if (lead) announce(cfg, *model, par, opt.threads, corpus, root);

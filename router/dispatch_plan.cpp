@@ -190,16 +190,18 @@ void DispatchPlan::unpermute_combine_backward(float* dy /*[rows,C]*/, float* dga
 
 // ---------------------------------------------------------------- table routers' plan
 namespace {
-// A dropless k=1 plan with gate 1 and positions in token order, expert ids checked against [0, E). Compact: the
-// plan's experts are the distinct ids used (ascending, global_expert), else all E.
+// A dropless k=1 plan with gate 1 and positions in token order, expert ids checked against [0, E); -1 skips the
+// token (a dropped slot: the layer's output for it is 0). Compact: the plan's experts are the distinct ids used
+// (ascending, global_expert), else all E.
 DispatchPlan top1_plan(const int32_t* expert /*[N]*/, int N, int E, bool compact) {
   MOE_CHECK(N >= 0 && E >= 1, "router: need N >= 0 and E >= 1 (got N " << N << ", E " << E << ")");
   for (int n = 0; n < N; ++n)
-    MOE_CHECK(expert[n] >= 0 && expert[n] < E,
-              "router: token " << n << " routed to expert " << expert[n] << " outside [0, " << E << ")");
+    MOE_CHECK(expert[n] >= -1 && expert[n] < E,
+              "router: token " << n << " routed to expert " << expert[n] << " outside [0, " << E << ") (or -1: skip)");
   std::vector<int32_t> used;
   if (compact) {
-    used.assign(expert, expert + N);
+    for (int n = 0; n < N; ++n)
+      if (expert[n] >= 0) used.push_back(expert[n]);
     std::sort(used.begin(), used.end());
     used.erase(std::unique(used.begin(), used.end()), used.end());
   }
@@ -208,6 +210,7 @@ DispatchPlan top1_plan(const int32_t* expert /*[N]*/, int N, int E, bool compact
   plan.reset(N, 1, compact ? std::max<int>(1, static_cast<int>(used.size())) : E, -1);
   std::vector<int32_t> fill(plan.num_experts, 0);
   for (int n = 0; n < N; ++n) {
+    if (expert[n] < 0) continue;  // skipped: stays a dropped slot (expert -1, gate 0, position -1)
     const int i = compact ? static_cast<int>(std::lower_bound(used.begin(), used.end(), expert[n]) - used.begin())
                           : expert[n];
     plan.expert[n] = i;

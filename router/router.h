@@ -92,8 +92,8 @@ struct DispatchPlan {
                                   const float* y /*[rows,C]*/, int C) const;
 };
 
-// A dropless k=1 plan with gate 1 from an expert id per token (ids checked to lie in [0, E)); positions in token
-// order. Shared by the table routers.
+// A dropless k=1 plan with gate 1 from an expert id per token (ids checked to lie in [0, E), or -1: the token
+// skips the layer, a dropped slot whose output is 0); positions in token order. Shared by the table routers.
 DispatchPlan make_top1_plan(const int32_t* expert /*[N]*/, int N, int E);
 // The same plan in compact form (global_expert lists the distinct experts used, ascending): O(N log N) work and
 // memory whatever E is, for word-expert tables with up to ~10^5 experts of which a batch uses a few thousand.

@@ -202,6 +202,7 @@ proto::StepPlan Engine::make_plan(const std::vector<ScheduledChunk>& chunks) {
     p->set_seq(s.id);
     p->set_pos0(c.pos0);
     p->mutable_tokens()->Add(s.tokens.begin() + c.pos0, s.tokens.begin() + c.pos0 + c.n);
+    p->mutable_before()->Add(s.tokens.begin() + std::max(0, c.pos0 - kTokenContext), s.tokens.begin() + c.pos0);
     p->mutable_blocks()->Add(s.blocks.begin(), s.blocks.end());
     p->set_sample(c.sample);
     if (!c.sample) continue;
@@ -364,7 +365,8 @@ std::vector<float> Engine::execute(const proto::StepPlan& plan) {
     if (c.sample()) ++recv_counts[c.rank()];
     if (c.rank() != me) continue;
     blocks.assign(c.blocks().begin(), c.blocks().end());
-    batch_.add(c.tokens().data(), c.tokens_size(), c.pos0(), blocks, bs, c.sample());
+    batch_.add(c.tokens().data(), c.tokens_size(), c.pos0(), blocks, bs, c.sample(), c.before().data(),
+               c.before_size());
     if (c.sample()) sampled.push_back(&c);
   }
   const float* logits = model_->forward_infer(batch_, *cache_);  // every rank: the MoE layers exchange tokens

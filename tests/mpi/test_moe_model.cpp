@@ -76,7 +76,13 @@ void make_batch(int B, int T, int V, std::vector<int32_t>& in, std::vector<int32
 // the reduced gradients, expert shards in their global positions (only this rank's rows filled).
 StepResult run_step(const proto::ModelConfig& cfg, comm::Parallel* par, int B, int T) {
   const std::vector<int64_t> counts = counts_for(cfg.vocab_size());
-  auto owned = make_model(cfg, 5, {.ep = par ? par->expert_group() : nullptr, .token_counts = &counts});
+  // the routing vocabulary's corpus (model.word_experts.routing_vocab_size): a fixed stream, word classes by id
+  std::vector<int32_t> corpus(4000), classes(cfg.vocab_size());
+  for (size_t i = 0; i < corpus.size(); ++i) corpus[i] = static_cast<int32_t>((i * i * 31 + i * 7) % 23);
+  for (int v = 0; v < cfg.vocab_size(); ++v) classes[v] = v % 5 == 0 ? 2 : v % 3 == 0 ? 1 : 0;
+  auto owned = make_model(cfg, 5,
+                          {.ep = par ? par->expert_group() : nullptr, .token_counts = &counts, .corpus = &corpus,
+                           .word_classes = &classes});
   Model& model = *owned;
   std::vector<int32_t> in, tg;
   make_batch(B, T, cfg.vocab_size(), in, tg);
@@ -120,6 +126,29 @@ void compare(const StepResult& ref, const StepResult& got, const std::string& wh
       maxref = std::max(maxref, std::fabs(double(it->second[i])));
     }
     EXPECT_LE(maxdiff / maxref, 2e-5) << what << ": gradient of " << name;
+  }
+}
+
+// MoWE as the paper has it: word-level routing ids, the 2 most frequent skip the layer, one table shared by both
+// word-expert layers (its gradient gathers both layers' rows before the expert-parallel reduction).
+TEST(MoeParallel, RoutingVocabularySharedTableStepMatchesSingleRank) {
+  const int W = world_size();
+  const int B = 8, T = 6;
+  proto::ModelConfig cfg = moe_config(/*experts=*/8, /*word_experts=*/64, /*dropless=*/true);
+  cfg.set_n_layers(4);
+  cfg.add_ffn_pattern(proto::FFN_WORD_EXPERT);  // MOE, WORD, DENSE, WORD
+  auto* w = cfg.mutable_word_experts();
+  w->set_num_frequent(48);
+  w->set_routing_vocab_size(512);
+  w->set_routing_exact(400);
+  w->set_skip_top(2);
+  w->set_share_table(true);
+  w->set_placement(proto::WordExpertConfig::PLACEMENT_INTERLEAVED);
+  const StepResult ref = run_step(cfg, nullptr, B, T);
+  for (int ep = 1; ep <= W; ++ep) {
+    if (W % ep) continue;
+    comm::Parallel par(comm::Communicator::world(), ep);
+    compare(ref, run_step(cfg, &par, B, T), "routing vocabulary, world " + std::to_string(W) + " ep " + std::to_string(ep));
   }
 }
 

@@ -158,7 +158,8 @@ std::vector<float> infer_logits(Model& model, const std::vector<int32_t>& toks, 
   for (int t0 = 0; t0 < T; t0 += chunk) {
     const int n = std::min(chunk, T - t0);
     batch.clear();
-    batch.add(toks.data() + t0, n, t0, blocks, block_size, false);
+    const int nb = std::min(t0, kTokenContext);
+    batch.add(toks.data() + t0, n, t0, blocks, block_size, false, toks.data() + t0 - nb, nb);
     for (int i = 0; i < n; ++i) batch.logit_rows.push_back(i);  // every row's logits
     const float* lg = model.forward_infer(batch, cache);
     out.insert(out.end(), lg, lg + int64_t(n) * V);

@@ -229,23 +229,53 @@ std::vector<int32_t> reference_greedy(Model& model, std::vector<int32_t> toks, i
   InferBatch b;
   std::vector<int32_t> out;
   b.add(toks.data(), static_cast<int>(toks.size()), 0, {0}, T, true);
-  int pos = static_cast<int>(toks.size());
   for (int i = 0; i < n; ++i) {
     const float* lg = model.forward_infer(b, cache);
     const int32_t next = static_cast<int32_t>(std::max_element(lg, lg + V) - lg);
     out.push_back(next);
+    const int pos = static_cast<int>(toks.size()), nb = std::min(pos, kTokenContext);
+    toks.push_back(next);
     b.clear();
-    b.add(&next, 1, pos++, {0}, T, true);
+    b.add(&next, 1, pos, {0}, T, true, toks.data() + pos - nb, nb);
   }
   return out;
 }
 
 const std::vector<std::string>& kPrompts = serve_prompts();
 
+// The serving models: dense, MoE, or MoWE with a routing vocabulary (its word-level routes need each row's earlier
+// tokens, which the engine's step plans carry), with what building each needs.
+struct ServeModel {
+  std::unique_ptr<Model> model;
+  std::vector<int32_t> corpus, classes;
+};
+ServeModel serve_model(const std::string& kind, uint64_t seed) {
+  ServeModel sm;
+  proto::ModelConfig cfg = serve_model_config(kind == "MoE");
+  if (kind == "MoWE") {
+    cfg.add_ffn_pattern(proto::FFN_WORD_EXPERT);
+    auto* w = cfg.mutable_word_experts();
+    w->set_num_experts(512);
+    w->set_d_expert(16);
+    w->set_num_frequent(384);
+    w->set_routing_vocab_size(4096);
+    fill_defaults(&cfg, 64);
+    std::ifstream in(std::string(MOE_TEST_SOURCE_DIR) + "/../shared/data/tinyshakespeare.txt");
+    std::string text(30000, '\0');
+    in.read(text.data(), static_cast<std::streamsize>(text.size()));
+    sm.corpus = serve_tokenizer().encode(text);
+    sm.classes = word_classes(serve_tokenizer());
+  }
+  sm.model = make_model(cfg, seed, {.corpus = &sm.corpus, .word_classes = &sm.classes, .inference = true});
+  return sm;
+}
+
 TEST(ServeEngine, GreedyTokensEqualPlainGreedyDecodingAndAreBatchInvariant) {
-  for (bool moe : {false, true}) {
-    SCOPED_TRACE(moe ? "MoE" : "dense");
-    auto model = make_model(serve_model_config(moe), 11, {.inference = true});
+  for (const std::string kind : {"dense", "MoE", "MoWE"}) {
+    SCOPED_TRACE(kind);
+    const bool moe = kind == "MoE";
+    ServeModel sm = serve_model(kind, 11);
+    auto& model = sm.model;
     std::vector<std::vector<int32_t>> alone;
     {
       OneRankEngine one(*model, serve_config(64, 16));
