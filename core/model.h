@@ -89,6 +89,7 @@ class Model {
   // micro-batches).
   void backward(float loss_scale = 1.0f);
   const float* logits() const { return logits_.data(); }
+  const float* token_losses() const { return losses_.data(); }  // [B*T] per-token cross-entropy of the last forward
   // Sum of extra losses (router aux losses) from the last forward.
   double extra_loss() const;
   std::vector<FfnStats> ffn_stats() const;

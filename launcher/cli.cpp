@@ -26,6 +26,7 @@
 #include "core/trainer.h"
 #include "launcher/ckpt_tool.h"
 #include "launcher/coordinator_cli.h"
+#include "launcher/eval.h"
 #include "launcher/launch_env.h"
 #include "comm/parallel.h"
 #include "launcher/run_state.h"
@@ -73,6 +74,9 @@ const OptionDoc kOptions[] = {
      "the API key clients must send (Authorization: Bearer KEY): the first line of FILE\n"
      "(overrides serving.api_key_file; without either the API is open to whoever reaches\n"
      "serving.host)"},
+    {"--by-frequency", "",
+     "also the loss over the whole validation split by the frequency rank of the target token in the\n"
+     "training split (ranks 1-16, 17-256, 257-4096, rarer), then the same as one JSON line"},
     {"--print-ids", "",
      "also print on stderr the token ids (prompt, then continuation) on one line, and on the next the\n"
      "log-probability of each generated token (log-softmax of the logits, before temperature/top-k)"},
@@ -99,9 +103,9 @@ const std::vector<CommandSpec>& commands() {
       {"serve", "--checkpoint DIR [--set serving.port=8000 ...] [--api-key-file FILE] [--threads N]",
        "serve a checkpoint over an OpenAI-compatible HTTP API (several ranks: mpirun; experts sharded over them)",
        {"--checkpoint", "--set", "--api-key-file", "--threads"}, "--checkpoint"},
-      {"eval", "--checkpoint DIR [--data-dir DIR] [--set data.train_file=...] [--threads N]",
+      {"eval", "--checkpoint DIR [--data-dir DIR] [--set data.train_file=...] [--threads N] [--by-frequency]",
        "validation loss of a checkpoint on its data split (dropless: the same at any world size)",
-       {"--checkpoint", "--data-dir", "--set", "--threads"}, "--checkpoint"},
+       {"--checkpoint", "--data-dir", "--set", "--threads", "--by-frequency"}, "--checkpoint"},
       {"config", "--config FILE [--data-dir DIR] [--set path=value ...]",
        "print the resolved config (defaults filled, overrides applied) and validate it",
        {"--config", "--data-dir", "--set"}, "--config"},
@@ -161,6 +165,7 @@ struct Args {
   bool prompt_set = false;
   bool resume = false;
   bool print_ids = false;
+  bool by_frequency = false;
   std::string api_key_file;
   int threads = -1;
   int ranks_on_node = 1;  // from the launcher: "all cores" is divided among the ranks of one node
@@ -208,6 +213,7 @@ Args parse_args(int argc, char** argv) {
     else if (k == "--set") a.overrides.push_back(value());
     else if (k == "--resume") a.resume = true;
     else if (k == "--print-ids") a.print_ids = true;
+    else if (k == "--by-frequency") a.by_frequency = true;
     else if (k == "--api-key-file") a.api_key_file = value();
     else if (k == "--loss-log") a.loss_log = value();
     else if (k == "--metrics") a.metrics = value();
@@ -261,17 +267,7 @@ int cmd_serve(const Args& a, comm::Communicator& world) {
   return run_serve({a.checkpoint, a.overrides, a.api_key_file}, world);
 }
 
-int cmd_eval(const Args& a) {
-  LoadedModel lm = load_for_inference(a.checkpoint, {a.overrides, a.data_dir});
-  set_num_threads(threads_for(a, lm.cfg.train().threads()));
-  validate_config(lm.cfg, true);
-  Corpus corpus = load_corpus(*lm.tok, lm.cfg.data().train_file(), lm.cfg.data().val_fraction());
-  Trainer trainer(lm.cfg, *lm.model, corpus);
-  const float vl = trainer.evaluate();
-  std::printf("checkpoint %s step %lld | val loss %.4f | unigram entropy %.4f\n", lm.dir.c_str(),
-              static_cast<long long>(lm.manifest.step()), vl, corpus.unigram_entropy);
-  return 0;
-}
+int cmd_eval(const Args& a) { return run_eval({a.checkpoint, a.overrides, a.data_dir, a.threads, a.by_frequency}); }
 
 int cmd_config(const Args& a) {
   Config cfg = resolve_config(a);
