@@ -8,6 +8,9 @@
 //     Poisson arrivals at each rate; reports output tokens/s, time to first token and inter-token latency p50/p99.
 // usage: bench_serve --port P --checkpoint DIR [--closed 1,4,16,64] [--poisson 20,50] [--requests 32]
 //                    [--max-tokens 64] [--prompt-words 12] [--threads N] [--label TEXT] [--bound-only 1]
+//        bench_serve --checkpoint DIR --engine 1 [--closed 1,16] [--context N] [--threads N]
+//                    (the engine's decode step alone at batch sizes --closed; context N, default the mean context
+//                    of the load generator's requests: prompt-words * 1.4 + max-tokens / 2)
 #include <mpi.h>
 #include <omp.h>
 
@@ -18,6 +21,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -42,6 +46,12 @@ using clk = std::chrono::steady_clock;
 namespace {
 
 double secs(clk::time_point a, clk::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+double cpu_seconds() {  // CPU time of the process, all threads
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return t.tv_sec + 1e-9 * t.tv_nsec;
+}
 
 // ---------------------------------------------------------------- 1. the bandwidth bound
 // bytes of f32 weights one decoded token reads: embedding row, per layer the norms, attention projections and the
@@ -127,20 +137,24 @@ void engine_steps(const std::string& ckpt, int threads, const std::vector<double
     for (int b = 0; b < B; ++b) batch.add(prompt.data(), ctx, 0, blocks[b], bs, true);
     m.forward_infer(batch, cache);
     const int32_t tok = 7;
+    double cpu = 0;  // CPU seconds of this process per step (every thread): on a shared machine, the work done
     auto run = [&](int iters) {
       const auto t0 = clk::now();
+      const double c0 = cpu_seconds();
       for (int i = 0; i < iters; ++i) {
         batch.clear();
         const int nb = std::min(ctx, moe::kTokenContext);
         for (int b = 0; b < B; ++b) batch.add(&tok, 1, ctx, blocks[b], bs, true, prompt.data() + ctx - nb, nb);
         m.forward_infer(batch, cache);
       }
+      cpu = (cpu_seconds() - c0) / iters;
       return secs(t0, clk::now()) / iters;
     };
     run(10);
     const double s = run(std::max(20, 2000 / B));
     std::printf("  batch %-3d                                                 %8.3f %10.0f\n", B, s * 1e3, B / s);
-    std::printf("ENGINE batch=%d ms_per_step=%.4f tokens_per_s=%.1f\n", B, s * 1e3, B / s);
+    std::printf("ENGINE batch=%d ms_per_step=%.4f tokens_per_s=%.1f cpu_ms_per_step=%.4f tokens_per_cpu_s=%.1f\n", B,
+                s * 1e3, B / s, cpu * 1e3, B / cpu);
   }
 }
 
@@ -297,7 +311,7 @@ std::vector<double> list(const std::string& s) {
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
-  int port = 0, requests = 32, max_tokens = 64, words = 12, threads = 2, bound_only = 0, engine = 0;
+  int port = 0, requests = 32, max_tokens = 64, words = 12, threads = 2, bound_only = 0, engine = 0, context = 0;
   std::string ckpt, closed = "1,4,16,64", poisson = "", label = "";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i], v = argv[i + 1];
@@ -323,6 +337,8 @@ int main(int argc, char** argv) {
       bound_only = std::stoi(v);
     else if (a == "--engine")
       engine = std::stoi(v);
+    else if (a == "--context")
+      context = std::stoi(v);
     else {
       std::fprintf(stderr, "bench_serve: unknown option %s\n", a.c_str());
       return 2;
@@ -334,7 +350,7 @@ int main(int argc, char** argv) {
     const std::vector<std::string> ps = prompts(words);
     if (bound_only || engine) {
       if (bound_only) print_bound(cfg.model(), threads, int(words * 1.4), max_tokens);  // ~1.4 tokens per word
-      if (engine) engine_steps(ckpt, threads, list(closed), int(words * 1.4 + max_tokens / 2));
+      if (engine) engine_steps(ckpt, threads, list(closed), context > 0 ? context : int(words * 1.4 + max_tokens / 2));
       MPI_Finalize();
       return 0;
     }

@@ -317,8 +317,20 @@ void validate(const proto::OptimizerConfig& o) {
   MOE_CHECK_FIELD(o.warmup_steps() >= 0, "optimizer.warmup_steps", o.warmup_steps(), "must be >= 0");
 }
 
+// whether `path` is `dir` or lies below it (lexically, after resolving what exists of both)
+bool path_within(const std::string& path, const std::string& dir) {
+  const auto p = std::filesystem::weakly_canonical(path), d = std::filesystem::weakly_canonical(dir);
+  return std::mismatch(d.begin(), d.end(), p.begin(), p.end()).first == d.end();
+}
+
 void validate(const proto::TrainConfig& t) {
   MOE_CHECK_FIELD(t.steps() > 0, "train.steps", t.steps(), "must be > 0");
+  // the run's saves would replace the root's `latest` and rotate the source checkpoint away (checkpoint.keep_last)
+  const std::string own = t.out_dir() + "/checkpoints";
+  MOE_CHECK_FIELD(t.init_from().empty() || !path_within(t.init_from(), own), "train.init_from",
+                  "'" << t.init_from() << "'",
+                  "lies inside this run's own checkpoints (train.out_dir/checkpoints = '"
+                      << own << "'): start from a checkpoint outside it or set another train.out_dir");
   MOE_CHECK_FIELD(t.log_every() > 0, "train.log_every", t.log_every(), "must be > 0");
   MOE_CHECK_FIELD(t.eval_every() >= 0, "train.eval_every", t.eval_every(), "must be >= 0");
   MOE_CHECK_FIELD(t.eval_batches() > 0, "train.eval_batches", t.eval_batches(), "must be > 0");

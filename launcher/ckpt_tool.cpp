@@ -57,7 +57,7 @@ const char* kCkptUsage =
     "    --dtype bf16|f32 cast the parameters (round to nearest even); optimizer moments stay f32\n"
     "    --set path=value config override applied to the output config (e.g. data.train_file=...)\n"
     "                     --to-gqa and --upcycle drop the optimizer state (its shapes no longer match): the result\n"
-    "                     is for eval/generate or a fresh fine-tuning run, not for train --resume\n"
+    "                     is for eval/generate or a new run from it: moe train --set train.init_from=OUT\n"
     "    --to-safetensors FILE   export the parameters instead of writing a checkpoint. Name mapping: the\n"
     "                     checkpoint dataset params/<name> becomes the safetensors tensor <name> (e.g.\n"
     "                     params/layers.0.attn.wq -> layers.0.attn.wq, params/tok_emb.weight -> tok_emb.weight);\n"

@@ -55,7 +55,10 @@ const OptionDoc kOptions[] = {
     {"--checkpoint", "DIR", "a step_<N> checkpoint directory, or a checkpoint root whose `latest` names one"},
     {"--prompt", "TEXT", "the text to continue (default: a newline)"},
     {"--set", "path=value", "override a config field by path, e.g. --set model.d_model=256 (repeatable)"},
-    {"--resume", "", "continue from the newest checkpoint (train.out_dir/checkpoints/latest)"},
+    {"--resume", "",
+     "continue from the newest checkpoint (train.out_dir/checkpoints/latest); without one the run\n"
+     "starts fresh, or from --set train.init_from=CKPT (a new run from a checkpoint's weights and\n"
+     "model config: fine-tuning, GQA uptraining; step 0, fresh AdamW state and data loader)"},
     {"--threads", "N",
      "OpenMP/OpenBLAS threads per rank (default: train.threads; 0 = the node's cores divided\n"
      "among the ranks on the node)"},
@@ -232,10 +235,13 @@ Args parse_args(int argc, char** argv) {
   return a;
 }
 
-Config resolve_config(const Args& a) {
+// the config file, the overrides, the model of train.init_from (model_diff: how it differs from the file's), defaults
+Config resolve_config(const Args& a, std::string* model_diff = nullptr) {
   MOE_CHECK(!a.config.empty(), "'moe " << a.command << "' needs --config FILE");
   Config cfg = load_config_file(a.config, a.data_dir);
   for (const auto& o : a.overrides) apply_override(cfg, o);
+  const std::string diff = take_init_model(cfg, a.overrides);
+  if (model_diff) *model_diff = diff;
   fill_defaults(cfg);
   return cfg;
 }
@@ -250,7 +256,12 @@ int threads_for(const Args& a, int config_threads) {
 }
 
 int cmd_train(const Args& a, comm::Parallel& par) {
-  Config cfg = resolve_config(a);
+  std::string model_diff;
+  Config cfg = resolve_config(a, &model_diff);
+  if (par.rank() == 0 && !model_diff.empty())
+    MOE_INFO("train.init_from " << cfg.train().init_from()
+                                << ": the model is the checkpoint's; it differs from the config file's in\n"
+                                << model_diff);
   TrainOptions opt{a.resume, set_num_threads(threads_for(a, cfg.train().threads())), a.ranks_on_node, a.loss_log,
                    a.metrics, a.tensorboard};
   return run_training(std::move(cfg), opt, par);

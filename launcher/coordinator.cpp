@@ -31,6 +31,7 @@
 #include "launcher/control_wire.h"
 #include "launcher/coordinator_http.h"
 #include "launcher/replica_proxy.h"
+#include "launcher/train.h"
 #include "launcher/worker_group.h"
 #include "serve/http_server.h"
 
@@ -116,6 +117,7 @@ struct JobFacts {
 JobFacts train_facts(const CoordinatorOptions& o) {
   Config cfg = load_config_file(o.config);
   for (const auto& a : o.overrides) apply_override(cfg, a);
+  take_init_model(cfg, o.overrides);  // the experts of a run from train.init_from are its checkpoint's
   fill_defaults(cfg);
   validate_config(cfg, /*needs_data=*/true);
   JobFacts f;

@@ -1,5 +1,8 @@
 #include "launcher/train.h"
 
+#include <google/protobuf/util/message_differencer.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -8,6 +11,7 @@
 #include <memory>
 
 #include "checkpoints/checkpoint.h"
+#include "checkpoints/convert.h"
 #include "checkpoints/naming.h"
 #include "core/data.h"
 #include "core/log.h"
@@ -62,59 +66,87 @@ std::vector<int64_t> token_counts(const Corpus& c, int V) {
   return counts;
 }
 
-// The checkpoint `--resume` continues from (none: a fresh run).
-struct Resume {
+// The checkpoint a run starts from: with `--resume` its own newest (train.out_dir/checkpoints/latest: parameters,
+// optimizer and loader state, step), else train.init_from (a new run: weights and routing tables only); none: a
+// fresh initialisation.
+struct Start {
   std::string dir;
   proto::Manifest manifest;
   std::unique_ptr<ckpt::Reader> reader;
   RunState state;
+  bool init = false;  // from train.init_from: step 0, fresh AdamW state and data loader
   explicit operator bool() const { return reader != nullptr; }
 };
 
-Resume open_resume(bool resume, const std::string& root, Config& cfg, bool lead) {
-  Resume r;
-  if (!resume) return r;
-  if (!fs::exists(root + "/latest")) {
-    if (lead) MOE_INFO("--resume: no checkpoint under " << root << ", starting fresh");
-    return r;
-  }
-  r.dir = ckpt::resolve(root);
-  r.manifest = ckpt::read_manifest(r.dir);
-  r.reader = std::make_unique<ckpt::Reader>(r.dir, r.manifest);
-  r.state = RunState::read(*r.reader, r.manifest);
-  // the stored tables keep the row placement they were trained with, whatever the config file says
-  const auto saved = r.manifest.config().model().word_experts().placement();
-  if (cfg.model().has_word_experts() && saved != cfg.model().word_experts().placement()) {
-    if (lead)
-      MOE_INFO("--resume: model.word_experts.placement " << proto::WordExpertConfig::Placement_Name(saved)
-                                                        << " taken from the checkpoint");
-    cfg.mutable_model()->mutable_word_experts()->set_placement(saved);
-  }
-  return r;
+bool has_optimizer_state(const proto::Manifest& m) {
+  return std::any_of(m.tensors().begin(), m.tensors().end(),
+                     [](const proto::TensorEntry& e) { return ckpt::is_optim_key(e.name()); });
 }
 
-// Loads the checkpoint's tensors and run state into the model and trainer; returns the step to start from.
-// A checkpoint without optimizer state (converted or imported: `moe ckpt convert --to-gqa / --upcycle / --from-hf`)
-// starts a fine-tune: its parameters and step, fresh AdamW state and the loader's own seed.
-int apply_resume(Resume& r, const Config& cfg, Model& model, Trainer& trainer, bool lead) {
-  if (!r) return 0;
-  const bool fine_tune = !r.reader->has(ckpt::optim_m_key(model.params().all().front()->name));
-  if (fine_tune) {
-    restore_state(*r.reader, model.params(), nullptr);
-    model.restore_unit_state(r.state.units);
+// Every parameter tensor of the checkpoint (if any) against the model of the config, before the model is
+// allocated: a mismatch names the tensor and both shapes.
+void check_shapes(const Config& cfg, const Start& s) {
+  if (!s) return;
+  std::map<std::string, Shape> have;
+  for (const auto& e : s.manifest.tensors())
+    if (ckpt::is_param_key(e.name())) have[ckpt::parse_key(e.name()).name] = Shape(e.shape().begin(), e.shape().end());
+  const std::vector<std::string> p = ckpt::param_problems(cfg, have, s.state.units.tables, "checkpoint " + s.dir);
+  const char* hint = s.init ? " (train.init_from: the model section is the checkpoint's; a --set model.* override "
+                              "must keep every tensor shape)"
+                            : " (--resume: the model config must be the one the run was trained with)";
+  MOE_CHECK(p.empty(), p.front() << (p.size() > 1 ? " (and " + std::to_string(p.size() - 1) + " more)" : "") << hint);
+}
+
+Start open_start(bool resume, const std::string& root, Config& cfg, bool lead) {
+  Start s;
+  const std::string& init = cfg.train().init_from();
+  const bool own = resume && fs::exists(root + "/latest");
+  if (resume && !own && lead)
+    MOE_INFO("--resume: no checkpoint under " << root
+                                              << (init.empty() ? ", starting fresh" : ", from train.init_from"));
+  if (!own && init.empty()) return s;
+  s.init = !own;
+  s.dir = ckpt::resolve(own ? root : init);
+  s.manifest = ckpt::read_manifest(s.dir);
+  MOE_CHECK(s.init || has_optimizer_state(s.manifest),
+            "--resume: checkpoint " << s.dir << " has no optimizer state (a converted or imported checkpoint): "
+                                    << "start a new run from it with --set train.init_from=" << s.dir
+                                    << " and another train.out_dir");
+  s.reader = std::make_unique<ckpt::Reader>(s.dir, s.manifest);
+  s.state = RunState::read(*s.reader, s.manifest);
+  // the stored tables keep the row placement they were trained with, whatever the config file says
+  const auto saved = s.manifest.config().model().word_experts().placement();
+  if (cfg.model().has_word_experts() && saved != cfg.model().word_experts().placement()) {
     if (lead)
-      MOE_INFO("resumed parameters from " << r.dir << " at step " << r.state.step
-                                         << " (no optimizer state: a fine-tune with fresh AdamW state)");
-    return static_cast<int>(r.state.step);
+      MOE_INFO("model.word_experts.placement " << proto::WordExpertConfig::Placement_Name(saved)
+                                               << " taken from the checkpoint");
+    cfg.mutable_model()->mutable_word_experts()->set_placement(saved);
   }
-  restore_state(*r.reader, model.params(), &trainer.optimizer());
-  MOE_CHECK(r.manifest.loader_rng_size() == 4, "checkpoint " << r.dir << ": manifest has no data-loader state");
-  const int missing = r.state.restore(model, trainer.optimizer(), trainer.loader());
-  if (lead) MOE_INFO("resumed from " << r.dir << " at step " << r.state.step);
+  return s;
+}
+
+// Loads the checkpoint's tensors and state into the model and trainer; returns the step to start from.
+int apply_start(Start& s, const Config& cfg, Model& model, Trainer& trainer, bool lead) {
+  if (!s) return 0;
+  if (s.init) {
+    restore_state(*s.reader, model.params(), nullptr);
+    UnitState tables;  // the routing tables the weights were trained with; router RNGs start from the seed
+    tables.tables = s.state.units.tables;
+    model.restore_unit_state(tables);
+    if (lead)
+      MOE_INFO("train.init_from: weights and routing tables of " << s.dir << " (step " << s.state.step
+                                                                 << " of its run); step 0 of " << cfg.train().steps()
+                                                                 << ", fresh AdamW state and data loader");
+    return 0;
+  }
+  restore_state(*s.reader, model.params(), &trainer.optimizer());
+  MOE_CHECK(s.manifest.loader_rng_size() == 4, "checkpoint " << s.dir << ": manifest has no data-loader state");
+  const int missing = s.state.restore(model, trainer.optimizer(), trainer.loader());
+  if (lead) MOE_INFO("resumed from " << s.dir << " at step " << s.state.step);
   if (lead && missing > 0 && cfg.model().moe().jitter_eps() > 0)
     MOE_INFO("checkpoint has no router jitter RNG state for " << missing
                                                               << " learned router(s): their noise restarts from the seed");
-  return static_cast<int>(r.state.step);
+  return static_cast<int>(s.state.step);
 }
 
 void announce(const Config& cfg, const Model& model, const comm::Parallel& par, int threads, const Corpus& corpus,
@@ -305,6 +337,29 @@ TrainHooks parallel_hooks(comm::Parallel& par) {
 
 }  // namespace
 
+std::string take_init_model(Config& cfg, const std::vector<std::string>& overrides) {
+  const std::string& init = cfg.train().init_from();
+  if (init.empty()) return "";
+  MOE_CHECK(fs::exists(init), "config field train.init_from = '" << init << "': no such checkpoint directory");
+  Config file = cfg;
+  *cfg.mutable_model() = ckpt::read_manifest(ckpt::resolve(init)).config().model();
+  for (const std::string& o : overrides)
+    if (o.rfind("model.", 0) == 0) apply_override(cfg, o);
+  // the differences that matter: both with their defaults filled, a vocabulary size of 0 (from the tokenizer) aside
+  Config now = cfg;
+  fill_defaults(file);
+  fill_defaults(now);
+  if (file.model().vocab_size() == 0) file.mutable_model()->set_vocab_size(now.model().vocab_size());
+  std::string diff;
+  {  // (the reporter writes `diff` out when the differencer is destroyed)
+    google::protobuf::util::MessageDifferencer d;
+    d.ReportDifferencesToString(&diff);
+    d.Compare(file.model(), now.model());
+  }
+  while (!diff.empty() && diff.back() == '\n') diff.pop_back();
+  return diff;
+}
+
 int run_training(Config cfg, const TrainOptions& opt, comm::Parallel& par) {
   validate_config(cfg, /*needs_data=*/true);
   check_world(cfg, par.size());
@@ -313,20 +368,21 @@ int run_training(Config cfg, const TrainOptions& opt, comm::Parallel& par) {
   const bool lead = par.rank() == 0;
   CoordinatorLink link(par);  // (connects now when a coordinator launched this rank: it sees the loading)
   const std::string root = cfg.train().out_dir() + "/checkpoints";
-  Resume resume = open_resume(opt.resume, root, cfg, lead);
-  // resuming: the checkpoint's own tokenizer (an imported model brings its own); else the configured or trained one
-  Tokenizer tok(resume && !resume.manifest.tokenizer_file().empty()
-                    ? resume.dir + "/" + resume.manifest.tokenizer_file()
+  Start start_ckpt = open_start(opt.resume, root, cfg, lead);
+  // from a checkpoint: its own tokenizer (an imported model brings its own); else the configured or trained one
+  Tokenizer tok(start_ckpt && !start_ckpt.manifest.tokenizer_file().empty()
+                    ? start_ckpt.dir + "/" + start_ckpt.manifest.tokenizer_file()
                     : prepare_tokenizer(cfg, par));
   set_vocab(cfg, tok);
+  check_shapes(cfg, start_ckpt);  // (with the vocabulary size known)
   Corpus corpus = load_corpus(tok, cfg.data().train_file(), cfg.data().val_fraction());
   const std::vector<int64_t> counts = token_counts(corpus, tok.vocab_size());
   const std::vector<int32_t> classes = word_classes(tok);
-  // (a checkpoint's unit state, routing tables included, is restored by apply_resume, once)
+  // (a checkpoint's unit state, routing tables included, is restored by apply_start, once)
   auto model = experts::build_model(
       cfg, {.ep = par.expert_group(), .token_counts = &counts, .corpus = &corpus.train, .word_classes = &classes});
   Trainer trainer(cfg, *model, corpus);
-  const int start = apply_resume(resume, cfg, *model, trainer, lead);
+  const int start = apply_start(start_ckpt, cfg, *model, trainer, lead);
   if (lead) announce(cfg, *model, par, opt.threads, corpus, root);
   if (start >= cfg.train().steps()) {
     if (lead) MOE_INFO("nothing to do: checkpoint step " << start << " >= train.steps " << cfg.train().steps());

@@ -162,14 +162,15 @@ print("%s made by transformers, imported: %d log-probabilities within %.2e of th
 PY
 done
 
-# ---- an imported model is evaluated and fine-tuned (train --resume: its parameters, fresh AdamW state)
+# ---- an imported model is evaluated and fine-tuned (train.init_from: its weights and model config, fresh AdamW
+# state; the config file's model section is replaced by the checkpoint's)
 has "val loss" "$MOE_BIN" eval --checkpoint "$work/imp_llama" --set data.train_file="$MOE_DATA_DIR/tinyshakespeare.txt" \
   --threads 2
-"$MOE_BIN" ckpt convert --from-hf "$work/made_llama" --out "$work/ft/checkpoints"
-"$MOE_BIN" train --config "$cfg" "${data[@]}" --set train.steps=8 --set train.log_every=4 --set model.d_model=48 \
-  --set model.n_heads=6 --set model.n_kv_heads=2 --set model.d_ff=80 --set train.out_dir="$work/ft" --resume \
+"$MOE_BIN" train --config "$cfg" "${data[@]}" --set train.steps=8 --set train.log_every=4 \
+  --set train.init_from="$work/imp_llama" --set train.out_dir="$work/ft" \
   --metrics "$work/ft.jsonl" > "$work/ft.log" 2>&1 || { cat "$work/ft.log"; fail "fine-tuning the imported model failed"; }
-grep -q "resumed parameters from .*step_0 at step 0 (no optimizer state" "$work/ft.log" || { cat "$work/ft.log"; fail "no fine-tune resume"; }
+grep -q "train.init_from: weights and routing tables of .*step_0 (step 0 of its run); step 0 of 8" "$work/ft.log" \
+  || { cat "$work/ft.log"; fail "no fine-tune from train.init_from"; }
 grep -q '"step":8' "$work/ft.jsonl" || fail "the fine-tune did not reach step 8"
 echo "fine-tuned the imported llama for 8 steps"
 
