@@ -8,17 +8,19 @@
 //     --gen greedy tokens with full attention; per setting the SparQ argmax at each generated position given full
 //     attention's prefix (teacher forced), and SparQ's own greedy tokens (free running) position by position;
 //  4. decode speed: --batch sequences at context --prompt-len, decode steps of every setting interleaved
-//     (Model::forward_infer, tokens/s), and the attention op alone on one layer's cache (attention_paged vs
-//     attention_sparq, with the key columns and with components gathered from the key rows).
-// usage: bench_sparq --checkpoint DIR [--settings 32:64,16:128,...] [--windows 4] [--prompts 16] [--prompt-len 1000]
-//                    [--gen 24] [--batch 1,8] [--threads 1] [--data FILE]
+//     (Model::forward_infer, tokens/s of thread CPU time: run it with --threads 1), and the attention op alone on
+//     one layer's cache (attention_paged vs attention_sparq, with the key columns and with components gathered from
+//     the key rows); the best of --reps interleaved runs of --iters steps each.
+// usage: bench_sparq --checkpoint DIR --settings r:k,r:k,... [--windows 4] [--prompts 16] [--prompt-len 1000]
+//                    [--gen 24] [--batch 1,8] [--threads 1] [--iters 20] [--reps 7] [--data FILE]
 #include <mpi.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/data.h"
@@ -29,13 +31,18 @@
 
 namespace {
 
-using clk = std::chrono::steady_clock;
-double secs(clk::time_point a, clk::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+// Seconds of CPU time of the calling thread: with --threads 1 every kernel runs on it, and on a shared machine this
+// leaves out the time other processes hold the core (cache interference stays in).
+double cpu_now() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
 
 struct Options {
   std::string ckpt, data = std::string(MOE_SOURCE_DIR) + "/../shared/data/tinyshakespeare.txt";
   std::vector<moe::SparqKnobs> settings;  // (r, k); the first row of every table is full attention
-  int windows = 4, prompts = 16, prompt_len = 1000, gen = 24, threads = 1, iters = 20;
+  int windows = 4, prompts = 16, prompt_len = 1000, gen = 24, threads = 1, iters = 20, reps = 7;
   std::vector<int> batches = {1, 8};
 };
 
@@ -195,13 +202,13 @@ struct DecodeBench {
   double step_s(const moe::SparqKnobs& s, int iters) {
     moe::InferBatch batch;
     const int32_t tok = 7;
-    const auto t0 = clk::now();
+    const double t0 = cpu_now();
     for (int i = 0; i < iters; ++i) {
       batch.clear();
       for (int b = 0; b < B; ++b) batch.add(&tok, 1, ctx, seqs.table(b), OneSeq::kBlock, true, {s.r, s.k, 0});
       m.forward_infer(batch, seqs.cache);
     }
-    return secs(t0, clk::now()) / iters;
+    return (cpu_now() - t0) / iters;
   }
 };
 
@@ -221,7 +228,7 @@ double attention_s(DecodeBench& d, const moe::SparqKnobs& s, bool columns, int i
   }
   const moe::KvLayer kv = d.seqs.cache.layer(0);
   moe::Backend& be = d.m.workspace().backend();
-  const auto t0 = clk::now();
+  const double t0 = cpu_now();
   for (int i = 0; i < iters; ++i) {
     if (s.r == 0)
       be.attention_paged(out.data(), q.data(), kv.keys, kv.values, pos.data(), table.data(), start.data(),
@@ -230,7 +237,7 @@ double attention_s(DecodeBench& d, const moe::SparqKnobs& s, bool columns, int i
       be.attention_sparq(out.data(), q.data(), kv.keys, kv.values, kv.value_sums, columns ? kv.key_columns : nullptr,
                          pos.data(), table.data(), start.data(), rk.data(), OneSeq::kBlock, d.B, H, Hkv, D);
   }
-  return secs(t0, clk::now()) / iters;
+  return (cpu_now() - t0) / iters;
 }
 
 void speed_table(moe::Model& m, const std::vector<int32_t>& val, const Options& o) {
@@ -240,14 +247,14 @@ void speed_table(moe::Model& m, const std::vector<int32_t>& val, const Options& 
     DecodeBench d(m, val, B, o.prompt_len);
     const int n = static_cast<int>(all.size());
     std::vector<double> step(n, 1e30), att(n, 1e30), gather(n, 1e30);
-    for (int rep = 0; rep < 5; ++rep)  // interleaved; the best of 5 of each
+    for (int rep = 0; rep < o.reps; ++rep)  // interleaved; the best of each
       for (int i = 0; i < n; ++i) {
         step[i] = std::min(step[i], d.step_s(all[i], o.iters));
         att[i] = std::min(att[i], attention_s(d, all[i], true, o.iters * 4));
         if (all[i].r > 0) gather[i] = std::min(gather[i], attention_s(d, all[i], false, o.iters * 4));
       }
-    std::printf("decode speed, batch %d at context %d (%d thread(s); best of 5 interleaved runs)\n", B, o.prompt_len,
-                o.threads);
+    std::printf("decode speed, batch %d at context %d (%d thread(s); thread CPU time, best of %d interleaved runs)\n",
+                B, o.prompt_len, o.threads, o.reps);
     std::printf("  %-16s %10s %10s %8s %14s %8s %16s\n", "setting", "ms/step", "tokens/s", "vs full", "attention us",
                 "vs full", "gathered K us");
     for (int i = 0; i < n; ++i) {
@@ -274,6 +281,16 @@ std::vector<int> ints(const std::string& s) {
   return out;
 }
 
+int* int_option(Options& o, const std::string& a) {
+  const std::pair<const char*, int*> table[] = {
+      {"--windows", &o.windows}, {"--prompts", &o.prompts}, {"--prompt-len", &o.prompt_len},
+      {"--gen", &o.gen},         {"--threads", &o.threads}, {"--iters", &o.iters},
+      {"--reps", &o.reps}};
+  for (const auto& [name, x] : table)
+    if (a == name) return x;
+  return nullptr;
+}
+
 Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -287,15 +304,8 @@ Options parse(int argc, char** argv) {
         o.settings.push_back({std::stoi(v.substr(p, c - p)), std::stoi(v.substr(c + 1, e - c - 1)), 0});
         p = e + 1;
       }
-    } else if (a == "--windows" || a == "--prompts" || a == "--prompt-len" || a == "--gen" || a == "--threads" ||
-               a == "--iters") {
-      int& x = a == "--windows"      ? o.windows
-               : a == "--prompts"    ? o.prompts
-               : a == "--prompt-len" ? o.prompt_len
-               : a == "--gen"        ? o.gen
-               : a == "--threads"    ? o.threads
-                                     : o.iters;
-      x = std::stoi(v);
+    } else if (int* x = int_option(o, a)) {
+      *x = std::stoi(v);
     } else if (a == "--batch") {
       o.batches = ints(v);
     } else if (a == "--data") {

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -489,33 +490,45 @@ struct SparqCall {
   AttnKernels kern;
 };
 
+constexpr int kTile = 16;  // positions per tile of approximate scores (the SIMD lanes)
+
 // Per-thread scratch, sized for the call's longest context.
 struct SparqScratch {
-  std::vector<float> s;      // [G, max_len] approximate scores, then their softmax
-  std::vector<float> c;      // [max_len] the group's sum of them
-  std::vector<float> p;      // [G, max_len] exact scores of the top positions, then probabilities
-  std::vector<float> qi;     // [G, D] the group's queries at the chosen components
-  std::vector<float> vm;     // [D] the mean value
-  std::vector<int32_t> sel;  // [max(max_len, D)] selection: components, then positions
-  std::vector<int64_t> at;   // [max_len] offsets (all positions without key columns; the top ones after)
+  std::vector<float> s;        // [G, max_len] approximate scores, then their softmax
+  std::vector<float> c;        // [max_len] the group's sum of them
+  std::vector<float> p;        // [G, max_len] exact scores of the top positions, then probabilities
+  std::vector<float> qi;       // [G, D] the group's queries at the chosen components
+  std::vector<float> vm;       // [D] the mean value
+  std::vector<float> tile;     // [D, kTile] key components of up to kTile positions
+  std::vector<int32_t> sel;    // [max(max_len, D)] selection: components, then positions
+  std::vector<uint64_t> keys;  // [max(max_len, D)] the selection's keys
+  std::vector<uint8_t> mark;   // [max(max_len, D)] the chosen indices
+  std::vector<int64_t> at;     // [max_len] offsets of the top positions
   SparqScratch(int G, int D, int max_len)
       : s(size_t(G) * max_len),
         c(max_len),
         p(size_t(G) * max_len),
         qi(size_t(G) * D),
         vm(D),
+        tile(size_t(D) * kTile),
         sel(std::max(max_len, D)),
+        keys(std::max(max_len, D)),
+        mark(std::max(max_len, D)),
         at(max_len) {}
 };
 
-// The n largest of x[0..len) (ties: the lower index) into idx[0..n), in increasing order; idx[len] scratch
-void top_n(int32_t* idx, const float* x, int len, int n) {
-  for (int i = 0; i < len; ++i) idx[i] = i;
-  if (n < len) {
-    std::nth_element(idx, idx + n, idx + len,
-                     [x](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
-  }
-  std::sort(idx, idx + std::min(n, len));
+// The n largest of x[0..len) (x >= 0; ties: the lower index) into idx[0..n), in increasing order. The selection
+// runs on keys (~bits(x) << 32 | index): for x >= 0 the float's bits order like its value, so the n smallest keys
+// are the n largest values, lower index first among equal ones, with no indirection; the chosen indices come out in
+// order by one pass over a mark per index. keys[len], mark[len] scratch.
+void top_n(int32_t* idx, uint64_t* keys, uint8_t* mark, const float* x, int len, int n) {
+  for (int i = 0; i < len; ++i) keys[i] = uint64_t(~std::bit_cast<uint32_t>(x[i])) << 32 | static_cast<uint32_t>(i);
+  n = std::min(n, len);
+  if (n < len) std::nth_element(keys, keys + n, keys + len);
+  std::memset(mark, 0, static_cast<size_t>(std::max(len, 0)));
+  for (int i = 0; i < n; ++i) mark[keys[i] & 0xffffffffu] = 1;
+  for (int i = 0, m = 0; i < len; ++i)
+    if (mark[i]) idx[m++] = i;
 }
 
 // The r components I of the group's queries qg[G,D] (by the sum of |q_h[i]| over the group) into sel[0..r);
@@ -526,7 +539,7 @@ void pick_components(SparqScratch& w, float* sc, const float* qg, int r, const S
   for (int i = 0; i < D; ++i) a[i] = 0.0f;
   for (int h = 0; h < c.G; ++h)
     for (int i = 0; i < D; ++i) a[i] += std::fabs(qg[h * D + i]);
-  top_n(w.sel.data(), a, D, r);
+  top_n(w.sel.data(), w.keys.data(), w.mark.data(), a, D, r);
   for (int h = 0; h < c.G; ++h) {
     const float* qh = qg + h * D;
     float all = 0.0f, in = 0.0f;
@@ -539,36 +552,67 @@ void pick_components(SparqScratch& w, float* sc, const float* qg, int r, const S
   }
 }
 
-// w.s[h][t] = sum_m qi[h][m] * K_t[I[m]] for t < len: one fma chain per (head, position) over m, reading the key
-// columns block by block (a component of a block's positions is contiguous), or gathering from the key rows.
-void approx_dots(SparqScratch& w, int r, int len, int64_t lds, const PagedRow& pr, int g, const SparqCall& c) {
-  const int32_t* I = w.sel.data();
-  for (int h = 0; h < c.G; ++h) std::fill(w.s.begin() + h * lds, w.s.begin() + h * lds + len, 0.0f);
-  if (!c.k_cols) {
-    for (int t = 0; t < len; ++t) {
-      const float* kt = c.k_pool + w.at[t];  // [D]
-      for (int h = 0; h < c.G; ++h) {
-        const float* qh = w.qi.data() + h * r;
-        float acc = 0.0f;
-        for (int m = 0; m < r; ++m) acc = std::fma(qh[m], kt[I[m]], acc);
-        w.s[h * lds + t] = acc;
-      }
+// s[h * lds + l] = scale[h] * sum_m qi[h][m] * col(m)[l] for l < n (n <= kTile): one fma chain per (head, position)
+// in increasing m, from 0; col(m) = the kTile positions' component I[m]: cols[m * ld] (a tile) or, with I given,
+// cols + I[m] * ld (the key columns of a block).
+void tile_dots(float* s, int64_t lds, const float* qi, const float* sc, int G, int r, const int32_t* I,
+               const float* cols, int64_t ld, int n) {
+  for (int h = 0; h < G; ++h) {
+    const float* qh = qi + h * r;
+    float acc[kTile] = {};
+    for (int m = 0; m < r; ++m) {
+      const float q = qh[m];
+      const float* col = cols + (I ? int64_t(I[m]) : int64_t(m)) * ld;  // [kTile]
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l) acc[l] = std::fma(q, col[l], acc[l]);
     }
+    for (int l = 0; l < n; ++l) s[h * lds + l] = acc[l] * sc[h];
+  }
+}
+
+// The lines of the key components I[0..r) that the tile at t0 reads (the key columns are not read in an order a
+// hardware prefetcher follows), kPrefetch tiles ahead.
+constexpr int kPrefetch = 2;
+void prefetch_tile(const int32_t* I, int r, int t0, const PagedRow& pr, int g, const SparqCall& c) {
+  const int bs = pr.block_size;
+  if (c.k_cols) {
+    const float* base = c.k_cols + ((int64_t(pr.blocks[t0 / bs]) * c.Hkv + g) * c.D) * bs + t0 % bs;
+    for (int m = 0; m < r; ++m) __builtin_prefetch(base + int64_t(I[m]) * bs);
     return;
   }
+  for (int t = t0; t < t0 + kTile; ++t)
+    for (int i = 0; i < c.D; i += 16) __builtin_prefetch(c.k_pool + pr.at(t) + i);
+}
+
+// w.s[h][t] = sc[h] * sum_m qi[h][m] * K_t[I[m]] for t < len (tile_dots), kTile positions at a time: straight from
+// the key columns when a tile is a whole run of kTile positions of one block, else from the components copied (from
+// the key columns or gathered from the key rows) into a tile: the same bits either way.
+void approx_scores(SparqScratch& w, const float* sc, int r, int len, int64_t lds, const PagedRow& pr, int g,
+                   const SparqCall& c) {
+  const int32_t* I = w.sel.data();
   const int bs = pr.block_size;
-  for (int t0 = 0; t0 < len; t0 += bs) {
-    const int nb = std::min(bs, len - t0);
-    const float* base = c.k_cols + ((int64_t(pr.blocks[t0 / bs]) * c.Hkv + g) * c.D) * bs;  // [D, bs]
-    for (int m = 0; m < r; ++m) {
-      const float* col = base + int64_t(I[m]) * bs;  // [nb] component I[m] of the block's positions
-      for (int h = 0; h < c.G; ++h) {
-        const float qm = w.qi[h * r + m];
-        float* sh = w.s.data() + h * lds + t0;
-#pragma omp simd
-        for (int l = 0; l < nb; ++l) sh[l] = std::fma(qm, col[l], sh[l]);
+  float* tile = w.tile.data();  // [r, kTile]
+  for (int t0 = 0; t0 < len; t0 += kTile) {
+    const int n = std::min(kTile, len - t0);
+    if (t0 + kPrefetch * kTile < len) prefetch_tile(I, r, t0 + kPrefetch * kTile, pr, g, c);
+    const float* base = nullptr;  // t0's block's key columns [D, bs], at t0's offset in the block
+    if (c.k_cols) base = c.k_cols + ((int64_t(pr.blocks[t0 / bs]) * c.Hkv + g) * c.D) * bs + t0 % bs;
+    if (base && n == kTile && t0 % bs + kTile <= bs) {
+      tile_dots(w.s.data() + t0, lds, w.qi.data(), sc, c.G, r, I, base, bs, n);
+      continue;
+    }
+    std::fill(tile, tile + int64_t(r) * kTile, 0.0f);
+    for (int l = 0; l < n; ++l) {
+      const int t = t0 + l;
+      if (c.k_cols) {
+        const float* bt = c.k_cols + ((int64_t(pr.blocks[t / bs]) * c.Hkv + g) * c.D) * bs + t % bs;
+        for (int m = 0; m < r; ++m) tile[m * kTile + l] = bt[int64_t(I[m]) * bs];
+      } else {
+        const float* kt = c.k_pool + pr.at(t);  // [D]
+        for (int m = 0; m < r; ++m) tile[m * kTile + l] = kt[I[m]];
       }
     }
+    tile_dots(w.s.data() + t0, lds, w.qi.data(), sc, c.G, r, nullptr, tile, kTile, n);
   }
 }
 
@@ -594,19 +638,22 @@ void attend_sparq(float* yg, const float* qg, int len, int r, int k, const Paged
   const int G = c.G, D = c.D;
   const int64_t lds = static_cast<int64_t>(w.c.size());
   float sc[256];  // each head's approximate-score scale (G <= 256: checked by the caller)
-  if (!c.k_cols)
-    for (int t = 0; t < len; ++t) w.at[t] = pr.at(t);
   pick_components(w, sc, qg, r, c);
-  approx_dots(w, r, len, lds, pr, g, c);
+  approx_scores(w, sc, r, len, lds, pr, g, c);
   for (int t = 0; t < len; ++t) w.c[t] = 0.0f;
   for (int h = 0; h < G; ++h) {
     float* sh = w.s.data() + h * lds;
-    for (int t = 0; t < len; ++t) sh[t] *= sc[h];
     detail::softmax_row(sh, sh, len);
     for (int t = 0; t < len; ++t) w.c[t] += sh[t];
   }
-  top_n(w.sel.data(), w.c.data(), len, k);
-  for (int m = 0; m < k; ++m) w.at[m] = pr.at(w.sel[m]);  // the top positions' offsets, in increasing order
+  top_n(w.sel.data(), w.keys.data(), w.mark.data(), w.c.data(), len, k);
+  for (int m = 0; m < k; ++m) {  // the top positions' offsets, in increasing order; their rows fetched early
+    w.at[m] = pr.at(w.sel[m]);
+    for (int i = 0; i < D; i += 16) {
+      __builtin_prefetch(c.k_pool + w.at[m] + i, 0, 2);
+      __builtin_prefetch(c.v_pool + w.at[m] + i, 0, 2);
+    }
+  }
   float alpha[256];
   for (int h = 0; h < G; ++h) {
     alpha[h] = 0.0f;
