@@ -97,6 +97,21 @@ class CpuBackend final : public Backend {
                        int D) override {
     cpu::attention_paged(out, q, k_pool, v_pool, pos, table, table_start, block_size, N, H, Hkv, D);
   }
+  bool has_sparq() const override { return true; }
+  void value_sums_paged(float* v_sums, const float* v_pool, const int32_t* pos, const int32_t* table,
+                        const int32_t* table_start, int block_size, int N, int Hkv, int D) override {
+    cpu::value_sums_paged(v_sums, v_pool, pos, table, table_start, block_size, N, Hkv, D);
+  }
+  void scatter_columns(float* k_cols, const float* k, const int32_t* slots, int block_size, int N, int Hkv,
+                       int D) override {
+    cpu::scatter_columns(k_cols, k, slots, block_size, N, Hkv, D);
+  }
+  void attention_sparq(float* out, const float* q, const float* k_pool, const float* v_pool, const float* v_sums,
+                       const float* k_cols, const int32_t* pos, const int32_t* table, const int32_t* table_start,
+                       const int32_t* rk, int block_size, int N, int H, int Hkv, int D) override {
+    cpu::attention_sparq(out, q, k_pool, v_pool, v_sums, k_cols, pos, table, table_start, rk, block_size, N, H, Hkv,
+                         D);
+  }
 
   void gelu_forward(float* out, const float* inp, int64_t N) override { cpu::gelu_forward(out, inp, N); }
   void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t N) override {

@@ -96,6 +96,21 @@ class Backend {
   virtual void attention_paged(float* out, const float* q, const float* k_pool, const float* v_pool, const int32_t* pos,
                                const int32_t* table, const int32_t* table_start, int block_size, int N, int H, int Hkv,
                                int D) = 0;
+  // SparQ attention for decode (cpu::attention_sparq and the cache's side tables, see kernels.h). has_sparq():
+  // whether this backend has these three ops (the CUDA backend has not yet: they throw there).
+  virtual bool has_sparq() const = 0;
+  // v_sums[num_blocks, Hkv, D] at the blocks that rows ending a block complete, from v_pool [slots, Hkv, D]
+  virtual void value_sums_paged(float* v_sums, const float* v_pool, const int32_t* pos, const int32_t* table,
+                                const int32_t* table_start, int block_size, int N, int Hkv, int D) = 0;
+  // k_cols[num_blocks, Hkv, D, block_size] <- the rows' keys k[N,Hkv,D] at slots[N]
+  virtual void scatter_columns(float* k_cols, const float* k, const int32_t* slots, int block_size, int N, int Hkv,
+                               int D) = 0;
+  // attention_paged with SparQ for the rows with rk[2n] = r > 0, rk[2n+1] = k > 0 and more than k positions:
+  // v_sums as above, k_cols or null, rk[N,2]
+  virtual void attention_sparq(float* out, const float* q, const float* k_pool, const float* v_pool,
+                               const float* v_sums, const float* k_cols, const int32_t* pos, const int32_t* table,
+                               const int32_t* table_start, const int32_t* rk, int block_size, int N, int H, int Hkv,
+                               int D) = 0;
 
   // ---------------------------------------------------------------- activations
   // GELU, tanh approximation: out[N], inp[N]

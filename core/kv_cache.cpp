@@ -9,24 +9,30 @@ KvCache::KvCache(Backend& be, const KvCacheDims& d) : be_(be), d_(d) {
             "KV cache: every dimension must be positive (layers "
                 << d.n_layers << ", blocks " << d.num_blocks << ", block size " << d.block_size << ", kv heads "
                 << d.n_kv_heads << ", head dim " << d.head_dim << ")");
-  const size_t bytes = sizeof(float) * size_t(d.num_blocks) * d.block_size * d.slot_floats();
+  const size_t block = size_t(d.num_blocks) * d.slot_floats();  // floats of one row per block
   try {
     for (int l = 0; l < d.n_layers; ++l) {
-      k_.push_back(static_cast<float*>(be_.alloc(bytes)));
-      be_.memset0(k_.back(), bytes);
-      v_.push_back(static_cast<float*>(be_.alloc(bytes)));
-      be_.memset0(v_.back(), bytes);
+      KvLayer p;
+      p.keys = pool(block * d.block_size);
+      p.values = pool(block * d.block_size);
+      if (d.value_sums) p.value_sums = pool(block);
+      if (d.key_columns) p.key_columns = pool(block * d.block_size);
+      layers_.push_back(p);
     }
   } catch (...) {
-    for (float* p : k_) be_.free(p);
-    for (float* p : v_) be_.free(p);
+    for (float* p : owned_) be_.free(p);
     throw;
   }
 }
 
+float* KvCache::pool(size_t floats) {
+  owned_.push_back(static_cast<float*>(be_.alloc(sizeof(float) * floats)));
+  be_.memset0(owned_.back(), sizeof(float) * floats);
+  return owned_.back();
+}
+
 KvCache::~KvCache() {
-  for (float* p : k_) be_.free(p);
-  for (float* p : v_) be_.free(p);
+  for (float* p : owned_) be_.free(p);
 }
 
 }  // namespace moe

@@ -18,9 +18,24 @@ struct KvCacheDims {
   int block_size = 0;  // positions per block
   int n_kv_heads = 0;  // Hkv
   int head_dim = 0;    // D
-  // bytes of one block over all layers, keys and values (f32)
-  int64_t block_bytes() const { return int64_t(2) * n_layers * block_size * n_kv_heads * head_dim * 4; }
+  // SparQ attention's side tables (core/kernels/cpu/kernels.h attention_sparq), per layer:
+  bool value_sums = false;   // the sequences' value sums through each block: [num_blocks, Hkv, D]
+  bool key_columns = false;  // the keys again by component: [num_blocks, Hkv, D, block_size] (+50% memory; SparQ
+                             // then reads only r components of each key)
+  // bytes of one block over all layers: keys and values, and the side tables kept (f32)
+  int64_t block_bytes() const {
+    const int64_t rows = 2 * block_size + (value_sums ? 1 : 0) + (key_columns ? block_size : 0);
+    return rows * n_layers * n_kv_heads * head_dim * 4;
+  }
   int64_t slot_floats() const { return int64_t(n_kv_heads) * head_dim; }
+};
+
+// One layer's pools on the device; the side tables are null when the cache does not keep them.
+struct KvLayer {
+  float* keys = nullptr;         // [num_blocks * block_size, Hkv, D]
+  float* values = nullptr;       // [num_blocks * block_size, Hkv, D]
+  float* value_sums = nullptr;   // [num_blocks, Hkv, D]
+  float* key_columns = nullptr;  // [num_blocks, Hkv, D, block_size]
 };
 
 class KvCache {
@@ -32,14 +47,17 @@ class KvCache {
   KvCache& operator=(const KvCache&) = delete;
 
   const KvCacheDims& dims() const { return d_; }
-  float* keys(int layer) { return k_.at(layer); }    // [num_blocks * block_size, Hkv, D] on the device
-  float* values(int layer) { return v_.at(layer); }  // [num_blocks * block_size, Hkv, D]
+  KvLayer layer(int l) const { return layers_.at(l); }
+  float* keys(int l) const { return layer(l).keys; }
+  float* values(int l) const { return layer(l).values; }
   int64_t bytes() const { return d_.block_bytes() * d_.num_blocks; }
 
  private:
+  float* pool(size_t floats);  // allocated and zeroed, owned
   Backend& be_;
   KvCacheDims d_;
-  std::vector<float*> k_, v_;
+  std::vector<KvLayer> layers_;
+  std::vector<float*> owned_;
 };
 
 }  // namespace moe

@@ -93,7 +93,7 @@ void Attention::prepare_inference() {
   be_.from_host(rope_cs_.get(int64_t(d_.max_T) * d_.D), cs.data(), sizeof(float) * cs.size());
 }
 
-void Attention::forward_infer(float* out, const float* inp, const InferRows& r, float* k_pool, float* v_pool) {
+void Attention::forward_infer(float* out, const float* inp, const InferRows& r, const KvLayer& kv) {
   const int N = r.N, C = d_.C, H = d_.H, Hkv = d_.Hkv, D = d_.D;
   if (N == 0) return;
   float* q = q_.get(int64_t(N) * H * D);    // [N,H,D]
@@ -104,10 +104,17 @@ void Attention::forward_infer(float* out, const float* inp, const InferRows& r, 
   be_.linear_rows(v, inp, pv_.slot(), nullptr, N, C, Hkv * D);
   be_.rope_rows(q, r.pos, rope_cs_.data(), N, H, D);
   be_.rope_rows(k, r.pos, rope_cs_.data(), N, Hkv, D);
-  be_.scatter_rows(k_pool, k, r.slots, N, Hkv * D);
-  be_.scatter_rows(v_pool, v, r.slots, N, Hkv * D);
+  be_.scatter_rows(kv.keys, k, r.slots, N, Hkv * D);
+  be_.scatter_rows(kv.values, v, r.slots, N, Hkv * D);
+  if (kv.value_sums)
+    be_.value_sums_paged(kv.value_sums, kv.values, r.pos, r.table, r.table_start, r.block_size, N, Hkv, D);
+  if (kv.key_columns) be_.scatter_columns(kv.key_columns, k, r.slots, r.block_size, N, Hkv, D);
   float* y = y_.get(int64_t(N) * H * D);  // [N,H,D]
-  be_.attention_paged(y, q, k_pool, v_pool, r.pos, r.table, r.table_start, r.block_size, N, H, Hkv, D);
+  if (r.sparq)
+    be_.attention_sparq(y, q, kv.keys, kv.values, kv.value_sums, kv.key_columns, r.pos, r.table, r.table_start,
+                        r.sparq, r.block_size, N, H, Hkv, D);
+  else
+    be_.attention_paged(y, q, kv.keys, kv.values, r.pos, r.table, r.table_start, r.block_size, N, H, Hkv, D);
   be_.linear_rows(out, y, po_.slot(), nullptr, N, H * D, C);
 }
 

@@ -11,6 +11,7 @@
 #include <map>
 
 #include "core/grouped_ffn.h"
+#include "core/kv_cache.h"
 #include "core/packed.h"
 #include "core/params.h"
 #include "core/workspace.h"
@@ -50,7 +51,8 @@ struct AttentionDims {
 
 // The rows of an inference batch as a layer sees them (device pointers, see InferBatch in core/model.h): row n is
 // at position pos[n] of its sequence, its keys and values go to cache slot slots[n], and its sequence's block table
-// starts at table + table_start[n].
+// starts at table + table_start[n]. With `sparq`, row n attends with SparQ (r, k) = (sparq[2n], sparq[2n+1]) where
+// both are > 0 (kernels.h attention_sparq).
 struct InferRows {
   int N = 0;
   const int32_t* pos = nullptr;          // [N]
@@ -58,6 +60,7 @@ struct InferRows {
   const int32_t* table = nullptr;        // block tables, concatenated
   const int32_t* table_start = nullptr;  // [N]
   int block_size = 0;
+  const int32_t* sparq = nullptr;  // [N, 2] or null: every row full attention
 };
 
 class Attention {
@@ -68,9 +71,9 @@ class Attention {
   // dinp[B*T,C] written; parameter grads accumulated
   void backward(float* dinp, const float* dout, int B, int T);
   // The inference path: out[N,C] from inp[N,C] of a ragged batch over a paged KV cache (batch-invariant kernels).
-  // Writes the rows' keys and values into k_pool / v_pool [slots, Hkv, D] (this layer's pools of a KvCache),
-  // then attends over each row's positions 0..pos[n]. Keeps nothing for backward. Needs prepare_inference().
-  void forward_infer(float* out, const float* inp, const InferRows& rows, float* k_pool, float* v_pool);
+  // Writes the rows' keys and values into this layer's pools of a KvCache (and the side tables it keeps), then
+  // attends over each row's positions 0..pos[n]. Keeps nothing for backward. Needs prepare_inference().
+  void forward_infer(float* out, const float* inp, const InferRows& rows, const KvLayer& kv);
   // The projections in the inference layout and the rotation table of every position (from the current weights).
   void prepare_inference();
 

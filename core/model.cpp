@@ -56,8 +56,7 @@ void Block::prepare_inference() {
   ffn_->prepare_inference();
 }
 
-void Block::forward_infer(const FfnContext& ctx, float* out, const float* x, const InferRows& rows, float* k_pool,
-                          float* v_pool) {
+void Block::forward_infer(const FfnContext& ctx, float* out, const float* x, const InferRows& rows, const KvLayer& kv) {
   const int N = rows.N;
   const int64_t NC = int64_t(N) * C_;
   float* ln = ln1_.get(NC);
@@ -65,7 +64,7 @@ void Block::forward_infer(const FfnContext& ctx, float* out, const float* x, con
   float* x2 = x2_.get(NC);
   float* f = ffn_out_.get(NC);
   norm1_.forward(ln, x, N);
-  attn_.forward_infer(a, ln, rows, k_pool, v_pool);
+  attn_.forward_infer(a, ln, rows, kv);
   be_.add(x2, x, a, NC);
   norm2_.forward(ln, x2, N);
   ffn_->forward(ctx, f, ln, N);  // every rank, even with N == 0: the MoE layers exchange tokens
@@ -183,10 +182,11 @@ void InferBatch::clear() {
   table_start.clear();
   logit_rows.clear();
   context.clear();
+  sparq.clear();
 }
 
 void InferBatch::add(const int32_t* toks, int n, int pos0, const std::vector<int32_t>& blocks, int block_size,
-                     bool want_logits, const int32_t* before, int n_before) {
+                     bool want_logits, const int32_t* before, int n_before, const SparqKnobs& sq) {
   MOE_CHECK(n > 0 && pos0 >= 0, "inference batch: a sequence chunk needs tokens (" << n << " at position " << pos0
                                                                                      << ")");
   MOE_CHECK(n_before == std::min(pos0, kTokenContext) && (n_before == 0 || before),
@@ -207,6 +207,9 @@ void InferBatch::add(const int32_t* toks, int n, int pos0, const std::vector<int
       const int back = i - 1 - j;
       context.push_back(back >= 0 ? toks[back] : -back <= n_before ? before[n_before + back] : -1);
     }
+    const bool on = sq.r > 0 && sq.k > 0 && p >= sq.from;
+    sparq.push_back(on ? sq.r : 0);
+    sparq.push_back(on ? sq.k : 0);
   }
   if (want_logits) logit_rows.push_back(rows() - 1);
 }
@@ -218,7 +221,24 @@ void Model::prepare_inference() {
 }
 
 KvCacheDims Model::kv_dims(int num_blocks, int block_size) const {
-  return KvCacheDims{cfg_.n_layers(), num_blocks, block_size, cfg_.n_kv_heads(), cfg_.d_model() / cfg_.n_heads()};
+  KvCacheDims d{cfg_.n_layers(), num_blocks, block_size, cfg_.n_kv_heads(), cfg_.d_model() / cfg_.n_heads()};
+  d.value_sums = ws_.backend().has_sparq();
+  return d;
+}
+
+// Whether a row of the batch asks for SparQ attention; checks the knobs against the model and the cache.
+bool Model::check_sparq(const InferBatch& b, const KvCacheDims& kd) const {
+  bool any = false;
+  for (int i = 0; i < b.rows(); ++i) {
+    const int r = b.sparq[2 * i], k = b.sparq[2 * i + 1];
+    MOE_CHECK(r >= 0 && r <= kd.head_dim && k >= 0 && (r == 0) == (k == 0),
+              "SparQ at row " << i << ": r = " << r << " components (1.." << kd.head_dim << ") and k = " << k
+                              << " keys (> 0) are set together (both 0: full attention)");
+    any = any || r > 0;
+  }
+  MOE_CHECK(!any || kd.value_sums, "SparQ attention needs a KV cache with the value sums (backend "
+                                       << ws_.backend().name() << (ws_.backend().has_sparq() ? ")" : " has no SparQ)"));
+  return any;
 }
 
 const float* Model::forward_infer(const InferBatch& b, KvCache& cache) {
@@ -231,8 +251,9 @@ const float* Model::forward_infer(const InferBatch& b, KvCache& cache) {
   const int N = b.rows(), L = static_cast<int>(b.logit_rows.size());
   const int64_t n_slots = int64_t(kd.num_blocks) * kd.block_size;
   MOE_CHECK(int(b.positions.size()) == N && int(b.slots.size()) == N && int(b.table_start.size()) == N &&
-                int64_t(b.context.size()) == int64_t(N) * kTokenContext,
+                int64_t(b.context.size()) == int64_t(N) * kTokenContext && int(b.sparq.size()) == 2 * N,
             "inference batch: per-row arrays of different lengths");
+  const bool sparq = check_sparq(b, kd);
   for (int i = 0; i < N; ++i) {
     MOE_CHECK(b.tokens[i] >= 0 && b.tokens[i] < V_,
               "token id " << b.tokens[i] << " at row " << i << " is outside the vocabulary [0, " << V_ << ")");
@@ -247,14 +268,19 @@ const float* Model::forward_infer(const InferBatch& b, KvCache& cache) {
   for (int32_t r : b.logit_rows) MOE_CHECK(r >= 0 && r < N, "logit row " << r << " is outside the batch");
   Backend& be = ws_.backend();
   // the int arrays on the device: tokens, positions, slots, table starts, logit rows, then the tables
-  const int64_t n_ints = int64_t(4) * N + L + int64_t(b.table.size());
+  // (and the SparQ knobs when a row has them)
+  const int64_t n_ints = int64_t(4) * N + L + int64_t(b.table.size()) + (sparq ? 2 * N : 0);
   auto* ints = reinterpret_cast<int32_t*>(inf_ints_.get(std::max<int64_t>(n_ints, 1)));
+  std::vector<const std::vector<int32_t>*> arrays = {&b.tokens,      &b.positions,  &b.slots,
+                                                     &b.table_start, &b.logit_rows, &b.table};
+  if (sparq) arrays.push_back(&b.sparq);
   int32_t* at = ints;
-  for (const auto* v : {&b.tokens, &b.positions, &b.slots, &b.table_start, &b.logit_rows, &b.table}) {
+  for (const auto* v : arrays) {
     be.from_host(at, v->data(), sizeof(int32_t) * v->size());
     at += v->size();
   }
-  InferRows rows{N, ints + N, ints + 2 * N, ints + 4 * N + L, ints + 3 * N, kd.block_size};
+  const int32_t* rk = sparq ? ints + 4 * N + L + int64_t(b.table.size()) : nullptr;
+  InferRows rows{N, ints + N, ints + 2 * N, ints + 4 * N + L, ints + 3 * N, kd.block_size, rk};
   FfnContext ctx;
   ctx.token_ids = b.tokens.data();  // host: the routers read them
   ctx.token_context = b.context.data();
@@ -265,7 +291,7 @@ const float* Model::forward_infer(const InferBatch& b, KvCache& cache) {
   float* y = inf_b_.get(std::max<int64_t>(NC, 1));
   be.embedding_forward(x, ints, wte_->value.f32(), N, C_);
   for (size_t l = 0; l < blocks_.size(); ++l) {
-    blocks_[l]->forward_infer(ctx, y, x, rows, cache.keys(int(l)), cache.values(int(l)));
+    blocks_[l]->forward_infer(ctx, y, x, rows, cache.layer(int(l)));
     std::swap(x, y);
   }
   float* last = inf_last_.get(std::max<int64_t>(int64_t(L) * C_, 1));  // [L,C] the rows that want logits

@@ -28,8 +28,7 @@ class Block {
   void backward(const FfnContext& ctx, float* dx, const float* dout, int B, int T);
   void prepare_inference();  // the attention's and the FFN unit's matrices
   // the inference path: out[N,C] = block(x[N,C]) over a ragged batch, keys and values into this layer's pools
-  void forward_infer(const FfnContext& ctx, float* out, const float* x, const InferRows& rows, float* k_pool,
-                     float* v_pool);
+  void forward_infer(const FfnContext& ctx, float* out, const float* x, const InferRows& rows, const KvLayer& kv);
   FfnUnit& ffn() { return *ffn_; }
   Attention& attention() { return attn_; }
 
@@ -43,6 +42,15 @@ class Block {
   Workspace::Buffer &ln1_, &attn_out_, &x2_, &ln2_, &ffn_out_, &dtmp_, &dx2_;
 };
 
+// SparQ attention (core/kernels/cpu/kernels.h attention_sparq) for the rows of a chunk at positions >= from (a
+// sequence's generated tokens: its prompt stays full attention, and a recomputed sequence gets the same rows as
+// the first time): r query components, k keys. r = 0 and k = 0: full attention.
+struct SparqKnobs {
+  int r = 0;
+  int k = 0;
+  int from = 0;
+};
+
 // A ragged batch of the inference path: rows are the tokens of several sequences (a prefill chunk, or the one
 // new token of a decoding sequence), each at its own position, with its keys and values going into a paged KV
 // cache (core/kv_cache.h). Host arrays; the model copies what its device needs.
@@ -54,13 +62,15 @@ struct InferBatch {
   std::vector<int32_t> table_start;  // [N] where row n's block table starts in `table`
   std::vector<int32_t> logit_rows;   // the rows whose next-token logits are wanted
   std::vector<int32_t> context;      // [N, kTokenContext] the tokens before each row (FfnContext::token_context)
+  std::vector<int32_t> sparq;        // [N, 2] each row's SparQ (r, k); (0, 0): full attention
   int rows() const { return static_cast<int>(tokens.size()); }
   void clear();
   // Appends `n` tokens of one sequence at positions pos0.. with the sequence's block table (block ids by position);
   // want_logits: the logits of its last row. before[n_before]: the sequence's tokens just before pos0, in order
-  // (the last min(pos0, kTokenContext) of them: exactly that many are required).
+  // (the last min(pos0, kTokenContext) of them: exactly that many are required); sparq: the SparQ attention of its
+  // rows (none by default).
   void add(const int32_t* tokens, int n, int pos0, const std::vector<int32_t>& blocks, int block_size,
-           bool want_logits, const int32_t* before = nullptr, int n_before = 0);
+           bool want_logits, const int32_t* before = nullptr, int n_before = 0, const SparqKnobs& sparq = {});
 };
 
 class Model {
@@ -104,13 +114,15 @@ class Model {
   // Packs every matrix into the inference layout of the backend (core/packed.h) from the current weights: before the
   // first forward_infer, and again after the weights changed.
   void prepare_inference();
-  // The cache shape of this model with `num_blocks` blocks of `block_size` positions.
+  // The cache shape of this model with `num_blocks` blocks of `block_size` positions; with the value sums of SparQ
+  // attention where the backend has it (Backend::has_sparq), without the key columns (a caller may add them).
   KvCacheDims kv_dims(int num_blocks, int block_size) const;
   // Runs the batch through the model (dropless, batch-invariant kernels: a row's result does not depend on the
   // other rows) writing every row's keys and values into `cache`, and returns the logits [logit_rows, V] on the
   // model's device (valid until the next call). Rows attend to positions 0..pos of their own sequence, so earlier
   // positions must already be in the cache (or in this batch, before them). Every expert-parallel rank must call
-  // it for every step (with 0 rows if it has none): the MoE layers exchange tokens.
+  // it for every step (with 0 rows if it has none): the MoE layers exchange tokens. Rows with SparQ knobs need a
+  // cache with the value sums.
   const float* forward_infer(const InferBatch& batch, KvCache& cache);
 
  private:
@@ -131,6 +143,7 @@ class Model {
   Workspace::Buffer &lnf_, &logits_, &probs_, &losses_, &dlogits_, &dlnf_, &dres_a_, &dres_b_;
   // the inference path: the rows' int arrays on the device, two residual streams, the logit rows
   Workspace::Buffer &inf_ints_, &inf_a_, &inf_b_, &inf_last_, &inf_lnf_, &inf_logits_;
+  bool check_sparq(const InferBatch& b, const KvCacheDims& kd) const;
   PackedWeight head_packed_;  // the output projection in the inference layout
   bool inference_ready_ = false;
 };

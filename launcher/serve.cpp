@@ -194,7 +194,7 @@ int run_generate(const GenerateOptions& o) {
   comm::SelfCommunicator self;
   serve::EngineOptions eo;
   eo.serving = lm.cfg.serving();
-  eo.serving.set_kv_cache_bytes(lm.model->kv_dims(1, eo.serving.kv_block_size()).block_bytes() *
+  eo.serving.set_kv_cache_bytes(serve::serving_kv_dims(*lm.model, eo.serving, 1).block_bytes() *
                                 ((max_T + eo.serving.kv_block_size() - 1) / eo.serving.kv_block_size()));
   serve::Engine engine(eo, self);
   engine.attach(*lm.model, lm.tok.get(), model_info(lm));

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,14 @@ struct SamplingParams {
   uint64_t seed = 0;         // the request's random stream (the server draws one when the client gives none)
 };
 
+// SparQ attention for a request's generated tokens (Ribar et al., 2024; core/kernels/cpu/kernels.h
+// attention_sparq): r query components pick the k keys each new token attends to. r = 0 and k = 0: full attention.
+// The prompt is always read with full attention.
+struct SparqParams {
+  int r = 0;  // 0..head_dim
+  int k = 0;  // >= 0, 0 exactly when r is
+};
+
 // Most alternatives a request may ask for with each token (OpenAI's limit for chat top_logprobs).
 inline constexpr int kMaxTopLogprobs = 20;
 
@@ -35,6 +44,7 @@ struct GenerationRequest {
   int logprobs = -1;               // -1: none; 0..kMaxTopLogprobs: each token's log-probability and that many
                                    // most likely alternatives
   bool ignore_eos = false;         // keep generating past the tokenizer's end-of-sequence token
+  std::optional<SparqParams> sparq;  // unset: the server's serving.sparq_r / sparq_k
 };
 
 struct TopLogprob {
@@ -106,6 +116,8 @@ struct ModelInfo {
   int vocab_size = 0;
   int64_t created = 0;   // unix seconds of the checkpoint
   int eos_id = -1;       // the tokenizer's end-of-sequence id, -1 if none
+  int head_dim = 0;      // the attention head dim: SparQ's r is at most this (set by Engine::attach)
+  bool sparq = false;    // the backend has SparQ attention, requests may ask for it (set by Engine::attach)
 };
 
 class EngineApi {

@@ -62,14 +62,23 @@ Engine::Engine(const EngineOptions& o, comm::Communicator& world)
 
 Engine::~Engine() = default;
 
+KvCacheDims serving_kv_dims(const Model& model, const proto::ServingConfig& s, int num_blocks) {
+  KvCacheDims d = model.kv_dims(num_blocks, s.kv_block_size());
+  d.key_columns = s.sparq_r() > 0;
+  return d;
+}
+
 void Engine::attach(Model& model, const Tokenizer* tok, ModelInfo info) {
   const proto::ServingConfig& s = o_.serving;
   const proto::ModelConfig& m = model.config();
   model_ = &model;
   tok_ = tok;
   info_ = std::move(info);
+  info_.head_dim = m.d_model() / m.n_heads();
+  info_.sparq = model.workspace().backend().has_sparq();
   MOE_CHECK(!lead() || tok, "serve: rank 0 needs the tokenizer");
-  const int64_t block_bytes = model.kv_dims(1, s.kv_block_size()).block_bytes();
+  check_sparq_config(model);
+  const int64_t block_bytes = serving_kv_dims(model, s, 1).block_bytes();
   const int64_t blocks = s.kv_cache_bytes() / block_bytes;
   const int need = (m.max_seq_len() + s.kv_block_size() - 1) / s.kv_block_size();
   MOE_CHECK(blocks >= need && blocks <= INT32_MAX,
@@ -77,7 +86,7 @@ void Engine::attach(Model& model, const Tokenizer* tok, ModelInfo info) {
                 << s.kv_cache_bytes() << ": holds " << blocks << " KV blocks of " << block_bytes << " bytes ("
                 << s.kv_block_size() << " positions), but one sequence of model.max_seq_len = " << m.max_seq_len()
                 << " needs " << need << " (at least " << need * block_bytes << " bytes)");
-  cache_ = std::make_unique<KvCache>(model.workspace().backend(), model.kv_dims(int(blocks), s.kv_block_size()));
+  cache_ = std::make_unique<KvCache>(model.workspace().backend(), serving_kv_dims(model, s, int(blocks)));
   model.prepare_inference();
   for (int l = 0; l < m.n_layers(); ++l)
     if (layer_ffn_kind(m, l) == proto::FFN_MOE) moe_layers_.push_back(l);
@@ -93,6 +102,18 @@ void Engine::attach(Model& model, const Tokenizer* tok, ModelInfo info) {
   }
   world_.barrier();  // every rank holds its shard and cache
   ready_ = true;
+}
+
+// serving.sparq_r / sparq_k against the model and its backend (validate(ServingConfig) checked the rest)
+void Engine::check_sparq_config(const Model& model) const {
+  const proto::ServingConfig& s = o_.serving;
+  MOE_CHECK(s.sparq_r() <= info_.head_dim, "config field serving.sparq_r = " << s.sparq_r()
+                                                                             << ": SparQ picks at most the head dim "
+                                                                             << info_.head_dim << " components");
+  MOE_CHECK(s.sparq_r() == 0 || info_.sparq,
+            "config field serving.sparq_r = " << s.sparq_r() << ": the backend of model.device = "
+                                              << proto::Device_Name(model.config().device())
+                                              << " has no SparQ attention (set serving.sparq_r and sparq_k to 0)");
 }
 
 // ---------------------------------------------------------------- rank 0: requests in, events out
@@ -123,13 +144,19 @@ void Engine::intake() {
     seq->tokens = q.prompt;
     seq->n_prompt = static_cast<int>(q.prompt.size());
     seq->sampling = SampleChoice{q.sampling.temperature, q.sampling.top_p, q.sampling.top_k, 0, q.logprobs};
+    seq->sparq = q.sparq.value_or(SparqParams{o_.serving.sparq_r(), o_.serving.sparq_k()});
     seq->rng.reseed(q.sampling.seed);
     live_.emplace(id, std::make_unique<Live>(std::move(r.sink), std::move(r.req), *tok_));
     // the HTTP layer validated the request; a bad one that got here anyway fails alone, the engine goes on
     bool ok = !seq->tokens.empty() && seq->n_prompt < max_T;
     for (int32_t t : seq->tokens) ok = ok && t >= 0 && t < model_->config().vocab_size();
+    const SparqParams& sq = seq->sparq;
+    ok = ok && sq.r >= 0 && sq.r <= info_.head_dim && sq.k >= 0 && (sq.r == 0) == (sq.k == 0) &&
+         (sq.r == 0 || model_->workspace().backend().has_sparq());
     if (!ok) {
-      finish(id, "abort", "invalid request: empty prompt, a token outside the vocabulary, or no room in the context");
+      finish(id, "abort",
+             "invalid request: empty prompt, a token outside the vocabulary, no room in the context, or SparQ "
+             "knobs out of range");
       continue;
     }
     prompt_tokens_ += seq->n_prompt;
@@ -205,6 +232,12 @@ proto::StepPlan Engine::make_plan(const std::vector<ScheduledChunk>& chunks) {
     p->mutable_before()->Add(s.tokens.begin() + std::max(0, c.pos0 - kTokenContext), s.tokens.begin() + c.pos0);
     p->mutable_blocks()->Add(s.blocks.begin(), s.blocks.end());
     p->set_sample(c.sample);
+    if (s.sparq.r > 0) {
+      proto::Sparq* sq = p->mutable_sparq();
+      sq->set_r(s.sparq.r);
+      sq->set_k(s.sparq.k);
+      sq->set_from(s.n_prompt);
+    }
     if (!c.sample) continue;
     proto::SampleSpec* sp = p->mutable_spec();
     sp->set_temperature(s.sampling.temperature);
@@ -366,7 +399,7 @@ std::vector<float> Engine::execute(const proto::StepPlan& plan) {
     if (c.rank() != me) continue;
     blocks.assign(c.blocks().begin(), c.blocks().end());
     batch_.add(c.tokens().data(), c.tokens_size(), c.pos0(), blocks, bs, c.sample(), c.before().data(),
-               c.before_size());
+               c.before_size(), SparqKnobs{c.sparq().r(), c.sparq().k(), c.sparq().from()});
     if (c.sample()) sampled.push_back(&c);
   }
   const float* logits = model_->forward_infer(batch_, *cache_);  // every rank: the MoE layers exchange tokens

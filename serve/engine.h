@@ -46,7 +46,8 @@ class Engine final : public EngineApi {
   Engine(const EngineOptions& o, comm::Communicator& world);
   ~Engine() override;
 
-  // Every rank: the model (experts sharded over the world), and on rank 0 the tokenizer and the model's identity.
+  // Every rank: the model (experts sharded over the world), and on rank 0 the tokenizer and the model's identity
+  // (its head_dim and sparq fields come from the model).
   // Allocates this rank's KV cache (serving.kv_cache_bytes), then every rank is ready (collective).
   void attach(Model& model, const Tokenizer* tok, ModelInfo info);
   // Every rank: serves until shutdown: rank 0 schedules and runs steps until draining ends (a stop signal on any
@@ -78,6 +79,7 @@ class Engine final : public EngineApi {
     std::shared_ptr<RequestSink> sink;
   };
   bool lead() const { return world_.rank() == 0; }
+  void check_sparq_config(const Model& model) const;
   // rank 0
   bool step();  // one step if there is work; false when idle
   void intake();
@@ -126,6 +128,11 @@ class Engine final : public EngineApi {
   mutable std::mutex stats_mu_;
   EngineStats stats_;
 };
+
+// The KV cache of a serving engine with `num_blocks` blocks: the model's (Model::kv_dims), plus SparQ's key columns
+// when the server's default is SparQ (serving.sparq_r > 0: most decode steps then read them; a SparQ request on a
+// server without them reads the components from the key rows, the same result bit for bit).
+KvCacheDims serving_kv_dims(const Model& model, const proto::ServingConfig& s, int num_blocks);
 
 // One request run to its end on a one-rank engine (`moe generate`, tests): the generated tokens, each one's
 // log-probability, the completion text and why it ended.

@@ -477,6 +477,7 @@ Reply Router::openapi() const {
     o.model_name = info.name;
     o.max_seq_len = info.max_seq_len;
     o.vocab_size = info.vocab_size;
+    o.head_dim = info.head_dim;
   }
   return json_reply(200, openapi_json(o));
 }

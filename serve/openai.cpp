@@ -171,6 +171,7 @@ struct Common {
   std::optional<uint64_t> seed;
   std::vector<std::string> stop;
   bool stream = false, include_usage = false, ignore_eos = false;
+  std::optional<SparqParams> sparq;
 };
 
 std::optional<uint64_t> parse_seed(const Fields& f) {
@@ -231,6 +232,23 @@ void reject_unsupported_common(const Fields& f) {
   if (lb && !lb->object.empty()) bad("'logit_bias' is not supported (only null or {})", "logit_bias");
 }
 
+// The SparQ extension fields: both or neither (neither: the server's default), sparq_r in [0, head_dim] and
+// sparq_k in [0, max_seq_len], both 0 (full attention) or both > 0.
+std::optional<SparqParams> parse_sparq(const Fields& f, const ModelInfo& info) {
+  const std::optional<int64_t> r = f.integer("sparq_r", 0, info.head_dim);
+  const std::optional<int64_t> k = f.integer("sparq_k", 0, info.max_seq_len);
+  if (!r && !k) return std::nullopt;
+  if (!r) bad("'sparq_r' is required with 'sparq_k' (SparQ attention takes both; 0 and 0: full attention)", "sparq_r");
+  if (!k) bad("'sparq_k' is required with 'sparq_r' (SparQ attention takes both; 0 and 0: full attention)", "sparq_k");
+  if ((*r == 0) != (*k == 0)) {
+    bad("'sparq_r' and 'sparq_k' must both be 0 (full attention) or both > 0, got " + std::to_string(*r) + " and " +
+            std::to_string(*k),
+        *r == 0 ? "sparq_r" : "sparq_k");
+  }
+  if (*r > 0 && !info.sparq) bad("'sparq_r': this server's backend has no SparQ attention (only 0)", "sparq_r");
+  return SparqParams{static_cast<int>(*r), static_cast<int>(*k)};
+}
+
 Common parse_common(const Fields& f, const ModelInfo& info) {
   Common c;
   c.sampling.temperature = static_cast<float>(f.number("temperature", 0, 2).value_or(1));
@@ -242,6 +260,7 @@ Common parse_common(const Fields& f, const ModelInfo& info) {
   c.stop = parse_stop(f);
   parse_stream(f, c);
   c.ignore_eos = f.boolean("ignore_eos").value_or(false);
+  c.sparq = parse_sparq(f, info);
   f.string("user");  // accepted (type-checked) and not used
   reject_unsupported_common(f);
   return c;
@@ -346,6 +365,7 @@ GenerationRequest make_request(const Common& c, std::vector<int32_t> prompt, int
   r.stop = c.stop;
   r.logprobs = logprobs;
   r.ignore_eos = c.ignore_eos;
+  r.sparq = c.sparq;
   return r;
 }
 
@@ -510,6 +530,8 @@ ParsedRequest parse_completion_request(const std::string& body, const ParseConte
           "logprobs",
           "echo",
           "ignore_eos",
+          "sparq_r",
+          "sparq_k",
           "user",
           "presence_penalty",
           "frequency_penalty",
@@ -563,6 +585,8 @@ ParsedRequest parse_chat_request(const std::string& body, const ParseContext& ct
           "logprobs",
           "top_logprobs",
           "ignore_eos",
+          "sparq_r",
+          "sparq_k",
           "user",
           "presence_penalty",
           "frequency_penalty",

@@ -157,6 +157,14 @@ Props common_props(const OpenApiOptions& o) {
       {"stream", nullable(type("boolean"))},
       {"stream_options", described(stream_options, "Only with stream: true.")},
       {"ignore_eos", nullable(type("boolean"))},
+      {"sparq_r", described(nullable(integer(0, o.head_dim > 0 ? o.head_dim : kNoMax)),
+                            "Extension: SparQ attention (Ribar et al., 2024) for the generated tokens: the sparq_r "
+                            "largest-|q| components of each query rank the cached keys, the sparq_k best are attended "
+                            "to exactly and blended with the mean value. Give both or neither (neither: the "
+                            "server's default, serving.sparq_r / sparq_k); both 0: full attention. The prompt always "
+                            "uses full attention.")},
+      {"sparq_k", described(nullable(integer(0, o.max_seq_len > 0 ? o.max_seq_len : kNoMax)),
+                            "Extension: the number of keys SparQ attends to (with sparq_r).")},
       {"user", nullable(type("string"))},
       {"presence_penalty", described(zero, "Not supported: only 0.")},
       {"frequency_penalty", described(zero, "Not supported: only 0.")},

@@ -11,6 +11,7 @@ struct OpenApiOptions {
   std::string model_name;  // the only accepted `model`; "" (not loaded yet): any string
   int max_seq_len = 0;     // upper bound of max_tokens; 0: none
   int vocab_size = 0;      // token ids are < vocab_size; 0: no bound
+  int head_dim = 0;        // upper bound of sparq_r; 0: none
   bool auth = false;       // every route but /health needs `Authorization: Bearer <key>`
 };
 

@@ -37,6 +37,7 @@ struct Sequence {
   std::vector<int32_t> tokens;  // the prompt, then the generated tokens
   int n_prompt = 0;
   SampleChoice sampling;  // u is drawn per sampled token from rng
+  SparqParams sparq;      // the attention of its generated tokens
   Rng rng;
   int computed = 0;             // tokens whose keys and values are in the cache
   int rank = -1;                // the rank holding its cache (-1: not placed)

@@ -3,8 +3,8 @@
 # (plain and streamed, through the official openai client) equal `moe generate`'s tokens for the same prompt and
 # checkpoint; chat completions through the template; 16 concurrent requests give their solo tokens (batch
 # invariance); curl sees the raw SSE frames ending in [DONE]; /metrics parses with prometheus_client and counts
-# what happened; a client leaving mid-stream frees its KV blocks; SIGTERM (one process) or SIGUSR1 to mpiexec
-# drains and exits 0.
+# what happened; SparQ's extension fields pass through (full coverage gives the same text); a client leaving
+# mid-stream frees its KV blocks; SIGTERM (one process) or SIGUSR1 to mpiexec drains and exits 0.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 source "$(dirname "${BASH_SOURCE[0]}")/lib/serve.bash"
@@ -28,6 +28,7 @@ for ranks in 1 2; do
   "$VPY" "$checks" greedy "$port" "$prompt" "$work/generate.txt" 24
   "$VPY" "$checks" chat "$port"
   "$VPY" "$checks" concurrent "$port" 16 12
+  "$VPY" "$checks" sparq "$port"
   # the raw frames of a stream
   curl -sN -H "Authorization: Bearer test-key-0123456789" -H "Content-Type: application/json" \
     -d '{"prompt": "ROMEO:", "max_tokens": 5, "temperature": 0, "stream": true}' \

@@ -62,7 +62,8 @@ inline proto::ServingConfig serve_config(int kv_blocks, int block_size, int max_
   proto::ServingConfig s;
   fill_defaults(&s);
   s.set_kv_block_size(block_size);
-  const int64_t block_bytes = int64_t(2) * 2 /*layers*/ * block_size * 2 /*kv heads*/ * 16 /*head dim*/ * 4;
+  // keys and values of block_size positions, and the block's value sum (SparQ), per layer
+  const int64_t block_bytes = int64_t(2 * block_size + 1) * 2 /*layers*/ * 2 /*kv heads*/ * 16 /*head dim*/ * 4;
   s.set_kv_cache_bytes(block_bytes * kv_blocks);
   s.set_max_batch_tokens(max_batch_tokens);
   return s;

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -363,25 +364,61 @@ AttnKernels attn_kernels(int D) {
 
 }  // namespace
 
+namespace {
+
+// Where row n's positions live: position t of kv head g is at offset at(t) of k_pool / v_pool.
+struct PagedRow {
+  const int32_t* blocks;  // the row's block table
+  int block_size;
+  int64_t row;   // floats per slot (Hkv * D)
+  int64_t head;  // g * D: the kv head within a slot
+  int64_t at(int t) const { return (int64_t(blocks[t / block_size]) * block_size + t % block_size) * row + head; }
+};
+
+// The checks both paged attentions make; returns the longest context of the rows.
+int paged_max_len(const int32_t* pos, int block_size, int N, int H, int Hkv, int D, const char* fn) {
+  MOE_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0,
+            fn << ": H=" << H << " must be a positive multiple of Hkv=" << Hkv << ", D=" << D);
+  MOE_CHECK(block_size > 0, fn << ": block size " << block_size << " must be positive");
+  int max_len = 0;
+  for (int n = 0; n < N; ++n) {
+    MOE_CHECK(pos[n] >= 0, fn << ": row " << n << " has negative position " << pos[n]);
+    max_len = std::max(max_len, pos[n] + 1);
+  }
+  return max_len;
+}
+
+// Full attention of one (row, kv head): the group's G query heads qg[G,D] over the len positions at offsets
+// at[len] -> yg[G,D]. s[G, lds] scratch (scores, then probabilities).
+void attend_full(float* yg, const float* qg, const float* k_pool, const float* v_pool, const int64_t* at, int len,
+                 int G, int D, float scale, const AttnKernels& kern, float* s, int64_t lds) {
+  for (int j = 0; j < G; ++j) {
+    float* sj = s + j * lds;
+    if (kern.scores)
+      kern.scores(sj, qg + j * D, k_pool, at, len, scale);
+    else
+      scores_generic(sj, qg + j * D, k_pool, at, len, D, scale);
+    detail::softmax_row(sj, sj, len);
+  }
+  if (kern.values)
+    kern.values(yg, D, s, lds, G, v_pool, at, len);
+  else
+    values_generic(yg, D, s, lds, G, v_pool, at, len, D);
+}
+
+}  // namespace
+
 // Per (row, kv head): the scores of the group's query heads against every cached key, a softmax per head
 // (detail::softmax_row: max, exp, one sum, multiply by the inverse), then the probability-weighted values of all the
 // group's heads in one pass over the positions. Each (row, head) is computed in the same order whatever the batch:
 // the batch only decides which items run.
 void attention_paged(float* out, const float* q, const float* k_pool, const float* v_pool, const int32_t* pos,
                      const int32_t* table, const int32_t* table_start, int block_size, int N, int H, int Hkv, int D) {
-  MOE_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0,
-            "attention_paged: H=" << H << " must be a positive multiple of Hkv=" << Hkv << ", D=" << D);
-  MOE_CHECK(block_size > 0, "attention_paged: block size " << block_size << " must be positive");
+  const int max_len = paged_max_len(pos, block_size, N, H, Hkv, D, "attention_paged");
   if (N == 0) return;
   const int group = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int64_t row = int64_t(Hkv) * D;  // floats per cached position
   const AttnKernels kern = attn_kernels(D);
-  int max_len = 0;
-  for (int n = 0; n < N; ++n) {
-    MOE_CHECK(pos[n] >= 0, "attention_paged: row " << n << " has negative position " << pos[n]);
-    max_len = std::max(max_len, pos[n] + 1);
-  }
   const int items = N * Hkv;
   const bool par = int64_t(items) * max_len * group * D > 32768 && items > 1 && !omp_in_parallel();
 #pragma omp parallel if (par)
@@ -391,23 +428,276 @@ void attention_paged(float* out, const float* q, const float* k_pool, const floa
 #pragma omp for schedule(dynamic, 1)
     for (int it = 0; it < items; ++it) {
       const int n = it / Hkv, g = it % Hkv, len = pos[n] + 1;
-      const int32_t* blocks = table + table_start[n];
-      for (int t = 0; t < len; ++t)
-        at[t] = (int64_t(blocks[t / block_size]) * block_size + t % block_size) * row + int64_t(g) * D;
-      const float* qg = q + (int64_t(n) * H + g * group) * D;  // [group, D]
-      for (int j = 0; j < group; ++j) {
-        float* sj = s.data() + size_t(j) * max_len;
-        if (kern.scores)
-          kern.scores(sj, qg + j * D, k_pool, at.data(), len, scale);
-        else
-          scores_generic(sj, qg + j * D, k_pool, at.data(), len, D, scale);
-        detail::softmax_row(sj, sj, len);
+      const PagedRow pr{table + table_start[n], block_size, int64_t(Hkv) * D, int64_t(g) * D};
+      for (int t = 0; t < len; ++t) at[t] = pr.at(t);
+      const int64_t o = (int64_t(n) * H + g * group) * D;  // the group's [group, D] in q and out
+      attend_full(out + o, q + o, k_pool, v_pool, at.data(), len, group, D, scale, kern, s.data(), max_len);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- SparQ: the side tables
+void value_sums_paged(float* v_sums, const float* v_pool, const int32_t* pos, const int32_t* table,
+                      const int32_t* table_start, int block_size, int N, int Hkv, int D) {
+  MOE_CHECK(block_size > 0 && Hkv > 0 && D > 0,
+            "value_sums_paged: block size " << block_size << ", Hkv " << Hkv << ", D " << D << " must be positive");
+  std::vector<float> acc(D);
+  for (int n = 0; n < N; ++n) {
+    const int p = pos[n];
+    MOE_CHECK(p >= 0, "value_sums_paged: row " << n << " has negative position " << p);
+    if ((p + 1) % block_size != 0) continue;  // only a row that ends its block
+    const int j = p / block_size;
+    const int32_t* blocks = table + table_start[n];
+    for (int g = 0; g < Hkv; ++g) {
+      const PagedRow pr{blocks, block_size, int64_t(Hkv) * D, int64_t(g) * D};
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int t = j * block_size; t <= p; ++t) {
+        const float* vt = v_pool + pr.at(t);  // [D]
+#pragma omp simd
+        for (int i = 0; i < D; ++i) acc[i] += vt[i];
       }
-      float* yg = out + (int64_t(n) * H + g * group) * D;  // [group, D]
-      if (kern.values)
-        kern.values(yg, D, s.data(), max_len, group, v_pool, at.data(), len);
-      else
-        values_generic(yg, D, s.data(), max_len, group, v_pool, at.data(), len, D);
+      float* dst = v_sums + (int64_t(blocks[j]) * Hkv + g) * D;  // [D]
+      const float* prev = j > 0 ? v_sums + (int64_t(blocks[j - 1]) * Hkv + g) * D : nullptr;
+      for (int i = 0; i < D; ++i) dst[i] = prev ? prev[i] + acc[i] : acc[i];
+    }
+  }
+}
+
+void scatter_columns(float* k_cols, const float* k, const int32_t* slots, int block_size, int N, int Hkv, int D) {
+  MOE_CHECK(block_size > 0, "scatter_columns: block size " << block_size << " must be positive");
+  for (int n = 0; n < N; ++n) {
+    MOE_CHECK(slots[n] >= 0, "scatter_columns: row " << n << " has negative slot " << slots[n]);
+    const int64_t blk = slots[n] / block_size, off = slots[n] % block_size;
+    for (int g = 0; g < Hkv; ++g) {
+      const float* kg = k + (int64_t(n) * Hkv + g) * D;                // [D]
+      float* col = k_cols + ((blk * Hkv + g) * D) * block_size + off;  // [D] at stride block_size
+      for (int i = 0; i < D; ++i) col[int64_t(i) * block_size] = kg[i];
+    }
+  }
+}
+
+namespace {
+
+// ---------------------------------------------------------------- SparQ: one (row, kv head)
+// What every item of one attention_sparq call shares.
+struct SparqCall {
+  const float* k_pool;  // [slots, Hkv, D]
+  const float* v_pool;  // [slots, Hkv, D]
+  const float* v_sums;  // [num_blocks, Hkv, D]
+  const float* k_cols;  // [num_blocks, Hkv, D, block_size] or null
+  int Hkv, G, D;
+  float scale;  // 1/sqrt(D)
+  AttnKernels kern;
+};
+
+constexpr int kTile = 16;  // positions per tile of approximate scores (the SIMD lanes)
+
+// Per-thread scratch, sized for the call's longest context.
+struct SparqScratch {
+  std::vector<float> s;        // [G, max_len] approximate scores, then their softmax
+  std::vector<float> c;        // [max_len] the group's sum of them
+  std::vector<float> p;        // [G, max_len] exact scores of the top positions, then probabilities
+  std::vector<float> qi;       // [G, D] the group's queries at the chosen components
+  std::vector<float> vm;       // [D] the mean value
+  std::vector<float> tile;     // [D, kTile] key components of up to kTile positions
+  std::vector<int32_t> sel;    // [max(max_len, D)] selection: components, then positions
+  std::vector<uint64_t> keys;  // [max(max_len, D)] the selection's keys
+  std::vector<uint8_t> mark;   // [max(max_len, D)] the chosen indices
+  std::vector<int64_t> at;     // [max_len] offsets of the top positions
+  SparqScratch(int G, int D, int max_len)
+      : s(size_t(G) * max_len),
+        c(max_len),
+        p(size_t(G) * max_len),
+        qi(size_t(G) * D),
+        vm(D),
+        tile(size_t(D) * kTile),
+        sel(std::max(max_len, D)),
+        keys(std::max(max_len, D)),
+        mark(std::max(max_len, D)),
+        at(max_len) {}
+};
+
+// The n largest of x[0..len) (x >= 0; ties: the lower index) into idx[0..n), in increasing order. The selection
+// runs on keys (~bits(x) << 32 | index): for x >= 0 the float's bits order like its value, so the n smallest keys
+// are the n largest values, lower index first among equal ones, with no indirection; the chosen indices come out in
+// order by one pass over a mark per index. keys[len], mark[len] scratch.
+void top_n(int32_t* idx, uint64_t* keys, uint8_t* mark, const float* x, int len, int n) {
+  for (int i = 0; i < len; ++i) keys[i] = uint64_t(~std::bit_cast<uint32_t>(x[i])) << 32 | static_cast<uint32_t>(i);
+  n = std::min(n, len);
+  if (n < len) std::nth_element(keys, keys + n, keys + len);
+  std::memset(mark, 0, static_cast<size_t>(std::max(len, 0)));
+  for (int i = 0; i < n; ++i) mark[keys[i] & 0xffffffffu] = 1;
+  for (int i = 0, m = 0; i < len; ++i)
+    if (mark[i]) idx[m++] = i;
+}
+
+// The r components I of the group's queries qg[G,D] (by the sum of |q_h[i]| over the group) into sel[0..r);
+// qi[G, r] = the queries at I; sc[G] = each head's score scale 1/sqrt(D * sum_I |q_h| / sum |q_h|).
+void pick_components(SparqScratch& w, float* sc, const float* qg, int r, const SparqCall& c) {
+  const int D = c.D;
+  float* a = w.vm.data();  // [D] borrowed: the mean comes later
+  for (int i = 0; i < D; ++i) a[i] = 0.0f;
+  for (int h = 0; h < c.G; ++h)
+    for (int i = 0; i < D; ++i) a[i] += std::fabs(qg[h * D + i]);
+  top_n(w.sel.data(), w.keys.data(), w.mark.data(), a, D, r);
+  for (int h = 0; h < c.G; ++h) {
+    const float* qh = qg + h * D;
+    float all = 0.0f, in = 0.0f;
+    for (int i = 0; i < D; ++i) all += std::fabs(qh[i]);
+    for (int m = 0; m < r; ++m) {
+      w.qi[h * r + m] = qh[w.sel[m]];
+      in += std::fabs(qh[w.sel[m]]);
+    }
+    sc[h] = in > 0.0f ? 1.0f / std::sqrt(static_cast<float>(D) * (in / all)) : c.scale;
+  }
+}
+
+// s[h * lds + l] = scale[h] * sum_m qi[h][m] * col(m)[l] for l < n (n <= kTile): one fma chain per (head, position)
+// in increasing m, from 0; col(m) = the kTile positions' component I[m]: cols[m * ld] (a tile) or, with I given,
+// cols + I[m] * ld (the key columns of a block).
+void tile_dots(float* s, int64_t lds, const float* qi, const float* sc, int G, int r, const int32_t* I,
+               const float* cols, int64_t ld, int n) {
+  for (int h = 0; h < G; ++h) {
+    const float* qh = qi + h * r;
+    float acc[kTile] = {};
+    for (int m = 0; m < r; ++m) {
+      const float q = qh[m];
+      const float* col = cols + (I ? int64_t(I[m]) : int64_t(m)) * ld;  // [kTile]
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l) acc[l] = std::fma(q, col[l], acc[l]);
+    }
+    for (int l = 0; l < n; ++l) s[h * lds + l] = acc[l] * sc[h];
+  }
+}
+
+// The lines of the key components I[0..r) that the tile at t0 reads (the key columns are not read in an order a
+// hardware prefetcher follows), kPrefetch tiles ahead.
+constexpr int kPrefetch = 2;
+void prefetch_tile(const int32_t* I, int r, int t0, const PagedRow& pr, int g, const SparqCall& c) {
+  const int bs = pr.block_size;
+  if (c.k_cols) {
+    const float* base = c.k_cols + ((int64_t(pr.blocks[t0 / bs]) * c.Hkv + g) * c.D) * bs + t0 % bs;
+    for (int m = 0; m < r; ++m) __builtin_prefetch(base + int64_t(I[m]) * bs);
+    return;
+  }
+  for (int t = t0; t < t0 + kTile; ++t)
+    for (int i = 0; i < c.D; i += 16) __builtin_prefetch(c.k_pool + pr.at(t) + i);
+}
+
+// w.s[h][t] = sc[h] * sum_m qi[h][m] * K_t[I[m]] for t < len (tile_dots), kTile positions at a time: straight from
+// the key columns when a tile is a whole run of kTile positions of one block, else from the components copied (from
+// the key columns or gathered from the key rows) into a tile: the same bits either way.
+void approx_scores(SparqScratch& w, const float* sc, int r, int len, int64_t lds, const PagedRow& pr, int g,
+                   const SparqCall& c) {
+  const int32_t* I = w.sel.data();
+  const int bs = pr.block_size;
+  float* tile = w.tile.data();  // [r, kTile]
+  for (int t0 = 0; t0 < len; t0 += kTile) {
+    const int n = std::min(kTile, len - t0);
+    if (t0 + kPrefetch * kTile < len) prefetch_tile(I, r, t0 + kPrefetch * kTile, pr, g, c);
+    const float* base = nullptr;  // t0's block's key columns [D, bs], at t0's offset in the block
+    if (c.k_cols) base = c.k_cols + ((int64_t(pr.blocks[t0 / bs]) * c.Hkv + g) * c.D) * bs + t0 % bs;
+    if (base && n == kTile && t0 % bs + kTile <= bs) {
+      tile_dots(w.s.data() + t0, lds, w.qi.data(), sc, c.G, r, I, base, bs, n);
+      continue;
+    }
+    std::fill(tile, tile + int64_t(r) * kTile, 0.0f);
+    for (int l = 0; l < n; ++l) {
+      const int t = t0 + l;
+      if (c.k_cols) {
+        const float* bt = c.k_cols + ((int64_t(pr.blocks[t / bs]) * c.Hkv + g) * c.D) * bs + t % bs;
+        for (int m = 0; m < r; ++m) tile[m * kTile + l] = bt[int64_t(I[m]) * bs];
+      } else {
+        const float* kt = c.k_pool + pr.at(t);  // [D]
+        for (int m = 0; m < r; ++m) tile[m * kTile + l] = kt[I[m]];
+      }
+    }
+    tile_dots(w.s.data() + t0, lds, w.qi.data(), sc, c.G, r, nullptr, tile, kTile, n);
+  }
+}
+
+// w.vm[D] = the mean value over positions 0..len-1: the prefix sum through the block before the last one, plus
+// the last block's rows
+void mean_value(SparqScratch& w, int len, const PagedRow& pr, int g, const SparqCall& c) {
+  const int D = c.D, j = (len - 1) / pr.block_size;
+  float* vm = w.vm.data();
+  const float* prev = j > 0 ? c.v_sums + (int64_t(pr.blocks[j - 1]) * c.Hkv + g) * D : nullptr;
+  for (int i = 0; i < D; ++i) vm[i] = prev ? prev[i] : 0.0f;
+  for (int t = j * pr.block_size; t < len; ++t) {
+    const float* vt = c.v_pool + pr.at(t);  // [D]
+#pragma omp simd
+    for (int i = 0; i < D; ++i) vm[i] += vt[i];
+  }
+  const float inv = 1.0f / static_cast<float>(len);
+  for (int i = 0; i < D; ++i) vm[i] *= inv;
+}
+
+// SparQ of one (row, kv head): yg[G,D] from qg[G,D] over positions 0..len-1 (len > k), r components, k keys
+void attend_sparq(float* yg, const float* qg, int len, int r, int k, const PagedRow& pr, int g, const SparqCall& c,
+                  SparqScratch& w) {
+  const int G = c.G, D = c.D;
+  const int64_t lds = static_cast<int64_t>(w.c.size());
+  float sc[256];  // each head's approximate-score scale (G <= 256: checked by the caller)
+  pick_components(w, sc, qg, r, c);
+  approx_scores(w, sc, r, len, lds, pr, g, c);
+  for (int t = 0; t < len; ++t) w.c[t] = 0.0f;
+  for (int h = 0; h < G; ++h) {
+    float* sh = w.s.data() + h * lds;
+    detail::softmax_row(sh, sh, len);
+    for (int t = 0; t < len; ++t) w.c[t] += sh[t];
+  }
+  top_n(w.sel.data(), w.keys.data(), w.mark.data(), w.c.data(), len, k);
+  for (int m = 0; m < k; ++m) {  // the top positions' offsets, in increasing order; their rows fetched early
+    w.at[m] = pr.at(w.sel[m]);
+    for (int i = 0; i < D; i += 16) {
+      __builtin_prefetch(c.k_pool + w.at[m] + i, 0, 2);
+      __builtin_prefetch(c.v_pool + w.at[m] + i, 0, 2);
+    }
+  }
+  float alpha[256];
+  for (int h = 0; h < G; ++h) {
+    alpha[h] = 0.0f;
+    for (int m = 0; m < k; ++m) alpha[h] += w.s[h * lds + w.sel[m]];
+  }
+  attend_full(yg, qg, c.k_pool, c.v_pool, w.at.data(), k, G, D, c.scale, c.kern, w.p.data(), lds);
+  mean_value(w, len, pr, g, c);
+  for (int h = 0; h < G; ++h)
+    for (int i = 0; i < D; ++i) yg[h * D + i] = alpha[h] * yg[h * D + i] + (1.0f - alpha[h]) * w.vm[i];
+}
+
+}  // namespace
+
+// Items (row, kv head) as attention_paged; a SparQ row's item reads r components of every key (by column when the
+// key columns are kept), k key and value rows, and the mean value from the value sums.
+void attention_sparq(float* out, const float* q, const float* k_pool, const float* v_pool, const float* v_sums,
+                     const float* k_cols, const int32_t* pos, const int32_t* table, const int32_t* table_start,
+                     const int32_t* rk, int block_size, int N, int H, int Hkv, int D) {
+  const int max_len = paged_max_len(pos, block_size, N, H, Hkv, D, "attention_sparq");
+  MOE_CHECK(v_sums, "attention_sparq: the value sums are required");
+  MOE_CHECK(H / Hkv <= 256, "attention_sparq: " << H / Hkv << " query heads per kv head (at most 256)");
+  for (int n = 0; n < N; ++n)
+    MOE_CHECK(rk[2 * n] >= 0 && rk[2 * n] <= D && rk[2 * n + 1] >= 0,
+              "attention_sparq: row " << n << " asks for r = " << rk[2 * n] << " components (0.." << D
+                                      << ") and k = " << rk[2 * n + 1] << " keys (>= 0)");
+  if (N == 0) return;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const SparqCall c{k_pool, v_pool, v_sums, k_cols, Hkv, H / Hkv, D, scale, attn_kernels(D)};
+  const int items = N * Hkv;
+  const bool par = int64_t(items) * max_len * c.G * D > 32768 && items > 1 && !omp_in_parallel();
+#pragma omp parallel if (par)
+  {
+    SparqScratch w(c.G, D, max_len);
+#pragma omp for schedule(dynamic, 1)
+    for (int it = 0; it < items; ++it) {
+      const int n = it / Hkv, g = it % Hkv, len = pos[n] + 1, r = rk[2 * n], k = rk[2 * n + 1];
+      const PagedRow pr{table + table_start[n], block_size, int64_t(Hkv) * D, int64_t(g) * D};
+      const int64_t o = (int64_t(n) * H + g * c.G) * D;  // the group's [G, D] in q and out
+      if (r > 0 && k > 0 && len > k) {
+        attend_sparq(out + o, q + o, len, r, k, pr, g, c, w);
+        continue;
+      }
+      for (int t = 0; t < len; ++t) w.at[t] = pr.at(t);
+      attend_full(out + o, q + o, k_pool, v_pool, w.at.data(), len, c.G, D, c.scale, c.kern, w.s.data(), max_len);
     }
   }
 }

@@ -113,6 +113,37 @@ void scatter_rows(float* dst, const float* src, const int32_t* idx, int N, int C
 void attention_paged(float* out, const float* q, const float* k_pool, const float* v_pool, const int32_t* pos,
                      const int32_t* table, const int32_t* table_start, int block_size, int N, int H, int Hkv, int D);
 
+// ---------------------------------------------------------------- SparQ attention (Ribar et al., 2024)
+// The cache's two side tables (rows, pools and block tables as in attention_paged; "block j" of a row is block
+// table[table_start[n] + j] of its sequence):
+// - value sums v_sums[num_blocks, Hkv, D]: at block j of a sequence, the sum of its values over positions
+//   0 .. (j+1)*block_size - 1 (the sequence's prefix through the end of that block), so the mean value over
+//   positions 0..p reads the sum at block p/block_size - 1 and the rows of p's own block, never the whole history.
+//   value_sums_paged writes it for every row whose position ends a block (after the rows' values are in v_pool):
+//   v_sums[block j] = v_sums[block j-1] (0 for j = 0) + (v_{j*bs} + ... + v_{(j+1)*bs-1}), the block's values
+//   added in position order from 0. The rows of one sequence come in position order (a block's prefix may be
+//   written by an earlier row of the same call).
+// - key columns k_cols[num_blocks, Hkv, D, block_size] (optional): the keys again, by component: component i of
+//   the key at slot s (kv head g) is k_cols[((s / bs) * Hkv + g) * D + i][s % bs], so one component of a block's
+//   positions is contiguous. scatter_columns writes the rows' keys k[N,Hkv,D] at slots[N].
+void value_sums_paged(float* v_sums, const float* v_pool, const int32_t* pos, const int32_t* table,
+                      const int32_t* table_start, int block_size, int N, int Hkv, int D);
+void scatter_columns(float* k_cols, const float* k, const int32_t* slots, int block_size, int N, int Hkv, int D);
+// attention_paged, where row n with rk[2n] = r > 0 and rk[2n+1] = k > 0 and more than k positions (pos[n] + 1 > k)
+// uses SparQ; every other row is attention_paged's, bit for bit. For the query heads of kv head g (the group
+// G = H / Hkv shares one selection, as the paper suggests for GQA, so the group reads r columns and k rows once):
+//   I      = the r components i with the largest sum over the group of |q_h[i]| (ties: the lower i)
+//   s_h    = softmax_t(q_h[I] . K_t[I] / sqrt(D * sum_{i in I} |q_h[i]| / sum_i |q_h[i]|)), t <= pos[n]
+//            (each dot an fma chain over I in increasing i, the same from k_cols or gathered from k_pool)
+//   T      = the k positions t with the largest sum over the group of s_h[t] (ties: the lower t)
+//   alpha_h = sum_{t in T} s_h[t]
+//   y_h    = alpha_h * softmax_{t in T}(q_h . K_t / sqrt(D)) V_T + (1 - alpha_h) * mean_{t <= pos[n]} V_t
+// with the mean from v_sums. k_cols may be null: the components are then read from k_pool (the same result bit
+// for bit, more bytes touched). 0 <= r <= D. Batch-invariant like attention_paged.
+void attention_sparq(float* out, const float* q, const float* k_pool, const float* v_pool, const float* v_sums,
+                     const float* k_cols, const int32_t* pos, const int32_t* table, const int32_t* table_start,
+                     const int32_t* rk, int block_size, int N, int H, int Hkv, int D);
+
 // ---------------------------------------------------------------- plain references (reference.cpp)
 void linear_forward_ref(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC);
 void linear_backward_ref(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
@@ -130,5 +161,10 @@ void attention_backward_ref(float* dq, float* dk, float* dv, const float* dout, 
                             const float* v, const float* att, int B, int T, int H, int Hkv, int D);
 float cross_entropy_forward_ref(float* losses, float* probs, const float* logits, const int32_t* targets, int N,
                                 int V);
+// SparQ (attention_sparq's formula, in double) for every row of a causal attention case: q[B,T,H,D],
+// k[B,T,Hkv,D], v[B,T,Hkv,D] -> out[B,T,H,D], row t over positions 0..t with r components and k keys, without
+// attention_sparq's switch to full attention when k covers the context (the formula then is full attention).
+void attention_sparq_ref(float* out, const float* q, const float* k, const float* v, int B, int T, int H, int Hkv,
+                         int D, int r, int k_top);
 
 }  // namespace moe::cpu

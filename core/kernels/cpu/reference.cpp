@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <vector>
 
 #include "core/kernels/cpu/kernels.h"
@@ -233,6 +234,88 @@ float cross_entropy_forward_ref(float* losses, float* probs, const float* logits
     }
   }
   return count > 0 ? static_cast<float>(total / count) : 0.0f;
+}
+
+namespace {
+
+// the indices of the n largest of x (ties: the lower index), in increasing order
+std::vector<int> top_indices_ref(const std::vector<double>& x, int n) {
+  std::vector<int> idx(x.size());
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return x[a] > x[b]; });
+  idx.resize(std::min<size_t>(size_t(n), idx.size()));
+  std::sort(idx.begin(), idx.end());
+  return idx;
+}
+
+void softmax_ref(std::vector<double>& z) {
+  double mx = -INFINITY, sum = 0.0;
+  for (double x : z) mx = std::max(mx, x);
+  for (double& x : z) sum += (x = std::exp(x - mx));
+  for (double& x : z) x /= sum;
+}
+
+// One (row, kv head) of SparQ: yg[G,D] from the group's queries qg[G,D] over keys kt[len][Hkv*D] and values
+// vt[len][Hkv*D] (kv head g at offset g*D of each row).
+void sparq_group_ref(float* yg, const float* qg, const float* kt, const float* vt, int len, int G, int D, int64_t row,
+                     int r, int k_top) {
+  auto K = [&](int t, int i) { return double(kt[t * row + i]); };
+  auto V = [&](int t, int i) { return double(vt[t * row + i]); };
+  std::vector<double> a(D, 0.0), c(len, 0.0), mean(D, 0.0);
+  for (int h = 0; h < G; ++h)
+    for (int i = 0; i < D; ++i) a[i] += std::fabs(double(qg[h * D + i]));
+  const std::vector<int> I = top_indices_ref(a, r);
+  std::vector<std::vector<double>> s(G, std::vector<double>(len));
+  for (int h = 0; h < G; ++h) {
+    const float* qh = qg + h * D;
+    double in = 0.0, all = 0.0;
+    for (int i = 0; i < D; ++i) all += std::fabs(double(qh[i]));
+    for (int i : I) in += std::fabs(double(qh[i]));
+    const double scale = in > 0 ? 1.0 / std::sqrt(D * in / all) : 1.0 / std::sqrt(double(D));
+    for (int t = 0; t < len; ++t) {
+      double dot = 0.0;
+      for (int i : I) dot += double(qh[i]) * K(t, i);
+      s[h][t] = dot * scale;
+    }
+    softmax_ref(s[h]);
+    for (int t = 0; t < len; ++t) c[t] += s[h][t];
+  }
+  const std::vector<int> top = top_indices_ref(c, k_top);
+  for (int t = 0; t < len; ++t)
+    for (int i = 0; i < D; ++i) mean[i] += V(t, i) / len;
+  for (int h = 0; h < G; ++h) {
+    const float* qh = qg + h * D;
+    double alpha = 0.0;
+    std::vector<double> e;
+    for (int t : top) {
+      alpha += s[h][t];
+      double dot = 0.0;
+      for (int i = 0; i < D; ++i) dot += double(qh[i]) * K(t, i);
+      e.push_back(dot / std::sqrt(double(D)));
+    }
+    softmax_ref(e);
+    for (int i = 0; i < D; ++i) {
+      double y = 0.0;
+      for (size_t m = 0; m < top.size(); ++m) y += e[m] * V(top[m], i);
+      yg[h * D + i] = static_cast<float>(alpha * y + (1.0 - alpha) * mean[i]);
+    }
+  }
+}
+
+}  // namespace
+
+// out[B,T,H,D]: every row (b, t) SparQ over positions 0..t
+void attention_sparq_ref(float* out, const float* q, const float* k, const float* v, int B, int T, int H, int Hkv,
+                         int D, int r, int k_top) {
+  const int G = H / Hkv;
+  const int64_t row = int64_t(Hkv) * D;
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T; ++t)
+      for (int g = 0; g < Hkv; ++g) {
+        const int64_t qo = ((int64_t(b) * T + t) * H + int64_t(g) * G) * D;
+        const int64_t ko = int64_t(b) * T * row + int64_t(g) * D;
+        sparq_group_ref(out + qo, q + qo, k + ko, v + ko, t + 1, G, D, row, r, k_top);
+      }
 }
 
 }  // namespace moe::cpu

@@ -118,6 +118,20 @@ class CudaBackend final : public Backend {
                        int D) override {
     cuda::attention_paged(out, q, k_pool, v_pool, pos, table, table_start, block_size, N, H, Hkv, D, stream_);
   }
+  // SparQ attention has no CUDA kernels yet: the model keeps no SparQ tables on this backend and the server
+  // refuses SparQ requests (ModelInfo::sparq), so these are never called
+  bool has_sparq() const override { return false; }
+  void value_sums_paged(float*, const float*, const int32_t*, const int32_t*, const int32_t*, int, int, int,
+                        int) override {
+    MOE_THROW("value_sums_paged: SparQ attention is not implemented on the CUDA backend");
+  }
+  void scatter_columns(float*, const float*, const int32_t*, int, int, int, int) override {
+    MOE_THROW("scatter_columns: SparQ attention is not implemented on the CUDA backend");
+  }
+  void attention_sparq(float*, const float*, const float*, const float*, const float*, const float*, const int32_t*,
+                       const int32_t*, const int32_t*, const int32_t*, int, int, int, int, int) override {
+    MOE_THROW("attention_sparq: SparQ attention is not implemented on the CUDA backend");
+  }
 
   void gelu_forward(float* out, const float* inp, int64_t N) override { cuda::gelu_forward(out, inp, N, stream_); }
   void gelu_backward(float* dinp, const float* dout, const float* inp, int64_t N) override {

@@ -201,6 +201,36 @@ def failover(port, started_file, stop_file):
         stats["ok"], stats["stream_ok"], stats["stream_cut"]))
 
 
+def sparq(port):
+    """SparQ attention through the openai client (extension fields in extra_body): full coverage (sparq_r = the
+    head dim from /openapi.json, sparq_k = the context) gives full attention's greedy text; a small setting runs
+    and repeats; one field without the other is a 400 naming the missing one."""
+    c = client(port)
+    m = model_id(c)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/openapi.json", headers={"Authorization": "Bearer " + KEY})
+    props = json.loads(conn.getresponse().read())["components"]["schemas"]["CompletionRequest"]["properties"]
+    head_dim, ctx = props["sparq_r"]["maximum"], props["sparq_k"]["maximum"]
+    prompt = "First Citizen:\nBefore we proceed any further, hear me speak."
+
+    def text(**extra):
+        return c.completions.create(model=m, prompt=prompt, max_tokens=24, temperature=0,
+                                    extra_body=extra).choices[0].text
+
+    full = text()
+    assert text(sparq_r=head_dim, sparq_k=ctx) == full, "full-coverage SparQ changed the greedy text"
+    small = text(sparq_r=2, sparq_k=4)
+    assert small == text(sparq_r=2, sparq_k=4), "SparQ greedy text does not repeat"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": prompt, "sparq_r": 2}),
+                 headers={"Authorization": "Bearer " + KEY, "Content-Type": "application/json"})
+    r = conn.getresponse()
+    err = json.loads(r.read())["error"]
+    assert r.status == 400 and err["param"] == "sparq_k", (r.status, err)
+    print("sparq: full coverage (r=%d, k=%d) equals full attention; r=2 k=4 gives %r; a lone sparq_r is a 400" % (
+        head_dim, ctx, small[:40]))
+
+
 def main():
     check, port = sys.argv[1], int(sys.argv[2])
     {"greedy": lambda: greedy(port, sys.argv[3], sys.argv[4], int(sys.argv[5])),
@@ -208,6 +238,7 @@ def main():
      "concurrent": lambda: concurrent(port, int(sys.argv[3]), int(sys.argv[4])),
      "metrics": lambda: metrics(port),
      "disconnect": lambda: disconnect(port),
+     "sparq": lambda: sparq(port),
      "failover": lambda: failover(port, sys.argv[3], sys.argv[4])}[check]()
 
 
