@@ -28,9 +28,7 @@ std::string optim_m_key(const std::string& param) { return key_of(TensorKind::kO
 std::string optim_v_key(const std::string& param) { return key_of(TensorKind::kOptimV, param); }
 std::string optim_row_t_key(const std::string& param) { return key_of(TensorKind::kOptimRowT, param); }
 std::string routing_key(const std::string& layer_prefix) { return key_of(TensorKind::kRouting, layer_prefix); }
-std::string expert_bias_key(const std::string& layer_prefix) {
-  return key_of(TensorKind::kExpertBias, layer_prefix);
-}
+std::string expert_bias_key(const std::string& layer_prefix) { return key_of(TensorKind::kExpertBias, layer_prefix); }
 
 ParsedKey parse_key(const std::string& key) {
   for (TensorKind k : {TensorKind::kParam, TensorKind::kOptimM, TensorKind::kOptimV, TensorKind::kOptimRowT,

@@ -69,8 +69,8 @@ std::vector<ckpt::LocalTensor> RunState::tensors() const {
       out.push_back({ckpt::routing_key(prefix), Tensor::from_vector(table, {static_cast<int64_t>(table.size())}), false});
   for (const auto& [prefix, bias] : units.biases)
     if (!bias.empty())
-      out.push_back({ckpt::expert_bias_key(prefix), Tensor::from_vector(bias, {static_cast<int64_t>(bias.size())}),
-                     false});
+      out.push_back(
+          {ckpt::expert_bias_key(prefix), Tensor::from_vector(bias, {static_cast<int64_t>(bias.size())}), false});
   return out;
 }
 

@@ -1,7 +1,7 @@
 // The state of a training run that a checkpoint captures besides the parameter and optimizer tensors: the step,
 // the AdamW step counter, the data loader's position and the FFN units' extra state (learned routers' jitter
-// RNGs and balancing biases, word-expert routing tables). One struct, captured from a live run, written into a save, read back from a
-// checkpoint and restored: nothing else in the launcher handles these pieces one by one.
+// RNGs and balancing biases, word-expert routing tables). One struct, captured from a live run, written into a
+// save, read back from a checkpoint and restored: nothing else in the launcher handles these pieces one by one.
 //
 // The model/optimizer tensors map onto checkpoint datasets here too (keys from checkpoints/naming.h):
 //   params/<name>, optim/m/<name>, optim/v/<name>, optim/row_t/<name> (row-sparse params), routing/<layer prefix>,

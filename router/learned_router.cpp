@@ -11,9 +11,9 @@
 namespace moe::router {
 namespace {
 // choice[k] = the k experts of one token by descending key, ties to the lower expert index: the logits l[E], or
-// with a selection bias the scores plus the bias p[e] + b[e] (in double). idx[E] is scratch.
-void select_topk(int32_t* choice /*[k]*/, const float* l /*[E]*/, const float* p /*[E]*/, const float* b /*[E]*/,
-                 int E, int k, std::vector<int32_t>& idx, std::vector<double>& key /*[E] scratch*/) {
+// with a selection bias the scores plus the bias p[e] + b[e] (in double). idx[E] and key[E] are scratch.
+void select_topk(int32_t* choice /*[k]*/, const float* l /*[E]*/, const float* p /*[E]*/, const float* b /*[E]*/, int E,
+                 int k, std::vector<int32_t>& idx, std::vector<double>& key /*[E] scratch*/) {
   for (int e = 0; e < E; ++e) key[e] = b ? static_cast<double>(p[e]) + b[e] : static_cast<double>(l[e]);
   std::iota(idx.begin(), idx.end(), 0);
   std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
@@ -42,11 +42,11 @@ LearnedRouter::LearnedRouter(int num_experts, int k, int channels, const Learned
 
 // ---------------------------------------------------------------- selection bias
 void LearnedRouter::set_bias(const std::vector<float>& b) {
-  MOE_CHECK(static_cast<int>(b.size()) == E_, "LearnedRouter::set_bias: " << b.size() << " values for " << E_
-                                                                          << " experts");
+  MOE_CHECK(static_cast<int>(b.size()) == E_,
+            "LearnedRouter::set_bias: " << b.size() << " values for " << E_ << " experts");
   for (int e = 0; e < E_; ++e)
-    MOE_CHECK(std::isfinite(b[e]), "LearnedRouter::set_bias: bias of expert " << e << " is not finite (" << b[e]
-                                                                              << ")");
+    MOE_CHECK(std::isfinite(b[e]),
+              "LearnedRouter::set_bias: bias of expert " << e << " is not finite (" << b[e] << ")");
   bias_ = b;
 }
 
