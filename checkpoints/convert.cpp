@@ -316,7 +316,7 @@ SafetensorsFile to_safetensors(const CheckpointValue& c) {
   for (const auto& t : c.tensors) {
     const ParsedKey k = parse_key(t.name);
     if (k.is_param()) st.tensors.push_back({k.name, t.tensor});
-    else if (k.is_routing()) st.tensors.push_back({t.name, t.tensor});
+    else if (k.is_routing() || k.is_expert_bias()) st.tensors.push_back({t.name, t.tensor});
   }
   st.metadata = {{"format", "pt"},
                  {"moe.step", std::to_string(c.manifest.step())},
@@ -331,6 +331,10 @@ CheckpointValue from_safetensors(const SafetensorsFile& st, Config cfg, const st
   for (const auto& t : st.tensors) {
     if (is_routing_key(t.name)) {
       MOE_CHECK(t.tensor.dtype() == DType::kI32, where << ": routing table '" << t.name << "' must be I32");
+      c.tensors.push_back({t.name, t.tensor});
+    } else if (is_expert_bias_key(t.name)) {
+      MOE_CHECK(t.tensor.dtype() == DType::kF32 && t.tensor.ndim() == 1,
+                where << ": router bias '" << t.name << "' must be a 1-D F32 tensor");
       c.tensors.push_back({t.name, t.tensor});
     } else {
       MOE_CHECK(t.tensor.dtype() != DType::kI32, where << ": parameter tensor '" << t.name << "' is I32");

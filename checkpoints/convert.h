@@ -66,7 +66,8 @@ CheckpointValue reshard(CheckpointValue c, int M);
 CheckpointValue finalize(CheckpointValue c, const std::string& where);
 
 // ---- safetensors
-// The parameters as safetensors tensors: params/<name> -> <name>, routing/<prefix> kept; __metadata__ format=pt,
+// The parameters as safetensors tensors: params/<name> -> <name>, routing/<prefix> and expert_bias/<prefix> kept
+// (the inverse restores them); __metadata__ format=pt,
 // moe.step, moe.config (protobuf text of the config).
 SafetensorsFile to_safetensors(const CheckpointValue& c);
 // The inverse: a step-0 checkpoint value (no optimizer state, no tokenizer) of `st` with config `cfg` (overrides

@@ -72,6 +72,9 @@ bool check_expressible(const proto::ModelConfig& m, const std::string& where) {
   MOE_CHECK(m.moe().score() == proto::SOFTMAX, why << "model.moe.score is SIGMOID; mixtral's router is a softmax");
   MOE_CHECK(!m.moe().no_normalize_topk(),
             why << "model.moe.no_normalize_topk is set; mixtral renormalises the top-k gates");
+  MOE_CHECK(!m.moe().bias_balancing(),
+            why << "model.moe.bias_balancing is set; mixtral's router has no selection bias, so it would choose other "
+                   "experts (--set model.moe.bias_balancing=false exports without the bias)");
   return true;
 }
 

@@ -24,7 +24,7 @@
 //
 // Refused, naming the layer and the reason: word-expert layers, GELU activations or expert biases (llama and
 // mixtral use SwiGLU without biases), LayerNorm, mixed dense and MoE layers (mixtral has no dense layers), sigmoid
-// router scores or un-normalised top-k gates.
+// router scores, un-normalised top-k gates or a load-balancing selection bias (model.moe.bias_balancing).
 #pragma once
 #include <cstdint>
 #include <string>

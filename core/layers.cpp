@@ -1,5 +1,6 @@
 #include "core/layers.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -135,5 +136,14 @@ void DenseFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
 }
 
 void DenseFfn::backward(const FfnContext&, float* dx, const float* dy, int N) { ffn_->backward(dx, dy); }
+
+double max_overload(const std::vector<int64_t>& load) {
+  int64_t total = 0, hi = 0;
+  for (int64_t x : load) {
+    total += x;
+    hi = std::max(hi, x);
+  }
+  return total > 0 ? static_cast<double>(hi) * static_cast<double>(load.size()) / static_cast<double>(total) : 0.0;
+}
 
 }  // namespace moe

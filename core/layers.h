@@ -3,12 +3,12 @@
 // a ParamStore and takes the activation buffers its backward needs from the model's workspace; forward and
 // backward sit side by side.
 #pragma once
+#include <array>
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <array>
-#include <map>
 
 #include "core/grouped_ffn.h"
 #include "core/kv_cache.h"
@@ -118,13 +118,26 @@ struct FfnStats {
   // rows per GLOBAL expert from this rank's tokens (learned MoE layers; empty for word-expert tables, whose
   // expert count can be ~10^6)
   std::vector<int64_t> expert_load;
+  // token-slots that CHOSE each global expert, before capacity drops, over every training forward of the last
+  // step (all micro-batches; this rank's tokens): what load balancing acts on (learned MoE layers; else empty)
+  std::vector<int64_t> expert_routed;
+  // the selection bias of auxiliary-loss-free balancing, per global expert (empty when off); the same on every rank
+  std::vector<float> expert_bias;
 };
 
+// max_e load_e / mean_e load_e (1 at perfect balance, E when one expert takes everything); 0 for no load.
+double max_overload(const std::vector<int64_t>& load);
+
+// An in-place sum of a vector over every rank of the world (identity on one rank).
+using WorldSum = std::function<void(std::vector<double>&)>;
+
 // Non-parameter state of the FFN units that a checkpoint keeps, by layer prefix ("layers.<l>.ffn"): RNG streams
-// (a learned router's jitter noise) and integer tables (a word-expert layer's routing table).
+// (a learned router's jitter noise), integer tables (a word-expert layer's routing table) and float vectors (a
+// learned router's selection bias, bias balancing).
 struct UnitState {
   std::map<std::string, std::array<uint64_t, 4>> rngs;
   std::map<std::string, std::vector<int32_t>> tables;
+  std::map<std::string, std::vector<float>> biases;
 };
 
 class FfnUnit {
@@ -141,6 +154,10 @@ class FfnUnit {
   // for this unit, which then keeps its own).
   virtual void capture_state(UnitState& s) const {}
   virtual bool restore_state(const UnitState& s) { return true; }
+  // Called by the trainer on every rank after every optimizer step (collective: every rank calls it for every
+  // unit in the same order): a unit with per-step state updates it here (a learned router's balancing bias, from
+  // the loads of the step summed with `sum_over_world`), and the step's statistics close.
+  virtual void after_optimizer_step(const WorldSum& sum_over_world) {}
   // Packs the unit's matrices for the inference path (forward with ctx.batch_invariant), from their current values.
   virtual void prepare_inference() = 0;
 };

@@ -6,6 +6,17 @@
 #include "core/error.h"
 
 namespace moe {
+namespace {
+std::string json_floats(const std::vector<float>& v) {
+  std::string a = "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) a += ',';
+    a += json_number(v[i]);
+  }
+  a += ']';
+  return a;
+}
+}  // namespace
 
 MetricsSink::MetricsSink(const std::string& path) : out_(path, std::ios::app), path_(path) {
   MOE_CHECK(out_.good(), "--metrics: cannot open '" << path << "' for appending");
@@ -28,6 +39,9 @@ JsonObject train_record(const LogRecord& r) {
       o.num("dropped_fraction", s.dropped_fraction).num("load_min", s.load_min).num("load_max", s.load_max);
       o.num("experts_used", s.experts_used);
       if (!s.expert_load.empty()) o.nums("expert_load", s.expert_load);
+      if (!s.expert_routed.empty())
+        o.nums("expert_routed", s.expert_routed).num("max_overload", max_overload(s.expert_routed));
+      if (!s.expert_bias.empty()) o.json("expert_bias", json_floats(s.expert_bias));
     }
     layers.push_back(o);
   }

@@ -4,9 +4,13 @@
 //
 //   {"type":"train","step":20,"total_steps":300,"loss":5.1,"router_loss":0.04,"lr":0.003,"grad_norm":0.9,
 //    "tokens_per_s":12000,"elapsed_s":3.2,"layers":[{"layer":0,"router_loss":0.01,"aux_loss":1.0,
-//    "dropped_fraction":0.0,"load_min":200,"load_max":300,"experts_used":8,"expert_load":[...]}, ...]}
+//    "dropped_fraction":0.0,"load_min":200,"load_max":300,"experts_used":8,"expert_load":[...],
+//    "expert_routed":[...],"max_overload":1.3,"expert_bias":[...]}, ...]}
 //   {"type":"eval","step":100,"val_loss":4.2,"val_ppl":66.7}
 // Dense layers appear in "layers" without router fields. Losses are means over the steps since the previous line.
+// Per learned MoE layer: expert_load = the slots each expert KEPT in the step's last forward, expert_routed = the
+// slots that chose it before capacity drops over the whole step (all micro-batches), both summed over the world
+// (FfnStats); max_overload = max / mean of expert_routed; expert_bias = the balancing bias (bias balancing only).
 #pragma once
 #include <cstdint>
 #include <fstream>

@@ -108,6 +108,10 @@ int Model::restore_unit_state(const UnitState& s) {
   return missing;
 }
 
+void Model::after_optimizer_step(const WorldSum& sum_over_world) {
+  for (auto& b : blocks_) b->ffn().after_optimizer_step(sum_over_world);
+}
+
 float Model::forward(const int32_t* inputs, const int32_t* targets, int B, int T, bool training) {
   MOE_CHECK(T <= cfg_.max_seq_len(), "sequence length " << T << " exceeds model.max_seq_len " << cfg_.max_seq_len());
   B_ = B;

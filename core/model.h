@@ -109,6 +109,8 @@ class Model {
   // units that found no state of theirs in `s` (they keep their own).
   UnitState unit_state() const;
   int restore_unit_state(const UnitState& s);
+  // After every optimizer step (all ranks, collective): each FFN unit's per-step update (FfnUnit).
+  void after_optimizer_step(const WorldSum& sum_over_world);
 
   // ---- the inference path (generation and serving)
   // Packs every matrix into the inference layout of the backend (core/packed.h) from the current weights: before the

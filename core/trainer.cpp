@@ -64,6 +64,7 @@ StepRecord Trainer::step(const Batch& global_batch, int step_index, const TrainH
   const double norm = clip_grad_norm(ps, cfg_.optimizer().grad_clip(), hooks.sum_over_expert_group);
   const float lr = lr_at(cfg_.optimizer(), step_index, cfg_.train().steps());
   opt_.step(lr);
+  model_.after_optimizer_step(hooks.sum_over_ranks);  // e.g. the routers' balancing bias, from the world's loads
   return {step_index + 1, static_cast<float>(loss), lr, norm, router_loss};
 }
 
@@ -85,7 +86,7 @@ std::string progress_line(const LogRecord& r) {
                 r.step, r.total, r.loss, r.lr, r.grad_norm, r.tokens_per_s, fmt_secs(r.elapsed_s).c_str(),
                 fmt_secs(r.eta_s).c_str());
   int n = 0;
-  double aux = 0, drop = 0;
+  double aux = 0, drop = 0, overload = 0;
   int64_t lo = INT64_MAX, hi = 0;
   for (const FfnStats& s : r.layers) {
     if (!s.has_router) continue;
@@ -94,17 +95,24 @@ std::string progress_line(const LogRecord& r) {
     drop += s.dropped_fraction;
     lo = std::min(lo, s.load_min);
     hi = std::max(hi, s.load_max);
+    overload = std::max(overload, max_overload(s.expert_routed));
   }
   if (n == 0) return line;
-  char router[160];
+  char router[192];
   std::snprintf(router, sizeof router, " | router loss %.4f | aux %.3f | dropped %.1f%% | expert load %lld..%lld",
                 r.router_loss, aux / n, 100.0 * drop / n, static_cast<long long>(lo), static_cast<long long>(hi));
-  return std::string(line) + router;
+  std::string out = std::string(line) + router;
+  if (overload > 0) {  // the worst layer's routed max/mean load (learned MoE layers)
+    std::snprintf(router, sizeof router, " | overload %.2f", overload);
+    out += router;
+  }
+  return out;
 }
 
 // The record of a logged step: window means, and the last step's per-layer router statistics. With
 // hooks.sum_over_ranks (collective: every rank logs the same steps) the per-layer scalars become means over the
-// ranks and the per-expert loads sums; the min/max loads stay this rank's (as the progress line always showed).
+// ranks and the per-expert loads (kept and routed) sums; the min/max loads stay this rank's (as the progress line
+// always showed).
 LogRecord Trainer::log_record(int step, int start_step, const std::vector<StepRecord>& window, double window_s,
                               double elapsed_s, const TrainHooks& hooks) {
   const int total = cfg_.train().steps();
@@ -118,10 +126,12 @@ LogRecord Trainer::log_record(int step, int start_step, const std::vector<StepRe
   r.eta_s = step > start_step ? elapsed_s / (step - start_step) * (total - step) : 0;
   for (int l = 0; l < model_.n_layers(); ++l) r.layer_router_loss.push_back(model_.ffn(l).extra_loss());
   if (!hooks.sum_over_ranks) return r;
-  std::vector<double> v = r.layer_router_loss;  // [L] losses, [L] aux, [L] dropped, then every expert load
+  // [L] losses, [L] aux, [L] dropped, then every expert load, then every routed load
+  std::vector<double> v = r.layer_router_loss;
   for (const FfnStats& s : r.layers) v.push_back(s.aux_loss);
   for (const FfnStats& s : r.layers) v.push_back(s.dropped_fraction);
   for (const FfnStats& s : r.layers) v.insert(v.end(), s.expert_load.begin(), s.expert_load.end());
+  for (const FfnStats& s : r.layers) v.insert(v.end(), s.expert_routed.begin(), s.expert_routed.end());
   hooks.sum_over_ranks(v);
   const double ranks = hooks.shard_count;
   size_t k = 0;
@@ -130,6 +140,8 @@ LogRecord Trainer::log_record(int step, int start_step, const std::vector<StepRe
   for (FfnStats& s : r.layers) s.dropped_fraction = v[k++] / ranks;
   for (FfnStats& s : r.layers)
     for (int64_t& x : s.expert_load) x = std::llround(v[k++]);
+  for (FfnStats& s : r.layers)
+    for (int64_t& x : s.expert_routed) x = std::llround(v[k++]);
   return r;
 }
 

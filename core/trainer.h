@@ -20,8 +20,8 @@ struct StepRecord {
 };
 
 // What a logged step reports (the progress line and the metrics stream): means over the steps since the last
-// log, and per FFN layer the router statistics of the last step (scalars averaged over ranks, per-expert loads
-// summed over ranks when the hooks can reduce).
+// log, and per FFN layer the router statistics of the last step (scalars averaged over ranks, per-expert loads,
+// kept and routed, summed over ranks when the hooks can reduce).
 struct LogRecord {
   int step, total;
   double loss, router_loss, lr, grad_norm, tokens_per_s, elapsed_s, eta_s;
@@ -60,8 +60,9 @@ struct TrainHooks {
   std::function<double(double)> mean_over_ranks;
   // sums a value over the expert-parallel group (global gradient norm over expert shards)
   ShardSum sum_over_expert_group;
-  // in-place sum over all ranks (router statistics of logged steps; identity if unset)
-  std::function<void(std::vector<double>&)> sum_over_ranks;
+  // in-place sum over all ranks (router statistics of logged steps, and after every optimizer step the loads of
+  // the routers' bias balancing: Model::after_optimizer_step; identity if unset)
+  WorldSum sum_over_ranks;
 };
 
 
@@ -98,7 +99,8 @@ class Trainer {
                        double elapsed_s, const TrainHooks& hooks);
 };
 
-// The progress line of a logged step ("step 20/300 | loss ... | router loss ... | expert load 10..90").
+// The progress line of a logged step ("step 20/300 | loss ... | router loss ... | expert load 10..90 |
+// overload 1.31": the largest routed max/mean load of the learned MoE layers).
 std::string progress_line(const LogRecord& r);
 
 }  // namespace moe

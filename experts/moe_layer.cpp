@@ -28,6 +28,8 @@ router::LearnedRouterOptions router_options(const proto::MoeConfig& m, uint64_t 
   o.z_loss_coef = m.z_loss_coef();
   o.jitter_eps = m.jitter_eps();
   o.seed = seed;
+  o.bias_balancing = m.bias_balancing();
+  o.bias_update_rate = m.bias_update_rate();
   return o;
 }
 
@@ -77,7 +79,10 @@ MoeFfn::MoeFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const p
             ExpertBankDims{cfg.moe().num_experts() / ep_size(ep), cfg.d_model(), cfg.moe().d_expert(),
                            cfg.activation(), dispatcher_.first_local_expert()}) {}
 
-void MoeFfn::capture_state(UnitState& s) const { s.rngs[prefix_] = router_.rng_state(); }
+void MoeFfn::capture_state(UnitState& s) const {
+  s.rngs[prefix_] = router_.rng_state();
+  if (router_.options().bias_balancing) s.biases[prefix_] = router_.bias();
+}
 
 void MoeFfn::prepare_inference() {
   w_router_packed_.pack(*w_router_);
@@ -85,10 +90,27 @@ void MoeFfn::prepare_inference() {
 }
 
 bool MoeFfn::restore_state(const UnitState& s) {
+  auto b = s.biases.find(prefix_);
+  if (b != s.biases.end() && router_.options().bias_balancing) {
+    MOE_CHECK(static_cast<int>(b->second.size()) == E_, prefix_ << ": stored router bias has " << b->second.size()
+                                                                << " entries, model.moe.num_experts is " << E_);
+    router_.set_bias(b->second);
+  }
   auto it = s.rngs.find(prefix_);
   if (it == s.rngs.end()) return false;
   router_.set_rng_state(it->second);
   return true;
+}
+
+void MoeFfn::after_optimizer_step(const WorldSum& sum_over_world) {
+  const bool had_step = step_open_;
+  step_open_ = false;
+  if (!router_.options().bias_balancing) return;
+  // every rank takes part in the sum (a rank that routed nothing this step adds zeros)
+  std::vector<double> load(E_, 0.0);
+  if (had_step) std::copy(step_routed_.begin(), step_routed_.end(), load.begin());
+  if (sum_over_world) sum_over_world(load);
+  router_.update_bias(load.data());
 }
 
 void MoeFfn::reset_timings() {
@@ -100,6 +122,11 @@ void MoeFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   auto t0 = clk::now();
   last_ = router_.forward(x, w_router_->value.f32(), N, ctx.training,
                           ctx.batch_invariant ? w_router_packed_.slot() : nullptr);
+  if (ctx.training) {  // the step's routed loads (every micro-batch, before capacity drops)
+    if (!step_open_) step_routed_.assign(E_, 0);
+    step_open_ = true;
+    for (int32_t e : router_.topk_experts()) ++step_routed_[e];
+  }
   route_seconds_ += since(t0);
   step_ = &dispatcher_.dispatch(last_.plan, x, C_);
   t0 = clk::now();
@@ -135,6 +162,8 @@ FfnStats MoeFfn::stats() const {
   s.load_max = plan.load_max();
   s.expert_load.assign(plan.counts.begin(), plan.counts.end());
   s.experts_used = plan.experts_used();
+  s.expert_routed = step_routed_;
+  if (router_.options().bias_balancing) s.expert_bias = router_.bias();
   return s;
 }
 

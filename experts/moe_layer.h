@@ -30,9 +30,15 @@ class MoeFfn : public FfnUnit {
   void backward(const FfnContext& ctx, float* dx, const float* dy, int N) override;
   double extra_loss() const override { return last_.loss; }
   FfnStats stats() const override;
-  void capture_state(UnitState& s) const override;  // the jitter RNG
+  // The jitter RNG, and with bias balancing the selection bias. Restoring a state without a bias (a checkpoint
+  // trained without bias balancing) keeps the current one; restore returns false when the RNG is missing.
+  void capture_state(UnitState& s) const override;
   bool restore_state(const UnitState& s) override;
+  // Bias balancing: sums the step's routed loads over the world and moves the bias (LearnedRouter::update_bias).
+  // Either way the step closes: the next training forward starts counting the next step's loads.
+  void after_optimizer_step(const WorldSum& sum_over_world) override;
   void prepare_inference() override;  // the router's and the experts' matrices
+  const router::LearnedRouter& router() const { return router_; }
   Dispatcher& dispatcher() { return dispatcher_; }
   double expert_seconds() const { return expert_seconds_; }
   double route_seconds() const { return route_seconds_; }
@@ -48,6 +54,9 @@ class MoeFfn : public FfnUnit {
   Dispatcher dispatcher_;
   ExpertBank bank_;
   router::RouterOutput last_;
+  // token-slots choosing each expert (before capacity drops) over the training forwards of the current step
+  std::vector<int64_t> step_routed_;  // [E]
+  bool step_open_ = false;            // false: the next training forward starts a new step (zeroes step_routed_)
   Dispatcher::Step* step_ = nullptr;  // this step's token movement (last forward)
   std::vector<float> expert_out_, dexpert_in_, dgate_;
   double expert_seconds_ = 0, route_seconds_ = 0;

@@ -61,8 +61,10 @@ const char* kCkptUsage =
     "    --to-safetensors FILE   export the parameters instead of writing a checkpoint. Name mapping: the\n"
     "                     checkpoint dataset params/<name> becomes the safetensors tensor <name> (e.g.\n"
     "                     params/layers.0.attn.wq -> layers.0.attn.wq, params/tok_emb.weight -> tok_emb.weight);\n"
-    "                     word-expert routing tables routing/<prefix> keep their name (I32). Expert tensors keep their\n"
-    "                     global shape [E, ...]. dtypes F32/BF16/I32. __metadata__: format=pt, moe.step, moe.config\n"
+    "                     word-expert routing tables routing/<prefix> keep their name (I32), and so do the learned\n"
+    "                     routers' load-balancing biases expert_bias/<prefix> (F32, model.moe.bias_balancing).\n"
+    "                     Expert tensors keep their global shape [E, ...]. dtypes F32/BF16/I32. __metadata__:\n"
+    "                     format=pt, moe.step, moe.config\n"
     "                     (the full run config, protobuf text)\n"
     "    --to-hf OUT_DIR  export a directory that transformers' AutoModelForCausalLM.from_pretrained loads (no\n"
     "                     custom code): dense models as llama, MoE models (every layer MoE) as mixtral; config.json,\n"
@@ -203,9 +205,10 @@ int inspect(const std::string& path) {
   }
   std::printf("%s]\n", mc.ffn_pattern_size() ? "" : "all FFN_DENSE");
   if (any_moe)
-    std::printf("moe: %d experts, top-%d, d_expert %d, %s, capacity factor %g%s\n", mc.moe().num_experts(),
+    std::printf("moe: %d experts, top-%d, d_expert %d, %s, capacity factor %g%s%s\n", mc.moe().num_experts(),
                 mc.moe().top_k(), mc.moe().d_expert(), proto::RouterScore_Name(mc.moe().score()).c_str(),
-                mc.moe().capacity_factor(), mc.moe().dropless() ? " (dropless)" : "");
+                mc.moe().capacity_factor(), mc.moe().dropless() ? " (dropless)" : "",
+                mc.moe().bias_balancing() ? ", bias balancing" : "");
   if (any_word) {
     const proto::WordExpertConfig& w = mc.word_experts();
     std::string routing = w.hash_routing() ? "hash routing" : "token-id routing";

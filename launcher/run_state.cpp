@@ -30,10 +30,15 @@ RunState RunState::read(ckpt::Reader& r, const proto::Manifest& m) {
   }
   for (const auto& e : m.tensors()) {
     const ckpt::ParsedKey key = ckpt::parse_key(e.name());
-    if (!key.is_routing()) continue;
-    Tensor t = Tensor::empty(r.shape(e.name()), DType::kI32);
-    r.read(e.name(), t);
-    s.units.tables[key.name].assign(t.i32(), t.i32() + t.numel());
+    if (key.is_routing()) {
+      Tensor t = Tensor::empty(r.shape(e.name()), DType::kI32);
+      r.read(e.name(), t);
+      s.units.tables[key.name].assign(t.i32(), t.i32() + t.numel());
+    } else if (key.is_expert_bias()) {
+      Tensor t = Tensor::empty(r.shape(e.name()), DType::kF32);
+      r.read(e.name(), t);
+      s.units.biases[key.name].assign(t.f32(), t.f32() + t.numel());
+    }
   }
   return s;
 }
@@ -62,6 +67,10 @@ std::vector<ckpt::LocalTensor> RunState::tensors() const {
   for (const auto& [prefix, table] : units.tables)
     if (!table.empty())
       out.push_back({ckpt::routing_key(prefix), Tensor::from_vector(table, {static_cast<int64_t>(table.size())}), false});
+  for (const auto& [prefix, bias] : units.biases)
+    if (!bias.empty())
+      out.push_back(
+          {ckpt::expert_bias_key(prefix), Tensor::from_vector(bias, {static_cast<int64_t>(bias.size())}), false});
   return out;
 }
 

@@ -1,10 +1,11 @@
 // The state of a training run that a checkpoint captures besides the parameter and optimizer tensors: the step,
 // the AdamW step counter, the data loader's position and the FFN units' extra state (learned routers' jitter
-// RNGs, word-expert routing tables). One struct, captured from a live run, written into a save, read back from a
-// checkpoint and restored: nothing else in the launcher handles these pieces one by one.
+// RNGs and balancing biases, word-expert routing tables). One struct, captured from a live run, written into a
+// save, read back from a checkpoint and restored: nothing else in the launcher handles these pieces one by one.
 //
 // The model/optimizer tensors map onto checkpoint datasets here too (keys from checkpoints/naming.h):
-//   params/<name>, optim/m/<name>, optim/v/<name>, optim/row_t/<name> (row-sparse params), routing/<layer prefix>
+//   params/<name>, optim/m/<name>, optim/v/<name>, optim/row_t/<name> (row-sparse params), routing/<layer prefix>,
+//   expert_bias/<layer prefix>
 // Expert-sharded tensors are written by the expert-parallel rank that owns them and stored with their global shape
 // [E, ...]; they are read back as this rank's rows (Param::first_row), so a checkpoint loads at any
 // expert-parallel size that divides E.
@@ -30,17 +31,18 @@ struct RunState {
   int64_t step = 0;
   int64_t optimizer_t = 0;
   std::array<uint64_t, 4> loader_rng{};
-  UnitState units;  // by layer prefix: learned routers' jitter RNGs, word-expert routing tables
+  UnitState units;  // by layer prefix: learned routers' jitter RNGs and biases, word-expert routing tables
 
   static RunState capture(int64_t step, const Model& model, const AdamW& opt, const BatchLoader& loader);
-  // The manifest fields and routing tables of a checkpoint.
+  // The manifest fields, routing tables and router biases of a checkpoint.
   static RunState read(ckpt::Reader& r, const proto::Manifest& m);
   // Restores the optimizer step, the loader position and the units' state; returns the number of FFN units that
   // found no state of theirs (e.g. router RNGs of a checkpoint older than them: they keep their seed's stream).
   int restore(Model& model, AdamW& opt, BatchLoader& loader) const;
   // Fills the manifest fields it owns (step, optimizer step, loader and router RNGs).
   void to_manifest(proto::Manifest& m) const;
-  // The routing tables as tensors routing/<prefix> (replicated, i32).
+  // The routing tables as tensors routing/<prefix> (replicated, i32) and the router biases as expert_bias/<prefix>
+  // (replicated, f32).
   std::vector<ckpt::LocalTensor> tensors() const;
 };
 

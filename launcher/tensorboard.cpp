@@ -95,6 +95,10 @@ void TensorBoardWriter::write(const LogRecord& r) {
     add_scalar(s, pre + "aux_loss", st.aux_loss);
     add_scalar(s, pre + "dropped_fraction", st.dropped_fraction);
     if (!st.expert_load.empty()) add_expert_load(s, pre + "expert_load", st.expert_load);
+    if (!st.expert_routed.empty()) {
+      add_scalar(s, pre + "max_overload", max_overload(st.expert_routed));
+      add_expert_load(s, pre + "expert_routed", st.expert_routed);
+    }
   }
   write_event(e);
 }

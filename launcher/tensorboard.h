@@ -6,7 +6,9 @@
 //
 // Tags: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/router_loss (means since the previous
 // logged step); per routed layer l: layer<l>/router_loss, layer<l>/aux_loss, layer<l>/dropped_fraction and the
-// histogram layer<l>/expert_load (one bucket per expert, the tokens slots it received, learned MoE layers);
+// histogram layer<l>/expert_load (one bucket per expert, the tokens slots it received, learned MoE layers); learned
+// MoE layers also layer<l>/max_overload (max / mean of the routed loads) and the histogram layer<l>/expert_routed
+// (the slots that chose each expert before capacity drops, over the whole step);
 // eval/val_loss, eval/val_ppl.
 #pragma once
 #include <cstdint>

@@ -9,8 +9,21 @@
 #include "router/router.h"
 
 namespace moe::router {
+namespace {
+// choice[k] = the k experts of one token by descending key, ties to the lower expert index: the logits l[E], or
+// with a selection bias the scores plus the bias p[e] + b[e] (in double). idx[E] and key[E] are scratch.
+void select_topk(int32_t* choice /*[k]*/, const float* l /*[E]*/, const float* p /*[E]*/, const float* b /*[E]*/, int E,
+                 int k, std::vector<int32_t>& idx, std::vector<double>& key /*[E] scratch*/) {
+  for (int e = 0; e < E; ++e) key[e] = b ? static_cast<double>(p[e]) + b[e] : static_cast<double>(l[e]);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                    [&key](int32_t a, int32_t c) { return key[a] > key[c] || (key[a] == key[c] && a < c); });
+  std::copy(idx.begin(), idx.begin() + k, choice);
+}
+}  // namespace
+
 LearnedRouter::LearnedRouter(int num_experts, int k, int channels, const LearnedRouterOptions& opts)
-    : E_(num_experts), k_(k), C_(channels), opts_(opts), rng_(opts.seed) {
+    : E_(num_experts), k_(k), C_(channels), opts_(opts), rng_(opts.seed), bias_(std::max(num_experts, 0), 0.0f) {
   MOE_CHECK(num_experts >= 1, "LearnedRouter: number of experts must be >= 1 (got " << num_experts << ")");
   MOE_CHECK(k >= 1 && k <= num_experts, "LearnedRouter: top-k " << k << " must lie in [1, number of experts "
                                                                 << num_experts << "]");
@@ -23,6 +36,33 @@ LearnedRouter::LearnedRouter(int num_experts, int k, int channels, const Learned
             "LearnedRouter: z_loss_coef must be >= 0 (got " << opts.z_loss_coef << ")");
   MOE_CHECK(opts.jitter_eps >= 0 && opts.jitter_eps < 1,
             "LearnedRouter: jitter_eps must lie in [0, 1) (got " << opts.jitter_eps << ")");
+  MOE_CHECK(opts.bias_update_rate >= 0 && std::isfinite(opts.bias_update_rate),
+            "LearnedRouter: bias_update_rate must be >= 0 (got " << opts.bias_update_rate << ")");
+}
+
+// ---------------------------------------------------------------- selection bias
+void LearnedRouter::set_bias(const std::vector<float>& b) {
+  MOE_CHECK(static_cast<int>(b.size()) == E_,
+            "LearnedRouter::set_bias: " << b.size() << " values for " << E_ << " experts");
+  for (int e = 0; e < E_; ++e)
+    MOE_CHECK(std::isfinite(b[e]),
+              "LearnedRouter::set_bias: bias of expert " << e << " is not finite (" << b[e] << ")");
+  bias_ = b;
+}
+
+void LearnedRouter::update_bias(const double* load /*[E]*/) {
+  MOE_CHECK(opts_.bias_balancing, "LearnedRouter::update_bias: bias balancing is off");
+  double total = 0;
+  for (int e = 0; e < E_; ++e) {
+    MOE_CHECK(std::isfinite(load[e]) && load[e] >= 0,
+              "LearnedRouter::update_bias: load of expert " << e << " is " << load[e] << " (must be finite, >= 0)");
+    total += load[e];
+  }
+  const double mean = total / E_;
+  for (int e = 0; e < E_; ++e) {
+    const float sign = load[e] < mean ? 1.0f : (load[e] > mean ? -1.0f : 0.0f);
+    bias_[e] += opts_.bias_update_rate * sign;
+  }
 }
 
 // ---------------------------------------------------------------- forward
@@ -52,11 +92,13 @@ RouterOutput LearnedRouter::forward(const float* x /*[N,C]*/, const float* w_rou
   if (N > 0 && w_packed) cpu::linear_rows(logits_.data(), xin_.data(), w_packed, nullptr, N, C, E);
   else if (N > 0) cpu::matmul(logits_.data(), xin_.data(), w_router, N, E, C, false, true);
 
-  // 3. scores, logsumexp, top-k (descending logit, ties: lower expert index first)
+  // 3. scores, logsumexp, top-k (descending logit or biased score, ties: lower expert index first)
   probs_.assign(static_cast<size_t>(N) * E, 0.0f);
   lse_.assign(N, 0.0f);
   choice_.assign(static_cast<size_t>(N) * k, -1);
   std::vector<int32_t> idx(E);
+  std::vector<double> key(E);
+  const float* bias = opts_.bias_balancing ? bias_.data() : nullptr;
   for (int n = 0; n < N; ++n) {
     const float* l = logits_.data() + static_cast<size_t>(n) * E;
     float* p = probs_.data() + static_cast<size_t>(n) * E;
@@ -72,10 +114,7 @@ RouterOutput LearnedRouter::forward(const float* x /*[N,C]*/, const float* w_rou
     for (int e = 0; e < E; ++e)
       p[e] = static_cast<float>(opts_.score == ScoreFn::kSoftmax ? std::exp(l[e] - mx) / sum
                                                                  : 1.0 / (1.0 + std::exp(-static_cast<double>(l[e]))));
-    std::iota(idx.begin(), idx.end(), 0);
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
-                      [l](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
-    std::copy(idx.begin(), idx.begin() + k, choice_.begin() + static_cast<size_t>(n) * k);
+    select_topk(choice_.data() + static_cast<size_t>(n) * k, l, p, bias, E, k, idx, key);
   }
 
   // 4. capacity assignment, slot-major (all 1st choices before any 2nd choice), tokens by index within a slot

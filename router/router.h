@@ -4,7 +4,8 @@
 // comment on every pointer, forward and backward side by side.
 //
 //   LearnedRouter  logits = x W_r^T, softmax or sigmoid scores, top-k, capacity drop, Switch aux loss, z-loss,
-//                  input jitter (GShard / Switch / ST-MoE)
+//                  input jitter (GShard / Switch / ST-MoE), per-expert selection bias (auxiliary-loss-free load
+//                  balancing, DeepSeek-V3)
 //   VocabRouter    MoWE: token id -> expert table built from corpus frequencies (frequent tokens get their own
 //                  word expert, the rest are hashed onto shared experts)
 //   HashRouter     expert = mix64(token id) % E
@@ -112,6 +113,11 @@ struct LearnedRouterOptions {
   float z_loss_coef = 0.0f;       // ST-MoE z-loss: mean_n logsumexp(logits_n)^2
   float jitter_eps = 0.0f;        // training only: x *= U[1-eps, 1+eps] elementwise; 0 <= eps < 1
   uint64_t seed = 0;              // jitter noise stream
+  // Auxiliary-loss-free load balancing (DeepSeek-V3, Wang et al. 2024): the top-k is chosen on score + b_e (b: the
+  // router's bias(), state, not a parameter) and update_bias() moves b by bias_update_rate per call. Off: the
+  // selection is on the logits and the bias is never used. Applies in training and inference alike.
+  bool bias_balancing = false;
+  float bias_update_rate = 0.0f;  // >= 0 (model.moe.bias_update_rate)
 };
 
 struct RouterOutput {
@@ -127,8 +133,9 @@ struct RouterOutput {
 // forward(x):  x' = x * noise (training with jitter, else x);  logits[N,E] = x' W^T;
 //   scores: softmax(logits) or sigmoid(logits) (probs());
 //   top-k on the logits (same order as the scores for both score functions), descending, TIE-BREAK: the lower
-//   expert index wins; the k experts of a token are always distinct;
-//   gates: the selected scores, renormalised to sum 1 when normalize_topk and k > 1;
+//   expert index wins; the k experts of a token are always distinct; with bias_balancing the top-k is taken on
+//   score_e + b_e instead (in double; same tie-break), in training and inference alike;
+//   gates: the selected scores (never the bias), renormalised to sum 1 when normalize_topk and k > 1;
 //   capacity (unless dropless, or not training): slot-major priority as GShard / Switch: every token's 1st choice is assigned a
 //   position before any 2nd choice, and within a slot tokens go by index; a slot finding its expert full is
 //   dropped (expert -1, gate 0, position -1). Gates are normalised BEFORE dropping.
@@ -137,7 +144,9 @@ struct RouterOutput {
 //   experts per token (s_e / sum_j s_j, as DeepSeek-V3), so that P is a distribution and the loss is 1 at balance;
 //   z-loss = mean_n logsumexp_e(logits_ne)^2 (for both score functions).
 // backward: the top-k selection and the capacity drop are constants; gates, aux loss and z-loss are
-// differentiated w.r.t. the logits, then to x and W.
+// differentiated w.r.t. the logits, then to x and W (the bias only moved the selection: it has no gradient).
+// update_bias(load): b_e += rate * sign(mean_j load_j - load_e): underloaded experts become more attractive,
+// overloaded ones less, an expert exactly at the mean keeps its bias.
 class LearnedRouter {
  public:
   // Throws moe::Error unless 1 <= k <= E, C >= 1 and the options are valid.
@@ -173,6 +182,14 @@ class LearnedRouter {
   Rng& rng() { return rng_; }
   std::array<uint64_t, 4> rng_state() const { return rng_.state(); }
   void set_rng_state(const std::array<uint64_t, 4>& s) { rng_.set_state(s); }
+  // The selection bias b[E] (zeros until updated or set; used only with bias_balancing).
+  const std::vector<float>& bias() const { return bias_; }
+  // Sets b (a checkpoint's); throws unless it has E finite values.
+  void set_bias(const std::vector<float>& b);
+  // One balancing step from load[E], the token-slots each expert was chosen for (before capacity drops) summed
+  // over everything the step routed (all ranks, all micro-batches): b_e += rate * sign(mean - load_e). Throws
+  // unless bias_balancing is on and the loads are finite and >= 0.
+  void update_bias(const double* load /*[E]*/);
 
  private:
   int E_, k_, C_;
@@ -190,6 +207,7 @@ class LearnedRouter {
   std::vector<uint8_t> kept_;   // [N*k] 1 if the slot survived the capacity drop
   std::vector<float> f_;        // [E]
   std::vector<float> dlogits_;  // [N,E] scratch
+  std::vector<float> bias_;     // [E] selection bias (bias_balancing)
 };
 
 // ---------------------------------------------------------------- vocabulary router (MoWE)

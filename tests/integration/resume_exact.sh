@@ -3,7 +3,8 @@
 # of that checkpoint (same world size) must reproduce steps 11..20 with identical losses (compared as exact hex
 # floats): parameters, expert shards, AdamW moments and step counts and the data-loader position round-trip exactly.
 # Then MoE + word experts (row-sparse tables, per-row AdamW step counts, routing table) on 2 ranks and on 1 rank,
-# and an MoE with router jitter on (its noise RNG is a stateful stream: its state is saved in the manifest).
+# an MoE with router jitter on (its noise RNG is a stateful stream: its state is saved in the manifest), and one
+# balanced by the selection bias (model.moe.bias_balancing: the bias is saved as a tensor).
 # Asynchronous saves (checkpoint.async): the same losses as a synchronous run, byte-identical tensors in every
 # HDF5 file (virtual datasets included) and the same checksums, and an exact resume from an async checkpoint.
 # (This test found that gradient clipping used each rank's local norm of the expert shards, so replicated
@@ -42,6 +43,10 @@ check moe_words_1rank env -- --set model.ffn_pattern=FFN_MOE,FFN_WORD_EXPERT
 check moe_jitter_ep2 mpiexec -n 2 -- --set model.ffn_pattern=FFN_MOE,FFN_DENSE --set parallel.expert_parallel=2 \
   --set model.moe.jitter_eps=0.05
 grep -q "router_rng" "$work/moe_jitter_ep2/a/checkpoints/step_10/manifest.txt"
+# bias balancing instead of the aux loss: the routers' selection bias is state (expert_bias/<layer> tensors)
+check moe_bias_ep2 mpiexec -n 2 -- --set model.ffn_pattern=FFN_MOE,FFN_DENSE --set parallel.expert_parallel=2 \
+  --set model.moe.aux_loss_coef=0 --set model.moe.bias_balancing=true --set model.moe.bias_update_rate=0.01
+grep -q '"expert_bias/layers.0.ffn"' "$work/moe_bias_ep2/a/checkpoints/step_10/manifest.txt"
 
 # check_async NAME LAUNCH... -- ARGS: the run of `check NAME` again with asynchronous saves
 check_async() {

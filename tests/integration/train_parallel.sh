@@ -15,7 +15,8 @@ mpiexec -n 2 "$MOE_BIN" train --config "$cfg" "${common[@]}" --set parallel.expe
   | tee "$work/train.log"
 grep -q "world 2 = data 1 x expert 2" "$work/train.log"
 # the metrics stream (one JSON line per logged step and evaluation): losses fall, every MoE layer reports its router
-# statistics, the per-expert loads (summed over both ranks) account for every routed token slot that was kept
+# statistics, the per-expert loads (summed over both ranks) account for every routed token slot that was kept, and
+# the routed loads (before capacity drops) for every slot of the step
 "$PY" - "$work/metrics.jsonl" <<'PY'
 import json, sys
 recs = [json.loads(l) for l in open(sys.argv[1])]
@@ -31,6 +32,10 @@ for r in train:
     tokens, k = 8 * 64, 2  # data.batch_size x data.seq_len (global), top_k
     kept = round(tokens * k * (1 - moe["dropped_fraction"]))
     assert abs(sum(moe["expert_load"]) - kept) <= 1, (sum(moe["expert_load"]), kept, moe)
+    # the routed (pre-drop) loads of the whole step, summed over both ranks: every slot; max overload = max / mean
+    routed = moe["expert_routed"]
+    assert len(routed) == 4 and sum(routed) == tokens * k, (routed, moe)
+    assert abs(moe["max_overload"] - max(routed) * 4 / sum(routed)) < 1e-6 and moe["max_overload"] >= 1, moe
     assert 0 <= moe["dropped_fraction"] < 1 and moe["router_loss"] > 0 and moe["aux_loss"] > 0, moe
     assert "expert_load" not in words and words["experts_used"] > 0 and words["dropped_fraction"] == 0, words
 print("metrics stream: %d train and %d eval records, losses %.3f -> %.3f" % (len(train), len(evals),

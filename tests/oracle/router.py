@@ -4,13 +4,14 @@ usage: router.py <dir> <score> <k> <capacity_factor|dropless> <normalize 0|1> <a
                  [+ <dir> ...] ...
 
 Each job reads from <dir> (written by the C++ test):
-  x[N,C] float32, w[E,C] float32, dgate[N,k] float32, and optionally noise[N,C] (the jitter multipliers)
+  x[N,C] float32, w[E,C] float32, dgate[N,k] float32, and optionally noise[N,C] (the jitter multipliers) and
+  bias[E] (the selection bias of auxiliary-loss-free balancing)
 and recomputes the router forward in float64, choosing the top-k experts and the capacity drops itself:
   x' = x * noise;  logits = x' w^T;  probs = softmax(logits) | sigmoid(logits)
-  top-k by descending logit, ties -> lower expert index
+  top-k by descending logit (with a bias: by descending probs + bias, a constant), ties -> lower expert index
   capacity = ceil(v - 1e-6 v), v = k N cf / E; slot-major priority (all 1st choices, then all 2nd, ... tokens by
   index within a slot); dropped slots get expert -1, position -1, gate 0
-  gates = selected probs, divided by their sum when normalize and k > 1 (before dropping)
+  gates = selected probs (never the bias), divided by their sum when normalize and k > 1 (before dropping)
   aux = E * sum_e f_e P_e, f_e = pre-drop slot fraction (constant), P_e = mean probs (sigmoid: probs / row sum)
   z = mean_n logsumexp(logits_n)^2
 then back-propagates L = sum(gate * dgate) + loss_scale * (aux_coef * aux + z_coef * z) with autograd and writes
@@ -29,9 +30,9 @@ import torch
 from oracle_common import DT, expect, load, run_jobs, save, to_float
 
 
-def top_k(logits, k):
-    """[N,E] -> [N,k] expert ids by descending logit, ties to the lower expert index."""
-    order = np.argsort(-logits.detach().numpy(), axis=1, kind="stable")
+def top_k(key, k):
+    """[N,E] -> [N,k] expert ids by descending key, ties to the lower expert index."""
+    order = np.argsort(-key.detach().numpy(), axis=1, kind="stable")
     return torch.from_numpy(order[:, :k].copy())
 
 
@@ -68,6 +69,7 @@ def run_job(job):
     w = load(d, "w").requires_grad_(True)
     dgate = load(d, "dgate")
     noise = load(d, "noise", required=False)
+    bias = load(d, "bias", required=False)
     expect(x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], f"x {tuple(x.shape)} vs w {tuple(w.shape)}")
     N, E = x.shape[0], w.shape[0]
     expect(1 <= k <= E, f"k {k} outside [1, {E}]")
@@ -76,7 +78,10 @@ def run_job(job):
     xin = x * noise if noise is not None else x
     logits = xin @ w.t()
     probs = torch.softmax(logits, dim=1) if score == "softmax" else torch.sigmoid(logits)
-    choice = top_k(logits, k)
+    if bias is not None:
+        expect(tuple(bias.shape) == (E,), f"bias shape {tuple(bias.shape)} != {(E,)}")
+    # the bias moves the selection only (a constant: no gradient flows through the choice)
+    choice = top_k(logits, k) if bias is None else top_k(probs + bias, k)
     if cf == "dropless":
         capacity = None
     else:

@@ -88,6 +88,7 @@ struct LearnedCase {
   bool normalize;
   float aux, z, scale, jitter;
   bool zero_dgate;  // isolate the aux / z-loss gradients
+  float bias;       // > 0: bias balancing with a selection bias ~ N(0, bias^2) (0: off)
 };
 
 void run_learned_cases(const std::vector<LearnedCase>& cases, uint64_t seed) {
@@ -115,7 +116,10 @@ void run_learned_cases(const std::vector<LearnedCase>& cases, uint64_t seed) {
     o.z_loss_coef = c.z;
     o.jitter_eps = c.jitter;
     o.seed = seed + 17;
+    o.bias_balancing = c.bias > 0;
+    const Vec bias = c.bias > 0 ? randn(rng, c.E, c.bias) : Vec{};
     LearnedRouter router(c.E, c.k, C, o);
+    if (c.bias > 0) router.set_bias(bias);
     Run r;
     r.out = router.forward(x.data(), w.data(), N, /*training=*/true);
     r.dx.assign(N * C, 0.0f);
@@ -133,6 +137,14 @@ void run_learned_cases(const std::vector<LearnedCase>& cases, uint64_t seed) {
     write_npy(r.dir + "/w.npy", w.data(), {c.E, C});
     write_npy(r.dir + "/dgate.npy", dgate.data(), {N, c.k});
     if (!r.noise.empty()) write_npy(r.dir + "/noise.npy", r.noise.data(), {N, C});
+    if (c.bias > 0) {
+      write_npy(r.dir + "/bias.npy", bias.data(), {c.E});
+      // the case must move the selection: the same router without the bias chooses differently
+      o.bias_balancing = false;
+      LearnedRouter plain(c.E, c.k, C, o);
+      plain.forward(x.data(), w.data(), N, true);
+      EXPECT_NE(plain.topk_experts(), r.choice) << c.name << ": the bias did not change the selection";
+    }
     if (!args.empty()) args.push_back("+");
     args.insert(args.end(), {r.dir, c.score == ScoreFn::kSoftmax ? "softmax" : "sigmoid", std::to_string(c.k),
                              c.cf > 0 ? num(c.cf) : "dropless", c.normalize ? "1" : "0", num(c.aux), num(c.z),
@@ -169,21 +181,29 @@ TEST(RouterLearned, SoftmaxAndSigmoidVsTorch) {
   const auto S = ScoreFn::kSoftmax, G = ScoreFn::kSigmoid;
   run_learned_cases(
       {
-          // name, score, k, E, capacity factor (<= 0: dropless), normalize, aux, z, loss scale, jitter, zero dgate
-          {"switch_k1", S, 1, 6, 1.0, true, 0.01f, 0.001f, 1.0f, 0.0f, false},
-          {"switch_k1_drops", S, 1, 4, 0.5, true, 0.1f, 0.01f, 1.0f, 0.0f, false},
-          {"gshard_k2", S, 2, 6, 1.25, true, 0.02f, 0.005f, 0.5f, 0.0f, false},
-          {"k2_drops_jitter", S, 2, 5, 0.6, true, 0.05f, 0.01f, 1.0f, 0.1f, false},
-          {"k3_dropless_raw", S, 3, 6, 0.0, false, 0.01f, 0.001f, 1.0f, 0.0f, false},
-          {"k3_capacity_norm", S, 3, 7, 0.8, true, 0.0f, 0.0f, 1.0f, 0.0f, false},
-          {"aux_only", S, 2, 6, 1.0, true, 1.0f, 0.0f, 1.0f, 0.0f, true},
-          {"z_only", S, 2, 6, 1.0, true, 0.0f, 1.0f, 2.0f, 0.0f, true},
-          {"sig_k1", G, 1, 6, 1.0, true, 0.01f, 0.001f, 1.0f, 0.0f, false},
-          {"sig_k2_norm", G, 2, 6, 1.25, true, 0.05f, 0.01f, 1.0f, 0.0f, false},
-          {"sig_k2_raw_drops", G, 2, 4, 0.5, false, 0.05f, 0.01f, 1.0f, 0.0f, false},
-          {"sig_k3_dropless_jitter", G, 3, 6, 0.0, true, 0.02f, 0.002f, 0.25f, 0.2f, false},
-          {"sig_aux_only", G, 2, 6, 1.0, true, 1.0f, 0.0f, 1.0f, 0.0f, true},
-          {"sig_z_only", G, 1, 6, 1.0, true, 0.0f, 1.0f, 1.0f, 0.0f, true},
+          // name, score, k, E, capacity factor (<= 0: dropless), normalize, aux, z, loss scale, jitter, zero dgate,
+          // bias scale
+          {"switch_k1", S, 1, 6, 1.0, true, 0.01f, 0.001f, 1.0f, 0.0f, false, 0.0f},
+          {"switch_k1_drops", S, 1, 4, 0.5, true, 0.1f, 0.01f, 1.0f, 0.0f, false, 0.0f},
+          {"gshard_k2", S, 2, 6, 1.25, true, 0.02f, 0.005f, 0.5f, 0.0f, false, 0.0f},
+          {"k2_drops_jitter", S, 2, 5, 0.6, true, 0.05f, 0.01f, 1.0f, 0.1f, false, 0.0f},
+          {"k3_dropless_raw", S, 3, 6, 0.0, false, 0.01f, 0.001f, 1.0f, 0.0f, false, 0.0f},
+          {"k3_capacity_norm", S, 3, 7, 0.8, true, 0.0f, 0.0f, 1.0f, 0.0f, false, 0.0f},
+          {"aux_only", S, 2, 6, 1.0, true, 1.0f, 0.0f, 1.0f, 0.0f, true, 0.0f},
+          {"z_only", S, 2, 6, 1.0, true, 0.0f, 1.0f, 2.0f, 0.0f, true, 0.0f},
+          {"sig_k1", G, 1, 6, 1.0, true, 0.01f, 0.001f, 1.0f, 0.0f, false, 0.0f},
+          {"sig_k2_norm", G, 2, 6, 1.25, true, 0.05f, 0.01f, 1.0f, 0.0f, false, 0.0f},
+          {"sig_k2_raw_drops", G, 2, 4, 0.5, false, 0.05f, 0.01f, 1.0f, 0.0f, false, 0.0f},
+          {"sig_k3_dropless_jitter", G, 3, 6, 0.0, true, 0.02f, 0.002f, 0.25f, 0.2f, false, 0.0f},
+          {"sig_aux_only", G, 2, 6, 1.0, true, 1.0f, 0.0f, 1.0f, 0.0f, true, 0.0f},
+          {"sig_z_only", G, 1, 6, 1.0, true, 0.0f, 1.0f, 1.0f, 0.0f, true, 0.0f},
+          // selection bias (bias balancing): choice on score + bias, gates and backward without it
+          {"bias_k2", S, 2, 6, 1.0, true, 0.01f, 0.001f, 1.0f, 0.0f, false, 0.2f},
+          {"bias_k1_drops", S, 1, 4, 0.5, true, 0.1f, 0.01f, 1.0f, 0.0f, false, 0.2f},
+          {"bias_k3_raw_dropless", S, 3, 7, 0.0, false, 0.01f, 0.001f, 1.0f, 0.0f, false, 0.1f},
+          {"bias_sig_k2", G, 2, 6, 1.25, true, 0.05f, 0.01f, 1.0f, 0.0f, false, 0.3f},
+          {"bias_sig_k1_jitter", G, 1, 6, 0.8, true, 0.02f, 0.002f, 0.5f, 0.1f, false, 0.3f},
+          {"bias_sig_aux_only", G, 2, 6, 1.0, true, 1.0f, 0.0f, 1.0f, 0.0f, true, 0.3f},
       },
       11);
 }
@@ -389,6 +409,89 @@ TEST(RouterCapacity, TieBreakLowerExpertWinsAndExpertsAreDistinct) {
       EXPECT_TRUE(logits[n * 5 + a] > logits[n * 5 + b] || (logits[n * 5 + a] == logits[n * 5 + b] && a < b));
     }
   }
+}
+
+// ================================================================== selection bias (bias balancing)
+LearnedRouterOptions bias_opts(float rate, bool on = true) {
+  LearnedRouterOptions o = opts(1.0, /*dropless=*/true);
+  o.bias_balancing = on;
+  o.bias_update_rate = rate;
+  return o;
+}
+
+TEST(RouterBias, UpdateMovesEachBiasByExactlyTheRate) {
+  for (float rate : {1e-3f, 0.25f}) {
+    SCOPED_TRACE(rate);
+    LearnedRouter r(4, 2, 8, bias_opts(rate));
+    EXPECT_EQ(r.bias(), Vec(4, 0.0f));
+    // mean 5: over -> -rate, under -> +rate, exactly at the mean -> unchanged
+    const std::vector<double> a = {10, 2, 5, 3};
+    r.update_bias(a.data());
+    EXPECT_EQ(r.bias(), (Vec{-rate, rate, 0.0f, rate}));
+    const std::vector<double> tie = {7, 7, 7, 7};
+    r.update_bias(tie.data());
+    EXPECT_EQ(r.bias(), (Vec{-rate, rate, 0.0f, rate}));
+    const std::vector<double> b = {0, 20, 0, 0};
+    r.update_bias(b.data());
+    EXPECT_EQ(r.bias(), (Vec{-rate + rate, rate - rate, rate, rate + rate}));
+    const std::vector<double> none(4, 0.0);  // nothing routed: every expert at the mean
+    r.update_bias(none.data());
+    EXPECT_EQ(r.bias(), (Vec{0.0f, 0.0f, rate, 2 * rate}));
+  }
+  LearnedRouter zero(3, 1, 4, bias_opts(0.0f));
+  const std::vector<double> l = {9, 0, 0};
+  zero.update_bias(l.data());
+  EXPECT_EQ(zero.bias(), Vec(3, 0.0f));
+}
+
+TEST(RouterBias, ErrorsNameTheProblem) {
+  LearnedRouter off(4, 2, 8, bias_opts(0.1f, /*on=*/false));
+  const std::vector<double> l = {1, 2, 3, 4};
+  expect_error([&] { off.update_bias(l.data()); }, "bias balancing is off");
+  LearnedRouter on(4, 2, 8, bias_opts(0.1f));
+  const std::vector<double> neg = {1, -2, 3, 4};
+  expect_error([&] { on.update_bias(neg.data()); }, "load of expert 1");
+  expect_error([&] { on.set_bias(Vec(3, 0.0f)); }, "3 values for 4 experts");
+  expect_error([&] { on.set_bias({0, 0, std::numeric_limits<float>::infinity(), 0}); }, "expert 2 is not finite");
+  expect_error([] { LearnedRouter(4, 2, 8, bias_opts(-1.0f)); }, "bias_update_rate");
+}
+
+// Rigged logits: the bias picks the experts, the gates stay the unbiased scores of the picked experts.
+TEST(RouterBias, SelectsOnScorePlusBiasGatesWithoutIt) {
+  const Vec logits = {2, 1, 0, -1, /**/ 0, 0, 3, 0};
+  const Vec bias = {0, 0, 1, 0};
+  for (ScoreFn score : {ScoreFn::kSoftmax, ScoreFn::kSigmoid}) {
+    SCOPED_TRACE(score == ScoreFn::kSoftmax ? "softmax" : "sigmoid");
+    LearnedRouterOptions o = bias_opts(0.1f);
+    o.score = score;
+    LearnedRouterOptions off = o;
+    off.bias_balancing = false;
+    Rigged r(4, 2, o), plain(4, 2, off);
+    r.router.set_bias(bias);
+    plain.router.set_bias(bias);  // ignored without bias balancing
+    const DispatchPlan a = r.route(logits).plan, b = plain.route(logits).plan;
+    const Vec& p = r.router.probs();
+    EXPECT_EQ(b.expert, (Ids{0, 1, 2, 0}));  // by logit
+    EXPECT_EQ(a.expert, (Ids{2, 0, 2, 0}));  // token 0: p2 + 1 > p0 > p1; token 1: p0 + 0 ties p1, p3: lower id
+    EXPECT_EQ(r.router.probs(), plain.router.probs());
+    // gates: the selected UNBIASED scores, normalised over the k choices
+    EXPECT_NEAR(a.gate[0], p[2] / (p[2] + p[0]), 1e-6);
+    EXPECT_NEAR(a.gate[1], p[0] / (p[2] + p[0]), 1e-6);
+    EXPECT_NEAR(a.gate[2], p[6] / (p[6] + p[4]), 1e-6);
+    EXPECT_NEAR(a.gate[0] + a.gate[1], 1.0, 1e-6);
+    // the aux loss's routing fraction counts the biased choice
+    EXPECT_EQ(r.router.expert_fraction(), (Vec{0.5f, 0.0f, 0.5f, 0.0f}));
+    // inference (not training) selects the same way
+    const DispatchPlan inf = r.router.forward(logits.data(), r.w.data(), 2, /*training=*/false).plan;
+    EXPECT_EQ(inf.expert, a.expert);
+    EXPECT_EQ(inf.gate, a.gate);
+  }
+  // k = 1 (Switch): the gate is the raw score of the biased choice
+  Rigged s(4, 1, bias_opts(0.1f));
+  s.router.set_bias(bias);
+  const DispatchPlan q = s.route({2, 1, 0, -1}).plan;
+  EXPECT_EQ(q.expert, (Ids{2}));
+  EXPECT_EQ(q.gate[0], s.router.probs()[2]);
 }
 
 // ================================================================== permute / combine
