@@ -7,8 +7,8 @@
 //  4. word-expert step time (forward + backward + zero_grad + AdamW) at 1k, 16k and 128k experts, and at 128k
 //     with the rows scattered (the multiplicative placement of format-1 checkpoints);
 //  5. a word-expert layer vs a dense FFN of the same active FLOPs per token (dense d_ff = d_expert: a word expert
-//     is one SwiGLU FFN per token, k = 1), each trained one step at a time (zero_grad, forward, backward, global
-//     norm clipping at 1.0, AdamW: what a training step costs), side by side in one run, tokens routed by a
+//     is one SwiGLU FFN per token, k = 1), each trained one step at a time as the trainer does (zero_grad,
+//     forward, backward, global gradient norm, AdamW with clipping at 1.0 folded in: what a training step costs), side by side in one run, tokens routed by a
 //     vocabulary router from Zipf(1) word frequencies; tokens/s of each, their ratio, and the word layer's split.
 // usage: mpirun -np N bench_moe [--section 1..5 (default all)] [--tokens 4096] [--d_model 512] [--experts 8] [--d_expert 1024] [--iters 3] [--word-sizes 1024,16384,131072] [--word-scattered 1]
 //        section 5: [--wd-tokens 2048] [--wd-d_model 192] [--wd-experts 256,4096,65536,1048576] [--wd-d_expert 16,64,512] [--wd-vocab 32768] [--wd-mem-gib 4] [--wd-reps 9]
@@ -105,7 +105,7 @@ struct TrainedUnit {
   Workspace ws{cpu_backend()};
   std::unique_ptr<FfnUnit> unit;
   std::unique_ptr<AdamW> opt;
-  // seconds of: zero_grad, forward, backward, global-norm clipping (max norm 1), AdamW
+  // seconds of: zero_grad, forward, backward, global gradient norm, AdamW with the clipping (max norm 1) folded in
   std::array<double, 5> step(const FfnContext& ctx, float* y, const float* x, float* dx, const float* dy, int N) {
     std::array<double, 5> t{};
     double s = now_s();
@@ -120,9 +120,9 @@ struct TrainedUnit {
     lap(1);
     unit->backward(ctx, dx, dy, N);
     lap(2);
-    clip_grad_norm(ps, 1.0);
+    const double norm = grad_norm(ps);
     lap(3);
-    opt->step(1e-3f);
+    opt->step(1e-3f, clip_scale(norm, 1.0));  // as the trainer does
     lap(4);
     return t;
   }
@@ -260,7 +260,7 @@ void word_vs_dense(const WordVsDenseOpts& o) {
   std::printf("%-22s %10s %10s %8s %7s %9s %9s %8s\n", "experts x d_expert", "dense t/s", "word t/s", "ratio",
               "used", "word ms", "floor ms", "bound");
   std::printf("%-22s %8s %8s %8s %8s %8s %8s %8s %8s\n", "", "zero", "route", "ffn fwd", "ffn dX", "ffn dW",
-              "unroute", "clip", "AdamW");
+              "unroute", "norm", "AdamW");
   for (int E : o.experts)
     for (int F : o.d_expert) word_vs_dense_case(o, E, F, z, gbps);
   std::printf("(ratio = word tok/s / dense tok/s; used = experts that got tokens; floor = AdamW's 28 bytes per used\n"
