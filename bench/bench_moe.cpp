@@ -8,12 +8,18 @@
 //     with the rows scattered (the multiplicative placement of format-1 checkpoints);
 //  5. a word-expert layer vs a dense FFN of the same active FLOPs per token (dense d_ff = d_expert: a word expert
 //     is one SwiGLU FFN per token, k = 1), each trained one step at a time as the trainer does (zero_grad,
-//     forward, backward, global gradient norm, AdamW with clipping at 1.0 folded in: what a training step costs), side by side in one run, tokens routed by a
-//     vocabulary router from Zipf(1) word frequencies; tokens/s of each, their ratio, and the word layer's split.
-// usage: mpirun -np N bench_moe [--section 1..5 (default all)] [--tokens 4096] [--d_model 512] [--experts 8] [--d_expert 1024] [--iters 3] [--word-sizes 1024,16384,131072] [--word-scattered 1]
-//        section 5: [--wd-tokens 2048] [--wd-d_model 192] [--wd-experts 256,4096,65536,1048576] [--wd-d_expert 16,64,512] [--wd-vocab 32768] [--wd-mem-gib 4] [--wd-reps 9]
+//     forward, backward, global gradient norm, AdamW with clipping at 1.0 folded in: what a training step costs),
+//     side by side in one run, tokens routed by a vocabulary router from Zipf(1) word frequencies; tokens/s of
+//     each, their ratio, and the word layer's split (one rank);
+//  6. the small-dimension matmul kernels (core/kernels/cpu/small_matmul.cpp) vs sgemm on a word expert's shapes,
+//     M = 1..32 rows, at d_model --wd-d_model and each --wd-d_expert (where the crossover kSmallMatmul comes from).
+// usage: mpirun -np N bench_moe [--section 1..6 (default all)] [--tokens 4096] [--d_model 512] [--experts 8]
+//        [--d_expert 1024] [--iters 3] [--word-sizes 1024,16384,131072] [--word-scattered 1]
+//        sections 5, 6: [--wd-tokens 2048] [--wd-d_model 192] [--wd-experts 256,4096,65536,1048576]
+//        [--wd-d_expert 16,64,512] [--wd-vocab 32768] [--wd-mem-gib 4] [--wd-reps 9]
 #include <cblas.h>
 #include <mpi.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <array>
@@ -21,11 +27,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "core/grouped_ffn.h"
+#include "core/kernels/cpu/kernels.h"
 #include "core/optimizer.h"
 #include "core/params.h"
 #include "core/threads.h"
@@ -244,8 +252,8 @@ void word_vs_dense_case(const WordVsDenseOpts& o, int E, int F, const ZipfTokens
   const auto split = word_ffn_split(word->ps, C, F, ex, off, x, dy, o.reps);
   const double d = median(td), w = median(tw);
   const double touched = double(ex.size()) * 3 * C * F, floor_s = touched * 28 / (gbps * 1e9);
-  std::printf("%-22s %10.0f %10.0f %7.3fx %7zu %9.2f %9.2f %7.3fx\n", name, N / d, N / w, d / w, ex.size(),
-              w * 1e3, floor_s * 1e3, std::min(1.0, d / floor_s));
+  std::printf("%-22s %10.0f %10.0f %7.3fx %7zu %9.2f %9.2f %7.3fx\n", name, N / d, N / w, d / w, ex.size(), w * 1e3,
+              floor_s * 1e3, std::min(1.0, d / floor_s));
   std::printf("%-22s %8.2f %8.2f %8.2f %8.2f %8.2f %8.2f %8.2f %8.2f\n", "  split ms", median(ph[0]) * 1e3,
               (median(ph[1]) - split[0]) * 1e3, split[0] * 1e3, split[1] * 1e3, split[2] * 1e3,
               (median(ph[2]) - split[1] - split[2]) * 1e3, median(ph[3]) * 1e3, median(ph[4]) * 1e3);
@@ -254,17 +262,80 @@ void word_vs_dense_case(const WordVsDenseOpts& o, int E, int F, const ZipfTokens
 void word_vs_dense(const WordVsDenseOpts& o) {
   const ZipfTokens z = zipf_tokens(o.vocab, o.tokens, 23);
   const double gbps = triad_gbps();
-  std::printf("\nword-expert layer vs dense FFN (SwiGLU, d_model %d, dense d_ff = d_expert, %d tokens, Zipf(1) over "
-              "%d words; triad %.1f GB/s)\n",
-              o.C, o.tokens, o.vocab, gbps);
-  std::printf("%-22s %10s %10s %8s %7s %9s %9s %8s\n", "experts x d_expert", "dense t/s", "word t/s", "ratio",
-              "used", "word ms", "floor ms", "bound");
-  std::printf("%-22s %8s %8s %8s %8s %8s %8s %8s %8s\n", "", "zero", "route", "ffn fwd", "ffn dX", "ffn dW",
-              "unroute", "norm", "AdamW");
+  std::printf(
+      "\nword-expert layer vs dense FFN (SwiGLU, d_model %d, dense d_ff = d_expert, %d tokens, Zipf(1) over "
+      "%d words; triad %.1f GB/s)\n",
+      o.C, o.tokens, o.vocab, gbps);
+  std::printf("%-22s %10s %10s %8s %7s %9s %9s %8s\n", "experts x d_expert", "dense t/s", "word t/s", "ratio", "used",
+              "word ms", "floor ms", "bound");
+  std::printf("%-22s %8s %8s %8s %8s %8s %8s %8s %8s\n", "", "zero", "route", "ffn fwd", "ffn dX", "ffn dW", "unroute",
+              "norm", "AdamW");
   for (int E : o.experts)
     for (int F : o.d_expert) word_vs_dense_case(o, E, F, z, gbps);
-  std::printf("(ratio = word tok/s / dense tok/s; used = experts that got tokens; floor = AdamW's 28 bytes per used\n"
-              " parameter at the triad bandwidth; bound = the ratio if the word step took only that floor)\n");
+  std::printf(
+      "(ratio = word tok/s / dense tok/s; used = experts that got tokens; floor = AdamW's 28 bytes per used\n"
+      " parameter at the triad bandwidth; bound = the ratio if the word step took only that floor)\n");
+}
+
+// ------------------------------------------------------------ 6. small-dimension matmul kernels vs sgemm
+// The three products of a word expert's group of M rows against its weights (C = d_model, F = d_expert), over
+// `slots` different weight matrices (as many experts: the weights come from memory, not cache), one thread:
+// forward x[M,C] W[F,C]^T (nt), input gradient g[M,F] W[F,C] (nn), weight gradient dW[F,C] += g[M,F]^T x[M,C]
+// (tn). GB/s of weight traffic (tn reads and writes dW); ours / sgemm > 1 where the small kernel wins.
+void small_matmul_vs_sgemm(int C, int F, const std::vector<int>& rows) {
+  const int slots = std::max(8, int((int64_t(256) << 20) / (int64_t(F) * C * 4)));  // ~256 MiB of weights
+  std::vector<float> W(size_t(slots) * F * C), x(size_t(64) * std::max(C, F)), g(x.size()), out(x.size());
+  Rng rng(29);
+  for (auto& v : W) v = rng.normal() * 0.01f;
+  for (auto& v : x) v = rng.normal();
+  for (auto& v : g) v = rng.normal();
+  const double bytes = double(W.size()) * 4;
+  std::printf(
+      "\nsmall-row matmul, d_model %d, d_expert %d, %d weight matrices (%.0f MiB), 1 thread: GB/s of weight "
+      "traffic\n%-6s %9s %9s %7s %9s %9s %7s %9s %9s %7s\n",
+      C, F, slots, bytes / (1 << 20), "rows", "nt sgemm", "nt ours", "ratio", "nn sgemm", "nn ours", "ratio",
+      "tn sgemm", "tn ours", "ratio");
+  const int threads = omp_get_max_threads();
+  set_num_threads(1);
+  for (int M : rows) {
+    const int64_t FC = int64_t(F) * C;
+    const float *xp = x.data(), *gp = g.data();
+    float* op = out.data();
+    auto w = [&](int q) { return W.data() + q * FC; };
+    const std::array<std::function<void()>, 6> fns{
+        [&] {
+          for (int q = 0; q < slots; ++q)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, F, C, 1, xp, C, w(q), C, 0, op, F);
+        },
+        [&] {
+          for (int q = 0; q < slots; ++q) cpu::matmul_nt_small(op, xp, w(q), M, F, C, 0);
+        },
+        [&] {
+          for (int q = 0; q < slots; ++q)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, C, F, 1, gp, F, w(q), C, 0, op, C);
+        },
+        [&] {
+          for (int q = 0; q < slots; ++q) cpu::matmul_nn_small(op, gp, w(q), M, C, F, 0);
+        },
+        [&] {
+          for (int q = 0; q < slots; ++q)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F, C, M, 1, gp, F, xp, C, 1, w(q), C);
+        },
+        [&] {
+          for (int q = 0; q < slots; ++q) cpu::matmul_tn_small(w(q), gp, xp, F, C, M, 1);
+        }};
+    double best[6] = {1e30, 1e30, 1e30, 1e30, 1e30, 1e30};
+    for (int r = 0; r < 5; ++r)  // round robin, best of 5
+      for (int i = 0; i < 6; ++i) {
+        const double s = now_s();
+        fns[i]();
+        best[i] = std::min(best[i], now_s() - s);
+      }
+    auto gbps = [&](int i) { return (i >= 4 ? 2 : 1) * bytes / best[i] * 1e-9; };
+    std::printf("%-6d %9.1f %9.1f %6.2fx %9.1f %9.1f %6.2fx %9.1f %9.1f %6.2fx\n", M, gbps(0), gbps(1),
+                best[0] / best[1], gbps(2), gbps(3), best[2] / best[3], gbps(4), gbps(5), best[4] / best[5]);
+  }
+  set_num_threads(threads);
 }
 }  // namespace
 
@@ -552,6 +623,9 @@ int main(int argc, char** argv) {
     if (W == 1) word_vs_dense(wd);
     else if (lead) std::printf("\nsection 5 runs on one rank (it compares one rank's layers); skipped\n");
   }
+  // ------------------------------------------------------------ 6. small-row matmul kernels vs sgemm (rank 0)
+  if ((section == 0 || section == 6) && lead)
+    for (int Fk : wd.d_expert) small_matmul_vs_sgemm(wd.C, Fk, {1, 2, 4, 6, 8, 12, 16, 24, 32});
   MPI_Finalize();
   return 0;
 }
