@@ -27,8 +27,7 @@ float lr_at(const proto::OptimizerConfig& cfg, int step, int total) {
 }
 
 namespace {
-constexpr int64_t kParRows = 65536;      // elements of touched rows below which a row pass stays on one thread
-constexpr int64_t kPrefetchRow = 65536;  // rows up to this many floats get the next row prefetched (see below)
+constexpr int64_t kParRows = 65536;  // elements of touched rows below which a row pass stays on one thread
 
 // sum of squares of a param's gradient (row-sparse: its touched rows, in parallel; double accumulation)
 double grad_sum_squares(const Param& p) {
@@ -39,8 +38,8 @@ double grad_sum_squares(const Param& p) {
   double acc = 0;
 #pragma omp parallel for schedule(static) reduction(+ : acc) if (nt * rs > kParRows)
   for (int64_t k = 0; k < nt; ++k) {
-    if (k + 1 < nt && rs <= kPrefetchRow) prefetch_read(g + rows[k + 1] * rs, rs);
-    acc += cpu::sum_squares(g + rows[k] * rs, rs);
+    const int64_t next = k + 1 < nt ? (rows[k + 1] - rows[k]) * rs : 0;
+    walk_row<false>(g + rows[k] * rs, rs, next, [&](const float* x, int64_t n) { acc += cpu::sum_squares(x, n); });
   }
   return acc;
 }
@@ -110,12 +109,12 @@ inline void adamw_update(float* w, const float* g, float* m, float* v, int64_t n
 // The same update of one row of a row-sparse table, walking it 64 lines (1024 floats) at a time and prefetching
 // the matching lines of the next row to update (offset `next` from w, g, m, v; 0: none) as it goes: spreading the
 // prefetches over the row keeps the memory system busy without flooding it (core/prefetch.h). Long rows
-// (> kPrefetchRow floats) get none: the hardware prefetchers follow them, and the next row would be evicted
+// (> kPrefetchRowMax floats) get none: the hardware prefetchers follow them, and the next row would be evicted
 // before its turn.
 inline void adamw_update_row(float* w, const float* g, float* m, float* v, int64_t n, int64_t next, const Hyper& h,
                              float bc1, float bc2) {
   constexpr int64_t kBlock = 1024;
-  if (n > kPrefetchRow) next = 0;
+  if (n > kPrefetchRowMax) next = 0;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const int64_t len = std::min(kBlock, n - j0);
     if (next)

@@ -40,9 +40,9 @@ constexpr int rev4(int p) { return ((p & 1) << 3) | ((p & 2) << 1) | ((p & 4) >>
 inline vf sum16(const vf* v) {
   vf r[8], s[4], t[2];
   for (int i = 0; i < 8; ++i)  // lanes 0-7: v[2i] folded to 8, 8-15: v[2i+1]
-    r[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                   31);
+    r[i] =
+        __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+        __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
   for (int i = 0; i < 4; ++i)  // blocks of 4
     s[i] = __builtin_shufflevector(r[2 * i], r[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
            __builtin_shufflevector(r[2 * i], r[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
@@ -54,8 +54,8 @@ inline vf sum16(const vf* v) {
 }
 
 // ---------------------------------------------------------------- c = a b^T: dot products along K
-// c[MR rows, 4 columns n0..n0+3] (= or +=) a[MR,K] . b[n0..n0+3, K]; MR <= 4. Accumulator of (i, j) is acc[rev4(4i + j)]
-// so that sum16 returns them in row-major order.
+// c[MR rows, 4 columns n0..n0+3] (= or +=) a[MR,K] . b[n0..n0+3, K]; MR <= 4. The accumulator of (i, j) is
+// acc[rev4(4i + j)], so that sum16 returns the 16 sums in row-major order.
 template <int MR>
 void nt_tile(float* c, const float* a, const float* b, int K, int ldc, int n0, float beta) {
   vf acc[16] = {};
@@ -143,11 +143,24 @@ void tn_row(float* cm, const float* a, const float* b, int M, int N, int K, int 
   }
 }
 
+// tile.template operator()<MR>(first row) over row blocks of M: MR = 4, then one block of the remaining 1..3
 template <class Tile>
-void by_row_blocks(int M, const Tile& tile) {  // tile(first row, rows in {4, 3, 2, 1})
+void by_row_blocks(int M, const Tile& tile) {
   int i = 0;
-  for (; i + 4 <= M; i += 4) tile(i, 4);
-  if (i < M) tile(i, M - i);
+  for (; i + 4 <= M; i += 4) tile.template operator()<4>(i);
+  switch (M - i) {
+    case 3:
+      tile.template operator()<3>(i);
+      break;
+    case 2:
+      tile.template operator()<2>(i);
+      break;
+    case 1:
+      tile.template operator()<1>(i);
+      break;
+    default:
+      break;
+  }
 }
 
 // Work (multiply-adds) below which a kernel stays on one thread; inside the grouped FFN's parallel region over
@@ -161,14 +174,7 @@ void matmul_nt_small(float* c, const float* a, const float* b, int M, int N, int
   const int tiles = N / 4;
 #pragma omp parallel for schedule(static) if (int64_t(M) * N * K > kParWork)
   for (int t = 0; t < tiles; ++t)
-    by_row_blocks(M, [&](int i, int mr) {
-      float* ci = c + int64_t(i) * N;
-      const float* ai = a + int64_t(i) * K;
-      if (mr == 4) nt_tile<4>(ci, ai, b, K, N, 4 * t, beta);
-      else if (mr == 3) nt_tile<3>(ci, ai, b, K, N, 4 * t, beta);
-      else if (mr == 2) nt_tile<2>(ci, ai, b, K, N, 4 * t, beta);
-      else nt_tile<1>(ci, ai, b, K, N, 4 * t, beta);
-    });
+    by_row_blocks(M, [&]<int MR>(int i) { nt_tile<MR>(c + int64_t(i) * N, a + int64_t(i) * K, b, K, N, 4 * t, beta); });
   for (int n = 4 * tiles; n < N; ++n) nt_column(c, a, b, M, K, N, n, beta);
 }
 
@@ -178,14 +184,8 @@ void matmul_nn_small(float* c, const float* a, const float* b, int M, int N, int
 #pragma omp parallel for schedule(static) if (int64_t(M) * N * K > kParWork)
   for (int t = 0; t < strips; ++t) {
     const int c0 = t * 4 * kL, nv = std::min(4, (N16 - c0) / kL);
-    by_row_blocks(M, [&](int i, int mr) {
-      float* ci = c + int64_t(i) * N;
-      const float* ai = a + int64_t(i) * K;
-      if (mr == 4) nn_tile<4>(ci, ai, b, N, K, c0, nv, beta);
-      else if (mr == 3) nn_tile<3>(ci, ai, b, N, K, c0, nv, beta);
-      else if (mr == 2) nn_tile<2>(ci, ai, b, N, K, c0, nv, beta);
-      else nn_tile<1>(ci, ai, b, N, K, c0, nv, beta);
-    });
+    by_row_blocks(M,
+                  [&]<int MR>(int i) { nn_tile<MR>(c + int64_t(i) * N, a + int64_t(i) * K, b, N, K, c0, nv, beta); });
   }
   if (N16 < N) nn_tail(c, a, b, M, N, K, N16, beta);
 }
