@@ -5,19 +5,37 @@
 //  2. all-to-all bandwidth of our communicator vs raw MPI_Alltoallv of the same bytes;
 //  3. expert GEMM (ExpertBank) vs raw cblas_sgemm of the same FLOPs;
 //  4. word-expert step time (forward + backward + zero_grad + AdamW) at 1k, 16k and 128k experts, and at 128k
-//     with the rows scattered (the multiplicative placement of format-1 checkpoints).
-// usage: mpirun -np N bench_moe [--section 1..4 (default all)] [--tokens 4096] [--d_model 512] [--experts 8] [--d_expert 1024] [--iters 3] [--word-sizes 1024,16384,131072] [--word-scattered 1]
+//     with the rows scattered (the multiplicative placement of format-1 checkpoints);
+//  5. a word-expert layer vs a dense FFN of the same active FLOPs per token (dense d_ff = d_expert: a word expert
+//     is one SwiGLU FFN per token, k = 1), each trained one step at a time as the trainer does (zero_grad,
+//     forward, backward, global gradient norm, AdamW with clipping at 1.0 folded in: what a training step costs),
+//     side by side in one run, tokens routed by a vocabulary router from Zipf(1) word frequencies; tokens/s of
+//     each, their ratio, and the word layer's split (one rank);
+//  6. the small-dimension matmul kernels (core/kernels/cpu/small_matmul.cpp) vs sgemm on a word expert's shapes,
+//     M = 1..32 rows, at d_model --wd-d_model and each --wd-d_expert (where the crossover kSmallMatmul comes from).
+// usage: mpirun -np N bench_moe [--section 1..6 (default all)] [--tokens 4096] [--d_model 512] [--experts 8]
+//        [--d_expert 1024] [--iters 3] [--word-sizes 1024,16384,131072] [--word-scattered 1]
+//        sections 5, 6: [--wd-tokens 2048] [--wd-d_model 192] [--wd-experts 256,4096,65536,1048576]
+//        [--wd-d_expert 16,64,512] [--wd-vocab 32768] [--wd-mem-gib 4] [--wd-reps 9]
 #include <cblas.h>
 #include <mpi.h>
+#include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "core/grouped_ffn.h"
+#include "core/kernels/cpu/kernels.h"
 #include "core/optimizer.h"
+#include "core/params.h"
 #include "core/threads.h"
 #include "experts/moe_layer.h"
 #include "comm/parallel.h"
@@ -50,12 +68,282 @@ proto::ModelConfig layer_config(int C, int E, int F, int k) {
   e->set_aux_loss_coef(0.01f);
   return m;
 }
+
+std::vector<int> parse_list(const char* c) {  // "1,2,3"
+  std::vector<int> v;
+  while (*c) {
+    v.push_back(std::atoi(c));
+    while (*c && *c != ',') ++c;
+    if (*c == ',') ++c;
+  }
+  return v;
+}
+
+// ------------------------------------------------------------ 5. word experts vs a dense FFN (training step)
+struct WordVsDenseOpts {
+  int tokens = 2048, C = 192, vocab = 32768, reps = 9;
+  double mem_gib = 4;  // tables needing more (value, grad, AdamW m and v) are skipped
+  std::vector<int> experts{256, 4096, 65536, 1048576}, d_expert{16, 64, 512};
+};
+
+// Zipf(1) word frequencies over `vocab` ids (the router's corpus counts) and N token ids drawn from them.
+struct ZipfTokens {
+  std::vector<int64_t> counts;  // [vocab]
+  std::vector<int32_t> ids;     // [N]
+};
+ZipfTokens zipf_tokens(int vocab, int N, uint64_t seed) {
+  ZipfTokens z;
+  std::vector<double> cdf(vocab);
+  double sum = 0;
+  for (int i = 0; i < vocab; ++i) cdf[i] = sum += 1.0 / (i + 1);
+  z.counts.resize(vocab);
+  for (int i = 0; i < vocab; ++i) z.counts[i] = std::llround(1e9 / (i + 1));
+  Rng rng(seed);
+  z.ids.resize(N);
+  for (auto& t : z.ids) {
+    const auto it = std::lower_bound(cdf.begin(), cdf.end(), rng.uniform() * sum);
+    t = static_cast<int32_t>(std::min<int64_t>(it - cdf.begin(), vocab - 1));
+  }
+  return z;
+}
+
+// One FFN unit with its parameters and AdamW, trained one step at a time on fixed inputs as the trainer does.
+struct TrainedUnit {
+  ParamStore ps;
+  Workspace ws{cpu_backend()};
+  std::unique_ptr<FfnUnit> unit;
+  std::unique_ptr<AdamW> opt;
+  // seconds of: zero_grad, forward, backward, global gradient norm, AdamW with the clipping (max norm 1) folded in
+  std::array<double, 5> step(const FfnContext& ctx, float* y, const float* x, float* dx, const float* dy, int N) {
+    std::array<double, 5> t{};
+    double s = now_s();
+    auto lap = [&](int i) {
+      const double e = now_s();
+      t[i] = e - s;
+      s = e;
+    };
+    ps.zero_grad();
+    lap(0);
+    unit->forward(ctx, y, x, N);
+    lap(1);
+    unit->backward(ctx, dx, dy, N);
+    lap(2);
+    const double norm = grad_norm(ps);
+    lap(3);
+    opt->step(1e-3f, clip_scale(norm, 1.0));  // as the trainer does
+    lap(4);
+    return t;
+  }
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+// GB/s of a triad a = b + s c over 3 x 64 MiB (two reads, one write per element), all threads: the memory
+// bandwidth the row-sparse optimizer passes are bound by.
+double triad_gbps() {
+  const int64_t n = int64_t(16) << 20;
+  std::vector<float> a(n, 0.0f), b(n, 1.0f), c(n, 2.0f);
+  double best = 1e30;
+  for (int r = 0; r < 5; ++r) {
+    const double s = now_s();
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) a[i] = b[i] + 0.5f * c[i];
+    best = std::min(best, now_s() - s);
+  }
+  return 3.0 * 4 * n / best * 1e-9 + 0 * a[n / 2];
+}
+
+// The word layer's groups as WordExpertFfn forms them on one rank: experts (rows of the table) ascending, with
+// their row offsets; ids routed by the vocabulary router and placed by the interleaved placement.
+void word_groups(const router::VocabRouter& vr, const std::vector<int32_t>& ids, int E, std::vector<int64_t>& experts,
+                 std::vector<int64_t>& offsets) {
+  std::vector<int64_t> rows;
+  for (int32_t t : ids)
+    rows.push_back(experts::word_expert_row(vr.expert_of(t), E, proto::WordExpertConfig::PLACEMENT_INTERLEAVED));
+  std::sort(rows.begin(), rows.end());
+  experts.clear();
+  offsets.assign(1, 0);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (i == 0 || rows[i] != rows[i - 1]) {
+      experts.push_back(rows[i]);
+      offsets.push_back(offsets.back());
+    }
+    ++offsets.back();
+  }
+}
+
+// Grouped FFN phases of the word table on its own (forward, backward_data, backward_weights), medians in seconds.
+std::array<double, 3> word_ffn_split(ParamStore& ps, int C, int F, const std::vector<int64_t>& experts,
+                                     const std::vector<int64_t>& offsets, const std::vector<float>& x,
+                                     const std::vector<float>& dy, int reps) {
+  Workspace ws{cpu_backend()};
+  FfnWeights w{ps.find("we.experts.w_gate"), ps.find("we.experts.w_up"), nullptr, ps.find("we.experts.w_down")};
+  GroupedFfn ffn(ws, C, F, proto::SWIGLU, w);
+  std::vector<float> y(x.size()), dx(x.size());
+  std::vector<double> t[3];
+  for (int r = 0; r <= reps; ++r) {
+    ps.zero_grad();
+    double s = now_s(), e;
+    ffn.forward(y.data(), x.data(), experts.data(), offsets.data(), int64_t(experts.size()));
+    e = now_s(), t[0].push_back(e - s), s = e;
+    ffn.backward_data(dx.data(), dy.data());
+    e = now_s(), t[1].push_back(e - s), s = e;
+    ffn.backward_weights();
+    t[2].push_back(now_s() - s);
+  }
+  return {median(t[0]), median(t[1]), median(t[2])};
+}
+
+std::unique_ptr<TrainedUnit> word_unit(const WordVsDenseOpts& o, int E, int F, const ZipfTokens& z) {
+  proto::ModelConfig wc;
+  wc.set_d_model(o.C);
+  wc.set_vocab_size(o.vocab);
+  wc.set_activation(proto::SWIGLU);
+  wc.mutable_word_experts()->set_num_experts(E);
+  wc.mutable_word_experts()->set_d_expert(F);
+  // as the demo (192 word experts + 64 shared of 256): 3/4 of the table for the most frequent words
+  wc.mutable_word_experts()->set_num_frequent(E > o.vocab ? o.vocab : E - E / 4);
+  wc.mutable_word_experts()->set_placement(proto::WordExpertConfig::PLACEMENT_INTERLEAVED);
+  auto u = std::make_unique<TrainedUnit>();
+  u->unit = std::make_unique<experts::WordExpertFfn>(u->ps, u->ws, "we", wc, nullptr, &z.counts);
+  return u;
+}
+
+void word_vs_dense_case(const WordVsDenseOpts& o, int E, int F, const ZipfTokens& z, double gbps) {
+  const int C = o.C, N = o.tokens;
+  const double gib = double(E) * 3 * C * F * 4 * 4 / (1 << 30);
+  char name[64];
+  std::snprintf(name, sizeof name, "%d x d_expert %d", E, F);
+  if (gib > o.mem_gib) {
+    std::printf("%-22s skipped: the table needs %.1f GiB (value, grad, m, v) > --wd-mem-gib %.1f\n", name, gib,
+                o.mem_gib);
+    return;
+  }
+  proto::OptimizerConfig oc;
+  oc.set_lr(1e-3f), oc.set_beta1(0.9f), oc.set_beta2(0.95f), oc.set_eps(1e-8f), oc.set_weight_decay(0.1f);
+  auto dense = std::make_unique<TrainedUnit>();
+  dense->unit = std::make_unique<DenseFfn>(dense->ps, dense->ws, "dense", C, F, proto::SWIGLU);
+  auto word = word_unit(o, E, F, z);
+  for (TrainedUnit* u : {dense.get(), word.get()}) {
+    init_params(u->ps, 5, 0.02f, 0.01f);
+    u->opt = std::make_unique<AdamW>(u->ps, oc);
+  }
+  Rng rng(17);
+  std::vector<float> x(size_t(N) * C), dy(x.size()), y(x.size()), dx(x.size());
+  for (auto& v : x) v = rng.normal();
+  for (auto& v : dy) v = rng.normal() * 0.01f;
+  FfnContext ctx;
+  ctx.token_ids = z.ids.data();
+  std::vector<double> td, tw, ph[5];
+  for (int r = 0; r <= o.reps; ++r) {  // round robin, the first round is warm-up
+    const auto a = dense->step(ctx, y.data(), x.data(), dx.data(), dy.data(), N);
+    const auto b = word->step(ctx, y.data(), x.data(), dx.data(), dy.data(), N);
+    if (r == 0) continue;
+    td.push_back(a[0] + a[1] + a[2] + a[3] + a[4]);
+    tw.push_back(b[0] + b[1] + b[2] + b[3] + b[4]);
+    for (int i = 0; i < 5; ++i) ph[i].push_back(b[i]);
+  }
+  router::VocabRouter vr = router::VocabRouter::build(z.counts, E, E > o.vocab ? o.vocab : E - E / 4);
+  std::vector<int64_t> ex, off;
+  word_groups(vr, z.ids, E, ex, off);
+  const auto split = word_ffn_split(word->ps, C, F, ex, off, x, dy, o.reps);
+  const double d = median(td), w = median(tw);
+  const double touched = double(ex.size()) * 3 * C * F, floor_s = touched * 28 / (gbps * 1e9);
+  std::printf("%-22s %10.0f %10.0f %7.3fx %7zu %9.2f %9.2f %7.3fx\n", name, N / d, N / w, d / w, ex.size(), w * 1e3,
+              floor_s * 1e3, std::min(1.0, d / floor_s));
+  std::printf("%-22s %8.2f %8.2f %8.2f %8.2f %8.2f %8.2f %8.2f %8.2f\n", "  split ms", median(ph[0]) * 1e3,
+              (median(ph[1]) - split[0]) * 1e3, split[0] * 1e3, split[1] * 1e3, split[2] * 1e3,
+              (median(ph[2]) - split[1] - split[2]) * 1e3, median(ph[3]) * 1e3, median(ph[4]) * 1e3);
+}
+
+void word_vs_dense(const WordVsDenseOpts& o) {
+  const ZipfTokens z = zipf_tokens(o.vocab, o.tokens, 23);
+  const double gbps = triad_gbps();
+  std::printf(
+      "\nword-expert layer vs dense FFN (SwiGLU, d_model %d, dense d_ff = d_expert, %d tokens, Zipf(1) over "
+      "%d words; triad %.1f GB/s)\n",
+      o.C, o.tokens, o.vocab, gbps);
+  std::printf("%-22s %10s %10s %8s %7s %9s %9s %8s\n", "experts x d_expert", "dense t/s", "word t/s", "ratio", "used",
+              "word ms", "floor ms", "bound");
+  std::printf("%-22s %8s %8s %8s %8s %8s %8s %8s %8s\n", "", "zero", "route", "ffn fwd", "ffn dX", "ffn dW", "unroute",
+              "norm", "AdamW");
+  for (int E : o.experts)
+    for (int F : o.d_expert) word_vs_dense_case(o, E, F, z, gbps);
+  std::printf(
+      "(ratio = word tok/s / dense tok/s; used = experts that got tokens; floor = AdamW's 28 bytes per used\n"
+      " parameter at the triad bandwidth; bound = the ratio if the word step took only that floor)\n");
+}
+
+// ------------------------------------------------------------ 6. small-dimension matmul kernels vs sgemm
+// The three products of a word expert's group of M rows against its weights (C = d_model, F = d_expert), over
+// `slots` different weight matrices (as many experts: the weights come from memory, not cache), one thread:
+// forward x[M,C] W[F,C]^T (nt), input gradient g[M,F] W[F,C] (nn), weight gradient dW[F,C] += g[M,F]^T x[M,C]
+// (tn). GB/s of weight traffic (tn reads and writes dW); ours / sgemm > 1 where the small kernel wins.
+void small_matmul_vs_sgemm(int C, int F, const std::vector<int>& rows) {
+  const int slots = std::max(8, int((int64_t(256) << 20) / (int64_t(F) * C * 4)));  // ~256 MiB of weights
+  std::vector<float> W(size_t(slots) * F * C), x(size_t(64) * std::max(C, F)), g(x.size()), out(x.size());
+  Rng rng(29);
+  for (auto& v : W) v = rng.normal() * 0.01f;
+  for (auto& v : x) v = rng.normal();
+  for (auto& v : g) v = rng.normal();
+  const double bytes = double(W.size()) * 4;
+  std::printf(
+      "\nsmall-row matmul, d_model %d, d_expert %d, %d weight matrices (%.0f MiB), 1 thread: GB/s of weight "
+      "traffic\n%-6s %9s %9s %7s %9s %9s %7s %9s %9s %7s\n",
+      C, F, slots, bytes / (1 << 20), "rows", "nt sgemm", "nt ours", "ratio", "nn sgemm", "nn ours", "ratio",
+      "tn sgemm", "tn ours", "ratio");
+  const int threads = omp_get_max_threads();
+  set_num_threads(1);
+  for (int M : rows) {
+    const int64_t FC = int64_t(F) * C;
+    const float *xp = x.data(), *gp = g.data();
+    float* op = out.data();
+    auto w = [&](int q) { return W.data() + q * FC; };
+    const std::array<std::function<void()>, 6> fns{
+        [&] {
+          for (int q = 0; q < slots; ++q)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, F, C, 1, xp, C, w(q), C, 0, op, F);
+        },
+        [&] {
+          for (int q = 0; q < slots; ++q) cpu::matmul_nt_small(op, xp, w(q), M, F, C, 0);
+        },
+        [&] {
+          for (int q = 0; q < slots; ++q)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, C, F, 1, gp, F, w(q), C, 0, op, C);
+        },
+        [&] {
+          for (int q = 0; q < slots; ++q) cpu::matmul_nn_small(op, gp, w(q), M, C, F, 0);
+        },
+        [&] {
+          for (int q = 0; q < slots; ++q)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F, C, M, 1, gp, F, xp, C, 1, w(q), C);
+        },
+        [&] {
+          for (int q = 0; q < slots; ++q) cpu::matmul_tn_small(w(q), gp, xp, F, C, M, 1);
+        }};
+    double best[6] = {1e30, 1e30, 1e30, 1e30, 1e30, 1e30};
+    for (int r = 0; r < 5; ++r)  // round robin, best of 5
+      for (int i = 0; i < 6; ++i) {
+        const double s = now_s();
+        fns[i]();
+        best[i] = std::min(best[i], now_s() - s);
+      }
+    auto gbps = [&](int i) { return (i >= 4 ? 2 : 1) * bytes / best[i] * 1e-9; };
+    std::printf("%-6d %9.1f %9.1f %6.2fx %9.1f %9.1f %6.2fx %9.1f %9.1f %6.2fx\n", M, gbps(0), gbps(1),
+                best[0] / best[1], gbps(2), gbps(3), best[2] / best[3], gbps(4), gbps(5), best[4] / best[5]);
+  }
+  set_num_threads(threads);
+}
 }  // namespace
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
   int tokens = 4096, C = 512, E = 8, F = 1024, iters = 3, k = 2, threads = 0, section = 0, word_scattered = 1;
   std::vector<int> word_sizes = {1024, 16384, 131072};
+  WordVsDenseOpts wd;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
     int v = std::atoi(argv[i + 1]);
@@ -67,14 +355,14 @@ int main(int argc, char** argv) {
     else if (a == "--threads") threads = v;
     else if (a == "--section") section = v;
     else if (a == "--word-scattered") word_scattered = v;
-    else if (a == "--word-sizes") {  // comma-separated table sizes of section 4 (the first is the baseline)
-      word_sizes.clear();
-      for (const char* c = argv[i + 1]; *c;) {
-        word_sizes.push_back(std::atoi(c));
-        while (*c && *c != ',') ++c;
-        if (*c == ',') ++c;
-      }
-    }
+    else if (a == "--word-sizes") word_sizes = parse_list(argv[i + 1]);  // section 4 (the first is the baseline)
+    else if (a == "--wd-tokens") wd.tokens = v;
+    else if (a == "--wd-d_model") wd.C = v;
+    else if (a == "--wd-vocab") wd.vocab = v;
+    else if (a == "--wd-reps") wd.reps = v;
+    else if (a == "--wd-mem-gib") wd.mem_gib = std::atof(argv[i + 1]);
+    else if (a == "--wd-experts") wd.experts = parse_list(argv[i + 1]);
+    else if (a == "--wd-d_expert") wd.d_expert = parse_list(argv[i + 1]);
   }
   int world_n = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &world_n);
@@ -330,6 +618,14 @@ int main(int argc, char** argv) {
       }
     }
   }
+  // ------------------------------------------------------------ 5. word experts vs a dense FFN (one rank)
+  if (section == 0 || section == 5) {
+    if (W == 1) word_vs_dense(wd);
+    else if (lead) std::printf("\nsection 5 runs on one rank (it compares one rank's layers); skipped\n");
+  }
+  // ------------------------------------------------------------ 6. small-row matmul kernels vs sgemm (rank 0)
+  if ((section == 0 || section == 6) && lead)
+    for (int Fk : wd.d_expert) small_matmul_vs_sgemm(wd.C, Fk, {1, 2, 4, 6, 8, 12, 16, 24, 32});
   MPI_Finalize();
   return 0;
 }

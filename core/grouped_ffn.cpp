@@ -27,7 +27,14 @@ bool choose_parallel(int active, int64_t max_rows, int64_t rows, int C, int F) {
 }
 
 float* ptr(Param* p) { return p ? p->value.f32() : nullptr; }
-float* grad(Param* p) { return p ? p->grad.f32() : nullptr; }
+// the gradient a backward_weights writes: none for absent or frozen params
+float* trained_grad(Param* p) { return p && !p->frozen ? p->grad.f32() : nullptr; }
+// slot s of a gradient (null stays null)
+float* at(float* g, int64_t s, int64_t n) { return g ? g + s * n : nullptr; }
+
+// Row-sparse weights get the next group's slot prefetched while one group runs, when a slot's matrix is at most
+// this many floats: longer ones stream well by themselves, and their prefetch would evict the current group's.
+constexpr int64_t kPrefetchSlot = 65536;
 
 }  // namespace
 
@@ -51,7 +58,7 @@ template <class Fn>
 void GroupedFfn::for_each_group(const Fn& fn) {
   const int n = static_cast<int>(order_.size());
   const int ahead = parallel_ ? std::max(1, omp_get_max_threads()) : 1;
-  const bool pf = sparse();
+  const bool pf = sparse() && int64_t(F_) * C_ <= kPrefetchSlot;
   if (parallel_) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < n; ++i) fn(order_[i], pf && i + ahead < n ? order_[i + ahead] : -1);
@@ -162,35 +169,39 @@ void GroupedFfn::backward_data(float* dx, const float* dy) {
   });
 }
 
-// dWd += dy^T act, dWg += dgate^T x, dWu += dup^T x (+ bias sums) for the used slots
+// dWd += dy^T act, dWg += dgate^T x, dWu += dup^T x (+ bias sums) for the used slots; frozen params get none
 void GroupedFfn::backward_weights() {
   MOE_CHECK(stage_ == 2, "grouped FFN: backward_weights must follow backward_data");
   stage_ = 0;
   const int C = C_, F = F_;
   const int64_t FC = int64_t(F) * C;
   const bool swiglu = act_ == proto::SWIGLU;
-  float *dwg = grad(w_.w_gate), *dwu = grad(w_.w_up), *dwd = grad(w_.w_down);
-  float *dbu = grad(w_.b_up), *dbd = grad(w_.b_down);
+  float *dwg = trained_grad(w_.w_gate), *dwu = trained_grad(w_.w_up), *dwd = trained_grad(w_.w_down);
+  float *dbu = trained_grad(w_.b_up), *dbd = trained_grad(w_.b_down);
+  if (!dwg && !dwu && !dwd && !dbu && !dbd) return;
   for_each_group([&](int g, int q) {
     const int64_t r0 = offsets_[g], s = slots_[g];
     const int n = static_cast<int>(offsets_[g + 1] - r0);
     const int64_t qs = q >= 0 ? slots_[q] * FC : -1;
     const float* xg = x_ + r0 * C;  // [n,C]
-    if (qs >= 0) prefetch_write(dwd + qs, FC);
-    be_.linear_backward(nullptr, dwd + s * FC, dbd ? dbd + s * C : nullptr, dy_ + r0 * C, aout_.data() + r0 * F,
-                         nullptr, n, F, C);
-    if (swiglu) {
+    if (dwd || dbd) {
+      if (qs >= 0 && dwd) prefetch_write(dwd + qs, FC);
+      be_.linear_backward(nullptr, at(dwd, s, FC), at(dbd, s, C), dy_ + r0 * C, aout_.data() + r0 * F, nullptr, n, F,
+                           C);
+    }
+    if (swiglu && dwg) {
       if (qs >= 0) prefetch_write(dwg + qs, FC);
       be_.linear_backward(nullptr, dwg + s * FC, nullptr, dgate_.data() + r0 * F, xg, nullptr, n, C, F);
     }
-    if (qs >= 0) prefetch_write(dwu + qs, FC);
-    be_.linear_backward(nullptr, dwu + s * FC, dbu ? dbu + s * F : nullptr, dup_.data() + r0 * F, xg, nullptr, n,
-                         C, F);
+    if (dwu || dbu) {
+      if (qs >= 0 && dwu) prefetch_write(dwu + qs, FC);
+      be_.linear_backward(nullptr, at(dwu, s, FC), at(dbu, s, F), dup_.data() + r0 * F, xg, nullptr, n, C, F);
+    }
   });
   if (!sparse()) return;
-  for (int g : order_)
-    for (Param* p : {w_.w_gate, w_.w_up, w_.b_up, w_.w_down, w_.b_down})
-      if (p) p->touch_row(slots_[g]);
+  for (Param* p : {w_.w_gate, w_.w_up, w_.b_up, w_.w_down, w_.b_down})
+    if (p && !p->frozen)
+      for (int g : order_) p->touch_row(slots_[g]);
 }
 
 }  // namespace moe

@@ -13,6 +13,7 @@
 //
 // Row-sparse weights (word-expert tables, Param::row_sparse): the weight gradients touch only the slots used,
 // registered with Param::touch_row; the next slots' rows are prefetched (they are scattered over a large table).
+// Frozen weights (Param::frozen) get no gradient and no touched rows; dx still flows through them.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -50,7 +51,8 @@ class GroupedFfn {
   // for backward_weights: dy must stay alive until then).
   void backward_data(float* dx, const float* dy);
   // Weight (and bias) gradients accumulated (+=) into the slots of non-empty groups; the other slots are not
-  // touched. Row-sparse weights register the slots with touch_row. Exactly once after backward_data.
+  // touched. Row-sparse weights register the slots with touch_row. Frozen params are skipped (nothing written,
+  // nothing touched). Exactly once after backward_data.
   void backward_weights();
   void backward(float* dx, const float* dy) {
     backward_data(dx, dy);

@@ -17,9 +17,14 @@ using ShardSum = std::function<double(double)>;
 
 // Global L2 norm of all gradients (double accumulation). With expert parallelism pass `sum_shards`: the squares of
 // the expert-sharded gradients are summed over the expert-parallel group, so every rank gets the same norm.
+// Frozen params (Param::frozen) are left out, here and in clip_grad_norm.
 double grad_norm(const ParamStore& ps, const ShardSum& sum_shards = {});
-// Scales all gradients so their global norm is at most max_norm (no-op when max_norm <= 0). Returns the norm
+// The factor clipping multiplies the gradients by: max_norm / (norm + 1e-6) when max_norm > 0 and norm exceeds
+// it, else 1.
+float clip_scale(double norm, double max_norm);
+// Scales all gradients by clip_scale(norm, max_norm), so their global norm is at most max_norm. Returns the norm
 // before clipping. Every rank must compute the same norm (see grad_norm), or replicated parameters drift apart.
+// (The trainer folds the scale into AdamW::step instead: one pass less over the gradients, the same result.)
 double clip_grad_norm(ParamStore& ps, double max_norm, const ShardSum& sum_shards = {});
 
 class AdamW {
@@ -27,8 +32,12 @@ class AdamW {
   AdamW(ParamStore& ps, const proto::OptimizerConfig& cfg);
   // One update with learning rate lr. Step counter t is per optimizer (bias correction); row-sparse params
   // update only their touched rows, each row with its own step count (lazy Adam), so the cost of a step grows
-  // with the rows used, not the table size.
+  // with the rows used, not the table size. Frozen params (Param::frozen) are skipped: no moments, no weight
+  // decay, no row step counts.
   void step(float lr);
+  // The same update with every gradient read as grad_scale * grad: bit for bit what scaling the gradients in
+  // memory by grad_scale (clip_grad_norm) and then step(lr) gives, without the pass over them.
+  void step(float lr, float grad_scale);
   int64_t t() const { return t_; }
   void set_t(int64_t t) { t_ = t; }
   // first and second moments, in ParamStore order (for checkpoints)

@@ -55,14 +55,16 @@ void ParamStore::zero_grad() {
       p->grad.zero_();
       continue;
     }
-    const int64_t rs = p->row_size();
-    float* g = p->grad.f32();
-    const auto& rows = p->touched;
-    for (size_t k = 0; k < rows.size(); ++k) {
-      if (k + 1 < rows.size()) prefetch_write(g + rows[k + 1] * rs, rs);
-      const int64_t r = rows[k];
-      std::fill(g + r * rs, g + (r + 1) * rs, 0.0f);
-      p->touched_mask[r] = 0;
+    // the touched rows in parallel (disjoint), the next row prefetched as each is cleared (core/prefetch.h)
+    const int64_t rs = p->row_size(), nt = static_cast<int64_t>(p->touched.size());
+    float* g = p->grad.f32();                 // [rows, rs]
+    const int64_t* rows = p->touched.data();  // [nt]
+    uint8_t* mask = p->touched_mask.data();   // [rows]
+#pragma omp parallel for schedule(static) if (nt * rs > (1 << 16))
+    for (int64_t k = 0; k < nt; ++k) {
+      const int64_t r = rows[k], next = k + 1 < nt ? (rows[k + 1] - r) * rs : 0;
+      walk_row<true>(g + r * rs, rs, next, [](float* x, int64_t n) { std::fill(x, x + n, 0.0f); });
+      mask[r] = 0;
     }
     p->touched.clear();
   }

@@ -23,6 +23,11 @@ struct Param {
   Tensor grad;        // f32, same shape
   bool decay = true;  // apply weight decay (matrices and embeddings; not norms or biases)
   Init init = Init::kNormal;
+  // Frozen: trained by nobody. AdamW skips it (no moment updates, no weight decay, no row step counts), gradient
+  // norms and clipping leave it out, and the grouped FFN computes no weight gradient for it (nor touches its rows)
+  // while still computing the input gradient through it. Set after registration (param->frozen = true), before
+  // the first backward; the value stays bit for bit what it was (loaded or initialised).
+  bool frozen = false;
   // Sharding. Replicated (the default): every rank holds the whole tensor. Expert-sharded: dim 0 indexes experts,
   // sharded in contiguous blocks over the expert-parallel group; this rank holds global rows
   // [first_row, first_row + dim 0). Its gradient is all-reduced across data-parallel replicas only, checkpoints

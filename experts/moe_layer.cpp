@@ -192,6 +192,9 @@ WordExpertFfn::WordExpertFfn(ParamStore& ps, Workspace& ws, const std::string& p
                          ? proto::WordExpertConfig::PLACEMENT_INTERLEAVED
                          : cfg.word_experts().placement()) {
   const auto& w = cfg.word_experts();
+  if (w.freeze())  // a fine-tune with fixed word experts: no updates, no weight gradients, dX still flows
+    for (Param* p : {table_.w_gate(), table_.w_up(), table_.w_down()})
+      if (p) p->frozen = true;
   if (w.hash_routing()) {
     hash_.emplace(E_);
   } else if (route_counts) {

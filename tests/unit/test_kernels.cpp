@@ -190,6 +190,66 @@ TEST(KernelMatmul, VsRef) {
   }
 }
 
+
+// The small-dimension kernels against the plain reference, called directly and through matmul (which takes them
+// exactly where matmul_takes_small says): every row-block remainder (M 1..kSmallMatmul), column tails (N % 4,
+// N % 16, N % 64) and K tails (K % 16); beta 0 ignores c (NaN-filled) and beta 1 adds a product formed in full, so
+// adding the same product onto itself doubles it exactly; sizes that take the OpenMP path too.
+TEST(KernelMatmul, SmallDimensionVsRef) {
+  Rng rng(3);
+  const std::vector<std::pair<int, int>> NK = {{1, 1}, {3, 17}, {4, 16}, {5, 33}, {17, 15}, {67, 192}, {130, 48},
+                                                {192, 512}, {1030, 300}};
+  using Kernel = void (*)(float*, const float*, const float*, int, int, int, float);
+  struct Variant {
+    const char* name;
+    Kernel kernel;
+    bool ta, tb;
+  };
+  const Variant variants[] = {{"nt", matmul_nt_small, false, true},
+                              {"nn", matmul_nn_small, false, false},
+                              {"tn", matmul_tn_small, true, false}};
+  int checked = 0;
+  for (const Variant& v : variants) {
+    int small_path = 0;  // shapes on which matmul took this kernel
+    for (int small = 1; small <= kSmallMatmul; small += (small < 6 ? 1 : 5)) {
+      for (auto [big1, big2] : NK) {
+        // nt / nn: M small, N = big1, K = big2; tn: K small (the rows of a weight gradient), M = big1, N = big2
+        const int M = v.ta ? big1 : small, N = v.ta ? big2 : big1, K = v.ta ? small : big2;
+        SCOPED_TRACE(std::string(v.name) + " M=" + std::to_string(M) + " N=" + std::to_string(N) +
+                     " K=" + std::to_string(K));
+        const Vec a = randn(rng, int64_t(M) * K), b = randn(rng, int64_t(K) * N), c0 = randn(rng, int64_t(M) * N);
+        Vec ref(c0.size()), direct(c0.size(), std::numeric_limits<float>::quiet_NaN()), via(direct);
+        matmul_ref(ref.data(), a.data(), b.data(), M, N, K, v.ta, v.tb, 1.0f, 0.0f);
+        v.kernel(direct.data(), a.data(), b.data(), M, N, K, 0.0f);
+        matmul(via.data(), a.data(), b.data(), M, N, K, v.ta, v.tb, 1.0f, 0.0f);
+        EXPECT_REL(direct, ref, kTol);
+        EXPECT_REL(via, ref, kTol);
+        if (matmul_takes_small(M, N, K, v.ta, v.tb, 1.0f, 0.0f)) {
+          EXPECT_EQ(via, direct) << "matmul did not take the small kernel";
+          ++small_path;
+        }
+        Vec acc = c0, acc_ref = c0;
+        v.kernel(acc.data(), a.data(), b.data(), M, N, K, 1.0f);
+        matmul_ref(acc_ref.data(), a.data(), b.data(), M, N, K, v.ta, v.tb, 1.0f, 1.0f);
+        EXPECT_REL(acc, acc_ref, kTol);
+        Vec twice = direct;
+        v.kernel(twice.data(), a.data(), b.data(), M, N, K, 1.0f);
+        for (size_t i = 0; i < twice.size(); ++i) ASSERT_EQ(twice[i], 2.0f * direct[i]) << "element " << i;
+        ++checked;
+      }
+    }
+    EXPECT_GE(small_path, 10) << v.name;
+  }
+  EXPECT_EQ(checked, 3 * 8 * int(NK.size()));
+  // a word expert's shapes (d_model 192, d_expert 512, a few rows) take them; other products keep sgemm
+  EXPECT_TRUE(matmul_takes_small(3, 512, 192, false, true, 1.0f, 0.0f));   // forward
+  EXPECT_TRUE(matmul_takes_small(5, 192, 512, false, false, 1.0f, 1.0f));  // input gradient, accumulated
+  EXPECT_TRUE(matmul_takes_small(512, 192, 7, true, false, 1.0f, 1.0f));   // weight gradient
+  EXPECT_FALSE(matmul_takes_small(2048, 512, 192, false, true, 1.0f, 0.0f));
+  EXPECT_FALSE(matmul_takes_small(3, 512, 192, false, true, 0.5f, 0.0f));
+  EXPECT_FALSE(matmul_takes_small(3, 512, 192, true, true, 1.0f, 0.0f));
+}
+
 // ================================================================== linear
 TEST(KernelLinear, VsTorchWithAndWithoutBias) {
   const int N = 13, IC = 17, OC = 9;

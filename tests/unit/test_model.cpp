@@ -3,10 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
 #include "core/config.h"
+#include "core/kernels/cpu/kernels.h"
 #include "core/model.h"
 #include "core/optimizer.h"
 #include "core/trainer.h"
@@ -375,6 +377,71 @@ TEST(TrainerMicroBatches, AccumulatedStepEqualsTheWholeBatch) {
     EXPECT_NEAR(got[1].loss, got[0].loss, 1e-6 * std::fabs(got[0].loss));
     EXPECT_NEAR(got[1].grad_norm, got[0].grad_norm, 1e-5 * got[0].grad_norm);
   }
+}
+
+
+// step(lr, s) is bit for bit clip_grad_norm (scaling the gradients by s in memory) then step(lr), dense and
+// row-sparse params alike; frozen params: left out of the norm, not scaled, not updated (no moments, no decay, no
+// row step counts) while the others move.
+TEST(Optimizer, FoldedClipAndFrozenParams) {
+  proto::OptimizerConfig oc;
+  oc.set_beta1(0.9f);
+  oc.set_beta2(0.95f);
+  oc.set_eps(1e-8f);
+  oc.set_weight_decay(0.1f);
+  struct Store {
+    ParamStore ps;
+    Param *d, *s, *fd, *fs;  // dense, row-sparse, and a frozen one of each
+  };
+  Store a, b;
+  for (Store* st : {&a, &b}) {
+    st->d = st->ps.add("d", {5, 7}, true);
+    st->s = st->ps.add_expert("s", {9, 4}, true, Init::kNormal, 0, /*row_sparse=*/true);
+    st->fd = st->ps.add("fd", {3, 3}, true);
+    st->fs = st->ps.add_expert("fs", {6, 2}, true, Init::kNormal, 0, /*row_sparse=*/true);
+    st->fd->frozen = st->fs->frozen = true;
+    init_params(st->ps, 8, 0.5f, 0.5f);
+  }
+  const Tensor fd0 = a.fd->value.clone(), fs0 = a.fs->value.clone(), d0 = a.d->value.clone();
+  AdamW oa(a.ps, oc), ob(b.ps, oc);
+  Rng rng(12);
+  for (int step = 0; step < 4; ++step) {
+    a.ps.zero_grad();
+    b.ps.zero_grad();
+    for (Param* p : a.ps.all()) {  // large gradients (the clip scale is well below 1), the same in b
+      if (p->row_sparse)
+        for (int64_t r : {0, 2, step + 1}) p->touch_row(r);  // rows 0 and 2 every step
+      for (int64_t i = 0; i < p->grad.numel(); ++i)
+        p->grad.f32()[i] = p->row_sparse && !p->touched_mask[i / p->row_size()] ? 0.0f : 3.0f * rng.normal();
+      Param* q = b.ps.find(p->name);
+      q->touched = p->touched;
+      q->touched_mask = p->touched_mask;
+      std::memcpy(q->grad.f32(), p->grad.f32(), p->grad.nbytes());
+    }
+    const double live = cpu::sum_squares(a.d->grad.f32(), a.d->grad.numel()) +
+                        cpu::sum_squares(a.s->grad.f32(), a.s->grad.numel());
+    const Tensor frozen_grad = a.fd->grad.clone();
+    const double norm = clip_grad_norm(a.ps, 1.0);
+    EXPECT_NEAR(norm, std::sqrt(live), 1e-9 * norm) << "the norm counts the frozen params";
+    EXPECT_EQ(std::memcmp(a.fd->grad.f32(), frozen_grad.f32(), frozen_grad.nbytes()), 0) << "frozen grad scaled";
+    oa.step(0.01f);
+    const double norm_b = grad_norm(b.ps);
+    EXPECT_EQ(norm_b, norm);
+    ASSERT_LT(clip_scale(norm_b, 1.0), 1.0f);
+    ob.step(0.01f, clip_scale(norm_b, 1.0));
+  }
+  for (size_t i = 0; i < a.ps.all().size(); ++i) {
+    const Param *p = a.ps.all()[i], *q = b.ps.all()[i];
+    EXPECT_EQ(std::memcmp(p->value.f32(), q->value.f32(), p->value.nbytes()), 0) << p->name << " value";
+    EXPECT_EQ(std::memcmp(oa.m()[i].f32(), ob.m()[i].f32(), p->value.nbytes()), 0) << p->name << " m";
+    EXPECT_EQ(std::memcmp(oa.v()[i].f32(), ob.v()[i].f32(), p->value.nbytes()), 0) << p->name << " v";
+  }
+  EXPECT_EQ(std::memcmp(a.fd->value.f32(), fd0.f32(), fd0.nbytes()), 0) << "frozen dense param changed";
+  EXPECT_EQ(std::memcmp(a.fs->value.f32(), fs0.f32(), fs0.nbytes()), 0) << "frozen row-sparse param changed";
+  EXPECT_EQ(cpu::sum_squares(oa.m()[2].f32(), 9) + cpu::sum_squares(oa.v()[3].f32(), 12), 0.0) << "frozen moments";
+  for (int64_t r = 0; r < 6; ++r) EXPECT_EQ(oa.row_t()[3].i32()[r], 0) << "frozen row step count " << r;
+  EXPECT_EQ(oa.row_t()[1].i32()[2], 4);
+  EXPECT_NE(std::memcmp(a.d->value.f32(), d0.f32(), d0.nbytes()), 0) << "the live dense param did not move";
 }
 
 }  // namespace

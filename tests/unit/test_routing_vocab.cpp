@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/kv_cache.h"
+#include "core/optimizer.h"
 #include "core/rng.h"
 #include "experts/moe_layer.h"
 #include "router/routing_vocab.h"
@@ -291,6 +292,46 @@ TEST(WordExpertShared, OneTableForEveryLayerAndItsGradientIsTheLayersSum) {
     }
     EXPECT_LE(maxdiff / maxref, 1e-5) << m;
     EXPECT_GT(maxref, 1e-6) << m << ": the layers do reach the table";
+  }
+}
+
+// model.word_experts.freeze: the tables keep their values bit for bit through training steps (weight decay
+// included) while every other parameter trains; with a shared table too.
+TEST(WordExpertFreeze, FrozenTablesDoNotChangeTheRestTrains) {
+  MoweInputs mi;
+  for (bool share : {false, true}) {
+    proto::ModelConfig cfg = mowe_config(share, 2);
+    cfg.mutable_word_experts()->set_freeze(true);
+    auto model = make_model(cfg, 3, mi.in());
+    std::map<std::string, std::vector<float>> before;
+    for (Param* p : model->params().all()) before[p->name].assign(p->value.f32(), p->value.f32() + p->value.numel());
+    proto::OptimizerConfig oc;
+    oc.set_beta1(0.9f);
+    oc.set_beta2(0.95f);
+    oc.set_eps(1e-8f);
+    oc.set_weight_decay(0.1f);
+    AdamW opt(model->params(), oc);
+    const std::vector<int32_t> in = zipf_stream(12, 32, 8), tg = zipf_stream(12, 32, 9);
+    for (int step = 0; step < 3; ++step) {
+      model->params().zero_grad();
+      model->forward(in.data(), tg.data(), 2, 16);
+      model->backward();
+      opt.step(0.01f);
+    }
+    int frozen = 0, changed = 0;
+    for (Param* p : model->params().all()) {
+      const bool same = std::equal(before[p->name].begin(), before[p->name].end(), p->value.f32());
+      const bool table = p->name.find(".experts.") != std::string::npos || p->name.rfind("word_experts.shared", 0) == 0;
+      if (table) {
+        EXPECT_TRUE(p->frozen) << p->name;
+        EXPECT_TRUE(same) << p->name << " changed although frozen (share " << share << ")";
+        ++frozen;
+      } else {
+        changed += !same;
+      }
+    }
+    EXPECT_EQ(frozen, share ? 3 : 3 * 2);  // SwiGLU: 3 matrices per table; 2 word-expert layers of 3
+    EXPECT_GT(changed, 5);
   }
 }
 

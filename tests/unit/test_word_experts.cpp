@@ -4,6 +4,10 @@
 //                                    touched rows = experts of non-empty groups; backward accumulates (+=);
 //   WordExperts.AdamWTouchesOnlyUsedRows  a 65,536-expert table trained with AdamW: unused rows bit-identical with
 //                                    zero moments and step counts, used rows moved, loss decreases;
+//   WordExperts.FrozenTable          a frozen table (Param::frozen) trained with AdamW, weight decay and clipping
+//                                    for several steps: values bit-for-bit unchanged, no gradient, no touched rows,
+//                                    no moments, while a bias beside it moves; dx bit-for-bit the unfrozen table's;
+//                                    freezing one matrix leaves the other two's gradients bit-for-bit as unfrozen;
 //   WordExperts.StepCostIndependentOfTableSize  forward+backward+zero_grad+AdamW at E = 1,024 vs 131,072;
 //   WordExperts.RejectsBadGroups     malformed group layouts throw moe::Error.
 #include <gtest/gtest.h>
@@ -284,6 +288,91 @@ TEST(WordExperts, AdamWTouchesOnlyUsedRows) {
     ++pi;
   }
   EXPECT_EQ(n_used, 7);  // 0 65535 12345 40000 777 31000 9 (4242 was only ever in an empty group)
+}
+
+// ------------------------------------------------------------------ frozen tables
+// b: a live param beside the table, given the gradient of a bias added to y (db = sum over rows of dy)
+void add_bias_grad(Param& b, const Vec& dy, int C) {
+  for (size_t i = 0; i < dy.size(); ++i) b.grad.f32()[i % C] += dy[i];
+}
+
+TEST(WordExperts, FrozenTable) {
+  const int64_t E = 50;
+  const int C = 16, F = 8;
+  struct Setup {
+    ParamStore ps;
+    Workspace ws{cpu_backend()};
+    std::unique_ptr<WordExpertTable> table;
+    Param* bias = nullptr;
+  };
+  // frozen: every matrix frozen; live: none (never stepped, so its weights stay those of the frozen one);
+  // half: only w_down frozen
+  Setup frozen, live, half;
+  for (Setup* s : {&frozen, &live, &half}) {
+    s->table = std::make_unique<WordExpertTable>(s->ps, s->ws, "we", WordExpertDims{E, C, F, proto::SWIGLU});
+    s->bias = s->ps.add("bias", {C}, /*decay=*/false, Init::kZeros);
+    Rng rng(31);
+    fill_weights(s->ps, rng, 0.4f, 0.3f);
+  }
+  for (auto& [name, p] : tables(*frozen.table)) p->frozen = true;
+  half.table->w_down()->frozen = true;
+  std::vector<Tensor> init;
+  for (auto& [name, p] : tables(*frozen.table)) init.push_back(p->value.clone());
+
+  Rng rng(5);
+  std::vector<Batch> batches;
+  batches.push_back(make_batch(rng, {3, 49, 17, 0}, {4, 1, 6, 2}, C));
+  batches.push_back(make_batch(rng, {17, 8, 3}, {3, 5, 2}, C));
+  AdamW opt(frozen.ps, adamw_config(/*weight_decay=*/0.1f));
+  const Vec bias0(frozen.bias->value.f32(), frozen.bias->value.f32() + C);
+  Vec y, dy, dx_frozen, dx_live, dx_half;
+  for (int s = 0; s < 6; ++s) {
+    const Batch& b = batches[s % 2];
+    for (Setup* st : {&frozen, &live, &half}) st->ps.zero_grad();
+    loss_of(*frozen.table, b, y, dy);
+    dx_frozen.assign(b.rows() * C, kSentinel);
+    frozen.table->backward(dx_frozen.data(), dy.data());
+    add_bias_grad(*frozen.bias, dy, C);
+    // the same batch and dy through the unfrozen tables (weights equal to the frozen table's)
+    for (Setup* st : {&live, &half}) {
+      Vec y_other(b.rows() * C, kSentinel);
+      st->table->forward(y_other.data(), b.x.data(), b.experts.data(), b.offsets.data(), int64_t(b.experts.size()));
+      EXPECT_EQ(y_other, y) << "step " << s;
+      Vec& dx = st == &live ? dx_live : dx_half;
+      dx.assign(b.rows() * C, kSentinel);
+      st->table->backward(dx.data(), dy.data());
+    }
+    EXPECT_EQ(dx_frozen, dx_live) << "dx through the frozen table, step " << s;
+    EXPECT_EQ(dx_half, dx_live) << "dx with w_down frozen, step " << s;
+    // no weight gradient, no touched rows: the norm is the bias's alone
+    for (auto& [name, p] : tables(*frozen.table)) {
+      EXPECT_TRUE(p->touched.empty()) << name;
+      EXPECT_EQ(cpu::sum_squares(p->grad.f32(), p->grad.numel()), 0.0) << name;
+    }
+    const double norm = grad_norm(frozen.ps);
+    EXPECT_DOUBLE_EQ(norm * norm, cpu::sum_squares(frozen.bias->grad.f32(), C)) << "step " << s;
+    // half: w_gate and w_up exactly the live table's gradients; w_down none
+    for (Param* p : {half.table->w_gate(), half.table->w_up()}) {
+      const Param* q = live.ps.find(p->name);
+      ASSERT_EQ(std::memcmp(p->grad.f32(), q->grad.f32(), p->grad.nbytes()), 0) << p->name << ", step " << s;
+      EXPECT_EQ(p->touched.size(), b.experts.size());
+    }
+    EXPECT_TRUE(half.table->w_down()->touched.empty());
+    EXPECT_EQ(cpu::sum_squares(half.table->w_down()->grad.f32(), half.table->w_down()->grad.numel()), 0.0);
+    opt.step(0.05f, clip_scale(norm, 0.5));
+  }
+  size_t i = 0, slot = 0;
+  for (auto& [name, p] : tables(*frozen.table)) {
+    SCOPED_TRACE(name);
+    EXPECT_EQ(std::memcmp(p->value.f32(), init[i++].f32(), p->value.nbytes()), 0) << "frozen values changed";
+    while (frozen.ps.all()[slot] != p) ++slot;
+    EXPECT_EQ(cpu::sum_squares(opt.m()[slot].f32(), p->value.numel()), 0.0) << "first moment";
+    EXPECT_EQ(cpu::sum_squares(opt.v()[slot].f32(), p->value.numel()), 0.0) << "second moment";
+    for (int64_t e = 0; e < E; ++e) ASSERT_EQ(opt.row_t()[slot].i32()[e], 0) << "step count of row " << e;
+  }
+  int moved = 0;
+  for (int c = 0; c < C; ++c) moved += frozen.bias->value.f32()[c] != bias0[c];
+  EXPECT_EQ(moved, C) << "the live bias beside the frozen table did not train";
 }
 
 // ------------------------------------------------------------------ step cost vs table size

@@ -140,24 +140,46 @@ void cross_entropy_backward(float* dlogits, const float* probs, const int32_t* t
 }
 
 // ---------------------------------------------------------------- elementwise helpers
+// Short inputs take a plain simd loop: `omp parallel for if (false)` still enters a one-thread team, and for a
+// reduction that made a few-KiB sum of squares ~5x slower (grad_norm calls it once per touched row of a table).
 void add_inplace(float* y, const float* x, int64_t n) {
-#pragma omp parallel for simd if (n > kParMinFlat) schedule(static)
+  if (n <= kParMinFlat) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+    return;
+  }
+#pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
 void add(float* out, const float* a, const float* b, int64_t n) {
-#pragma omp parallel for simd if (n > kParMinFlat) schedule(static)
+  if (n <= kParMinFlat) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+    return;
+  }
+#pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
 }
 
 void scale_inplace(float* y, float s, int64_t n) {
-#pragma omp parallel for simd if (n > kParMinFlat) schedule(static)
+  if (n <= kParMinFlat) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] *= s;
+    return;
+  }
+#pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) y[i] *= s;
 }
 
 double sum_squares(const float* x, int64_t n) {
   double s = 0.0;
-#pragma omp parallel for simd if (n > kParMinFlat) schedule(static) reduction(+ : s)
+  if (n <= kParMinFlat) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]) * x[i];
+    return s;
+  }
+#pragma omp parallel for simd schedule(static) reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]) * x[i];
   return s;
 }
