@@ -193,6 +193,7 @@ void HttpConnection::on_watch(const beast::error_code& ec, size_t n) {
 void HttpConnection::read_request() {
   state_ = State::kReading;
   timed_out_ = false;
+  response_keep_alive_.reset();  // a new request: its response decides anew
   parser_.emplace();
   parser_->header_limit(static_cast<uint32_t>(options().max_header_bytes));
   parser_->body_limit(static_cast<uint64_t>(options().max_body_bytes));
@@ -259,6 +260,11 @@ void HttpConnection::handle() {
 }
 
 // ---- HttpConnection: writing ----
+
+bool HttpConnection::keep_alive() {
+  if (!response_keep_alive_) response_keep_alive_ = keep_alive_ && version_ >= 10 && keep_serving();
+  return *response_keep_alive_;
+}
 
 void HttpConnection::reply(const HttpReply& r, std::function<void()> on_written) {
   if (state_ == State::kClosed) return;

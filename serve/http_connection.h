@@ -117,8 +117,10 @@ class HttpConnection : public std::enable_shared_from_this<HttpConnection> {
 
   // For the request being answered:
   unsigned version() const { return version_; }
-  // The request allows keeping the connection open after its response, and the server keeps serving.
-  bool keep_alive() const { return keep_alive_ && version_ >= 10 && keep_serving(); }
+  // The request allows keeping the connection open after its response, and the server keeps serving. Decided once
+  // per response, at the first call: the response's head says it and its end must follow it, even if the server
+  // starts draining in between (the client may have read that head and sent its next request already).
+  bool keep_alive();
   // A complete response; on_written (if any) runs once it is written, then comes the next request or the close.
   void reply(const HttpReply& r, std::function<void()> on_written = {});
   // Part of a response; on_written (if any) runs once it and everything before it is written (never if the
@@ -171,6 +173,7 @@ class HttpConnection : public std::enable_shared_from_this<HttpConnection> {
   std::string pending_, writing_;
   bool write_pending_ = false, watching_ = false, timed_out_ = false, keep_alive_ = true, in_set_ = false;
   std::function<void()> after_write_;
+  std::optional<bool> response_keep_alive_;  // keep_alive() of the response being written, once decided
   unsigned version_ = 11;
 };
 

@@ -559,6 +559,30 @@ TEST(HttpServer, DrainLetsInFlightRequestsFinish) {
   EXPECT_TRUE(s.server.wait_in_flight(5));
 }
 
+// A response whose head said keep-alive keeps its connection even when draining starts before it ends (the race of
+// a /health answered just as stop_accepting() runs, made deterministic with a stream): the client may send its
+// next request there, and it is answered 503 draining with Connection: close instead of finding the socket closed.
+TEST(HttpServer, DrainKeepsTheConnectionAResponseKeptAlive) {
+  Served s;
+  s.engine.hold = true;
+  Client c = s.client();
+  c.write_raw(raw_post("/v1/completions", R"({"prompt": "ROMEO:", "max_tokens": 30, "stream": true})"));
+  http::response_parser<http::string_body> p;
+  http::read_header(c.socket(), c.buffer(), p);
+  ASSERT_EQ(p.get().result_int(), 200);
+  ASSERT_TRUE(p.get().keep_alive());  // the head promised the connection stays open
+  s.server.stop_accepting();
+  s.engine.hold = false;
+  http::read(c.socket(), c.buffer(), p);
+  EXPECT_EQ(p.get().body().substr(p.get().body().size() - 14), "data: [DONE]\n\n");
+  Response r = c.get("/health");
+  EXPECT_EQ(r.result_int(), 503);
+  EXPECT_EQ(json_of(r).field("status")->str, "draining");
+  EXPECT_FALSE(r.keep_alive());
+  EXPECT_TRUE(c.closed_by_server());
+  EXPECT_TRUE(s.server.wait_in_flight(5));
+}
+
 TEST(HttpServer, StopCancelsInFlightRequests) {
   auto s = std::make_unique<Served>();
   s->engine.hold = true;
