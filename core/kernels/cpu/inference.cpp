@@ -573,14 +573,14 @@ void tile_dots(float* s, int64_t lds, const float* qi, const float* sc, int G, i
 // The lines of the key components I[0..r) that the tile at t0 reads (the key columns are not read in an order a
 // hardware prefetcher follows), kPrefetch tiles ahead.
 constexpr int kPrefetch = 2;
-void prefetch_tile(const int32_t* I, int r, int t0, const PagedRow& pr, int g, const SparqCall& c) {
+void prefetch_tile(const int32_t* I, int r, int t0, int len, const PagedRow& pr, int g, const SparqCall& c) {
   const int bs = pr.block_size;
   if (c.k_cols) {
     const float* base = c.k_cols + ((int64_t(pr.blocks[t0 / bs]) * c.Hkv + g) * c.D) * bs + t0 % bs;
     for (int m = 0; m < r; ++m) __builtin_prefetch(base + int64_t(I[m]) * bs);
     return;
   }
-  for (int t = t0; t < t0 + kTile; ++t)
+  for (int t = t0; t < std::min(t0 + kTile, len); ++t)  // (the block table ends with the row's context)
     for (int i = 0; i < c.D; i += 16) __builtin_prefetch(c.k_pool + pr.at(t) + i);
 }
 
@@ -594,7 +594,7 @@ void approx_scores(SparqScratch& w, const float* sc, int r, int len, int64_t lds
   float* tile = w.tile.data();  // [r, kTile]
   for (int t0 = 0; t0 < len; t0 += kTile) {
     const int n = std::min(kTile, len - t0);
-    if (t0 + kPrefetch * kTile < len) prefetch_tile(I, r, t0 + kPrefetch * kTile, pr, g, c);
+    if (t0 + kPrefetch * kTile < len) prefetch_tile(I, r, t0 + kPrefetch * kTile, len, pr, g, c);
     const float* base = nullptr;  // t0's block's key columns [D, bs], at t0's offset in the block
     if (c.k_cols) base = c.k_cols + ((int64_t(pr.blocks[t0 / bs]) * c.Hkv + g) * c.D) * bs + t0 % bs;
     if (base && n == kTile && t0 % bs + kTile <= bs) {
