@@ -192,7 +192,7 @@ TEST(KernelMatmul, VsRef) {
 
 
 // The small-dimension kernels against the plain reference, called directly and through matmul (which takes them
-// exactly where matmul_takes_small says): every row-block remainder (M 1..kSmallMatmul), column tails (N % 4,
+// exactly where matmul_takes_small says): every row-block remainder (M 1..16), column tails (N % 4,
 // N % 16, N % 64) and K tails (K % 16); beta 0 ignores c (NaN-filled) and beta 1 adds a product formed in full, so
 // adding the same product onto itself doubles it exactly; sizes that take the OpenMP path too.
 TEST(KernelMatmul, SmallDimensionVsRef) {
@@ -211,7 +211,7 @@ TEST(KernelMatmul, SmallDimensionVsRef) {
   int checked = 0;
   for (const Variant& v : variants) {
     int small_path = 0;  // shapes on which matmul took this kernel
-    for (int small = 1; small <= kSmallMatmul; small += (small < 6 ? 1 : 5)) {
+    for (int small = 1; small <= 16; small += (small < 6 ? 1 : 5)) {
       for (auto [big1, big2] : NK) {
         // nt / nn: M small, N = big1, K = big2; tn: K small (the rows of a weight gradient), M = big1, N = big2
         const int M = v.ta ? big1 : small, N = v.ta ? big2 : big1, K = v.ta ? small : big2;

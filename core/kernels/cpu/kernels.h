@@ -20,11 +20,12 @@ void matmul_ref(float* c, const float* a, const float* b, int M, int N, int K, b
                 float alpha = 1.0f, float beta = 0.0f);
 // Products with one small dimension (small_matmul.cpp): a word expert's few rows against its weights, streamed
 // once in their layout instead of packed. beta 0: c written (never read); beta 1: c += the product (formed in full
-// first). matmul takes them where they beat sgemm (measured by bench_moe section 6): alpha 1, beta 0 or 1, and
-//   c = a b^T   M <= kSmallMatmulNt rows, K >= kSmallMatmulMinK      (forward of a linear layer)
-//   c = a b     M <= kSmallMatmul rows, K >= kSmallMatmulMinK        (input gradient)
-//   c = a^T b   K <= kSmallMatmul rows, N >= kSmallMatmulMinK        (weight gradient)
-constexpr int kSmallMatmul = 16, kSmallMatmulNt = 6, kSmallMatmulMinK = 64;
+// first). matmul takes them where they beat sgemm (bench_moe section 6 on the build machine: 1.1-1.7x there, and
+// slower than sgemm outside these bounds): alpha 1, beta 0 or 1, the other two dimensions >= kSmallMatmulMinDim, and
+//   c = a b^T   M <= kSmallMatmulNt rows     (forward of a linear layer)
+//   c = a b     M <= kSmallMatmulNn rows     (input gradient)
+//   c = a^T b   K <= kSmallMatmulTn rows     (weight gradient)
+constexpr int kSmallMatmulNt = 6, kSmallMatmulNn = 16, kSmallMatmulTn = 8, kSmallMatmulMinDim = 64;
 bool matmul_takes_small(int M, int N, int K, bool trans_a, bool trans_b, float alpha, float beta);
 void matmul_nt_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);  // c[M,N] = a[M,K] b[N,K]^T
 void matmul_nn_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);  // c[M,N] = a[M,K] b[K,N]

@@ -16,9 +16,9 @@ constexpr int64_t kParMin = 16384;  // below this many elements a loop stays on 
 }
 
 bool matmul_takes_small(int M, int N, int K, bool trans_a, bool trans_b, float alpha, float beta) {
-  if (alpha != 1.0f || (beta != 0.0f && beta != 1.0f)) return false;
-  if (trans_a) return !trans_b && K <= kSmallMatmul && N >= kSmallMatmulMinK;
-  return K >= kSmallMatmulMinK && M <= (trans_b ? kSmallMatmulNt : kSmallMatmul);
+  if (alpha != 1.0f || (beta != 0.0f && beta != 1.0f) || N < kSmallMatmulMinDim) return false;
+  if (trans_a) return !trans_b && K <= kSmallMatmulTn && M >= kSmallMatmulMinDim;
+  return K >= kSmallMatmulMinDim && M <= (trans_b ? kSmallMatmulNt : kSmallMatmulNn);
 }
 
 // c[M,N] = alpha * op(a)[M,K] @ op(b)[K,N] + beta * c[M,N]
