@@ -12,7 +12,7 @@
 //     side by side in one run, tokens routed by a vocabulary router from Zipf(1) word frequencies; tokens/s of
 //     each, their ratio, and the word layer's split (one rank);
 //  6. the small-dimension matmul kernels (core/kernels/cpu/small_matmul.cpp) vs sgemm on a word expert's shapes,
-//     M = 1..32 rows, at d_model --wd-d_model and each --wd-d_expert (where the bounds of matmul_takes_small come from).
+//     M = 1..32 rows, at d_model --wd-d_model and each --wd-d_expert (the bounds of matmul_takes_small come from it).
 // usage: mpirun -np N bench_moe [--section 1..6 (default all)] [--tokens 4096] [--d_model 512] [--experts 8]
 //        [--d_expert 1024] [--iters 3] [--word-sizes 1024,16384,131072] [--word-scattered 1]
 //        sections 5, 6: [--wd-tokens 2048] [--wd-d_model 192] [--wd-experts 256,4096,65536,1048576]

@@ -27,9 +27,12 @@ void matmul_ref(float* c, const float* a, const float* b, int M, int N, int K, b
 //   c = a^T b   K <= kSmallMatmulTn rows     (weight gradient)
 constexpr int kSmallMatmulNt = 6, kSmallMatmulNn = 16, kSmallMatmulTn = 8, kSmallMatmulMinDim = 64;
 bool matmul_takes_small(int M, int N, int K, bool trans_a, bool trans_b, float alpha, float beta);
-void matmul_nt_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);  // c[M,N] = a[M,K] b[N,K]^T
-void matmul_nn_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);  // c[M,N] = a[M,K] b[K,N]
-void matmul_tn_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);  // c[M,N] = a[K,M]^T b[K,N]
+// c[M,N] = a[M,K] b[N,K]^T
+void matmul_nt_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);
+// c[M,N] = a[M,K] b[K,N]
+void matmul_nn_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);
+// c[M,N] = a[K,M]^T b[K,N]
+void matmul_tn_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);
 
 // ---------------------------------------------------------------- linear layer: y = x W^T + b
 // out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC] (bias may be null)
