@@ -12,11 +12,11 @@
 //     side by side in one run, tokens routed by a vocabulary router from Zipf(1) word frequencies; tokens/s of
 //     each, their ratio, and the word layer's split (one rank);
 //  6. the small-dimension matmul kernels (core/kernels/cpu/small_matmul.cpp) vs sgemm on a word expert's shapes,
-//     M = 1..32 rows, at d_model --wd-d_model and each --wd-d_expert (where the crossover kSmallMatmul comes from).
+//     M = 1..32 rows, at d_model --wd-d_model and each --wd-d_expert (the bounds of matmul_takes_small come from it).
 // usage: mpirun -np N bench_moe [--section 1..6 (default all)] [--tokens 4096] [--d_model 512] [--experts 8]
 //        [--d_expert 1024] [--iters 3] [--word-sizes 1024,16384,131072] [--word-scattered 1]
 //        sections 5, 6: [--wd-tokens 2048] [--wd-d_model 192] [--wd-experts 256,4096,65536,1048576]
-//        [--wd-d_expert 16,64,512] [--wd-vocab 32768] [--wd-mem-gib 4] [--wd-reps 9]
+//        [--wd-d_expert 16,64,512] [--wd-vocab 32768] [--wd-mem-gib 4] [--wd-reps 9] [--wd-cpu-clock 0]
 #include <cblas.h>
 #include <mpi.h>
 #include <omp.h>
@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <functional>
 #include <memory>
 #include <string>
@@ -80,8 +81,19 @@ std::vector<int> parse_list(const char* c) {  // "1,2,3"
 }
 
 // ------------------------------------------------------------ 5. word experts vs a dense FFN (training step)
+// The clock of section 5: wall time, or this process's CPU time (--wd-cpu-clock 1), which on a shared machine
+// does not count the time the process waits for a core (with one thread it is the step's own time; with several
+// it also counts threads spinning at barriers).
+using Clock = double (*)();
+double cpu_s() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
 struct WordVsDenseOpts {
   int tokens = 2048, C = 192, vocab = 32768, reps = 9;
+  Clock clock = now_s;
   double mem_gib = 4;  // tables needing more (value, grad, AdamW m and v) are skipped
   std::vector<int> experts{256, 4096, 65536, 1048576}, d_expert{16, 64, 512};
 };
@@ -114,11 +126,12 @@ struct TrainedUnit {
   std::unique_ptr<FfnUnit> unit;
   std::unique_ptr<AdamW> opt;
   // seconds of: zero_grad, forward, backward, global gradient norm, AdamW with the clipping (max norm 1) folded in
-  std::array<double, 5> step(const FfnContext& ctx, float* y, const float* x, float* dx, const float* dy, int N) {
+  std::array<double, 5> step(Clock clock, const FfnContext& ctx, float* y, const float* x, float* dx, const float* dy,
+                             int N) {
     std::array<double, 5> t{};
-    double s = now_s();
+    double s = clock();
     auto lap = [&](int i) {
-      const double e = now_s();
+      const double e = clock();
       t[i] = e - s;
       s = e;
     };
@@ -141,19 +154,23 @@ double median(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
-// GB/s of a triad a = b + s c over 3 x 64 MiB (two reads, one write per element), all threads: the memory
-// bandwidth the row-sparse optimizer passes are bound by.
-double triad_gbps() {
+// GB/s of a stream with AdamW's access pattern (read g, w, m, v; write w, m, v: 28 bytes per element) over 4 x 64
+// MiB, all threads: the memory bandwidth the optimizer's pass over the used rows is bound by.
+double update_gbps() {
   const int64_t n = int64_t(16) << 20;
-  std::vector<float> a(n, 0.0f), b(n, 1.0f), c(n, 2.0f);
+  std::vector<float> w(n, 1.0f), g(n, 0.5f), m(n, 0.0f), v(n, 0.0f);
   double best = 1e30;
   for (int r = 0; r < 5; ++r) {
     const double s = now_s();
 #pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < n; ++i) a[i] = b[i] + 0.5f * c[i];
+    for (int64_t i = 0; i < n; ++i) {
+      m[i] = 0.9f * m[i] + 0.1f * g[i];
+      v[i] = 0.95f * v[i] + 0.05f * g[i] * g[i];
+      w[i] -= 1e-3f * (m[i] / (v[i] + 1.0f) + 0.1f * w[i]);
+    }
     best = std::min(best, now_s() - s);
   }
-  return 3.0 * 4 * n / best * 1e-9 + 0 * a[n / 2];
+  return 28.0 * n / best * 1e-9 + 0 * w[n / 2];
 }
 
 // The word layer's groups as WordExpertFfn forms them on one rank: experts (rows of the table) ascending, with
@@ -176,7 +193,7 @@ void word_groups(const router::VocabRouter& vr, const std::vector<int32_t>& ids,
 }
 
 // Grouped FFN phases of the word table on its own (forward, backward_data, backward_weights), medians in seconds.
-std::array<double, 3> word_ffn_split(ParamStore& ps, int C, int F, const std::vector<int64_t>& experts,
+std::array<double, 3> word_ffn_split(Clock clock, ParamStore& ps, int C, int F, const std::vector<int64_t>& experts,
                                      const std::vector<int64_t>& offsets, const std::vector<float>& x,
                                      const std::vector<float>& dy, int reps) {
   Workspace ws{cpu_backend()};
@@ -186,13 +203,13 @@ std::array<double, 3> word_ffn_split(ParamStore& ps, int C, int F, const std::ve
   std::vector<double> t[3];
   for (int r = 0; r <= reps; ++r) {
     ps.zero_grad();
-    double s = now_s(), e;
+    double s = clock(), e;
     ffn.forward(y.data(), x.data(), experts.data(), offsets.data(), int64_t(experts.size()));
-    e = now_s(), t[0].push_back(e - s), s = e;
+    e = clock(), t[0].push_back(e - s), s = e;
     ffn.backward_data(dx.data(), dy.data());
-    e = now_s(), t[1].push_back(e - s), s = e;
+    e = clock(), t[1].push_back(e - s), s = e;
     ffn.backward_weights();
-    t[2].push_back(now_s() - s);
+    t[2].push_back(clock() - s);
   }
   return {median(t[0]), median(t[1]), median(t[2])};
 }
@@ -239,8 +256,8 @@ void word_vs_dense_case(const WordVsDenseOpts& o, int E, int F, const ZipfTokens
   ctx.token_ids = z.ids.data();
   std::vector<double> td, tw, ph[5];
   for (int r = 0; r <= o.reps; ++r) {  // round robin, the first round is warm-up
-    const auto a = dense->step(ctx, y.data(), x.data(), dx.data(), dy.data(), N);
-    const auto b = word->step(ctx, y.data(), x.data(), dx.data(), dy.data(), N);
+    const auto a = dense->step(o.clock, ctx, y.data(), x.data(), dx.data(), dy.data(), N);
+    const auto b = word->step(o.clock, ctx, y.data(), x.data(), dx.data(), dy.data(), N);
     if (r == 0) continue;
     td.push_back(a[0] + a[1] + a[2] + a[3] + a[4]);
     tw.push_back(b[0] + b[1] + b[2] + b[3] + b[4]);
@@ -249,7 +266,7 @@ void word_vs_dense_case(const WordVsDenseOpts& o, int E, int F, const ZipfTokens
   router::VocabRouter vr = router::VocabRouter::build(z.counts, E, E > o.vocab ? o.vocab : E - E / 4);
   std::vector<int64_t> ex, off;
   word_groups(vr, z.ids, E, ex, off);
-  const auto split = word_ffn_split(word->ps, C, F, ex, off, x, dy, o.reps);
+  const auto split = word_ffn_split(o.clock, word->ps, C, F, ex, off, x, dy, o.reps);
   const double d = median(td), w = median(tw);
   const double touched = double(ex.size()) * 3 * C * F, floor_s = touched * 28 / (gbps * 1e9);
   std::printf("%-22s %10.0f %10.0f %7.3fx %7zu %9.2f %9.2f %7.3fx\n", name, N / d, N / w, d / w, ex.size(), w * 1e3,
@@ -261,11 +278,11 @@ void word_vs_dense_case(const WordVsDenseOpts& o, int E, int F, const ZipfTokens
 
 void word_vs_dense(const WordVsDenseOpts& o) {
   const ZipfTokens z = zipf_tokens(o.vocab, o.tokens, 23);
-  const double gbps = triad_gbps();
+  const double gbps = update_gbps();
   std::printf(
       "\nword-expert layer vs dense FFN (SwiGLU, d_model %d, dense d_ff = d_expert, %d tokens, Zipf(1) over "
-      "%d words; triad %.1f GB/s)\n",
-      o.C, o.tokens, o.vocab, gbps);
+      "%d words; AdamW-pattern stream %.1f GB/s; %s)\n",
+      o.C, o.tokens, o.vocab, gbps, o.clock == now_s ? "wall clock" : "process CPU time");
   std::printf("%-22s %10s %10s %8s %7s %9s %9s %8s\n", "experts x d_expert", "dense t/s", "word t/s", "ratio", "used",
               "word ms", "floor ms", "bound");
   std::printf("%-22s %8s %8s %8s %8s %8s %8s %8s %8s\n", "", "zero", "route", "ffn fwd", "ffn dX", "ffn dW", "unroute",
@@ -274,7 +291,7 @@ void word_vs_dense(const WordVsDenseOpts& o) {
     for (int F : o.d_expert) word_vs_dense_case(o, E, F, z, gbps);
   std::printf(
       "(ratio = word tok/s / dense tok/s; used = experts that got tokens; floor = AdamW's 28 bytes per used\n"
-      " parameter at the triad bandwidth; bound = the ratio if the word step took only that floor)\n");
+      " parameter at the AdamW-pattern stream bandwidth; bound = the ratio if the word step took only that floor)\n");
 }
 
 // ------------------------------------------------------------ 6. small-dimension matmul kernels vs sgemm
@@ -361,6 +378,7 @@ int main(int argc, char** argv) {
     else if (a == "--wd-vocab") wd.vocab = v;
     else if (a == "--wd-reps") wd.reps = v;
     else if (a == "--wd-mem-gib") wd.mem_gib = std::atof(argv[i + 1]);
+    else if (a == "--wd-cpu-clock") wd.clock = v ? cpu_s : now_s;
     else if (a == "--wd-experts") wd.experts = parse_list(argv[i + 1]);
     else if (a == "--wd-d_expert") wd.d_expert = parse_list(argv[i + 1]);
   }

@@ -40,6 +40,10 @@ class CpuBackend final : public Backend {
                        int IC, int OC) override {
     cpu::linear_backward(dinp, dw, dbias, dout, inp, w, N, IC, OC);
   }
+  void matmul_few_rows(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b,
+                       float alpha, float beta) override {
+    cpu::matmul_few_rows(c, a, b, M, N, K, trans_a, trans_b, alpha, beta);
+  }
 
   void embedding_forward(float* out, const int32_t* ids, const float* wte, int N, int C) override {
     cpu::embedding_forward(out, ids, wte, N, C);

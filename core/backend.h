@@ -42,6 +42,14 @@ class Backend {
   // dbias[OC] += sum over rows of dout (skipped if null)
   virtual void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp,
                                const float* w, int N, int IC, int OC) = 0;
+  // matmul for the grouped FFN's groups of a row-sparse table (a word expert's few rows against its weights): the
+  // same product, which a backend may sum in another order where that is faster (the CPU one streams the weights
+  // when a dimension is small: core/kernels/cpu/small_matmul.cpp). Every other caller uses matmul, whose results stay
+  // bit for bit what they were (tests/integration/demo_losses.sh). Default: matmul.
+  virtual void matmul_few_rows(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a,
+                               bool trans_b, float alpha = 1.0f, float beta = 0.0f) {
+    matmul(c, a, b, M, N, K, trans_a, trans_b, alpha, beta);
+  }
 
   // ---------------------------------------------------------------- embedding
   // out[N,C] = wte[ids[n], :]; ids[N] in [0, V), wte[V,C]

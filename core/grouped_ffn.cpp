@@ -105,11 +105,17 @@ void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const i
   float* act = aout_.get(rows * F);                        // [rows,F]
   const float *wg = ptr(w_.w_gate), *wu = ptr(w_.w_up), *wd = ptr(w_.w_down);
   const float *bu = ptr(w_.b_up), *bd = ptr(w_.b_down);
-  // slot s of a weight: its packed matrix (the inference path) or its row-major one
+  // slot s of a weight: its packed matrix (the inference path) or its row-major one (a row-sparse table's
+  // bias-free slots through matmul_few_rows: see matmul_of)
   auto linear = [&](float* out, const float* in, const PackedWeight& pw, const float* w, int64_t s, const float* b,
                     int n, int ic, int oc) {
-    if (batch_invariant) be_.linear_rows(out, in, pw.slot(s), b, n, ic, oc);
-    else be_.linear_forward(out, in, w + s * int64_t(ic) * oc, b, n, ic, oc);
+    const float* ws = w + s * int64_t(ic) * oc;
+    if (batch_invariant)
+      be_.linear_rows(out, in, pw.slot(s), b, n, ic, oc);
+    else if (sparse() && !b)
+      be_.matmul_few_rows(out, in, ws, n, oc, ic, false, true);
+    else
+      be_.linear_forward(out, in, ws, b, n, ic, oc);
   };
   for_each_group([&](int g, int q) {
     const int64_t r0 = offsets_[g], s = slots_[g];
@@ -145,6 +151,7 @@ void GroupedFfn::backward_data(float* dx, const float* dy) {
   float* dup = dup_.get(rows * F);                         // [rows,F]
   float* dgate = swiglu ? dgate_.get(rows * F) : nullptr;  // [rows,F]
   const float *wg = ptr(w_.w_gate), *wu = ptr(w_.w_up), *wd = ptr(w_.w_down);
+  const auto mm = matmul_of();
   for_each_group([&](int g, int q) {
     const int64_t r0 = offsets_[g], s = slots_[g];
     const int n = static_cast<int>(offsets_[g + 1] - r0);
@@ -153,18 +160,18 @@ void GroupedFfn::backward_data(float* dx, const float* dy) {
     float* dug = dup + r0 * F;   // [n,F]
     float* dxg = dx + r0 * C;    // [n,C]
     if (qs >= 0) prefetch_read(wd + qs, FC);
-    be_.matmul(dag, dy + r0 * C, wd + s * FC, n, F, C, false, false);  // dact = dy Wd
+    (be_.*mm)(dag, dy + r0 * C, wd + s * FC, n, F, C, false, false, 1.0f, 0.0f);  // dact = dy Wd
     if (swiglu) {
       float* dgg = dgate + r0 * F;  // [n,F]
       be_.swiglu_backward(dgg, dug, dag, gate_.data() + r0 * F, up_.data() + r0 * F, int64_t(n) * F);
       if (qs >= 0) prefetch_read(wg + qs, FC);
-      be_.matmul(dxg, dgg, wg + s * FC, n, C, F, false, false);  // dx = dgate Wg
+      (be_.*mm)(dxg, dgg, wg + s * FC, n, C, F, false, false, 1.0f, 0.0f);  // dx = dgate Wg
       if (qs >= 0) prefetch_read(wu + qs, FC);
-      be_.matmul(dxg, dug, wu + s * FC, n, C, F, false, false, 1.0f, 1.0f);  // dx += dup Wu
+      (be_.*mm)(dxg, dug, wu + s * FC, n, C, F, false, false, 1.0f, 1.0f);  // dx += dup Wu
     } else {
       be_.gelu_backward(dug, dag, up_.data() + r0 * F, int64_t(n) * F);
       if (qs >= 0) prefetch_read(wu + qs, FC);
-      be_.matmul(dxg, dug, wu + s * FC, n, C, F, false, false);  // dx = dup Wu
+      (be_.*mm)(dxg, dug, wu + s * FC, n, C, F, false, false, 1.0f, 0.0f);  // dx = dup Wu
     }
   });
 }
@@ -179,6 +186,14 @@ void GroupedFfn::backward_weights() {
   float *dwg = trained_grad(w_.w_gate), *dwu = trained_grad(w_.w_up), *dwd = trained_grad(w_.w_down);
   float *dbu = trained_grad(w_.b_up), *dbd = trained_grad(w_.b_down);
   if (!dwg && !dwu && !dwd && !dbu && !dbd) return;
+  // dw[OC,IC] += dout[n,OC]^T inp[n,IC] (+ db[OC] += column sums of dout): a row-sparse table's bias-free slots go
+  // through matmul_few_rows (see matmul_of)
+  auto dweight = [&](float* dw, float* db, const float* dout, const float* inp, int n, int IC, int OC) {
+    if (sparse() && !db)
+      be_.matmul_few_rows(dw, dout, inp, OC, IC, n, true, false, 1.0f, 1.0f);
+    else
+      be_.linear_backward(nullptr, dw, db, dout, inp, nullptr, n, IC, OC);
+  };
   for_each_group([&](int g, int q) {
     const int64_t r0 = offsets_[g], s = slots_[g];
     const int n = static_cast<int>(offsets_[g + 1] - r0);
@@ -186,16 +201,15 @@ void GroupedFfn::backward_weights() {
     const float* xg = x_ + r0 * C;  // [n,C]
     if (dwd || dbd) {
       if (qs >= 0 && dwd) prefetch_write(dwd + qs, FC);
-      be_.linear_backward(nullptr, at(dwd, s, FC), at(dbd, s, C), dy_ + r0 * C, aout_.data() + r0 * F, nullptr, n, F,
-                           C);
+      dweight(at(dwd, s, FC), at(dbd, s, C), dy_ + r0 * C, aout_.data() + r0 * F, n, F, C);
     }
     if (swiglu && dwg) {
       if (qs >= 0) prefetch_write(dwg + qs, FC);
-      be_.linear_backward(nullptr, dwg + s * FC, nullptr, dgate_.data() + r0 * F, xg, nullptr, n, C, F);
+      dweight(dwg + s * FC, nullptr, dgate_.data() + r0 * F, xg, n, C, F);
     }
     if (dwu || dbu) {
       if (qs >= 0 && dwu) prefetch_write(dwu + qs, FC);
-      be_.linear_backward(nullptr, at(dwu, s, FC), at(dbu, s, F), dup_.data() + r0 * F, xg, nullptr, n, C, F);
+      dweight(at(dwu, s, FC), at(dbu, s, F), dup_.data() + r0 * F, xg, n, C, F);
     }
   });
   if (!sparse()) return;

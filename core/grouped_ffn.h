@@ -70,6 +70,10 @@ class GroupedFfn {
   template <class Fn>
   void for_each_group(const Fn& fn);  // fn(group index, prefetch-ahead group or -1), largest groups first
   bool sparse() const { return w_.w_up->row_sparse; }
+  // The matmul of the groups: a row-sparse table's (a word expert's few rows) may sum in another order where that is
+  // faster (Backend::matmul_few_rows); the dense FFN's and the expert bank's stay bit for bit sgemm's.
+  using Matmul = void (Backend::*)(float*, const float*, const float*, int, int, int, bool, bool, float, float);
+  Matmul matmul_of() const { return sparse() ? &Backend::matmul_few_rows : &Backend::matmul; }
   Backend& be_;
   int C_, F_;
   proto::Activation act_;

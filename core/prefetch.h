@@ -23,15 +23,15 @@ constexpr int64_t kPrefetchRowMax = 65536;
 // with kWrite) the matching lines of the next row to visit, at offset `next` from x (0: none), block by block as it
 // goes: spread over the row, the prefetches keep the memory system busy without flooding it. (A whole 48 KiB row
 // prefetched at once made a pass over such rows slower than none; spread, it is ~1.3x faster than none for
-// 12 KiB rows: measured on the build machine.)
+// 12 KiB rows: measured on the build machine.) Without a next row, or for a long row, fn gets the whole row at
+// once (zeroing a 384 KiB row in one memset is faster than in 4 KiB pieces).
 template <bool kWrite, class T, class Fn>
 void walk_row(T* x, int64_t n, int64_t next, const Fn& fn) {
   constexpr int64_t kBlock = 1024;
-  if (n > kPrefetchRowMax) next = 0;
+  if (next == 0 || n > kPrefetchRowMax) return fn(x, n);  // nothing to prefetch: one call for the whole row
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const int64_t len = n - j0 < kBlock ? n - j0 : kBlock;
-    if (next)
-      for (int64_t j = j0; j < j0 + len; j += 16) __builtin_prefetch(x + next + j, kWrite ? 1 : 0);
+    for (int64_t j = j0; j < j0 + len; j += 16) __builtin_prefetch(x + next + j, kWrite ? 1 : 0);
     fn(x + j0, len);
   }
 }

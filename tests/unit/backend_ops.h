@@ -101,6 +101,12 @@ inline Outputs run_matmul(Backend& be, const MatmulCase& c) {
   be.matmul(out, d.put(c.a), d.put(c.b), c.M, c.N, c.K, c.ta, c.tb, c.alpha, c.beta);
   return {{"c", d.get(out, int64_t(c.M) * c.N)}};
 }
+inline Outputs run_matmul_few_rows(Backend& be, const MatmulCase& c) {
+  DeviceArena d(be);
+  float* out = d.put(c.c0);
+  be.matmul_few_rows(out, d.put(c.a), d.put(c.b), c.M, c.N, c.K, c.ta, c.tb, c.alpha, c.beta);
+  return {{"c", d.get(out, int64_t(c.M) * c.N)}};
+}
 
 // ---------------------------------------------------------------- linear forward + backward
 struct LinearCase {

@@ -79,6 +79,22 @@ TEST(BackendCpu, MatmulVsRef) {
   }
 }
 
+// matmul_few_rows: the grouped FFN's product for a word expert's few rows (the small-dimension kernels inside their
+// bounds, matmul outside), both transposes it takes and one it passes on, beta 0 and 1
+TEST(BackendCpu, MatmulFewRowsVsRef) {
+  Rng rng(5);
+  const MatmulCase cases[] = {make_matmul(rng, 3, 256, 192, false, true, 1.0f, 0.0f),
+                              make_matmul(rng, 11, 192, 256, false, false, 1.0f, 1.0f),
+                              make_matmul(rng, 256, 192, 5, true, false, 1.0f, 1.0f),
+                              make_matmul(rng, 37, 53, 29, true, true, 1.25f, 0.75f)};
+  for (const MatmulCase& c : cases) {
+    Vec want = c.c0;
+    cpu::matmul_ref(want.data(), c.a.data(), c.b.data(), c.M, c.N, c.K, c.ta, c.tb, c.alpha, c.beta);
+    SCOPED_TRACE("M=" + std::to_string(c.M) + " N=" + std::to_string(c.N) + " K=" + std::to_string(c.K));
+    expect_outputs_near(run_matmul_few_rows(host_be(), c), {{"c", want}}, kTol);
+  }
+}
+
 Outputs linear_ref(const LinearCase& c) {
   Vec out(size_t(c.N) * c.OC), dinp(size_t(c.N) * c.IC), dw = c.dw0, db = c.db0;
   cpu::linear_forward_ref(out.data(), c.inp.data(), c.w.data(), c.bias ? c.b.data() : nullptr, c.N, c.IC, c.OC);

@@ -74,6 +74,9 @@ TEST_F(CudaBackendTest, Matmul) {
     }
   }
   expect_same(make_matmul(rng_, 64, 96, 1031, false, false, 1.0f, 0.0f), run_matmul);
+  // the word experts' product (the default implementation: matmul) against the CPU one (the small kernels)
+  expect_same(make_matmul(rng_, 3, 256, 192, false, true, 1.0f, 0.0f), run_matmul_few_rows);
+  expect_same(make_matmul(rng_, 256, 192, 5, true, false, 1.0f, 1.0f), run_matmul_few_rows);
 }
 
 TEST_F(CudaBackendTest, Linear) {

@@ -190,11 +190,10 @@ TEST(KernelMatmul, VsRef) {
   }
 }
 
-
-// The small-dimension kernels against the plain reference, called directly and through matmul (which takes them
-// exactly where matmul_takes_small says): every row-block remainder (M 1..kSmallMatmul), column tails (N % 4,
-// N % 16, N % 64) and K tails (K % 16); beta 0 ignores c (NaN-filled) and beta 1 adds a product formed in full, so
-// adding the same product onto itself doubles it exactly; sizes that take the OpenMP path too.
+// The small-dimension kernels against the plain reference, called directly and through matmul_few_rows (which takes
+// them exactly where matmul_takes_small says, and is plain matmul elsewhere): every row-block remainder (M 1..16),
+// column tails (N % 4, N % 16, N % 64) and K tails (K % 16); beta 0 ignores c (NaN-filled) and beta 1 adds a product
+// formed in full, so adding the same product onto itself doubles it exactly; sizes that take the OpenMP path too.
 TEST(KernelMatmul, SmallDimensionVsRef) {
   Rng rng(3);
   const std::vector<std::pair<int, int>> NK = {{1, 1}, {3, 17}, {4, 16}, {5, 33}, {17, 15}, {67, 192}, {130, 48},
@@ -211,7 +210,7 @@ TEST(KernelMatmul, SmallDimensionVsRef) {
   int checked = 0;
   for (const Variant& v : variants) {
     int small_path = 0;  // shapes on which matmul took this kernel
-    for (int small = 1; small <= kSmallMatmul; small += (small < 6 ? 1 : 5)) {
+    for (int small = 1; small <= 16; small += (small < 6 ? 1 : 5)) {
       for (auto [big1, big2] : NK) {
         // nt / nn: M small, N = big1, K = big2; tn: K small (the rows of a weight gradient), M = big1, N = big2
         const int M = v.ta ? big1 : small, N = v.ta ? big2 : big1, K = v.ta ? small : big2;
@@ -221,12 +220,16 @@ TEST(KernelMatmul, SmallDimensionVsRef) {
         Vec ref(c0.size()), direct(c0.size(), std::numeric_limits<float>::quiet_NaN()), via(direct);
         matmul_ref(ref.data(), a.data(), b.data(), M, N, K, v.ta, v.tb, 1.0f, 0.0f);
         v.kernel(direct.data(), a.data(), b.data(), M, N, K, 0.0f);
-        matmul(via.data(), a.data(), b.data(), M, N, K, v.ta, v.tb, 1.0f, 0.0f);
+        matmul_few_rows(via.data(), a.data(), b.data(), M, N, K, v.ta, v.tb, 1.0f, 0.0f);
+        Vec blas(c0.size());
+        matmul(blas.data(), a.data(), b.data(), M, N, K, v.ta, v.tb, 1.0f, 0.0f);
         EXPECT_REL(direct, ref, kTol);
         EXPECT_REL(via, ref, kTol);
         if (matmul_takes_small(M, N, K, v.ta, v.tb, 1.0f, 0.0f)) {
-          EXPECT_EQ(via, direct) << "matmul did not take the small kernel";
+          EXPECT_EQ(via, direct) << "matmul_few_rows did not take the small kernel";
           ++small_path;
+        } else {
+          EXPECT_EQ(via, blas) << "matmul_few_rows outside the small bounds is matmul";
         }
         Vec acc = c0, acc_ref = c0;
         v.kernel(acc.data(), a.data(), b.data(), M, N, K, 1.0f);

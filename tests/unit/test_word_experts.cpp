@@ -4,6 +4,9 @@
 //                                    touched rows = experts of non-empty groups; backward accumulates (+=);
 //   WordExperts.AdamWTouchesOnlyUsedRows  a 65,536-expert table trained with AdamW: unused rows bit-identical with
 //                                    zero moments and step counts, used rows moved, loss decreases;
+//   WordExperts.FewRowKernelsMatchDenseSlots  a row-sparse table at shapes that take the small-dimension kernels
+//                                    (Backend::matmul_few_rows) against the same slots as dense params (sgemm):
+//                                    y, dx and gradients within float reassociation;
 //   WordExperts.FrozenTable          a frozen table (Param::frozen) trained with AdamW, weight decay and clipping
 //                                    for several steps: values bit-for-bit unchanged, no gradient, no touched rows,
 //                                    no moments, while a bias beside it moves; dx bit-for-bit the unfrozen table's;
@@ -25,6 +28,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/grouped_ffn.h"
 #include "core/kernels/cpu/kernels.h"
 #include "core/optimizer.h"
 #include "core/params.h"
@@ -288,6 +292,55 @@ TEST(WordExperts, AdamWTouchesOnlyUsedRows) {
     ++pi;
   }
   EXPECT_EQ(n_used, 7);  // 0 65535 12345 40000 777 31000 9 (4242 was only ever in an empty group)
+}
+
+// ------------------------------------------------------------------ the small-dimension kernels in the table
+TEST(WordExperts, FewRowKernelsMatchDenseSlots) {
+  const int64_t S = 12;
+  const int C = 64, F = 96;  // >= 64: groups of 1-6 rows take every small kernel, 9-40 rows some, 70 none
+  const I64 slots{4, 0, 11, 7, 2, 9, 5};
+  const I64 sizes{1, 3, 6, 9, 17, 40, 70};
+  const I64 offsets = offsets_of(sizes);
+  const int64_t rows = offsets.back(), G = int64_t(slots.size());
+  struct Setup {
+    ParamStore ps;
+    Workspace ws{cpu_backend()};
+    FfnWeights w;
+    std::unique_ptr<GroupedFfn> ffn;
+  };
+  Setup sparse, dense;
+  for (Setup* st : {&sparse, &dense}) {
+    const bool rs = st == &sparse;
+    auto add = [&](const char* name, const Shape& shape) {
+      return rs ? st->ps.add_expert(name, shape, true, Init::kNormal, 0, /*row_sparse=*/true)
+                : st->ps.add(name, shape, true);
+    };
+    st->w = {add("w_gate", {S, F, C}), add("w_up", {S, F, C}), nullptr, add("w_down", {S, C, F}), nullptr};
+    Rng rng(77);
+    fill_weights(st->ps, rng, 0.2f, 0.2f);
+    st->ffn = std::make_unique<GroupedFfn>(st->ws, C, F, proto::SWIGLU, st->w);
+  }
+  Rng rng(78);
+  const Vec x = randn(rng, rows * C), dy = randn(rng, rows * C);
+  Vec y[2], dx[2];
+  int i = 0;
+  for (Setup* st : {&sparse, &dense}) {
+    y[i].assign(rows * C, kSentinel);
+    dx[i].assign(rows * C, kSentinel);
+    st->ffn->forward(y[i].data(), x.data(), slots.data(), offsets.data(), G);
+    st->ffn->backward(dx[i].data(), dy.data());
+    ++i;
+  }
+  EXPECT_LT(max_rel_err(y[0], y[1]), kTol);
+  EXPECT_LT(max_rel_err(dx[0], dx[1]), kTol);
+  for (auto [a, b] : {std::pair{sparse.w.w_gate, dense.w.w_gate}, {sparse.w.w_up, dense.w.w_up},
+                      {sparse.w.w_down, dense.w.w_down}}) {
+    const Vec ga(a->grad.f32(), a->grad.f32() + a->grad.numel()), gb(b->grad.f32(), b->grad.f32() + b->grad.numel());
+    EXPECT_LT(max_rel_err(ga, gb), kTol) << a->name;
+    EXPECT_EQ(a->touched.size(), slots.size()) << a->name;
+  }
+  // the small kernels did run: the row-sparse results are not bit for bit sgemm's
+  EXPECT_NE(y[0], y[1]);
 }
 
 // ------------------------------------------------------------------ frozen tables

@@ -18,17 +18,26 @@ void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool 
             float alpha = 1.0f, float beta = 0.0f);
 void matmul_ref(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b,
                 float alpha = 1.0f, float beta = 0.0f);
-// Products with one small dimension (small_matmul.cpp): a word expert's few rows against its weights, streamed
-// once in their layout instead of packed. beta 0: c written (never read); beta 1: c += the product (formed in full
-// first). matmul takes them where they beat sgemm (measured by bench_moe section 6): alpha 1, beta 0 or 1, and
-//   c = a b^T   M <= kSmallMatmulNt rows, K >= kSmallMatmulMinK      (forward of a linear layer)
-//   c = a b     M <= kSmallMatmul rows, K >= kSmallMatmulMinK        (input gradient)
-//   c = a^T b   K <= kSmallMatmul rows, N >= kSmallMatmulMinK        (weight gradient)
-constexpr int kSmallMatmul = 16, kSmallMatmulNt = 6, kSmallMatmulMinK = 64;
+// matmul for a word expert's few rows against its weights (Backend::matmul_few_rows): the small-dimension kernels
+// of small_matmul.cpp, which stream the weights once in their layout instead of packing them, where they beat sgemm
+// (bench_moe section 6 on the build machine: 1.1-1.7x there, slower than sgemm outside these bounds), else matmul.
+// They sum in another order than sgemm, so only the word-expert tables use them. matmul_takes_small: alpha 1,
+// beta 0 or 1, the other two dimensions >= kSmallMatmulMinDim, and
+//   c = a b^T   M <= kSmallMatmulNt rows     (forward of a linear layer)
+//   c = a b     M <= kSmallMatmulNn rows     (input gradient)
+//   c = a^T b   K <= kSmallMatmulTn rows     (weight gradient)
+// The kernels themselves: beta 0: c written (never read); beta 1: c += the product (formed in full first, so adding
+// the same product twice doubles c exactly, as with sgemm).
+void matmul_few_rows(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b,
+                     float alpha = 1.0f, float beta = 0.0f);
+constexpr int kSmallMatmulNt = 6, kSmallMatmulNn = 16, kSmallMatmulTn = 8, kSmallMatmulMinDim = 64;
 bool matmul_takes_small(int M, int N, int K, bool trans_a, bool trans_b, float alpha, float beta);
-void matmul_nt_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);  // c[M,N] = a[M,K] b[N,K]^T
-void matmul_nn_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);  // c[M,N] = a[M,K] b[K,N]
-void matmul_tn_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);  // c[M,N] = a[K,M]^T b[K,N]
+// c[M,N] = a[M,K] b[N,K]^T
+void matmul_nt_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);
+// c[M,N] = a[M,K] b[K,N]
+void matmul_nn_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);
+// c[M,N] = a[K,M]^T b[K,N]
+void matmul_tn_small(float* c, const float* a, const float* b, int M, int N, int K, float beta);
 
 // ---------------------------------------------------------------- linear layer: y = x W^T + b
 // out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC] (bias may be null)

@@ -1,5 +1,5 @@
-// Dense matrix products through OpenBLAS sgemm (or the small-dimension kernels of small_matmul.cpp): matmul, and
-// the linear layer (y = x W^T + b) forward/backward.
+// Dense matrix products through OpenBLAS sgemm: matmul, and the linear layer (y = x W^T + b) forward/backward;
+// matmul_few_rows (the small-dimension kernels of small_matmul.cpp where they are faster, else matmul).
 #include <cblas.h>
 
 #include <algorithm>
@@ -16,9 +16,22 @@ constexpr int64_t kParMin = 16384;  // below this many elements a loop stays on 
 }
 
 bool matmul_takes_small(int M, int N, int K, bool trans_a, bool trans_b, float alpha, float beta) {
-  if (alpha != 1.0f || (beta != 0.0f && beta != 1.0f)) return false;
-  if (trans_a) return !trans_b && K <= kSmallMatmul && N >= kSmallMatmulMinK;
-  return K >= kSmallMatmulMinK && M <= (trans_b ? kSmallMatmulNt : kSmallMatmul);
+  if (alpha != 1.0f || (beta != 0.0f && beta != 1.0f) || N < kSmallMatmulMinDim) return false;
+  if (trans_a) return !trans_b && K <= kSmallMatmulTn && M >= kSmallMatmulMinDim;
+  return K >= kSmallMatmulMinDim && M <= (trans_b ? kSmallMatmulNt : kSmallMatmulNn);
+}
+
+// matmul, or the small-dimension kernels where matmul_takes_small says
+void matmul_few_rows(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b,
+                     float alpha, float beta) {
+  if (!matmul_takes_small(M, N, K, trans_a, trans_b, alpha, beta) || M == 0)
+    return matmul(c, a, b, M, N, K, trans_a, trans_b, alpha, beta);
+  if (trans_a)
+    matmul_tn_small(c, a, b, M, N, K, beta);
+  else if (trans_b)
+    matmul_nt_small(c, a, b, M, N, K, beta);
+  else
+    matmul_nn_small(c, a, b, M, N, K, beta);
 }
 
 // c[M,N] = alpha * op(a)[M,K] @ op(b)[K,N] + beta * c[M,N]
@@ -26,12 +39,6 @@ void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool 
             float beta) {
   MOE_CHECK(M >= 0 && N >= 0 && K >= 0, "matmul: negative size M=" << M << " N=" << N << " K=" << K);
   if (M == 0 || N == 0) return;
-  if (matmul_takes_small(M, N, K, trans_a, trans_b, alpha, beta)) {  // a small dimension: no packing
-    if (trans_a) matmul_tn_small(c, a, b, M, N, K, beta);
-    else if (trans_b) matmul_nt_small(c, a, b, M, N, K, beta);
-    else matmul_nn_small(c, a, b, M, N, K, beta);
-    return;
-  }
   const int lda = std::max(1, trans_a ? M : K);  // a stored [M,K] or [K,M]
   const int ldb = std::max(1, trans_b ? K : N);  // b stored [K,N] or [N,K]
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N, K,
