@@ -9,7 +9,6 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
-#include <unordered_map>
 
 #include "core/error.h"
 
@@ -139,14 +138,11 @@ Corpus load_corpus(const Tokenizer& tok, const std::string& text_file, float val
   c.val.assign(all.end() - n_val, all.end());
   // cross-entropy of the validation tokens under the training unigram distribution (add-one smoothing):
   // the loss of the best model that ignores context.
-  std::unordered_map<int32_t, int64_t> counts;
-  for (int32_t t : c.train) ++counts[t];
+  c.train_counts.assign(tok.vocab_size(), 0);
+  for (int32_t t : c.train) ++c.train_counts[t];
   const double denom = static_cast<double>(c.train.size()) + tok.vocab_size();
   double h = 0;
-  for (int32_t t : c.val) {
-    auto it = counts.find(t);
-    h -= std::log((it == counts.end() ? 1.0 : it->second + 1.0) / denom);
-  }
+  for (int32_t t : c.val) h -= std::log((c.train_counts[t] + 1.0) / denom);
   c.unigram_entropy = h / static_cast<double>(c.val.size());
   return c;
 }

@@ -52,6 +52,7 @@ std::vector<int32_t> word_classes(const Tokenizer& tok);
 // The corpus as token ids, split into a training head and a validation tail.
 struct Corpus {
   std::vector<int32_t> train, val;
+  std::vector<int64_t> train_counts;  // [V] occurrences of each token id in the training split
   double unigram_entropy = 0;  // nats per token of the training tokens' unigram distribution, evaluated on val
 };
 Corpus load_corpus(const Tokenizer& tok, const std::string& text_file, float val_fraction);

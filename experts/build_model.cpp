@@ -39,8 +39,10 @@ FfnFactory ffn_factory(const ModelInputs& in, uint64_t seed) {
         return std::make_unique<MoeFfn>(ps, ws, prefix, cfg, in.ep, seed ^ hash_name(prefix));
       case proto::FFN_WORD_EXPERT: {
         if (!shared) shared = word_expert_shared(in, cfg);
-        const std::vector<int64_t>* counts = shared->vocab ? &shared->vocab->id_counts() : in.token_counts;
-        if (cfg.word_experts().routing_vocab_size() > 0 && !shared->vocab) counts = nullptr;  // from a checkpoint
+        // the routes' corpus counts: the routing vocabulary's ids (none when it comes from a checkpoint), or token ids
+        const std::vector<int64_t>* counts = cfg.word_experts().routing_vocab_size() == 0 ? in.token_counts
+                                             : shared->vocab                            ? &shared->vocab->id_counts()
+                                                                                        : nullptr;
         return std::make_unique<WordExpertFfn>(ps, ws, prefix, cfg, in.ep, counts, shared);
       }
       default:

@@ -22,9 +22,9 @@ struct Bucket {
 };
 
 // rank[v]: 1 + the number of tokens more frequent than v in the training split (ties: lower id first)
-std::vector<int64_t> frequency_ranks(const std::vector<int32_t>& train, int V) {
-  std::vector<int64_t> count(V, 0), rank(V);
-  for (int32_t t : train) ++count[t];
+std::vector<int64_t> frequency_ranks(const std::vector<int64_t>& count /*[V]*/) {
+  const int V = static_cast<int>(count.size());
+  std::vector<int64_t> rank(V);
   std::vector<int32_t> ids(V);
   std::iota(ids.begin(), ids.end(), 0);
   std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return count[a] > count[b]; });
@@ -35,7 +35,7 @@ std::vector<int64_t> frequency_ranks(const std::vector<int32_t>& train, int V) {
 // The whole validation split in windows of seq_len (batches of batch_size), each target token's loss into its bucket.
 double bucketed_loss(Model& model, const Corpus& corpus, const Config& cfg, std::vector<Bucket>& buckets) {
   const int T = cfg.data().seq_len(), B = std::max(1, cfg.data().batch_size());
-  const std::vector<int64_t> rank = frequency_ranks(corpus.train, model.config().vocab_size());
+  const std::vector<int64_t> rank = frequency_ranks(corpus.train_counts);
   const int64_t windows = (static_cast<int64_t>(corpus.val.size()) - 1) / T;
   MOE_CHECK(windows > 0,
             "eval: the validation split has " << corpus.val.size() << " tokens, fewer than data.seq_len + 1");
