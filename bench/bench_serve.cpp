@@ -134,7 +134,7 @@ void engine_steps(const std::string& ckpt, int threads, const std::vector<double
       for (int j = 0; j < per; ++j) blocks[b].push_back(b * per + j);
     moe::InferBatch batch;
     const std::vector<int32_t> prompt(ctx, 5);
-    for (int b = 0; b < B; ++b) batch.add(prompt.data(), ctx, 0, blocks[b], bs, true);
+    for (int b = 0; b < B; ++b) batch.add(moe::SeqChunk::of(prompt.data(), 0, ctx, true), blocks[b], bs);
     m.forward_infer(batch, cache);
     const int32_t tok = 7;
     double cpu = 0;  // CPU seconds of this process per step (every thread): on a shared machine, the work done
@@ -144,7 +144,7 @@ void engine_steps(const std::string& ckpt, int threads, const std::vector<double
       for (int i = 0; i < iters; ++i) {
         batch.clear();
         const int nb = std::min(ctx, moe::kTokenContext);
-        for (int b = 0; b < B; ++b) batch.add(&tok, 1, ctx, blocks[b], bs, true, prompt.data() + ctx - nb, nb);
+        for (int b = 0; b < B; ++b) batch.add({&tok, 1, ctx, prompt.data() + ctx - nb, nb, true, {}}, blocks[b], bs);
         m.forward_infer(batch, cache);
       }
       cpu = (cpu_seconds() - c0) / iters;

@@ -85,9 +85,8 @@ struct OneSeq {
   std::vector<float> run(const int32_t* toks, int n, int pos0, const moe::SparqKnobs& sq) {
     hist.resize(pos0);
     hist.insert(hist.end(), toks, toks + n);
-    const int nb = std::min(pos0, moe::kTokenContext);
     moe::InferBatch b;
-    b.add(toks, n, pos0, table(0), kBlock, false, hist.data() + pos0 - nb, nb, sq);
+    b.add(moe::SeqChunk::of(hist.data(), pos0, n, false, sq), table(0), kBlock);
     for (int i = 0; i < n; ++i) b.logit_rows.push_back(i);
     const float* lg = m.forward_infer(b, cache);
     const int V = m.config().vocab_size();
@@ -201,7 +200,7 @@ struct DecodeBench {
     for (int b = 0; b < B; ++b) {
       moe::InferBatch batch;
       prompts.push_back(val.data() + int64_t(b) * 997 % (val.size() - ctx));
-      batch.add(prompts.back(), ctx, 0, seqs.table(b), OneSeq::kBlock, true);
+      batch.add(moe::SeqChunk::of(prompts.back(), 0, ctx, true), seqs.table(b), OneSeq::kBlock);
       m.forward_infer(batch, seqs.cache);
     }
   }
@@ -213,7 +212,7 @@ struct DecodeBench {
       batch.clear();
       const int nb = std::min(ctx, moe::kTokenContext);
       for (int b = 0; b < B; ++b)
-        batch.add(&tok, 1, ctx, seqs.table(b), OneSeq::kBlock, true, prompts[b] + ctx - nb, nb, {s.r, s.k, 0});
+        batch.add({&tok, 1, ctx, prompts[b] + ctx - nb, nb, true, {s.r, s.k, 0}}, seqs.table(b), OneSeq::kBlock);
       m.forward_infer(batch, seqs.cache);
     }
     return (cpu_now() - t0) / iters;

@@ -189,8 +189,14 @@ void InferBatch::clear() {
   sparq.clear();
 }
 
-void InferBatch::add(const int32_t* toks, int n, int pos0, const std::vector<int32_t>& blocks, int block_size,
-                     bool want_logits, const int32_t* before, int n_before, const SparqKnobs& sq) {
+SeqChunk SeqChunk::of(const int32_t* seq, int pos0, int n, bool want_logits, const SparqKnobs& sparq) {
+  const int nb = std::min(pos0, kTokenContext);
+  return {seq + pos0, n, pos0, seq + pos0 - nb, nb, want_logits, sparq};
+}
+
+void InferBatch::add(const SeqChunk& c, const std::vector<int32_t>& blocks, int block_size) {
+  const int n = c.n, pos0 = c.pos0, n_before = c.n_before;
+  const int32_t *toks = c.tokens, *before = c.before;
   MOE_CHECK(n > 0 && pos0 >= 0, "inference batch: a sequence chunk needs tokens (" << n << " at position " << pos0
                                                                                      << ")");
   MOE_CHECK(n_before == std::min(pos0, kTokenContext) && (n_before == 0 || before),
@@ -211,11 +217,11 @@ void InferBatch::add(const int32_t* toks, int n, int pos0, const std::vector<int
       const int back = i - 1 - j;
       context.push_back(back >= 0 ? toks[back] : -back <= n_before ? before[n_before + back] : -1);
     }
-    const bool on = sq.r > 0 && sq.k > 0 && p >= sq.from;
-    sparq.push_back(on ? sq.r : 0);
-    sparq.push_back(on ? sq.k : 0);
+    const bool on = c.sparq.r > 0 && c.sparq.k > 0 && p >= c.sparq.from;
+    sparq.push_back(on ? c.sparq.r : 0);
+    sparq.push_back(on ? c.sparq.k : 0);
   }
-  if (want_logits) logit_rows.push_back(rows() - 1);
+  if (c.want_logits) logit_rows.push_back(rows() - 1);
 }
 
 void Model::prepare_inference() {

@@ -51,6 +51,21 @@ struct SparqKnobs {
   int from = 0;
 };
 
+// One sequence's chunk of an inference batch: n tokens at positions pos0.., and before[n_before], the sequence's
+// tokens just before pos0 in order (the last min(pos0, kTokenContext) of them: exactly that many are required).
+// want_logits: the logits of its last row; sparq: the SparQ attention of its rows (none by default).
+struct SeqChunk {
+  const int32_t* tokens = nullptr;
+  int n = 0;
+  int pos0 = 0;
+  const int32_t* before = nullptr;
+  int n_before = 0;
+  bool want_logits = false;
+  SparqKnobs sparq = {};
+  // Positions [pos0, pos0 + n) of a sequence whose tokens up to there are all in `seq` (the context from there).
+  static SeqChunk of(const int32_t* seq, int pos0, int n, bool want_logits, const SparqKnobs& sparq = {});
+};
+
 // A ragged batch of the inference path: rows are the tokens of several sequences (a prefill chunk, or the one
 // new token of a decoding sequence), each at its own position, with its keys and values going into a paged KV
 // cache (core/kv_cache.h). Host arrays; the model copies what its device needs.
@@ -65,12 +80,8 @@ struct InferBatch {
   std::vector<int32_t> sparq;        // [N, 2] each row's SparQ (r, k); (0, 0): full attention
   int rows() const { return static_cast<int>(tokens.size()); }
   void clear();
-  // Appends `n` tokens of one sequence at positions pos0.. with the sequence's block table (block ids by position);
-  // want_logits: the logits of its last row. before[n_before]: the sequence's tokens just before pos0, in order
-  // (the last min(pos0, kTokenContext) of them: exactly that many are required); sparq: the SparQ attention of its
-  // rows (none by default).
-  void add(const int32_t* tokens, int n, int pos0, const std::vector<int32_t>& blocks, int block_size,
-           bool want_logits, const int32_t* before = nullptr, int n_before = 0, const SparqKnobs& sparq = {});
+  // Appends one sequence's chunk with the sequence's block table (block ids by position).
+  void add(const SeqChunk& chunk, const std::vector<int32_t>& blocks, int block_size);
 };
 
 class Model {

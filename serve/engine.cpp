@@ -398,8 +398,9 @@ std::vector<float> Engine::execute(const proto::StepPlan& plan) {
     if (c.sample()) ++recv_counts[c.rank()];
     if (c.rank() != me) continue;
     blocks.assign(c.blocks().begin(), c.blocks().end());
-    batch_.add(c.tokens().data(), c.tokens_size(), c.pos0(), blocks, bs, c.sample(), c.before().data(),
-               c.before_size(), SparqKnobs{c.sparq().r(), c.sparq().k(), c.sparq().from()});
+    const SparqKnobs sparq{c.sparq().r(), c.sparq().k(), c.sparq().from()};
+    batch_.add({c.tokens().data(), c.tokens_size(), c.pos0(), c.before().data(), c.before_size(), c.sample(), sparq},
+               blocks, bs);
     if (c.sample()) sampled.push_back(&c);
   }
   const float* logits = model_->forward_infer(batch_, *cache_);  // every rank: the MoE layers exchange tokens

@@ -147,28 +147,6 @@ TEST(ModelGradCheck, FiniteDifferences) {
 // The inference path (Model::forward_infer over a paged KV cache) reproduces the logits of the full causal
 // forward, for MHA, GQA and MQA; and its logits are the same bit for bit whether the sequence is fed in one chunk
 // or token by token, with blocks of 4 positions or one contiguous block of max_seq_len (the contiguous cache).
-std::vector<float> infer_logits(Model& model, const std::vector<int32_t>& toks, int block_size, int chunk) {
-  const proto::ModelConfig& cfg = model.config();
-  const int T = static_cast<int>(toks.size()), V = cfg.vocab_size();
-  const int nblk = (cfg.max_seq_len() + block_size - 1) / block_size;
-  model.prepare_inference();
-  KvCache cache(model.workspace().backend(), model.kv_dims(nblk + 2, block_size));
-  std::vector<int32_t> blocks;  // the sequence's blocks: the pool's last ones, backwards
-  for (int b = 0; b < nblk; ++b) blocks.push_back(nblk + 1 - b);
-  std::vector<float> out;
-  InferBatch batch;
-  for (int t0 = 0; t0 < T; t0 += chunk) {
-    const int n = std::min(chunk, T - t0);
-    batch.clear();
-    const int nb = std::min(t0, kTokenContext);
-    batch.add(toks.data() + t0, n, t0, blocks, block_size, false, toks.data() + t0 - nb, nb);
-    for (int i = 0; i < n; ++i) batch.logit_rows.push_back(i);  // every row's logits
-    const float* lg = model.forward_infer(batch, cache);
-    out.insert(out.end(), lg, lg + int64_t(n) * V);
-  }
-  return out;
-}
-
 TEST(ModelInfer, PagedCacheMatchesFullForwardAndContiguousCache) {
   for (int Hkv : {4, 2, 1}) {
     proto::ModelConfig cfg = tiny_config(4, Hkv, proto::SWIGLU, proto::RMSNORM, false);
@@ -180,11 +158,11 @@ TEST(ModelInfer, PagedCacheMatchesFullForwardAndContiguousCache) {
     random_tokens(rng, toks, T, cfg.vocab_size());
     model.forward(toks.data(), nullptr, 1, T, false);
     const std::vector<float> full(model.logits(), model.logits() + int64_t(T) * cfg.vocab_size());
-    const std::vector<float> paged = infer_logits(model, toks, 4, T);
+    const std::vector<float> paged = chunked_logits(model, toks, 4, T);
     EXPECT_LE(max_rel_err(paged, full), 1e-5) << "Hkv " << Hkv;
-    EXPECT_EQ(infer_logits(model, toks, cfg.max_seq_len(), T), paged) << "contiguous cache, Hkv " << Hkv;
-    EXPECT_EQ(infer_logits(model, toks, 4, 1), paged) << "token by token, Hkv " << Hkv;
-    EXPECT_EQ(infer_logits(model, toks, 2, 3), paged) << "chunks of 3, Hkv " << Hkv;
+    EXPECT_EQ(chunked_logits(model, toks, cfg.max_seq_len(), T), paged) << "contiguous cache, Hkv " << Hkv;
+    EXPECT_EQ(chunked_logits(model, toks, 4, 1), paged) << "token by token, Hkv " << Hkv;
+    EXPECT_EQ(chunked_logits(model, toks, 2, 3), paged) << "chunks of 3, Hkv " << Hkv;
     // the cache holds n_kv_heads (not n_heads) per position
     EXPECT_EQ(model.kv_dims(1, 4).slot_floats(), Hkv * (cfg.d_model() / cfg.n_heads()));
   }

@@ -198,14 +198,13 @@ TEST(RoutingVocabModel, InferencePathRoutesLikeTheTrainingForward) {
   KvCache cache(model->workspace().backend(), model->kv_dims(1, T));
   InferBatch b;
   for (int t = 0; t < T; ++t) {
-    const int nb = std::min(t, kTokenContext);
     b.clear();
-    b.add(seq.data() + t, 1, t, {0}, T, true, seq.data() + t - nb, nb);
+    b.add(SeqChunk::of(seq.data(), t, 1, true), {0}, T);
     const float* lg = model->forward_infer(b, cache);
     for (int v = 0; v < V; ++v) EXPECT_NEAR(lg[v], full[int64_t(t) * V + v], 1e-4) << "position " << t;
   }
   b.clear();
-  EXPECT_THROW(b.add(seq.data() + 9, 1, 9, {0}, T, true, seq.data() + 5, 4), Error);  // 7 tokens before are required
+  EXPECT_THROW(b.add({seq.data() + 9, 1, 9, seq.data() + 5, 4, true}, {0}, T), Error);  // 7 tokens before are required
 }
 
 // The skip_top most frequent routes bypass the layer: their rows get output 0 and reach no expert.

@@ -228,15 +228,14 @@ std::vector<int32_t> reference_greedy(Model& model, std::vector<int32_t> toks, i
   KvCache cache(model.workspace().backend(), model.kv_dims(1, T));
   InferBatch b;
   std::vector<int32_t> out;
-  b.add(toks.data(), static_cast<int>(toks.size()), 0, {0}, T, true);
+  b.add(SeqChunk::of(toks.data(), 0, static_cast<int>(toks.size()), true), {0}, T);
   for (int i = 0; i < n; ++i) {
     const float* lg = model.forward_infer(b, cache);
     const int32_t next = static_cast<int32_t>(std::max_element(lg, lg + V) - lg);
     out.push_back(next);
-    const int pos = static_cast<int>(toks.size()), nb = std::min(pos, kTokenContext);
     toks.push_back(next);
     b.clear();
-    b.add(&next, 1, pos, {0}, T, true, toks.data() + pos - nb, nb);
+    b.add(SeqChunk::of(toks.data(), static_cast<int>(toks.size()) - 1, 1, true), {0}, T);
   }
   return out;
 }

@@ -231,32 +231,6 @@ TEST(Sparq, BadKnobsAreRejected) {
 }
 
 // ================================================================== the model's inference path
-// Every row's logits of `toks` fed in chunks of `chunk` tokens with SparQ knobs `sq`, into a paged cache of blocks
-// of 4 (with or without the key columns).
-std::vector<float> sparq_logits(Model& model, const std::vector<int32_t>& toks, int chunk, const SparqKnobs& sq,
-                                bool columns) {
-  const int T = static_cast<int>(toks.size()), V = model.config().vocab_size(), bs = 4;
-  const int nblk = (model.config().max_seq_len() + bs - 1) / bs;
-  model.prepare_inference();
-  KvCacheDims dims = model.kv_dims(nblk + 2, bs);
-  dims.key_columns = columns;
-  KvCache cache(model.workspace().backend(), dims);
-  std::vector<int32_t> blocks;
-  for (int b = 0; b < nblk; ++b) blocks.push_back(nblk + 1 - b);
-  std::vector<float> out;
-  InferBatch batch;
-  for (int t0 = 0; t0 < T; t0 += chunk) {
-    const int n = std::min(chunk, T - t0);
-    batch.clear();
-    const int nb = std::min(t0, kTokenContext);
-    batch.add(toks.data() + t0, n, t0, blocks, bs, false, toks.data() + t0 - nb, nb, sq);
-    for (int i = 0; i < n; ++i) batch.logit_rows.push_back(i);
-    const float* lg = model.forward_infer(batch, cache);
-    out.insert(out.end(), lg, lg + int64_t(n) * V);
-  }
-  return out;
-}
-
 // Full coverage (k >= every context) gives full attention's logits bit for bit; with small k the logits differ,
 // only from the first SparQ position on, and are the same whether the tokens come in one chunk or one at a time
 // (a chunk's SparQ rows are decode rows), with or without the key columns.
@@ -267,22 +241,22 @@ TEST(SparqModel, KnobsChunkingAndFullCoverage) {
   Rng rng(37);
   std::vector<int32_t> toks(T);
   for (auto& t : toks) t = static_cast<int32_t>(rng.below(V));
-  const std::vector<float> full = sparq_logits(*model, toks, T, {}, false);
-  EXPECT_EQ(sparq_logits(*model, toks, T, {16, cfg.max_seq_len(), 0}, true), full);
-  EXPECT_EQ(sparq_logits(*model, toks, 1, {4, T, 0}, false), full);
+  const std::vector<float> full = chunked_logits(*model, toks, 4, T, {}, false);
+  EXPECT_EQ(chunked_logits(*model, toks, 4, T, {16, cfg.max_seq_len(), 0}, true), full);
+  EXPECT_EQ(chunked_logits(*model, toks, 4, 1, {4, T, 0}, false), full);
   const SparqKnobs sq{4, 6, from};
-  const std::vector<float> sparse = sparq_logits(*model, toks, T, sq, true);
+  const std::vector<float> sparse = chunked_logits(*model, toks, 4, T, sq, true);
   EXPECT_EQ(std::vector<float>(sparse.begin(), sparse.begin() + int64_t(from) * V),
             std::vector<float>(full.begin(), full.begin() + int64_t(from) * V))
       << "rows before `from` are full attention";
   EXPECT_GT(max_rel_err(sparse, full), 1e-4) << "SparQ with k = 6 of up to 40 positions changes the logits";
-  EXPECT_EQ(sparq_logits(*model, toks, 1, sq, true), sparse) << "token by token";
-  EXPECT_EQ(sparq_logits(*model, toks, 7, sq, false), sparse) << "chunks of 7, components gathered from the rows";
+  EXPECT_EQ(chunked_logits(*model, toks, 4, 1, sq, true), sparse) << "token by token";
+  EXPECT_EQ(chunked_logits(*model, toks, 4, 7, sq, false), sparse) << "chunks of 7, components gathered from the rows";
   KvCacheDims no_sums = model->kv_dims(20, 4);
   no_sums.value_sums = false;
   KvCache bare(model->workspace().backend(), no_sums);
   InferBatch b;
-  b.add(toks.data(), 4, 0, {0}, 4, true, nullptr, 0, {2, 2, 0});
+  b.add(SeqChunk::of(toks.data(), 0, 4, true, {2, 2, 0}), {0}, 4);
   EXPECT_THROW(model->forward_infer(b, bare), Error) << "SparQ rows need the value sums";
 }
 
@@ -315,14 +289,13 @@ std::vector<int32_t> greedy_by_hand(Model& model, const std::vector<int32_t>& pr
   model.prepare_inference();
   KvCache cache(model.workspace().backend(), model.kv_dims(1, T));
   InferBatch b;
-  b.add(prompt.data(), P, 0, {0}, T, true, nullptr, 0, {sq.r, sq.k, P});
+  b.add(SeqChunk::of(prompt.data(), 0, P, true, {sq.r, sq.k, P}), {0}, T);
   std::vector<int32_t> hist = prompt;  // prompt and generated tokens by position
   for (int i = 0; i < n; ++i) {
     const float* lg = model.forward_infer(b, cache);
     hist.push_back(static_cast<int32_t>(std::max_element(lg, lg + V) - lg));
-    const int pos = P + i, nb = std::min(pos, kTokenContext);
     b.clear();
-    b.add(&hist.back(), 1, pos, {0}, T, true, hist.data() + pos - nb, nb, {sq.r, sq.k, P});
+    b.add(SeqChunk::of(hist.data(), P + i, 1, true, {sq.r, sq.k, P}), {0}, T);
   }
   return std::vector<int32_t>(hist.begin() + P, hist.end());
 }
