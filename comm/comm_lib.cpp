@@ -1,8 +1,11 @@
-// Backend factory: the one place that knows every backend (NCCL only in CUDA builds, MOE_HAVE_NCCL).
+// Backend factory: the one place that knows every backend (NCCL only in CUDA builds, MOE_HAVE_NCCL; MPI host-staged
+// for device tensors).
 #include <mpi.h>
 
 #include "comm/communicator.h"
 #include "comm/mpi/mpi_comm.h"
+#include "comm/staged_comm.h"
+#include "core/backend.h"
 #include "core/error.h"
 #if defined(MOE_HAVE_NCCL) && MOE_HAVE_NCCL
 #include "comm/nccl/nccl_comm.h"
@@ -30,10 +33,11 @@ bool backend_available(const std::string& backend) {
   return false;
 }
 
-std::unique_ptr<Communicator> make_communicator(const std::string& backend, double deadline_s) {
+std::unique_ptr<Communicator> make_communicator(const std::string& backend, double deadline_s, Backend* tensors) {
   if (backend == "mpi") {
-    auto c = Communicator::world();
+    std::unique_ptr<Communicator> c = Communicator::world();
     c->set_deadline(deadline_s);
+    if (tensors && tensors->device() != Device::kCPU) c = std::make_unique<StagedCommunicator>(std::move(c), *tensors);
     return c;
   }
   if (backend == "nccl") {

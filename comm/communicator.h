@@ -11,6 +11,10 @@
 #include <memory>
 #include <string>
 
+namespace moe {
+class Backend;
+}
+
 namespace moe::comm {
 
 class Communicator {
@@ -60,10 +64,12 @@ class Communicator {
 
 // Backend by name over the whole MPI job: "mpi" (host buffers) or "nccl" (GPU buffers; CUDA builds only, one
 // GPU per rank, bootstrapped over MPI). deadline_s becomes the communicator's deadline (0: none); NCCL's setup
-// waits at most deadline_s, or kNcclSetupDeadline seconds when it is 0. An unknown or unavailable backend is a
-// moe::Error. Collective.
+// waits at most deadline_s, or kNcclSetupDeadline seconds when it is 0. tensors: the backend whose memory the
+// buffers are in (null or the CPU: host memory); "mpi" on device memory is host-staged (comm/staged_comm.h). An
+// unknown or unavailable backend is a moe::Error. Collective.
 inline constexpr double kNcclSetupDeadline = 300;
-std::unique_ptr<Communicator> make_communicator(const std::string& backend, double deadline_s = 0);
+std::unique_ptr<Communicator> make_communicator(const std::string& backend, double deadline_s = 0,
+                                                Backend* tensors = nullptr);
 bool backend_available(const std::string& backend);
 
 // world = data_parallel x expert_parallel. Consecutive ranks form one expert-parallel group:

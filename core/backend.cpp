@@ -146,6 +146,9 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
+void* Backend::alloc_host(size_t bytes) { return host_alloc(bytes ? bytes : 64); }
+void Backend::free_host(void* p) noexcept { std::free(p); }
+
 Backend& cpu_backend() {
   static CpuBackend be;
   return be;

@@ -30,6 +30,11 @@ class Backend {
   virtual void to_host(void* host_dst, const void* src, size_t bytes) = 0;    // host_dst[bytes] <- src; completes
   virtual void from_host(void* dst, const void* host_src, size_t bytes) = 0;  // dst[bytes] <- host_src; completes
   virtual void sync() = 0;  // waits for every op enqueued so far
+  // [bytes] of HOST memory that to_host / from_host copy to and from fastest (page-locked on CUDA: staging buffers
+  // for host collectives on device tensors, comm/staged_comm.h), 64-byte aligned; throws moe::Error. Default: the
+  // process's host allocator.
+  virtual void* alloc_host(size_t bytes);
+  virtual void free_host(void* p) noexcept;  // p from alloc_host (or null)
 
   // ---------------------------------------------------------------- matmul, linear
   // c[M,N] = alpha * op(a) @ op(b) + beta * c; op(a)[M,K] (a stored [K,M] if trans_a), op(b)[K,N] (b [N,K] if trans_b)

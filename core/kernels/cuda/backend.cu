@@ -33,6 +33,16 @@ class CudaBackend final : public Backend {
   void free(void* p) noexcept override {
     if (p) cudaFree(p);  // no throw; cudaFree waits for the work using p
   }
+  void* alloc_host(size_t bytes) override {
+    void* p = nullptr;
+    const cudaError_t e = cudaMallocHost(&p, bytes ? bytes : 256);
+    MOE_CHECK(e == cudaSuccess && p, "out of page-locked host memory allocating " << bytes << " bytes: "
+                                         << cudaGetErrorName(e) << " (" << cudaGetErrorString(e) << ")");
+    return p;
+  }
+  void free_host(void* p) noexcept override {
+    if (p) cudaFreeHost(p);
+  }
   void memset0(void* p, size_t bytes) override {
     if (bytes) MOE_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
   }
