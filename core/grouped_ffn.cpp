@@ -38,19 +38,21 @@ constexpr int64_t kPrefetchSlot = 65536;
 
 }  // namespace
 
-GroupedFfn::GroupedFfn(Workspace& ws, int C, int F, proto::Activation act, const FfnWeights& w)
+GroupedFfn::GroupedFfn(Workspace& ws, int C, int F, proto::Activation act, const FfnWeights& w,
+                       std::shared_ptr<PackedFfn> packed)
     : be_(ws.backend()), C_(C), F_(F), act_(act), w_(w), gate_(ws.buffer()), up_(ws.buffer()), aout_(ws.buffer()),
       dact_(ws.buffer()),
-      dgate_(ws.buffer()), dup_(ws.buffer()), pg_(ws), pu_(ws), pd_(ws) {
+      dgate_(ws.buffer()), dup_(ws.buffer()),
+      packed_(packed ? std::move(packed) : std::make_shared<PackedFfn>(ws)) {
   MOE_CHECK(C >= 1 && F >= 1, "grouped FFN: d_model and hidden size must be >= 1, got " << C << ", " << F);
   MOE_CHECK(act == proto::SWIGLU || act == proto::GELU, "grouped FFN: unsupported activation " << int(act));
   MOE_CHECK(w.w_up && w.w_down && (act != proto::SWIGLU || w.w_gate), "grouped FFN: missing weights");
 }
 
 void GroupedFfn::prepare_inference() {
-  if (w_.w_gate) pg_.pack(*w_.w_gate);
-  pu_.pack(*w_.w_up);
-  pd_.pack(*w_.w_down);
+  if (w_.w_gate) packed_->gate.pack(*w_.w_gate);
+  packed_->up.pack(*w_.w_up);
+  packed_->down.pack(*w_.w_down);
 }
 
 // fn(g, q): group g, and q the group whose weight rows to prefetch (row-sparse weights only; -1: none)
@@ -125,17 +127,17 @@ void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const i
     float* ag = act + r0 * F;      // [n,F]
     const int64_t qs = q >= 0 && !batch_invariant ? slots_[q] * FC : -1;  // (the packed path reads other memory)
     if (qs >= 0) prefetch_read(wu + qs, FC);
-    linear(ug, xg, pu_, wu, s, bu ? bu + s * F : nullptr, n, C, F);
+    linear(ug, xg, packed_->up, wu, s, bu ? bu + s * F : nullptr, n, C, F);
     if (qs >= 0) prefetch_read(wd + qs, FC);
     if (swiglu) {
       float* gg = gate + r0 * F;  // [n,F]
       if (qs >= 0) prefetch_read(wg + qs, FC);
-      linear(gg, xg, pg_, wg, s, nullptr, n, C, F);
+      linear(gg, xg, packed_->gate, wg, s, nullptr, n, C, F);
       be_.swiglu_forward(ag, gg, ug, int64_t(n) * F);
     } else {
       be_.gelu_forward(ag, ug, int64_t(n) * F);
     }
-    linear(y + r0 * C, ag, pd_, wd, s, bd ? bd + s * C : nullptr, n, F, C);
+    linear(y + r0 * C, ag, packed_->down, wd, s, bd ? bd + s * C : nullptr, n, F, C);
   });
 }
 

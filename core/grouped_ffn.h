@@ -16,6 +16,7 @@
 // Frozen weights (Param::frozen) get no gradient and no touched rows; dx still flows through them.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "core/packed.h"
@@ -35,10 +36,19 @@ struct FfnWeights {
   Param* b_down = nullptr;  // [S,C]   (GELU, optional)
 };
 
+// A grouped FFN's weights in the inference layout (GroupedFfn::prepare_inference). The grouped FFNs over the same
+// weights (the layers of one shared word-expert table) share one, so the table is packed into one copy.
+struct PackedFfn {
+  explicit PackedFfn(Workspace& ws) : gate(ws), up(ws), down(ws) {}
+  PackedWeight gate, up, down;
+};
+
 class GroupedFfn {
  public:
   // C: model width, F: hidden width of one slot. Activation buffers come from the workspace.
-  GroupedFfn(Workspace& ws, int C, int F, proto::Activation act, const FfnWeights& w);
+  // packed: the inference layout shared with the other grouped FFNs over `w` (null: its own).
+  GroupedFfn(Workspace& ws, int C, int F, proto::Activation act, const FfnWeights& w,
+             std::shared_ptr<PackedFfn> packed = nullptr);
 
   // y[rows,C] written from x[rows,C], rows = offsets[n_groups]. slots[n_groups]: distinct weight slots in
   // [0, S); offsets[n_groups+1]: offsets[0] = 0, non-decreasing (empty groups allowed, they do nothing). Keeps the
@@ -89,7 +99,7 @@ class GroupedFfn {
   int stage_ = 0;                 // 1: forward done, 2: backward_data done
   // [rows,F]: gate and up pre-activations, activation output; their gradients
   Workspace::Buffer &gate_, &up_, &aout_, &dact_, &dgate_, &dup_;
-  PackedWeight pg_, pu_, pd_;  // w_gate, w_up, w_down in the inference layout
+  std::shared_ptr<PackedFfn> packed_;  // w_gate, w_up, w_down in the inference layout
 };
 
 }  // namespace moe

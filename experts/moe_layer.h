@@ -86,7 +86,7 @@ struct WordExpertShared {
   static constexpr const char* kVocabPrefix = "word_routing";             // the vocabulary's checkpoint tables
   static constexpr const char* kSharedTablePrefix = "word_experts.shared";  // the shared table's parameters
   std::optional<router::RoutingVocabulary> vocab;
-  FfnWeights table;
+  SharedTable table;
 };
 
 class WordExpertFfn : public FfnUnit {

@@ -6,7 +6,7 @@
 namespace moe::experts {
 
 WordExpertTable::WordExpertTable(ParamStore& ps, Workspace& ws, const std::string& prefix, const WordExpertDims& dims,
-                                 FfnWeights* shared)
+                                 SharedTable* shared)
     : d_(dims) {
   MOE_CHECK(dims.num_local_experts > 0,
             "word experts '" << prefix << "': num_local_experts must be positive, got " << dims.num_local_experts);
@@ -16,8 +16,8 @@ WordExpertTable::WordExpertTable(ParamStore& ps, Workspace& ws, const std::strin
   MOE_CHECK(dims.activation == proto::SWIGLU || dims.activation == proto::GELU,
             "word experts '" << prefix << "': unsupported activation " << int(dims.activation));
   const int64_t E = dims.num_local_experts, C = dims.d_model, F = dims.d_expert, g0 = dims.first_expert;
-  if (shared && shared->w_up) {
-    w_ = *shared;
+  if (shared && shared->weights.w_up) {
+    w_ = shared->weights;
     MOE_CHECK(w_.w_up->value.shape() == Shape({E, F, C}) && (w_.w_gate != nullptr) == (dims.activation == proto::SWIGLU),
               "word experts '" << prefix << "': the shared table " << w_.w_up->name << " has another shape");
   } else {
@@ -27,9 +27,11 @@ WordExpertTable::WordExpertTable(ParamStore& ps, Workspace& ws, const std::strin
     if (dims.activation == proto::SWIGLU) w_.w_gate = add(".w_gate", {E, F, C}, Init::kNormal);
     w_.w_up = add(".w_up", {E, F, C}, Init::kNormal);
     w_.w_down = add(".w_down", {E, C, F}, Init::kNormalOut);
-    if (shared) *shared = w_;
+    if (shared) shared->weights = w_;
   }
-  ffn_ = std::make_unique<GroupedFfn>(ws, dims.d_model, dims.d_expert, dims.activation, w_);
+  if (shared && !shared->packed) shared->packed = std::make_shared<PackedFfn>(ws);
+  ffn_ = std::make_unique<GroupedFfn>(ws, dims.d_model, dims.d_expert, dims.activation, w_,
+                                      shared ? shared->packed : nullptr);
 }
 
 }  // namespace moe::experts

@@ -26,14 +26,22 @@ struct WordExpertDims {
   int64_t first_expert = 0;      // global row of local row 0
 };
 
+// A word-expert table shared by several layers: its parameters (registered by the first layer) and their one
+// inference layout.
+struct SharedTable {
+  FfnWeights weights;
+  std::shared_ptr<PackedFfn> packed;
+};
+
 class WordExpertTable {
  public:
   // Registers row-sparse, expert-sharded params (with weight decay): <prefix>.w_gate [E,F,C] (SwiGLU only),
   // <prefix>.w_up [E,F,C], <prefix>.w_down [E,C,F], in that order. With `shared` (a table shared by several
   // layers): the first table registers them and stores them in *shared, the next ones compute with the same
-  // parameters (gradients accumulate into the same rows) and register nothing.
+  // parameters (gradients accumulate into the same rows) and register nothing; all pack them for inference into
+  // the same copy.
   WordExpertTable(ParamStore& ps, Workspace& ws, const std::string& prefix, const WordExpertDims& dims,
-                  FfnWeights* shared = nullptr);
+                  SharedTable* shared = nullptr);
 
   // y[rows,C] = expert_{experts[g]}(x[rows,C]) row range by row range (GroupedFfn::forward): experts[n_groups]
   // distinct local expert ids in [0, E), any order; offsets[n_groups+1].

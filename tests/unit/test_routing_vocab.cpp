@@ -294,6 +294,37 @@ TEST(WordExpertShared, OneTableForEveryLayerAndItsGradientIsTheLayersSum) {
   }
 }
 
+// A shared table is packed for inference once, not once per layer: the packed copies of three layers' own tables
+// take three tables' worth of memory, a shared table's one; and both models infer the same logits.
+TEST(WordExpertShared, PackedForInferenceOnce) {
+  MoweInputs mi;
+  proto::ModelConfig cfg = mowe_config(false, 0);
+  cfg.clear_ffn_pattern();
+  cfg.add_ffn_pattern(proto::FFN_WORD_EXPERT);  // three word-expert layers
+  auto own = make_model(cfg, 3, mi.in());
+  cfg.mutable_word_experts()->set_share_table(true);
+  auto shared = make_model(cfg, 3, mi.in());
+  for (Param* p : shared->params().all()) {  // the same weights: each layer's own table = the shared one
+    const bool table = p->name.rfind("word_experts.shared", 0) == 0;
+    const std::string mat = p->name.substr(p->name.rfind('.'));
+    for (int l = 0; l < (table ? 3 : 1); ++l) {
+      const std::string dst = table ? "layers." + std::to_string(l) + ".ffn.experts" + mat : p->name;
+      std::copy_n(p->value.f32(), p->value.numel(), own->params().get(dst).value.f32());
+    }
+  }
+  const std::vector<int32_t> seq = zipf_stream(cfg.vocab_size(), 12, 5);
+  const size_t own0 = own->workspace().bytes(), shared0 = shared->workspace().bytes();
+  const std::vector<float> a = chunked_logits(*own, seq, 4, 12), b = chunked_logits(*shared, seq, 4, 12);
+  const size_t own_packed = own->workspace().bytes() - own0, shared_packed = shared->workspace().bytes() - shared0;
+  int64_t table_bytes = 0;
+  for (const char* m : {".w_gate", ".w_up", ".w_down"})
+    table_bytes += shared->params().get(std::string("word_experts.shared") + m).value.nbytes();
+  EXPECT_GE(own_packed - shared_packed, size_t(2 * table_bytes)) << own_packed << " vs " << shared_packed;
+  EXPECT_LT(shared_packed, own_packed / 2);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 1e-5) << "logit " << i;
+}
+
 // model.word_experts.freeze: the tables keep their values bit for bit through training steps (weight decay
 // included) while every other parameter trains; with a shared table too.
 TEST(WordExpertFreeze, FrozenTablesDoNotChangeTheRestTrains) {
