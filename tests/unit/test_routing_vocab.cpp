@@ -242,38 +242,43 @@ TEST(WordExpertSkip, MostFrequentRoutesBypassTheLayer) {
   EXPECT_EQ(ffn.stats().experts_used, N - 2);
 }
 
+// Three word-expert layers with their own tables (`own`) and with one shared table (`shared`), given the same
+// weights: every non-table parameter copied, and each layer's own table = the shared one.
+struct OwnAndSharedTables {
+  MoweInputs mi;
+  std::unique_ptr<Model> own, shared;
+  OwnAndSharedTables() {
+    proto::ModelConfig cfg = mowe_config(false, 0);
+    cfg.clear_ffn_pattern();
+    cfg.add_ffn_pattern(proto::FFN_WORD_EXPERT);  // three word-expert layers
+    own = make_model(cfg, 3, mi.in());
+    cfg.mutable_word_experts()->set_share_table(true);
+    shared = make_model(cfg, 3, mi.in());
+    for (Param* p : shared->params().all()) {
+      const bool table = p->name.rfind("word_experts.shared", 0) == 0;
+      const std::string mat = p->name.substr(p->name.rfind('.'));
+      for (int l = 0; l < (table ? 3 : 1); ++l) {
+        const std::string dst = table ? "layers." + std::to_string(l) + ".ffn.experts" + mat : p->name;
+        std::copy_n(p->value.f32(), p->value.numel(), own->params().get(dst).value.f32());
+      }
+    }
+  }
+};
+
 // share_table: one set of table parameters for every word-expert layer, whose gradient is the sum of what each layer
 // would give its own copy of the same table.
 TEST(WordExpertShared, OneTableForEveryLayerAndItsGradientIsTheLayersSum) {
-  MoweInputs mi;
-  proto::ModelConfig cfg = mowe_config(false, 0);
-  cfg.clear_ffn_pattern();
-  cfg.add_ffn_pattern(proto::FFN_WORD_EXPERT);  // three word-expert layers
-  auto own = make_model(cfg, 3, mi.in());
-  cfg.mutable_word_experts()->set_share_table(true);
-  auto shared = make_model(cfg, 3, mi.in());
+  OwnAndSharedTables t;
+  Model *own = t.own.get(), *shared = t.shared.get();
   const std::vector<std::string> mats = {".w_gate", ".w_up", ".w_down"};
   for (const std::string& m : mats) {
     EXPECT_EQ(shared->params().find("layers.0.ffn.experts" + m), nullptr);
     ASSERT_NE(shared->params().find(std::string(experts::WordExpertShared::kSharedTablePrefix) + m), nullptr);
   }
-  // the same weights: every non-table parameter copied, and each layer's own table = the shared one
-  for (Param* p : shared->params().all()) {
-    const std::string src = p->name.rfind("word_experts.shared", 0) == 0
-                                ? "layers.0.ffn.experts" + p->name.substr(p->name.rfind('.'))
-                                : p->name;
-    std::copy_n(own->params().get(src).value.f32(), p->value.numel(), p->value.f32());
-  }
-  for (int l = 1; l < 3; ++l)
-    for (const std::string& m : mats) {
-      const Param& src = own->params().get("layers.0.ffn.experts" + m);
-      std::copy_n(src.value.f32(), src.value.numel(),
-                  own->params().get("layers." + std::to_string(l) + ".ffn.experts" + m).value.f32());
-    }
   const std::vector<int32_t> in = zipf_stream(12, 32, 8), tg = zipf_stream(12, 32, 9);
   double loss[2];
   int i = 0;
-  for (Model* m : {own.get(), shared.get()}) {
+  for (Model* m : {own, shared}) {
     m->params().zero_grad();
     loss[i++] = m->forward(in.data(), tg.data(), 2, 16);
     m->backward();
@@ -297,22 +302,9 @@ TEST(WordExpertShared, OneTableForEveryLayerAndItsGradientIsTheLayersSum) {
 // A shared table is packed for inference once, not once per layer: the packed copies of three layers' own tables
 // take three tables' worth of memory, a shared table's one; and both models infer the same logits.
 TEST(WordExpertShared, PackedForInferenceOnce) {
-  MoweInputs mi;
-  proto::ModelConfig cfg = mowe_config(false, 0);
-  cfg.clear_ffn_pattern();
-  cfg.add_ffn_pattern(proto::FFN_WORD_EXPERT);  // three word-expert layers
-  auto own = make_model(cfg, 3, mi.in());
-  cfg.mutable_word_experts()->set_share_table(true);
-  auto shared = make_model(cfg, 3, mi.in());
-  for (Param* p : shared->params().all()) {  // the same weights: each layer's own table = the shared one
-    const bool table = p->name.rfind("word_experts.shared", 0) == 0;
-    const std::string mat = p->name.substr(p->name.rfind('.'));
-    for (int l = 0; l < (table ? 3 : 1); ++l) {
-      const std::string dst = table ? "layers." + std::to_string(l) + ".ffn.experts" + mat : p->name;
-      std::copy_n(p->value.f32(), p->value.numel(), own->params().get(dst).value.f32());
-    }
-  }
-  const std::vector<int32_t> seq = zipf_stream(cfg.vocab_size(), 12, 5);
+  OwnAndSharedTables t;
+  Model *own = t.own.get(), *shared = t.shared.get();
+  const std::vector<int32_t> seq = zipf_stream(own->config().vocab_size(), 12, 5);
   const size_t own0 = own->workspace().bytes(), shared0 = shared->workspace().bytes();
   const std::vector<float> a = chunked_logits(*own, seq, 4, 12), b = chunked_logits(*shared, seq, 4, 12);
   const size_t own_packed = own->workspace().bytes() - own0, shared_packed = shared->workspace().bytes() - shared0;
