@@ -2,9 +2,10 @@
 # The one-shot GPU check (issue 12), on the device machine from the repository root, with .gpu carried (made here by
 # tests/gpu/bundle.sh):   tests/gpu/run.sh
 # Runs, each under a time limit: the CUDA op and backend tests against the CPU kernels (cuda_tests), the
-# host-staged collectives on device memory at 1 and 2 ranks sharing the GPU, and the communication backend factory
-# (NCCL at 1 rank; at 2 ranks on one GPU NCCL must be refused on every rank alike). Writes $OUT/gpu.log (all output)
-# and $OUT/results.md (one row per check). Takes about a minute on an H200.
+# host-staged collectives on device memory at 1 and 2 ranks sharing the GPU, the communication backend factory
+# (NCCL at 1 rank; at 2 ranks on one GPU NCCL must be refused on every rank alike), and the GEMM bench (bench_gpu:
+# bf16 through our cuBLASLt path vs raw cuBLASLt, and fp32). Writes $OUT/gpu.log (all output), one .txt per check
+# and $OUT/results.md (one row per check, then the GEMM lines). Expected to take a few minutes on an H200.
 set -uo pipefail
 OUT=${OUT:-/tmp/moe-gpu-out}
 mkdir -p "$OUT"
@@ -53,4 +54,6 @@ echo "=== machine"; nvidia-smi -L || true; nproc
 check cuda_tests 300 "$bin/cuda_tests"
 check staged_np1 120 mpirun -np 1 --bind-to none "$bin/mpi_tests" --gtest_filter='*StagedComm*:Comm.BackendFactory'
 check staged_np2 120 mpirun -np 2 --bind-to none "$bin/mpi_tests" --gtest_filter='*StagedComm*:Comm.BackendFactory'
+check bench_gpu 240 "$bin/bench_gpu"
+grep -h "^GEMM" "$OUT/bench_gpu.txt" | sed 's/^/    /' >> "$table" || true
 echo "=== results"; cat "$table"

@@ -139,6 +139,38 @@ TEST_F(CudaKernelBlas, MatmulLargeK) {
   expect_close(dc.download(), c_cpu, "matmul K=1031");
 }
 
+// bf16 operands with fp32 accumulation (cuBLASLt, the tensor cores): the fp32 matmul of the bf16-rounded operands,
+// up to summation order, for every transpose, with beta, at an odd shape and at a tensor-core one.
+TEST_F(CudaKernelBlas, MatmulBf16EqualsFp32OfTheRoundedOperands) {
+  struct Dims {
+    int M, N, K;
+  };
+  for (const Dims d : {Dims{37, 53, 29}, Dims{64, 128, 1024}}) {
+    for (int ta = 0; ta < 2; ++ta) {
+      for (int tb = 0; tb < 2; ++tb) {
+        for (float beta : {0.0f, 0.75f}) {
+          auto a = randn(rng_, int64_t{d.M} * d.K), b = randn(rng_, int64_t{d.K} * d.N);
+          auto c0 = randn(rng_, int64_t{d.M} * d.N);
+          std::vector<bf16> a16(a.size()), b16(b.size());
+          for (size_t i = 0; i < a.size(); ++i) a[i] = bf16_to_float(a16[i] = float_to_bf16(a[i]));
+          for (size_t i = 0; i < b.size(); ++i) b[i] = bf16_to_float(b16[i] = float_to_bf16(b[i]));
+          std::vector<float> c_cpu = c0;
+          cpu::matmul(c_cpu.data(), a.data(), b.data(), d.M, d.N, d.K, ta, tb, 1.25f, beta);
+          DeviceBuffer<bf16> da(a16, stream_), db(b16, stream_);
+          auto dc = dev(c0);
+          cuda::matmul_bf16(dc.get(), reinterpret_cast<const __nv_bfloat16*>(da.get()),
+                            reinterpret_cast<const __nv_bfloat16*>(db.get()), d.M, d.N, d.K, ta, tb, 1.25f, beta,
+                            stream_);
+          expect_close(dc.download(), c_cpu,
+                       "matmul_bf16 " + std::to_string(d.M) + "x" + std::to_string(d.N) + "x" +
+                           std::to_string(d.K) + " trans_a=" + std::to_string(ta) + " trans_b=" +
+                           std::to_string(tb) + " beta=" + std::to_string(beta));
+        }
+      }
+    }
+  }
+}
+
 TEST_F(CudaKernelBlas, LinearForwardBackward) {
   const int N = 45, IC = 70, OC = 33;
   for (bool with_bias : {true, false}) {

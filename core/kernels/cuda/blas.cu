@@ -1,4 +1,5 @@
 // Per-stream context (cuBLAS handle + scratch), matmul and the linear layer on the GPU.
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -33,6 +34,8 @@ StreamContext& StreamContext::get(cudaStream_t stream) {
     MOE_CUBLAS_CHECK(cublasSetStream(ctx->blas_, stream));
     MOE_CUBLAS_CHECK(cublasSetMathMode(ctx->blas_, CUBLAS_DEFAULT_MATH));  // fp32 stays fp32 (no TF32)
     MOE_CUDA_CHECK(cudaMalloc(&ctx->scratch_, kScratchBytes));
+    MOE_CUBLAS_CHECK(cublasLtCreate(&ctx->lt_));
+    MOE_CUDA_CHECK(cudaMalloc(&ctx->lt_workspace_, kLtWorkspaceBytes));
   } catch (...) {
     ctx->destroy();
     throw;
@@ -45,8 +48,12 @@ StreamContext& StreamContext::get(cudaStream_t stream) {
 void StreamContext::destroy() noexcept {
   if (blas_) cublasDestroy(blas_);
   if (scratch_) cudaFree(scratch_);
+  if (lt_) cublasLtDestroy(lt_);
+  if (lt_workspace_) cudaFree(lt_workspace_);
   blas_ = nullptr;
   scratch_ = nullptr;
+  lt_ = nullptr;
+  lt_workspace_ = nullptr;
 }
 
 void StreamContext::release_all() {
@@ -77,6 +84,69 @@ void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool 
   const int ldb = std::max(trans_b ? K : N, 1);
   const int lda = std::max(trans_a ? M : K, 1);
   MOE_CUBLAS_CHECK(cublasSgemm(h, op_b, op_a, N, M, K, &alpha, b, ldb, a, lda, &beta, c, N));
+}
+
+// ---------------------------------------------------------------- matmul_bf16 (cuBLASLt)
+
+namespace {
+
+// Owns the descriptors of one cuBLASLt call.
+struct LtCall {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t first = nullptr, second = nullptr, out = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  ~LtCall() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (out) cublasLtMatrixLayoutDestroy(out);
+    if (second) cublasLtMatrixLayoutDestroy(second);
+    if (first) cublasLtMatrixLayoutDestroy(first);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+}  // namespace
+
+void matmul_bf16(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, int M, int N, int K, bool trans_a,
+                 bool trans_b, float alpha, float beta, cudaStream_t stream) {
+  MOE_CHECK(M >= 0 && N >= 0 && K >= 0, "cuda::matmul_bf16: negative size M=" << M << " N=" << N << " K=" << K);
+  if (M == 0 || N == 0) return;
+  StreamContext& ctx = StreamContext::get(stream);
+  // As matmul: row-major C[M,N] is column-major C^T[N,M] = op(B)^T op(A)^T, so b is the first operand. A layout
+  // describes the stored (column-major) matrix before its op.
+  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  LtCall call;
+  MOE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&call.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  MOE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(call.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_b, sizeof op_b));
+  MOE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(call.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_a, sizeof op_a));
+  MOE_CUBLAS_CHECK(trans_b ? cublasLtMatrixLayoutCreate(&call.first, CUDA_R_16BF, K, N, K)
+                           : cublasLtMatrixLayoutCreate(&call.first, CUDA_R_16BF, N, K, N));
+  MOE_CUBLAS_CHECK(trans_a ? cublasLtMatrixLayoutCreate(&call.second, CUDA_R_16BF, M, K, M)
+                           : cublasLtMatrixLayoutCreate(&call.second, CUDA_R_16BF, K, M, K));
+  MOE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&call.out, CUDA_R_32F, N, M, N));
+  MOE_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&call.pref));
+  const size_t ws = StreamContext::kLtWorkspaceBytes;
+  MOE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(call.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                                        sizeof ws));
+  // the pointers' real alignment (the heuristic otherwise assumes 256 bytes and may pick a kernel that needs it)
+  const std::pair<cublasLtMatmulPreferenceAttributes_t, const void*> aligned[] = {
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, b},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, a},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c}};
+  for (const auto& [attr, ptr] : aligned) {
+    uint32_t bytes = 256;
+    while (bytes > 1 && reinterpret_cast<uintptr_t>(ptr) % bytes != 0) bytes /= 2;
+    MOE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(call.pref, attr, &bytes, sizeof bytes));
+  }
+  cublasLtMatmulHeuristicResult_t heur{};
+  int found = 0;
+  MOE_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(ctx.lt(), call.op, call.first, call.second, call.out, call.out,
+                                                  call.pref, 1, &heur, &found));
+  MOE_CHECK(found > 0, "cuda::matmul_bf16: cuBLASLt has no algorithm for M=" << M << " N=" << N << " K=" << K
+                                                                              << " trans_a=" << trans_a
+                                                                              << " trans_b=" << trans_b);
+  MOE_CUBLAS_CHECK(cublasLtMatmul(ctx.lt(), call.op, &alpha, b, call.first, a, call.second, &beta, c, call.out, c,
+                                  call.out, &heur.algo, ctx.lt_workspace(), ws, stream));
 }
 
 // ---------------------------------------------------------------- linear layer

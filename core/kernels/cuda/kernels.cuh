@@ -14,6 +14,7 @@
 //  - cross_entropy_forward writes the mean loss to a device scalar instead of returning it;
 //  - sum_squares writes its double result to a device scalar instead of returning it.
 #pragma once
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -24,8 +25,8 @@
 namespace moe::cuda {
 
 // ---------------------------------------------------------------- per-stream context
-// One cuBLAS handle (bound to the stream, CUBLAS_DEFAULT_MATH) and one small device scratch buffer per
-// (device, stream), created on first use. The scratch is only used by kernels enqueued on that same stream, so
+// One cuBLAS handle (bound to the stream, CUBLAS_DEFAULT_MATH), one cuBLASLt handle with its workspace, and one
+// small device scratch buffer per (device, stream), created on first use. The scratch is only used by kernels enqueued on that same stream, so
 // stream order makes reuse safe. Thread-safe lookup. Contexts live until release_all() (never destroyed at exit:
 // the CUDA runtime may already be torn down then). The key is the stream's handle value: call release_all()
 // before destroying a stream whose address might be reused by a later cudaStreamCreate on another device.
@@ -35,14 +36,19 @@ class StreamContext {
   static StreamContext& get(cudaStream_t stream);  // for the current device (cudaGetDevice)
   static void release_all();                       // destroys every handle and scratch buffer
 
+  static constexpr size_t kLtWorkspaceBytes = 32 << 20;  // what cuBLASLt is given (32 MiB: Hopper's recommendation)
   cublasHandle_t blas() const { return blas_; }
   void* scratch() const { return scratch_; }  // [kScratchBytes] device bytes, 256-byte aligned
+  cublasLtHandle_t lt() const { return lt_; }
+  void* lt_workspace() const { return lt_workspace_; }  // [kLtWorkspaceBytes] device bytes
 
  private:
   StreamContext() = default;
   void destroy() noexcept;
   cublasHandle_t blas_ = nullptr;
   void* scratch_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  void* lt_workspace_ = nullptr;
 };
 
 // ---------------------------------------------------------------- matmul (cuBLAS sgemm)
@@ -50,6 +56,12 @@ class StreamContext {
 // (b stored [N,K] if trans_b). Row-major, dense leading dimensions. alpha, beta are host values.
 void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b, float alpha,
             float beta, cudaStream_t stream);
+
+// The same product on bf16 operands with fp32 accumulation and an fp32 c, through cuBLASLt (the tensor cores):
+// c[M,N] = alpha * op(a) @ op(b) + beta * c with a, b bf16 (layouts as matmul). Products of bf16 values are exact
+// in fp32, so the result differs from an fp32 matmul of the bf16-rounded operands only by summation order.
+void matmul_bf16(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, int M, int N, int K, bool trans_a,
+                 bool trans_b, float alpha, float beta, cudaStream_t stream);
 
 // ---------------------------------------------------------------- linear layer: y = x W^T + b
 // out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC] (bias may be null)
