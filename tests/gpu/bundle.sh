@@ -22,11 +22,13 @@ ln -sf orterun "$root/usr/bin/mpirun"
 # every shared library the binaries, launchers and plugins load, but the C/C++ runtime and CUDA's own
 skip='/(libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so|/usr/local/cuda|libcuda\.so|libnccl'
 objs=$(find "$stage/moe-gpu/bin" "$root" -type f \( -perm -u+x -o -name "*.so*" \))
-for lib in $(for o in $objs; do ldd "$o" 2>/dev/null | awk '$3 ~ /^\// {print $3}'; done | sort -u | grep -v -E "$skip"); do
+needed=$(for o in $objs; do ldd "$o" 2>/dev/null | awk '$3 ~ /^\// {print $3}'; done | sort -u | grep -v -E "$skip")
+for lib in $needed; do
   real=$(readlink -f "$lib")
   mkdir -p "$root$(dirname "$lib")"
   [[ -e "$root$lib" ]] || cp "$real" "$root$lib"
 done
 mkdir -p "$src/.gpu"
 tar -C "$stage" -cJf "$src/.gpu/moe-gpu.tar.xz" moe-gpu
-echo "bundle: $(du -h "$src/.gpu/moe-gpu.tar.xz" | cut -f1) in .gpu/moe-gpu.tar.xz ($(find "$root" -name '*.so*' | wc -l) libraries)"
+n_libs=$(find "$root" -name '*.so*' | wc -l)
+echo "bundle: $(du -h "$src/.gpu/moe-gpu.tar.xz" | cut -f1) in .gpu/moe-gpu.tar.xz ($n_libs libraries)"

@@ -26,10 +26,11 @@ namespace moe::cuda {
 
 // ---------------------------------------------------------------- per-stream context
 // One cuBLAS handle (bound to the stream, CUBLAS_DEFAULT_MATH), one cuBLASLt handle with its workspace, and one
-// small device scratch buffer per (device, stream), created on first use. The scratch is only used by kernels enqueued on that same stream, so
-// stream order makes reuse safe. Thread-safe lookup. Contexts live until release_all() (never destroyed at exit:
-// the CUDA runtime may already be torn down then). The key is the stream's handle value: call release_all()
-// before destroying a stream whose address might be reused by a later cudaStreamCreate on another device.
+// small device scratch buffer per (device, stream), created on first use. The scratch and the workspace are only
+// used by work enqueued on that same stream, so stream order makes reuse safe. Thread-safe lookup. Contexts live
+// until release_all() (never destroyed at exit: the CUDA runtime may already be torn down then). The key is the
+// stream's handle value: call release_all() before destroying a stream whose address might be reused by a later
+// cudaStreamCreate on another device.
 class StreamContext {
  public:
   static constexpr size_t kScratchBytes = 16 * 1024;
