@@ -142,6 +142,14 @@ class CpuBackend final : public Backend {
   void add(float* out, const float* a, const float* b, int64_t n) override { cpu::add(out, a, b, n); }
   void scale_inplace(float* y, float s, int64_t n) override { cpu::scale_inplace(y, s, n); }
   double sum_squares(const float* x, int64_t n) override { return cpu::sum_squares(x, n); }
+  void adamw(float* w, const float* g, float* m, float* v, int64_t n, const cpu::AdamWHyper& h, float bc1,
+             float bc2) override {
+    cpu::adamw(w, g, m, v, n, h, bc1, bc2);
+  }
+  void adamw_rows(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows_host,
+                  int64_t n_rows, int64_t row_size, const cpu::AdamWHyper& h) override {
+    cpu::adamw_rows(w, g, m, v, row_t, rows_host, n_rows, row_size, h);
+  }
 };
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/kernels/cpu/kernels.h"
 #include "core/tensor.h"
 
 namespace moe {
@@ -151,6 +152,15 @@ class Backend {
   virtual void scale_inplace(float* y, float s, int64_t n) = 0;                 // y[n] *= s
   // sum of x[n]^2 accumulated in double, returned on the host (synchronises)
   virtual double sum_squares(const float* x, int64_t n) = 0;
+
+  // ---------------------------------------------------------------- AdamW (the optimizer's update, in place)
+  // cpu::adamw: w, m, v [n] from g [n]; the bias corrections bc1, bc2 are host values
+  virtual void adamw(float* w, const float* g, float* m, float* v, int64_t n, const cpu::AdamWHyper& h, float bc1,
+                     float bc2) = 0;
+  // cpu::adamw_rows: lazy Adam over rows_host[n_rows] (a HOST array of distinct rows) of [*, row_size] tables,
+  // row_t the per-row step counts on the device
+  virtual void adamw_rows(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows_host,
+                          int64_t n_rows, int64_t row_size, const cpu::AdamWHyper& h) = 0;
 };
 
 // The process-wide CPU backend.

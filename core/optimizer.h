@@ -3,6 +3,7 @@
 #include <functional>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/params.h"
 #include "proto/config.pb.h"
 
@@ -29,7 +30,8 @@ double clip_grad_norm(ParamStore& ps, double max_norm, const ShardSum& sum_shard
 
 class AdamW {
  public:
-  AdamW(ParamStore& ps, const proto::OptimizerConfig& cfg);
+  // backend: where the parameters, gradients and moments live and the update runs (Backend::adamw, adamw_rows).
+  AdamW(ParamStore& ps, const proto::OptimizerConfig& cfg, Backend& backend = cpu_backend());
   // One update with learning rate lr. Step counter t is per optimizer (bias correction); row-sparse params
   // update only their touched rows, each row with its own step count (lazy Adam), so the cost of a step grows
   // with the rows used, not the table size. Frozen params (Param::frozen) are skipped: no moments, no weight
@@ -49,6 +51,7 @@ class AdamW {
  private:
   ParamStore& ps_;
   proto::OptimizerConfig cfg_;
+  Backend& be_;
   std::vector<Tensor> m_, v_, row_t_;
   int64_t t_ = 0;
 };

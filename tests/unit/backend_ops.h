@@ -372,4 +372,41 @@ inline Outputs run_elementwise(Backend& be, const ElementwiseCase& c, double* su
   return {{"add_inplace", d.get(acc, c.n)}, {"add", d.get(sum, c.n)}, {"scale_inplace", d.get(scaled, c.n)}};
 }
 
+// ---------------------------------------------------------------- AdamW
+struct AdamWCase {
+  int64_t rows, row_size;
+  cpu::AdamWHyper h;
+  float bc1, bc2;
+  Vec w, g, m, v;              // [rows, row_size]; m and v start from an earlier step (v > 0)
+  Ids row_t;                   // [rows] step counts
+  std::vector<int64_t> touched;  // distinct rows, ascending with gaps
+};
+inline AdamWCase make_adamw(Rng& rng, int64_t rows, int64_t row_size) {
+  const int64_t n = rows * row_size;
+  AdamWCase c{rows, row_size, {1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f}, 1.0f - 0.9f * 0.9f, 1.0f - 0.95f * 0.95f,
+              randn(rng, n), randn(rng, n), randn(rng, n), randn(rng, n), Ids(size_t(rows)), {}};
+  for (float& x : c.v) x = x * x + 1e-3f;
+  for (int64_t r = 0; r < rows; ++r) {
+    c.row_t[r] = static_cast<int32_t>(rng.below(5));
+    if (rng.below(3) != 0) c.touched.push_back(r);
+  }
+  return c;
+}
+// outputs: w, m, v after a dense update of everything, and w_rows, m_rows, v_rows, row_t after a lazy update of
+// the touched rows (from the same start)
+inline Outputs run_adamw(Backend& be, const AdamWCase& c) {
+  DeviceArena d(be);
+  const int64_t n = c.rows * c.row_size;
+  const float* g = d.put(c.g);
+  float *w = d.put(c.w), *m = d.put(c.m), *v = d.put(c.v);
+  be.adamw(w, g, m, v, n, c.h, c.bc1, c.bc2);
+  float *wr = d.put(c.w), *mr = d.put(c.m), *vr = d.put(c.v);
+  int32_t* rt = d.put(c.row_t);
+  be.adamw_rows(wr, g, mr, vr, rt, c.touched.data(), static_cast<int64_t>(c.touched.size()), c.row_size, c.h);
+  const Ids steps = d.get(rt, c.rows);
+  return {{"w", d.get(w, n)},        {"m", d.get(m, n)},   {"v", d.get(v, n)},
+          {"w_rows", d.get(wr, n)},  {"m_rows", d.get(mr, n)}, {"v_rows", d.get(vr, n)},
+          {"row_t", Vec(steps.begin(), steps.end())}};
+}
+
 }  // namespace moe::test

@@ -158,6 +158,10 @@ TEST_F(CudaBackendTest, Elementwise) {
   EXPECT_NEAR(sq_gpu, sq_cpu, 1e-9 * sq_cpu);
 }
 
+// AdamW: the dense and the lazy row update (step counts on the device, rows from the host) as on the CPU, to 1e-5
+// (fp32 on both; powf and the FMA contractions may differ in the last bits).
+TEST_F(CudaBackendTest, AdamW) { expect_same(make_adamw(rng_, 61, 300), run_adamw, 1e-5); }
+
 TEST_F(CudaBackendTest, WorkspaceOnTheDevice) {
   Workspace ws(gpu());
   Workspace::Buffer& a = ws.buffer();

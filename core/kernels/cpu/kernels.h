@@ -106,6 +106,19 @@ void add(float* out, const float* a, const float* b, int64_t n);     // out = a 
 void scale_inplace(float* y, float s, int64_t n);                    // y *= s
 double sum_squares(const float* x, int64_t n);                       // sum x^2 in double
 
+// ---------------------------------------------------------------- AdamW (adamw.cpp)
+// The hyper-parameters of one parameter's update; every gradient is read as gscale * g (clipping folded in).
+struct AdamWHyper {
+  float lr, b1, b2, eps, decay, gscale;
+};
+// w, m, v [n] updated from g [n] with the bias corrections bc1 = 1 - b1^t, bc2 = 1 - b2^t:
+//   m = b1 m + (1-b1) g';  v = b2 v + (1-b2) g'^2;  w -= lr (m/bc1 / (sqrt(v/bc2) + eps) + decay w)
+void adamw(float* w, const float* g, float* m, float* v, int64_t n, const AdamWHyper& h, float bc1, float bc2);
+// Lazy Adam over the rows rows[n_rows] (distinct) of a [*, row_size] table: each row's step count row_t[row] is
+// incremented first and drives that row's bias corrections; the other rows do not move.
+void adamw_rows(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows, int64_t n_rows,
+                int64_t row_size, const AdamWHyper& h);
+
 // ---------------------------------------------------------------- the inference path (inference.cpp)
 // Batch-invariant linear layer: out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC] (bias may be null), where each output
 // row is a function of its input row alone, bit for bit: the same whatever N, the other rows, the row's place in
@@ -186,5 +199,10 @@ float cross_entropy_forward_ref(float* losses, float* probs, const float* logits
 // attention_sparq's switch to full attention when k covers the context (the formula then is full attention).
 void attention_sparq_ref(float* out, const float* q, const float* k, const float* v, int B, int T, int H, int Hkv,
                          int D, int r, int k_top);
+// AdamW in double, element by element: adamw's formula (the row version: bias corrections from each row's
+// incremented step count)
+void adamw_ref(float* w, const float* g, float* m, float* v, int64_t n, const AdamWHyper& h, float bc1, float bc2);
+void adamw_rows_ref(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows,
+                    int64_t n_rows, int64_t row_size, const AdamWHyper& h);
 
 }  // namespace moe::cpu

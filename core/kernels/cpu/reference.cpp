@@ -318,4 +318,26 @@ void attention_sparq_ref(float* out, const float* q, const float* k, const float
       }
 }
 
+void adamw_ref(float* w, const float* g, float* m, float* v, int64_t n, const AdamWHyper& h, float bc1, float bc2) {
+  for (int64_t j = 0; j < n; ++j) {
+    const double gj = double(g[j]) * h.gscale;
+    const double mj = double(h.b1) * m[j] + (1.0 - h.b1) * gj, vj = double(h.b2) * v[j] + (1.0 - h.b2) * gj * gj;
+    m[j] = static_cast<float>(mj);
+    v[j] = static_cast<float>(vj);
+    const double step = mj / bc1 / (std::sqrt(vj / bc2) + h.eps) + double(h.decay) * w[j];
+    w[j] = static_cast<float>(w[j] - double(h.lr) * step);
+  }
+}
+
+void adamw_rows_ref(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows,
+                    int64_t n_rows, int64_t row_size, const AdamWHyper& h) {
+  for (int64_t k = 0; k < n_rows; ++k) {
+    const int64_t o = rows[k] * row_size;
+    const int32_t t = ++row_t[rows[k]];
+    const float bc1 = static_cast<float>(1.0 - std::pow(double(h.b1), t));
+    const float bc2 = static_cast<float>(1.0 - std::pow(double(h.b2), t));
+    adamw_ref(w + o, g + o, m + o, v + o, row_size, h, bc1, bc2);
+  }
+}
+
 }  // namespace moe::cpu

@@ -12,6 +12,8 @@
 namespace moe::cuda {
 namespace {
 
+AdamWArgs args(const cpu::AdamWHyper& h) { return {h.lr, h.b1, h.b2, h.eps, h.decay, h.gscale}; }
+
 class CudaBackend final : public Backend {
  public:
   CudaBackend() {
@@ -166,6 +168,12 @@ class CudaBackend final : public Backend {
   void add(float* out, const float* a, const float* b, int64_t n) override { cuda::add(out, a, b, n, stream_); }
   void scale_inplace(float* y, float s, int64_t n) override { cuda::scale_inplace(y, s, n, stream_); }
   double sum_squares(const float* x, int64_t n) override;
+  void adamw(float* w, const float* g, float* m, float* v, int64_t n, const cpu::AdamWHyper& h, float bc1,
+             float bc2) override {
+    cuda::adamw(w, g, m, v, n, args(h), bc1, bc2, stream_);
+  }
+  void adamw_rows(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows_host,
+                  int64_t n_rows, int64_t row_size, const cpu::AdamWHyper& h) override;
 
  private:
   cudaStream_t stream_ = nullptr;
@@ -201,6 +209,18 @@ float CudaBackend::cross_entropy_forward(float* losses, float* probs, const floa
   float host = 0.0f;
   to_host(&host, mean, sizeof(float));
   return host;
+}
+
+// The rows go to the device through a stream-ordered temporary (the host array may change once this returns:
+// cudaMemcpyAsync from pageable memory has copied it by then).
+void CudaBackend::adamw_rows(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows_host,
+                             int64_t n_rows, int64_t row_size, const cpu::AdamWHyper& h) {
+  if (n_rows <= 0) return;
+  void* rows = nullptr;
+  MOE_CUDA_CHECK(cudaMallocAsync(&rows, sizeof(int64_t) * n_rows, stream_));
+  MOE_CUDA_CHECK(cudaMemcpyAsync(rows, rows_host, sizeof(int64_t) * n_rows, cudaMemcpyHostToDevice, stream_));
+  cuda::adamw_rows(w, g, m, v, row_t, static_cast<const int64_t*>(rows), n_rows, row_size, args(h), stream_);
+  MOE_CUDA_CHECK(cudaFreeAsync(rows, stream_));
 }
 
 double CudaBackend::sum_squares(const float* x, int64_t n) {

@@ -160,6 +160,17 @@ void scale_inplace(float* y, float s, int64_t n, cudaStream_t stream);          
 // out[1] (device double) = sum of x[n]^2, accumulated in double, deterministic
 void sum_squares(double* out, const float* x, int64_t n, cudaStream_t stream);
 
+// ---------------------------------------------------------------- AdamW (optimizer.cu)
+// The update of core/kernels/cpu/kernels.h adamw / adamw_rows (the same fields as cpu::AdamWHyper: this header
+// stays free of the CPU one). adamw_rows: rows[n_rows] is a DEVICE array of distinct rows.
+struct AdamWArgs {
+  float lr, b1, b2, eps, decay, gscale;
+};
+void adamw(float* w, const float* g, float* m, float* v, int64_t n, const AdamWArgs& h, float bc1, float bc2,
+           cudaStream_t stream);
+void adamw_rows(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows, int64_t n_rows,
+                int64_t row_size, const AdamWArgs& h, cudaStream_t stream);
+
 // ---------------------------------------------------------------- f32 <-> bf16
 // out[n] = bf16(in[n]), round to nearest even (bit-identical to moe::float_to_bf16 in core/bf16.h)
 void f32_to_bf16(__nv_bfloat16* out, const float* in, int64_t n, cudaStream_t stream);
