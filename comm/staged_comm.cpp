@@ -35,11 +35,9 @@ Communicator& StagedCommunicator::host_call() {
 }
 
 std::unique_ptr<Communicator> StagedCommunicator::split(int color, int key) {
-  auto child = host_call().split(color, key);
+  auto child = host_call().split(color, key);  // inherits this deadline, and the staged child takes the host's
   if (!child) return nullptr;
-  auto staged = std::make_unique<StagedCommunicator>(std::move(child), dev_);
-  staged->set_deadline(deadline());
-  return staged;
+  return std::make_unique<StagedCommunicator>(std::move(child), dev_);
 }
 
 template <class T>

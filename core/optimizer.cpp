@@ -28,7 +28,6 @@ float lr_at(const proto::OptimizerConfig& cfg, int step, int total) {
 }
 
 namespace {
-constexpr int64_t kParRows = 65536;  // elements of touched rows below which a row pass stays on one thread
 
 // sum of squares of a param's gradient (row-sparse: its touched rows, in parallel; double accumulation)
 double grad_sum_squares(const Param& p) {

@@ -60,7 +60,7 @@ void ParamStore::zero_grad() {
     float* g = p->grad.f32();                 // [rows, rs]
     const int64_t* rows = p->touched.data();  // [nt]
     uint8_t* mask = p->touched_mask.data();   // [rows]
-#pragma omp parallel for schedule(static) if (nt * rs > (1 << 16))
+#pragma omp parallel for schedule(static) if (nt * rs > kParRows)
     for (int64_t k = 0; k < nt; ++k) {
       const int64_t r = rows[k], next = k + 1 < nt ? (rows[k + 1] - r) * rs : 0;
       walk_row<true>(g + r * rs, rs, next, [](float* x, int64_t n) { std::fill(x, x + n, 0.0f); });

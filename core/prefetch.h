@@ -15,6 +15,10 @@ inline void prefetch_write(const float* p, int64_t n) {
   for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(p + j, 1);
 }
 
+// Passes over the touched rows of a row-sparse tensor (zeroing, grad norm, clipping, AdamW) run on one thread
+// below this many elements in all: an OpenMP team costs more than it saves there.
+constexpr int64_t kParRows = 65536;
+
 // Rows up to this many floats get the next row prefetched by walk_row; longer ones are left to the hardware
 // prefetchers, which follow a long row well (and the next row would be evicted before its turn).
 constexpr int64_t kPrefetchRowMax = 65536;

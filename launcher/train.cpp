@@ -60,7 +60,6 @@ void set_vocab(Config& cfg, const Tokenizer& tok) {
                                                << tok.vocab_size() << " pieces (set it to 0 to take it from the tokenizer)");
 }
 
-
 // The checkpoint a run starts from: with `--resume` its own newest (train.out_dir/checkpoints/latest: parameters,
 // optimizer and loader state, step), else train.init_from (a new run: weights and routing tables only); none: a
 // fresh initialisation.
@@ -373,8 +372,10 @@ int run_training(Config cfg, const TrainOptions& opt, comm::Parallel& par) {
   Corpus corpus = load_corpus(tok, cfg.data().train_file(), cfg.data().val_fraction());
   const std::vector<int32_t> classes = word_classes(tok);
   // (a checkpoint's unit state, routing tables included, is restored by apply_start, once)
-  auto model = experts::build_model(
-      cfg, {.ep = par.expert_group(), .token_counts = &corpus.train_counts, .corpus = &corpus.train, .word_classes = &classes});
+  auto model = experts::build_model(cfg, {.ep = par.expert_group(),
+                                          .token_counts = &corpus.train_counts,
+                                          .corpus = &corpus.train,
+                                          .word_classes = &classes});
   Trainer trainer(cfg, *model, corpus);
   const int start = apply_start(start_ckpt, cfg, *model, trainer, lead);
   if (lead) announce(cfg, *model, par, opt.threads, corpus, root);

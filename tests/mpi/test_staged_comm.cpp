@@ -4,7 +4,6 @@
 // visible, for the CUDA backend (ranks sharing one GPU: the case NCCL refuses); skipped without one.
 #include <gtest/gtest.h>
 
-#include <cstring>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -13,35 +12,12 @@
 #include "comm/staged_comm.h"
 #include "core/backend.h"
 #include "core/error.h"
+#include "tests/unit/backend_ops.h"
 
 namespace moe::comm {
 namespace {
 
-// A buffer in a backend's memory, filled from and read back into host vectors.
-class DeviceBuf {
- public:
-  DeviceBuf(Backend& be, size_t bytes) : be_(be), p_(be.alloc(bytes)), bytes_(bytes) {}
-  ~DeviceBuf() { be_.free(p_); }
-  DeviceBuf(const DeviceBuf&) = delete;
-  DeviceBuf& operator=(const DeviceBuf&) = delete;
-  template <class T>
-  T* put(const std::vector<T>& v) {
-    be_.from_host(p_, v.data(), v.size() * sizeof(T));
-    return static_cast<T*>(p_);
-  }
-  template <class T>
-  std::vector<T> get(size_t n) const {
-    std::vector<T> v(n);
-    be_.to_host(v.data(), p_, n * sizeof(T));
-    return v;
-  }
-  void* data() { return p_; }
-
- private:
-  Backend& be_;
-  void* p_;
-  size_t bytes_;
-};
+using test::DeviceArena;
 
 class StagedComm : public ::testing::TestWithParam<Device> {
  protected:
@@ -73,35 +49,36 @@ TEST_P(StagedComm, AllReduceEqualsTheHostOne) {
   EXPECT_EQ(staged_->size(), host_->size());
   for (size_t n : {size_t(3), size_t(1001), size_t(70000)}) {  // the staging buffers grow between calls
     std::vector<float> want = ramp(n, host_->rank());
-    DeviceBuf d(*be_, n * sizeof(float));
-    float* dp = d.put(want);
+    DeviceArena mem(*be_);
+    float* dp = mem.put(want);
     host_->all_reduce_sum(want.data(), n);
     staged_->all_reduce_sum(dp, n);
-    EXPECT_EQ(d.get<float>(n), want) << n << " floats";
+    EXPECT_EQ(mem.get(dp, int64_t(n)), want) << n << " floats";
   }
   std::vector<double> want = {0.1 * (host_->rank() + 1), -2.5, 1e-9 * host_->rank()};
-  DeviceBuf d(*be_, want.size() * sizeof(double));
-  double* dp = d.put(want);
+  DeviceArena mem(*be_);
+  double* dp = mem.put(want);
   host_->all_reduce_sum(want.data(), want.size());
   staged_->all_reduce_sum(dp, want.size());
-  EXPECT_EQ(d.get<double>(want.size()), want);
+  EXPECT_EQ(mem.get(dp, int64_t(want.size())), want);
 }
 
 TEST_P(StagedComm, AllGatherAndBroadcastFromEveryRoot) {
   const int P = host_->size(), r = host_->rank();
   const std::vector<int32_t> mine = {r, -10 * r, 12345, 7};
-  DeviceBuf send(*be_, sizeof(int32_t) * mine.size()), recv(*be_, sizeof(int32_t) * mine.size() * P);
-  staged_->all_gather(send.put(mine), recv.data(), sizeof(int32_t) * mine.size());
+  DeviceArena mem(*be_);
+  int32_t* recv = mem.put(std::vector<int32_t>(mine.size() * P, -1));
+  staged_->all_gather(mem.put(mine), recv, sizeof(int32_t) * mine.size());
   std::vector<int32_t> want(mine.size() * P);
   host_->all_gather(mine.data(), want.data(), sizeof(int32_t) * mine.size());
-  EXPECT_EQ(recv.get<int32_t>(want.size()), want);
+  EXPECT_EQ(mem.get(recv, int64_t(want.size())), want);
   for (int root = 0; root < P; ++root) {
     std::vector<uint8_t> buf(37, 0);
     if (r == root)
       for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<uint8_t>(root * 31 + i);
-    DeviceBuf d(*be_, buf.size());
-    staged_->broadcast(d.put(buf), buf.size(), root);
-    const std::vector<uint8_t> got = d.get<uint8_t>(buf.size());
+    uint8_t* db = mem.put(buf);
+    staged_->broadcast(db, buf.size(), root);
+    const std::vector<uint8_t> got = mem.get(db, int64_t(buf.size()));
     for (size_t i = 0; i < buf.size(); ++i) ASSERT_EQ(got[i], static_cast<uint8_t>(root * 31 + i)) << "root " << root;
   }
 }
@@ -125,10 +102,10 @@ TEST_P(StagedComm, AllToAllUnevenRows) {
         for (int64_t e = 0; e < E; ++e) send.push_back(value(r, d, j, e));
     const int64_t total = std::accumulate(rc.begin(), rc.end(), int64_t(0));
     std::vector<float> guard(static_cast<size_t>(total * E) + 1, -7.0f);
-    DeviceBuf ds(*be_, sizeof(float) * (send.size() + 1)), dr(*be_, sizeof(float) * guard.size());
-    float* rp = dr.put(guard);
-    staged_->all_to_all_v(ds.put(send), sc.data(), rp, rc.data(), E);
-    const std::vector<float> got = dr.get<float>(guard.size());
+    DeviceArena mem(*be_);
+    float* rp = mem.put(guard);
+    staged_->all_to_all_v(mem.put(send), sc.data(), rp, rc.data(), E);
+    const std::vector<float> got = mem.get(rp, int64_t(guard.size()));
     size_t i = 0;
     for (int s = 0; s < P; ++s)
       for (int64_t j = 0; j < rc[s]; ++j)
@@ -147,9 +124,10 @@ TEST_P(StagedComm, SplitAndDeadline) {
   EXPECT_EQ(g->deadline(), 30.0);
   EXPECT_EQ(g->size(), (host_->size() + 1 - r % 2) / 2);
   std::vector<float> one = {1.0f};
-  DeviceBuf d(*be_, sizeof(float));
-  g->all_reduce_sum(d.put(one), 1);
-  EXPECT_EQ(d.get<float>(1)[0], static_cast<float>(g->size()));
+  DeviceArena mem(*be_);
+  float* dp = mem.put(one);
+  g->all_reduce_sum(dp, 1);
+  EXPECT_EQ(mem.get(dp, 1)[0], static_cast<float>(g->size()));
   EXPECT_EQ(dynamic_cast<StagedCommunicator&>(*g).host().deadline(), 30.0);
   EXPECT_EQ(staged_->split(-1, r), nullptr);  // no group for a negative color
   staged_->barrier_with_deadline(30);

@@ -9,7 +9,6 @@
 namespace moe::cpu {
 namespace {
 
-constexpr int64_t kParRows = 65536;  // elements of touched rows below which a row pass stays on one thread
 constexpr int64_t kChunk = 16384;    // elements per parallel work item of a dense update
 
 // The AdamW update of n contiguous elements with bias corrections bc1, bc2. The gradient is read as gscale * g,

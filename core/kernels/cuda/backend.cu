@@ -12,8 +12,6 @@
 namespace moe::cuda {
 namespace {
 
-AdamWArgs args(const cpu::AdamWHyper& h) { return {h.lr, h.b1, h.b2, h.eps, h.decay, h.gscale}; }
-
 class CudaBackend final : public Backend {
  public:
   CudaBackend() {
@@ -170,7 +168,7 @@ class CudaBackend final : public Backend {
   double sum_squares(const float* x, int64_t n) override;
   void adamw(float* w, const float* g, float* m, float* v, int64_t n, const cpu::AdamWHyper& h, float bc1,
              float bc2) override {
-    cuda::adamw(w, g, m, v, n, args(h), bc1, bc2, stream_);
+    cuda::adamw(w, g, m, v, n, h, bc1, bc2, stream_);
   }
   void adamw_rows(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows_host,
                   int64_t n_rows, int64_t row_size, const cpu::AdamWHyper& h) override;
@@ -219,7 +217,7 @@ void CudaBackend::adamw_rows(float* w, const float* g, float* m, float* v, int32
   void* rows = nullptr;
   MOE_CUDA_CHECK(cudaMallocAsync(&rows, sizeof(int64_t) * n_rows, stream_));
   MOE_CUDA_CHECK(cudaMemcpyAsync(rows, rows_host, sizeof(int64_t) * n_rows, cudaMemcpyHostToDevice, stream_));
-  cuda::adamw_rows(w, g, m, v, row_t, static_cast<const int64_t*>(rows), n_rows, row_size, args(h), stream_);
+  cuda::adamw_rows(w, g, m, v, row_t, static_cast<const int64_t*>(rows), n_rows, row_size, h, stream_);
   MOE_CUDA_CHECK(cudaFreeAsync(rows, stream_));
 }
 

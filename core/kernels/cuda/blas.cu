@@ -155,10 +155,7 @@ namespace {
 
 // out[N,OC] += bias[OC]
 __global__ void add_bias_kernel(float* __restrict__ out, const float* __restrict__ bias, int64_t total, int OC) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] += bias[i % OC];
-  }
+  MOE_GRID_STRIDE(i, total) out[i] += bias[i % OC];
 }
 
 }  // namespace

@@ -7,6 +7,11 @@
 
 #include "core/kernels/cuda/cuda_check.h"
 
+// A grid-stride loop: thread-global index i over [0, n), whatever the grid size (grid_for caps it).
+#define MOE_GRID_STRIDE(i, n)                                                            \
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
 namespace moe::cuda::detail {
 
 constexpr int kBlock = 256;  // default block size of the elementwise kernels

@@ -12,10 +12,6 @@ namespace {
 using detail::grid_for;
 using detail::kBlock;
 
-#define MOE_GRID_STRIDE(i, n)                                                            \
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-
 // ---------------------------------------------------------------- activations
 
 constexpr float kGeluK = 0.7978845608028654f;  // sqrt(2 / pi)

@@ -22,6 +22,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/kernels/cpu/kernels.h"
+
 namespace moe::cuda {
 
 // ---------------------------------------------------------------- per-stream context
@@ -161,15 +163,12 @@ void scale_inplace(float* y, float s, int64_t n, cudaStream_t stream);          
 void sum_squares(double* out, const float* x, int64_t n, cudaStream_t stream);
 
 // ---------------------------------------------------------------- AdamW (optimizer.cu)
-// The update of core/kernels/cpu/kernels.h adamw / adamw_rows (the same fields as cpu::AdamWHyper: this header
-// stays free of the CPU one). adamw_rows: rows[n_rows] is a DEVICE array of distinct rows.
-struct AdamWArgs {
-  float lr, b1, b2, eps, decay, gscale;
-};
-void adamw(float* w, const float* g, float* m, float* v, int64_t n, const AdamWArgs& h, float bc1, float bc2,
+// The update of core/kernels/cpu/kernels.h adamw / adamw_rows, with its hyper-parameters (cpu::AdamWHyper, a
+// plain struct passed by value to the kernels). adamw_rows: rows[n_rows] is a DEVICE array of distinct rows.
+void adamw(float* w, const float* g, float* m, float* v, int64_t n, const cpu::AdamWHyper& h, float bc1, float bc2,
            cudaStream_t stream);
 void adamw_rows(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows, int64_t n_rows,
-                int64_t row_size, const AdamWArgs& h, cudaStream_t stream);
+                int64_t row_size, const cpu::AdamWHyper& h, cudaStream_t stream);
 
 // ---------------------------------------------------------------- f32 <-> bf16
 // out[n] = bf16(in[n]), round to nearest even (bit-identical to moe::float_to_bf16 in core/bf16.h)
