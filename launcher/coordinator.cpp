@@ -218,6 +218,10 @@ struct Group {
   Layout layout;
   std::map<int, Member> members;  // by rank
   enum State { kIdle, kStarting, kRunning, kStopping, kBackoff, kDone, kFailed } state = kIdle;
+  // what follows once the processes of a stop under way are gone
+  enum AfterStop { kNone, kRecover, kFinished, kShutDown, kRelaunch } after_stop = kNone;
+  std::optional<Event> failure;  // kRecover: the failure's event, recorded once the launch's output is complete
+  Clock::time_point failed_at;
   Clock::time_point launched, next_launch, stop_asked;
   int launches_without_progress = 0;
   bool planned = false;  // the stop under way was asked for (a resize, a shutdown)
@@ -252,7 +256,9 @@ class Coordinator {
   void launch(Group& g);
   std::vector<std::string> launch_command(const Group& g) const;
   void fail(Group& g, const std::string& cause, double detection_s);
-  void stop_group(Group& g);
+  void recover(Group& g);
+  void stop_group(Group& g, Group::AfterStop then);
+  void group_stopped(Group& g);
   void group_exited(Group& g, int code);
   void request_stop(Group& g, const std::string& why);  // planned: checkpoint and exit
   void command_all(Group& g, proto::Command::Kind k);
@@ -288,6 +294,8 @@ class Coordinator {
   bool shutting_down_ = false;
   bool stopped_early_ = false;  // training stopped (checkpointed) before train.steps: exit code 3, as `moe train`
   int exit_code_ = 0;
+  Clock::time_point last_tick_ = Clock::now();
+  bool judge_silence_ = true;  // this tick came on time (see tick)
   std::vector<Event> events_;
   std::vector<std::pair<int64_t, double>> loss_curve_;
   proto::Heartbeat expert_load_;  // the last heartbeat of rank 0 with expert loads
@@ -474,6 +482,11 @@ int Coordinator::run() {
 }
 
 void Coordinator::tick() {
+  // A late tick means this process did not run for a while (an overloaded machine): heartbeats of that time may be
+  // unread yet, so silence is not judged before the next tick has read them.
+  const auto now = Clock::now();
+  judge_silence_ = secs(last_tick_, now) < std::max(0.3, o_.heartbeat_timeout_s / 2);
+  last_tick_ = now;
   for (Group& g : groups_) check_group(g);
   publish_status();
   const bool all_over = std::all_of(groups_.begin(), groups_.end(), [](const Group& g) {
@@ -494,10 +507,13 @@ void Coordinator::tick() {
 void Coordinator::check_group(Group& g) {
   if (g.state == Group::kBackoff && Clock::now() >= g.next_launch) return launch(g);
   if (!g.proc) return;
+  if (g.after_stop != Group::kNone) {
+    if (g.proc->stopped()) group_stopped(g);
+    return;
+  }
   if (g.proc->poll()) return group_exited(g, g.proc->exit_code());
   if (g.state == Group::kStopping && secs(g.stop_asked, Clock::now()) > o_.stop_timeout_s) {
     MOE_WARN("coordinator: epoch " << g.epoch << " did not stop within " << o_.stop_timeout_s << " s: killing it");
-    stop_group(g);
     return group_exited(g, -1);
   }
   if (g.state == Group::kStarting && secs(g.launched, Clock::now()) > o_.start_timeout_s)
@@ -514,6 +530,7 @@ void Coordinator::check_members(Group& g) {
     if (!m.connected) continue;
     const double age = secs(m.last_hb, now);
     const std::string who = "rank " + std::to_string(rank) + " (pid " + std::to_string(m.pid) + ")";
+    if (!judge_silence_) continue;
     if (age > o_.heartbeat_timeout_s) {
       const std::string why = process_stopped(static_cast<pid_t>(m.pid)) ? " is stopped (hung: SIGSTOP or a debugger)"
                               : process_alive(static_cast<pid_t>(m.pid)) ? " is alive but silent (hung)"
@@ -627,33 +644,56 @@ std::vector<std::string> Coordinator::launch_command(const Group& g) const {
   return a;
 }
 
-// Every process of the group gone (SIGTERM, then SIGKILL), its control connections closed. The group's state is
-// not running while this runs: the connections it closes are not failures.
-void Coordinator::stop_group(Group& g) {
-  const std::unique_ptr<WorkerGroup> proc = std::move(g.proc);
-  if (!proc) return;
+// Every process of the group asked to go (SIGTERM, then SIGKILL after a grace) and its control connections closed;
+// `then` follows once they are gone. The stop does not block: check_group moves it on at each tick, so the other
+// groups' heartbeats are read meanwhile. The group is kStopping while it runs: the connections it closes are not
+// failures.
+void Coordinator::stop_group(Group& g, Group::AfterStop then) {
+  g.state = Group::kStopping;
+  g.after_stop = then;
   std::vector<pid_t> pids;
   for (auto& [rank, m] : g.members) pids.push_back(static_cast<pid_t>(m.pid));
   for (auto& [rank, m] : g.members)
     if (m.connected) control_->close(m.session);
-  proc->stop(pids);
-  const auto left = WorkerGroup::alive(pids);
-  if (!left.empty()) MOE_WARN("coordinator: " << left.size() << " process(es) of epoch " << g.epoch << " survived");
+  g.proc->begin_stop(pids);
 }
 
-// An unplanned failure: stop the group, record the event, relaunch (now, or after a backoff when the last
-// launches made no progress; give up after max_restarts).
+void Coordinator::group_stopped(Group& g) {
+  const Group::AfterStop then = g.after_stop;
+  g.after_stop = Group::kNone;
+  g.proc.reset();
+  if (then == Group::kRecover) return recover(g);
+  if (then == Group::kRelaunch) {  // a planned resize: relaunch now
+    g.state = Group::kBackoff;
+    g.next_launch = Clock::now();
+    return;
+  }
+  const bool finished = then == Group::kFinished;
+  g.state = Group::kDone;
+  stopped_early_ = stopped_early_ || (!finished && !o_.serve);
+  record({unix_now(), g.epoch, "finish", finished ? "the job finished" : "shut down", -1, -1, -1, g.layout.world, 0,
+          o_.serve ? g.id : -1});
+}
+
+// An unplanned failure: stop the group, then record the event and relaunch (recover).
 void Coordinator::fail(Group& g, const std::string& cause, double detection_s) {
   if (g.state != Group::kRunning && g.state != Group::kStarting) return;
-  const auto now = Clock::now();
   MOE_WARN("coordinator: epoch " << g.epoch << ": " << cause << "; stopping the group");
-  Event e{unix_now(), g.epoch, "failure", cause, detection_s, -1, -1, g.layout.world, 0, o_.serve ? g.id : -1};
-  g.state = Group::kStopping;
-  stop_group(g);
-  e.cause += last_error(g.log);  // (the launch's output is complete now: what a rank said before it failed)
-  if (e.cause.size() > cause.size()) MOE_WARN("coordinator: epoch " << g.epoch << e.cause.substr(cause.size()));
+  g.failure = Event{unix_now(), g.epoch, "failure", cause, detection_s, -1, -1, g.layout.world, 0, o_.serve ? g.id : -1};
+  g.failed_at = Clock::now();
+  stop_group(g, Group::kRecover);
+}
+
+// After a failure's stop: the event (with what a rank said before it failed: the launch's output is complete now),
+// then a relaunch, now or after a backoff when the last launches made no progress; give up after max_restarts.
+void Coordinator::recover(Group& g) {
+  Event e = *g.failure;
+  g.failure.reset();
+  const size_t said = e.cause.size();
+  e.cause += last_error(g.log);
+  if (e.cause.size() > said) MOE_WARN("coordinator: epoch " << g.epoch << e.cause.substr(said));
   record(e);
-  g.recovery = Recovery{now, g.max_step, events_.size() - 1};
+  g.recovery = Recovery{g.failed_at, g.max_step, events_.size() - 1};
   if (g.launches_without_progress >= o_.max_restarts) {
     g.state = Group::kFailed;
     record({unix_now(), g.epoch, "error",
@@ -665,25 +705,15 @@ void Coordinator::fail(Group& g, const std::string& cause, double detection_s) {
   const double backoff =
       g.launches_without_progress > 1 ? std::min(30.0, std::pow(2.0, g.launches_without_progress - 1)) : 0.0;
   g.state = Group::kBackoff;
-  g.next_launch = now + std::chrono::milliseconds(static_cast<int64_t>(backoff * 1000));
+  g.next_launch = g.failed_at + std::chrono::milliseconds(static_cast<int64_t>(backoff * 1000));
   if (backoff > 0) MOE_INFO("coordinator: relaunching in " << backoff << " s (backoff)");
 }
 
-// The launcher exited with `code` (or the group was killed after a planned stop took too long).
+// The launcher exited with `code` (or the group is killed after a planned stop took too long).
 void Coordinator::group_exited(Group& g, int code) {
   if (!g.planned && (code != 0 || o_.serve)) return fail(g, "the launcher exited with code " + std::to_string(code), -1);
   const bool finished = code == 0 && !g.planned;
-  g.state = Group::kStopping;
-  stop_group(g);
-  if (finished || shutting_down_) {
-    g.state = Group::kDone;
-    stopped_early_ = stopped_early_ || (!finished && !o_.serve);
-    record({unix_now(), g.epoch, "finish", finished ? "the job finished" : "shut down", -1, -1, -1, g.layout.world, 0,
-            o_.serve ? g.id : -1});
-    return;
-  }
-  g.state = Group::kBackoff;  // a planned resize: relaunch now
-  g.next_launch = Clock::now();
+  stop_group(g, finished ? Group::kFinished : shutting_down_ ? Group::kShutDown : Group::kRelaunch);
 }
 
 void Coordinator::request_stop(Group& g, const std::string& why) {

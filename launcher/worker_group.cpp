@@ -60,7 +60,7 @@ WorkerGroup::WorkerGroup(const std::vector<std::string>& argv, const std::map<st
 }
 
 WorkerGroup::~WorkerGroup() {
-  if (!exited_) stop();
+  if (!exited_ || stopping_) stop();
 }
 
 bool WorkerGroup::poll() {
@@ -80,31 +80,44 @@ std::vector<pid_t> WorkerGroup::alive(const std::vector<pid_t>& ranks) {
   return out;
 }
 
-void WorkerGroup::stop(const std::vector<pid_t>& ranks, double grace_s) {
-  auto signal_all = [&](int sig) {
-    ::kill(-pid_, sig);  // the session (process group) of the launcher
-    for (pid_t p : ranks) ::kill(p, sig);
-    if (sig == SIGTERM) {  // a stopped process acts on SIGTERM only once continued
-      ::kill(-pid_, SIGCONT);
-      for (pid_t p : ranks) ::kill(p, SIGCONT);
-    }
-  };
+void WorkerGroup::signal_all(int sig) {
+  ::kill(-pid_, sig);  // the session (process group) of the launcher
+  ::kill(pid_, sig);   // (the launcher itself, should it not have called setsid yet)
+  for (pid_t p : ranks_) ::kill(p, sig);
+  if (sig == SIGTERM) {  // a stopped process acts on SIGTERM only once continued
+    ::kill(-pid_, SIGCONT);
+    ::kill(pid_, SIGCONT);
+    for (pid_t p : ranks_) ::kill(p, SIGCONT);
+  }
+}
+
+void WorkerGroup::begin_stop(const std::vector<pid_t>& ranks, double grace_s) {
+  if (stopping_) return;
+  stopping_ = true;
+  ranks_ = ranks;
   if (!poll()) signal_all(SIGTERM);
-  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(grace_s);
-  while (std::chrono::steady_clock::now() < end && (!poll() || !alive(ranks).empty()))
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  if (!poll() || !alive(ranks).empty()) {
+  kill_at_ = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                                    std::chrono::duration<double>(grace_s));
+}
+
+bool WorkerGroup::stopped() {
+  if (!stopping_) return false;
+  if (poll() && alive(ranks_).empty()) return true;
+  const auto now = std::chrono::steady_clock::now();
+  if (!killed_ && now >= kill_at_) {
     signal_all(SIGKILL);
-    for (int i = 0; i < 500 && (!poll() || !alive(ranks).empty()); ++i)
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    killed_ = true;
+    give_up_at_ = now + std::chrono::seconds(5);
   }
-  if (!poll()) {
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
-    exited_ = true;
-    code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-  if (!alive(ranks).empty()) MOE_WARN("coordinator: " << alive(ranks).size() << " rank process(es) survived SIGKILL");
+  if (!killed_ || now < give_up_at_ || !poll()) return false;  // (a launcher outlives SIGKILL only in the kernel)
+  MOE_WARN("coordinator: " << alive(ranks_).size() << " rank process(es) survived SIGKILL");
+  ranks_.clear();
+  return true;
+}
+
+void WorkerGroup::stop(const std::vector<pid_t>& ranks, double grace_s) {
+  begin_stop(ranks, grace_s);
+  while (!stopped()) std::this_thread::sleep_for(std::chrono::milliseconds(10));
 }
 
 }  // namespace moe::launcher

@@ -3,6 +3,7 @@
 #pragma once
 #include <sys/types.h>
 
+#include <chrono>
 #include <map>
 #include <string>
 #include <vector>
@@ -24,16 +25,26 @@ class WorkerGroup {
   bool poll();
   bool exited() const { return exited_; }
   int exit_code() const { return code_; }
-  // Stops the group: SIGTERM to the session's processes and to `ranks` (pids the ranks reported, which may live
-  // under another parent), SIGKILL to whatever is left after `grace_s`; waits for the launcher. Idempotent.
+  // Stops the group without blocking: SIGTERM to the session's processes and to `ranks` (pids the ranks reported,
+  // which may live under another parent); each stopped() moves the stop on: SIGKILL to whatever is left after
+  // `grace_s`, true once the launcher is reaped and the ranks are gone (or 5 s after SIGKILL, with a warning).
+  void begin_stop(const std::vector<pid_t>& ranks = {}, double grace_s = 2.0);
+  bool stopping() const { return stopping_; }
+  bool stopped();
+  // begin_stop, then waits until stopped(). Idempotent.
   void stop(const std::vector<pid_t>& ranks = {}, double grace_s = 2.0);
   // Rank processes still alive among `ranks` (on this host).
   static std::vector<pid_t> alive(const std::vector<pid_t>& ranks);
 
  private:
+  void signal_all(int sig);
+
   pid_t pid_ = -1;
   bool exited_ = false;
   int code_ = 0;
+  bool stopping_ = false, killed_ = false;
+  std::vector<pid_t> ranks_;
+  std::chrono::steady_clock::time_point kill_at_, give_up_at_;
 };
 
 // A stopped process ("T" in /proc/<pid>/stat: SIGSTOP, a debugger), as opposed to one that runs or has gone.
