@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "core/backend.h"
 #include "core/kernels/cpu/kernels.h"
 
 namespace moe::comm {
@@ -34,7 +35,9 @@ bool Parallel::any(bool flag) {
 void Parallel::reduce_grads(ParamStore& ps) {
   const float inv = 1.0f / static_cast<float>(size());
   if (size() == 1) return;
-  // 1. every non-expert gradient in one flat buffer, one all-reduce over the world
+  // 1. every non-expert gradient in one flat host buffer (staged from a device's memory), one all-reduce over the
+  // world, the mean copied back
+  Backend& be = backend_for(ps.device());
   int64_t n = 0;
   for (const Param* p : ps.all())
     if (!p->expert_sharded) n += p->grad.numel();
@@ -42,22 +45,23 @@ void Parallel::reduce_grads(ParamStore& ps) {
   int64_t off = 0;
   for (const Param* p : ps.all())
     if (!p->expert_sharded) {
-      std::memcpy(flat_.data() + off, p->grad.f32(), p->grad.nbytes());
+      be.to_host(flat_.data() + off, p->grad.f32(), p->grad.nbytes());
       off += p->grad.numel();
     }
   if (n) groups_.world->all_reduce_sum(flat_.data(), static_cast<size_t>(n));
+  cpu::scale_inplace(flat_.data(), inv, n);
   off = 0;
   for (Param* p : ps.all())
     if (!p->expert_sharded) {
-      float* g = p->grad.f32();
-      const float* s = flat_.data() + off;
-      for (int64_t i = 0; i < p->grad.numel(); ++i) g[i] = s[i] * inv;
+      be.from_host(p->grad.f32(), flat_.data() + off, p->grad.nbytes());
       off += p->grad.numel();
     }
   // 2. expert shards over their data-parallel replicas
   Communicator* dp = groups_.dp_size > 1 ? groups_.data_parallel.get() : nullptr;
   for (Param* p : ps.all()) {
     if (!p->expert_sharded) continue;
+    MOE_CHECK(ps.device() == Device::kCPU,
+              "expert-sharded gradient '" << p->name << "': reduced for CPU parameters only so far");
     if (!p->row_sparse) {
       if (dp) dp->all_reduce_sum(p->grad.f32(), static_cast<size_t>(p->grad.numel()));
       cpu::scale_inplace(p->grad.f32(), inv, p->grad.numel());

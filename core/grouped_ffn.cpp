@@ -18,10 +18,11 @@ constexpr double kSmallGemm = double(1 << 21);
 
 // Groups in parallel (each BLAS call single-threaded), or one after another with threaded BLAS. Group-level
 // parallelism wins when the groups are small, or when there are at least as many busy groups as threads and none
-// dominates (dynamic scheduling, largest first, then balances the load).
-bool choose_parallel(int active, int64_t max_rows, int64_t rows, int C, int F) {
+// dominates (dynamic scheduling, largest first, then balances the load). A device runs its groups in order on its
+// stream.
+bool choose_parallel(const Backend& be, int active, int64_t max_rows, int64_t rows, int C, int F) {
   const int nth = omp_get_max_threads();
-  if (nth <= 1 || active < 2 || omp_in_parallel()) return false;
+  if (be.device() != Device::kCPU || nth <= 1 || active < 2 || omp_in_parallel()) return false;
   if (double(max_rows) * C * F <= kSmallGemm) return true;
   return active >= nth && max_rows * nth <= 2 * rows;
 }
@@ -98,7 +99,7 @@ void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const i
   const int64_t rows = offsets_[n_groups];
   x_ = x;
   stage_ = 1;
-  parallel_ = choose_parallel(static_cast<int>(order_.size()), max_rows_, rows, C_, F_);
+  parallel_ = choose_parallel(be_, static_cast<int>(order_.size()), max_rows_, rows, C_, F_);
   const int C = C_, F = F_;
   const int64_t FC = int64_t(F) * C;
   const bool swiglu = act_ == proto::SWIGLU;

@@ -76,8 +76,9 @@ Model::Model(const proto::ModelConfig& cfg, const FfnFactory& ffn_factory, bool 
     : cfg_(cfg),
       V_(cfg.vocab_size()),
       C_(cfg.d_model()),
-      ps_(sized_only, with_grads),
-      ws_(backend_for(cfg.device() == proto::DEVICE_CUDA ? Device::kCUDA : Device::kCPU)),
+      ps_(sized_only, with_grads, cfg.device() == proto::DEVICE_CUDA ? Device::kCUDA : Device::kCPU),
+      ws_(backend_for(ps_.device())),
+      ids_(ws_.buffer()),
       lnf_(ws_.buffer()),
       logits_(ws_.buffer()),
       probs_(ws_.buffer()), losses_(ws_.buffer()), dlogits_(ws_.buffer()), dlnf_(ws_.buffer()), dres_a_(ws_.buffer()),
@@ -116,13 +117,17 @@ float Model::forward(const int32_t* inputs, const int32_t* targets, int B, int T
   MOE_CHECK(T <= cfg_.max_seq_len(), "sequence length " << T << " exceeds model.max_seq_len " << cfg_.max_seq_len());
   B_ = B;
   T_ = T;
-  inputs_ = inputs;
-  targets_ = targets;
   const int N = B * T;
   const int64_t NC = int64_t(N) * C_;
   for (int i = 0; i < N; ++i)
     MOE_CHECK(inputs[i] >= 0 && inputs[i] < V_, "token id " << inputs[i] << " at position " << i
                                                             << " is outside the vocabulary [0, " << V_ << ")");
+  Backend& be = ws_.backend();
+  auto* ids = reinterpret_cast<int32_t*>(ids_.get(2 * int64_t(std::max(N, 1))));  // (int32 fits a float's slot)
+  be.from_host(ids, inputs, sizeof(int32_t) * N);
+  if (targets) be.from_host(ids + N, targets, sizeof(int32_t) * N);
+  inputs_ = inputs;
+  targets_ = targets ? ids + N : nullptr;
   context_.resize(int64_t(N) * kTokenContext);
   for (int n = 0; n < N; ++n)  // row n is position n % T of sequence n / T
     for (int j = 0; j < kTokenContext; ++j) context_[int64_t(n) * kTokenContext + j] = n % T > j ? inputs[n - 1 - j] : -1;
@@ -130,16 +135,16 @@ float Model::forward(const int32_t* inputs, const int32_t* targets, int B, int T
   ctx.token_ids = inputs;
   ctx.token_context = context_.data();
   ctx.training = training;
-  ws_.backend().embedding_forward(resid_[0]->get(NC), inputs, wte_->value.f32(), N, C_);
+  be.embedding_forward(resid_[0]->get(NC), ids, wte_->value.f32(), N, C_);
   for (size_t l = 0; l < blocks_.size(); ++l)
     blocks_[l]->forward(ctx, resid_[l + 1]->get(NC), resid_[l]->data(), B, T);
   float* lnf = lnf_.get(NC);
   final_norm_->forward(lnf, resid_.back()->data(), N);
   float* logits = logits_.get(int64_t(N) * V_);
   const float* w_out = lm_head_ ? lm_head_->value.f32() : wte_->value.f32();
-  ws_.backend().linear_forward(logits, lnf, w_out, nullptr, N, C_, V_);
+  be.linear_forward(logits, lnf, w_out, nullptr, N, C_, V_);
   if (!targets) return 0.0f;
-  return ws_.backend().cross_entropy_forward(losses_.get(N), probs_.get(int64_t(N) * V_), logits, targets, N, V_);
+  return be.cross_entropy_forward(losses_.get(N), probs_.get(int64_t(N) * V_), logits, targets_, N, V_);
 }
 
 void Model::backward(float loss_scale) {
@@ -163,7 +168,7 @@ void Model::backward(float loss_scale) {
     blocks_[l]->backward(ctx, db, da, B_, T_);
     std::swap(da, db);
   }
-  ws_.backend().embedding_backward(wte_->grad.f32(), da, inputs_, N, C_);
+  ws_.backend().embedding_backward(wte_->grad.f32(), da, reinterpret_cast<const int32_t*>(ids_.data()), N, C_);
 }
 
 double Model::extra_loss() const {

@@ -149,10 +149,11 @@ class Model {
   std::unique_ptr<Norm> final_norm_;
   // activations of the last forward
   int B_ = 0, T_ = 0;
-  const int32_t* inputs_ = nullptr;
-  const int32_t* targets_ = nullptr;
+  const int32_t* inputs_ = nullptr;   // the caller's (host): the routers read them
+  const int32_t* targets_ = nullptr;  // [N] on the device (ids_)
   std::vector<int32_t> context_;           // [N, kTokenContext] of the inputs (FfnContext::token_context)
   std::vector<Workspace::Buffer*> resid_;  // n_layers + 1 residual streams [N,C]
+  Workspace::Buffer &ids_;  // [2N] int32 on the device: the inputs, then the targets
   Workspace::Buffer &lnf_, &logits_, &probs_, &losses_, &dlogits_, &dlnf_, &dres_a_, &dres_b_;
   // the inference path: the rows' int arrays on the device, two residual streams, the logit rows
   Workspace::Buffer &inf_ints_, &inf_a_, &inf_b_, &inf_last_, &inf_lnf_, &inf_logits_;

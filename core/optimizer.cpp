@@ -31,7 +31,7 @@ namespace {
 
 // sum of squares of a param's gradient (row-sparse: its touched rows, in parallel; double accumulation)
 double grad_sum_squares(const Param& p) {
-  if (!p.row_sparse) return cpu::sum_squares(p.grad.f32(), p.grad.numel());
+  if (!p.row_sparse) return backend_for(p.grad.device()).sum_squares(p.grad.f32(), p.grad.numel());
   const int64_t rs = p.row_size(), nt = static_cast<int64_t>(p.touched.size());
   const float* g = p.grad.f32();           // [rows, rs]
   const int64_t* rows = p.touched.data();  // [nt]
@@ -46,7 +46,7 @@ double grad_sum_squares(const Param& p) {
 
 // g *= scale over a param's gradient (row-sparse: its touched rows)
 void scale_grad(Param& p, float scale) {
-  if (!p.row_sparse) return cpu::scale_inplace(p.grad.f32(), scale, p.grad.numel());
+  if (!p.row_sparse) return backend_for(p.grad.device()).scale_inplace(p.grad.f32(), scale, p.grad.numel());
   const int64_t rs = p.row_size(), nt = static_cast<int64_t>(p.touched.size());
   float* g = p.grad.f32();
   const int64_t* rows = p.touched.data();
@@ -76,9 +76,9 @@ double clip_grad_norm(ParamStore& ps, double max_norm, const ShardSum& sum_shard
   return norm;
 }
 
-AdamW::AdamW(ParamStore& ps, const proto::OptimizerConfig& cfg, Backend& backend)
-    : ps_(ps), cfg_(cfg), be_(backend) {
-  const Device dev = be_.device();  // the moments live where the update runs
+AdamW::AdamW(ParamStore& ps, const proto::OptimizerConfig& cfg)
+    : ps_(ps), cfg_(cfg), be_(backend_for(ps.device())) {
+  const Device dev = ps.device();
   for (Param* p : ps.all()) {
     m_.push_back(Tensor::zeros(p->value.shape(), DType::kF32, dev));
     v_.push_back(Tensor::zeros(p->value.shape(), DType::kF32, dev));

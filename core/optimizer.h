@@ -30,8 +30,8 @@ double clip_grad_norm(ParamStore& ps, double max_norm, const ShardSum& sum_shard
 
 class AdamW {
  public:
-  // backend: where the parameters, gradients and moments live and the update runs (Backend::adamw, adamw_rows).
-  AdamW(ParamStore& ps, const proto::OptimizerConfig& cfg, Backend& backend = cpu_backend());
+  // The moments live, and the update runs (Backend::adamw, adamw_rows), on the parameters' device.
+  AdamW(ParamStore& ps, const proto::OptimizerConfig& cfg);
   // One update with learning rate lr. Step counter t is per optimizer (bias correction); row-sparse params
   // update only their touched rows, each row with its own step count (lazy Adam), so the cost of a step grows
   // with the rows used, not the table size. Frozen params (Param::frozen) are skipped: no moments, no weight

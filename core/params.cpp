@@ -10,8 +10,8 @@ Param* ParamStore::add(const std::string& name, const Shape& shape, bool decay, 
   MOE_CHECK(find(name) == nullptr, "parameter '" << name << "' registered twice");
   auto p = std::make_unique<Param>();
   p->name = name;
-  p->value = sized_only_ ? Tensor::shape_only(shape) : Tensor::zeros(shape);
-  p->grad = sized_only_ || !with_grads_ ? Tensor::shape_only(shape) : Tensor::zeros(shape);
+  p->value = sized_only_ ? Tensor::shape_only(shape) : Tensor::zeros(shape, DType::kF32, device_);
+  p->grad = sized_only_ || !with_grads_ ? Tensor::shape_only(shape) : Tensor::zeros(shape, DType::kF32, device_);
   p->decay = decay;
   p->init = init;
   if (init == Init::kOnes && !sized_only_) p->value.fill_(1.0f);
@@ -23,6 +23,8 @@ Param* ParamStore::add(const std::string& name, const Shape& shape, bool decay, 
 Param* ParamStore::add_expert(const std::string& name, const Shape& shape, bool decay, Init init, int64_t first_row,
                               bool row_sparse) {
   MOE_CHECK(!shape.empty(), "expert parameter '" << name << "' needs at least one dimension (experts)");
+  MOE_CHECK(!row_sparse || device_ == Device::kCPU,
+            "row-sparse parameter '" << name << "': tables with row-sparse updates live on the CPU only so far");
   Param* p = add(name, shape, decay, init);
   p->expert_sharded = true;
   p->first_row = first_row;
@@ -83,10 +85,10 @@ void init_normal(Tensor& t, Rng& rng, float std) {
 
 namespace {
 // Rows of an expert-sharded parameter, global row g from Rng(seed ^ hash(name) ^ golden * (g + 1)).
-void init_expert_rows(Param& p, uint64_t seed, float std) {
-  const int64_t rows = p.value.dim(0), per = p.value.numel() / std::max<int64_t>(rows, 1);
+void init_expert_rows(Tensor& t, const Param& p, uint64_t seed, float std) {
+  const int64_t rows = t.dim(0), per = t.numel() / std::max<int64_t>(rows, 1);
   const uint64_t base = seed ^ hash_name(p.name);
-  float* w = p.value.f32();
+  float* w = t.f32();
 #pragma omp parallel for schedule(dynamic, 64) if (rows * per > (1 << 20))
   for (int64_t e = 0; e < rows; ++e) {
     Rng rng(base ^ (0x9e3779b97f4a7c15ULL * static_cast<uint64_t>(p.first_row + e + 1)));
@@ -100,9 +102,15 @@ void init_params(ParamStore& ps, uint64_t seed, float std, float out_std) {
   for (Param* p : ps.all()) {
     const bool normal = p->init == Init::kNormal || p->init == Init::kNormalOut;
     const float s = p->init == Init::kNormalOut ? out_std : std;
-    if (!normal) p->init == Init::kOnes ? p->value.fill_(1.0f) : p->value.zero_();
-    else if (p->expert_sharded) init_expert_rows(*p, seed, s);
-    else init_normal(p->value, rng, s);
+    if (!normal) {
+      p->init == Init::kOnes ? p->value.fill_(1.0f) : p->value.zero_();
+      continue;
+    }
+    const bool host = p->value.device() == Device::kCPU;  // (a device's values are drawn on the host, then copied)
+    Tensor t = host ? p->value : Tensor::empty(p->value.shape());
+    if (p->expert_sharded) init_expert_rows(t, *p, seed, s);
+    else init_normal(t, rng, s);
+    if (!host) device_copy(p->value.raw(), p->value.device(), t.raw(), Device::kCPU, t.nbytes());
   }
 }
 

@@ -19,8 +19,8 @@ enum class Init {
 
 struct Param {
   std::string name;   // e.g. "layers.0.attn.wq"
-  Tensor value;       // f32
-  Tensor grad;        // f32, same shape
+  Tensor value;       // f32, on the store's device
+  Tensor grad;        // f32, same shape and device
   bool decay = true;  // apply weight decay (matrices and embeddings; not norms or biases)
   Init init = Init::kNormal;
   // Frozen: trained by nobody. AdamW skips it (no moment updates, no weight decay, no row step counts), gradient
@@ -54,8 +54,9 @@ class ParamStore {
  public:
   // sized_only: parameters get their shapes but no storage (for sizing a model without allocating it).
   // with_grads false: values only, gradients get their shapes but no storage (inference: generation, serving).
-  explicit ParamStore(bool sized_only = false, bool with_grads = true)
-      : sized_only_(sized_only), with_grads_(with_grads) {}
+  // device: where values and gradients live (the model's device).
+  explicit ParamStore(bool sized_only = false, bool with_grads = true, Device device = Device::kCPU)
+      : sized_only_(sized_only), with_grads_(with_grads), device_(device) {}
   // Adds a zero-initialised parameter; the returned pointer stays valid (params live in a deque-like vector of
   // unique_ptr).
   Param* add(const std::string& name, const Shape& shape, bool decay, Init init = Init::kNormal);
@@ -70,10 +71,12 @@ class ParamStore {
   const std::vector<Param*>& all() const { return view_; }
   void zero_grad();
   int64_t numel() const;
+  Device device() const { return device_; }
 
  private:
   bool sized_only_;
   bool with_grads_;
+  Device device_;
   std::vector<std::unique_ptr<Param>> params_;
   std::vector<Param*> view_;
 };

@@ -171,7 +171,12 @@ Tensor Tensor::reshape(const Shape& shape) const {
 void Tensor::zero_() { device_memset0(device_, raw(), nbytes()); }
 
 void Tensor::fill_(float v) {
-  MOE_CHECK(device_ == Device::kCPU, "fill_: CPU tensors only");
+  if (device_ != Device::kCPU) {  // filled on the host, then copied
+    Tensor h = empty(shape_, dtype_, Device::kCPU);
+    h.fill_(v);
+    device_copy(raw(), device_, h.raw(), Device::kCPU, nbytes());
+    return;
+  }
   if (dtype_ == DType::kF32) {
     for (int64_t i = 0; i < numel_; ++i) f32()[i] = v;
   } else if (dtype_ == DType::kBF16) {

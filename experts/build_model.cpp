@@ -8,6 +8,7 @@
 #include <map>
 #include <sstream>
 
+#include "core/config.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "experts/moe_layer.h"
@@ -55,10 +56,13 @@ FfnFactory ffn_factory(const ModelInputs& in, uint64_t seed) {
 
 void check_device(const proto::ModelConfig& m) {
   if (m.device() != proto::DEVICE_CUDA) return;
+  // dense models run on CUDA; the MoE and word-expert layers' routing and dispatch still run on the host
+  for (int l = 0; l < std::min(m.n_layers(), std::max(1, m.ffn_pattern_size())); ++l)  // (the pattern repeats)
+    MOE_CHECK(layer_ffn_kind(m, l) == proto::FFN_DENSE,
+              "config field model.device = DEVICE_CUDA: runs dense FFN layers only so far (layer "
+                  << l << " is " << proto::FfnKind_Name(layer_ffn_kind(m, l))
+                  << "): MoE and word-expert layers (model.ffn_pattern) need DEVICE_CPU");
   backend_for(Device::kCUDA);  // no CUDA build or no device: its own clear error
-  MOE_THROW("config field model.device = DEVICE_CUDA: the CUDA backend builds and its ops are tested, but models "
-            "do not run on it yet (parameters, optimizer and expert dispatch still live in host memory); use "
-            "DEVICE_CPU");
 }
 
 std::unique_ptr<Model> build_model(const Config& cfg, const ModelInputs& in) {

@@ -74,17 +74,30 @@ std::vector<ckpt::LocalTensor> RunState::tensors() const {
   return out;
 }
 
+namespace {
+// t itself on the CPU, else a host copy (checkpoints read and write host memory)
+Tensor on_host(const Tensor& t) { return t.device() == Device::kCPU ? t : t.to(Device::kCPU); }
+
+// reads `name` into t (through a host copy for a device's tensor)
+void read_into(ckpt::Reader& r, const std::string& name, Tensor& t, int64_t row_offset) {
+  if (t.device() == Device::kCPU) return r.read(name, t, row_offset);
+  Tensor h = Tensor::empty(t.shape(), t.dtype());
+  r.read(name, h, row_offset);
+  device_copy(t.raw(), t.device(), h.raw(), Device::kCPU, t.nbytes());
+}
+}  // namespace
+
 std::vector<ckpt::LocalTensor> collect_local_state(const ParamStore& ps, const AdamW* opt) {
   std::vector<ckpt::LocalTensor> out;
   const auto& all = ps.all();
-  for (const Param* p : all) out.push_back({ckpt::param_key(p->name), p->value, p->expert_sharded});
+  for (const Param* p : all) out.push_back({ckpt::param_key(p->name), on_host(p->value), p->expert_sharded});
   if (!opt) return out;
   auto& o = const_cast<AdamW&>(*opt);  // the moments alias the live optimizer state (read only here)
   for (size_t i = 0; i < all.size(); ++i) {
     const bool sh = all[i]->expert_sharded;
-    out.push_back({ckpt::optim_m_key(all[i]->name), o.m()[i], sh});
-    out.push_back({ckpt::optim_v_key(all[i]->name), o.v()[i], sh});
-    if (all[i]->row_sparse) out.push_back({ckpt::optim_row_t_key(all[i]->name), o.row_t()[i], sh});
+    out.push_back({ckpt::optim_m_key(all[i]->name), on_host(o.m()[i]), sh});
+    out.push_back({ckpt::optim_v_key(all[i]->name), on_host(o.v()[i]), sh});
+    if (all[i]->row_sparse) out.push_back({ckpt::optim_row_t_key(all[i]->name), on_host(o.row_t()[i]), sh});
   }
   return out;
 }
@@ -102,12 +115,12 @@ std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, const AdamW* 
 void restore_state(ckpt::Reader& r, ParamStore& ps, AdamW* opt) {
   const auto& all = ps.all();
   auto offset = [](const Param* p) { return p->expert_sharded ? p->first_row : 0; };
-  for (Param* p : all) r.read(ckpt::param_key(p->name), p->value, offset(p));
+  for (Param* p : all) read_into(r, ckpt::param_key(p->name), p->value, offset(p));
   if (!opt) return;
   for (size_t i = 0; i < all.size(); ++i) {
-    r.read(ckpt::optim_m_key(all[i]->name), opt->m()[i], offset(all[i]));
-    r.read(ckpt::optim_v_key(all[i]->name), opt->v()[i], offset(all[i]));
-    if (all[i]->row_sparse) r.read(ckpt::optim_row_t_key(all[i]->name), opt->row_t()[i], offset(all[i]));
+    read_into(r, ckpt::optim_m_key(all[i]->name), opt->m()[i], offset(all[i]));
+    read_into(r, ckpt::optim_v_key(all[i]->name), opt->v()[i], offset(all[i]));
+    if (all[i]->row_sparse) read_into(r, ckpt::optim_row_t_key(all[i]->name), opt->row_t()[i], offset(all[i]));
   }
 }
 

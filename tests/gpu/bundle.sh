@@ -28,6 +28,8 @@ for lib in $needed; do
   mkdir -p "$root$(dirname "$lib")"
   [[ -e "$root$lib" ]] || cp "$real" "$root$lib"
 done
+mkdir -p "$stage/moe-gpu/data"  # the training runs' text (the device machine has no shared/ folder)
+cp "$src/../shared/data/tinyshakespeare.txt" "$stage/moe-gpu/data/"
 mkdir -p "$src/.gpu"
 tar -C "$stage" -cJf "$src/.gpu/moe-gpu.tar.xz" moe-gpu
 n_libs=$(find "$root" -name '*.so*' | wc -l)

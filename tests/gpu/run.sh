@@ -3,8 +3,9 @@
 # tests/gpu/bundle.sh):   tests/gpu/run.sh
 # Runs, each under a time limit: the CUDA op and backend tests against the CPU kernels (cuda_tests), the
 # host-staged collectives on device memory at 1 and 2 ranks sharing the GPU, the communication backend factory
-# (NCCL at 1 rank; at 2 ranks on one GPU NCCL must be refused on every rank alike), and the GEMM bench (bench_gpu:
-# bf16 through our cuBLASLt path vs raw cuBLASLt, and fp32). Writes $OUT/gpu.log (all output), one .txt per check
+# (NCCL at 1 rank; at 2 ranks on one GPU NCCL must be refused on every rank alike), 50 training steps of a dense
+# config on the CPU, on CUDA, and on 2 ranks sharing the GPU (losses compared), greedy generation on CUDA vs the CPU,
+# and the GEMM bench (bench_gpu: bf16 through our cuBLASLt path vs raw cuBLASLt, and fp32). Writes $OUT/gpu.log (all output), one .txt per check
 # and $OUT/results.md (one row per check, then the GEMM lines). Expected to take a few minutes on an H200.
 set -uo pipefail
 OUT=${OUT:-/tmp/moe-gpu-out}
@@ -35,6 +36,7 @@ export PMIX_INSTALL_PREFIX=$root/usr/lib/x86_64-linux-gnu/pmix2
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export OMPI_MCA_btl=self,vader OMPI_MCA_pml=ob1  # one machine: shared memory only
 bin=$dir/bin
+export OUT src dir bin
 table=$OUT/results.md
 printf '| check | result | seconds |\n| --- | --- | --- |\n' > "$table"
 # check NAME LIMIT_S CMD...: runs CMD, records PASS/FAIL and gtest's summary line
@@ -42,7 +44,11 @@ check() {
   local name=$1 limit=$2; shift 2
   echo "=== $name: $*"
   local t0=$SECONDS rc=0
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1 || rc=$?
+  if declare -F "$1" > /dev/null; then  # a function of this script: run by a bash that has it
+    timeout "$limit" bash -c "$(declare -f "$1"); $1 \"\$@\"" _ "${@:2}" > "$OUT/$name.txt" 2>&1 || rc=$?
+  else
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1 || rc=$?
+  fi
   cat "$OUT/$name.txt"
   local summary
   summary=$(sed "s/\x1b\[[0-9;]*m//g" "$OUT/$name.txt" | grep -oE "(PASSED|SKIPPED|FAILED) +\] [0-9]+ tests?" |
@@ -54,6 +60,44 @@ echo "=== machine"; nvidia-smi -L || true; nproc
 check cuda_tests 300 "$bin/cuda_tests"
 check staged_np1 120 mpirun -np 1 --bind-to none "$bin/mpi_tests" --gtest_filter='*StagedComm*:Comm.BackendFactory'
 check staged_np2 120 mpirun -np 2 --bind-to none "$bin/mpi_tests" --gtest_filter='*StagedComm*:Comm.BackendFactory'
+# training on CUDA (a dense config: model.device = DEVICE_CUDA), 50 steps of deploy/configs/tiny_test.pbtxt: the
+# CPU run, the CUDA run, and 2 ranks sharing the GPU (gradients all-reduced through host memory over MPI)
+train() {  # train NAME RANKS DEVICE
+  mpirun -np "$2" --bind-to none "$bin/moe" train --config "$src/deploy/configs/tiny_test.pbtxt" --threads 4 \
+    --set "data.train_file=$dir/data/tinyshakespeare.txt" --set "model.device=$3" --set checkpoint.every=0 \
+    --set "train.out_dir=$OUT/run_$1" --loss-log "$OUT/$1.loss"
+}
+# same_losses A B: the first 5 losses within 2e-3 (relative) and the mean of the last 10 within 2%
+same_losses() {
+  local a b
+  a=$(while read -r s l; do printf '%s %.9g\n' "$s" "$l"; done < "$OUT/$1.loss")
+  b=$(while read -r s l; do printf '%s %.9g\n' "$s" "$l"; done < "$OUT/$2.loss")
+  paste <(echo "$a") <(echo "$b") | awk -v A="$1" -v B="$2" '
+    { n++; x[n] = $2; y[n] = $4; if (n <= 5) { d = x[n] - y[n]; if (d < 0) d = -d; if (d > 2e-3 * x[n]) bad = 1 } }
+    END { for (i = n - 9; i <= n; i++) { sa += x[i]; sb += y[i] }
+          r = (sa - sb) / sa; if (r < 0) r = -r
+          printf "%s vs %s: %d losses, first %.6f vs %.6f, last-10 mean %.6f vs %.6f (%.3f%%)\n", A, B, n, x[1], y[1],
+                 sa / 10, sb / 10, 100 * r
+          if (n < 10 || bad || r > 0.02) { print "FAILED ] 1 test"; exit 1 } print "PASSED ] 1 test" }'
+}
+check train_cpu 300 train cpu 1 DEVICE_CPU
+check train_cuda 300 train cuda 1 DEVICE_CUDA
+check train_cuda_np2 300 train cuda_np2 2 DEVICE_CUDA
+check losses_cuda 10 same_losses cpu cuda
+check losses_cuda_np2 10 same_losses cuda cuda_np2
+# the serving engine on CUDA (paged KV cache in device memory; moe generate runs the server's engine): the greedy
+# continuation of the CUDA-trained checkpoint equal to the CPU's
+same_greedy() {
+  for d in CPU CUDA; do
+    "$bin/moe" generate --checkpoint "$OUT/run_cuda/checkpoints" --set "model.device=DEVICE_$d" \
+      --set generate.temperature=0 --set generate.max_new_tokens=40 --prompt "ROMEO:" --print-ids > "$OUT/greedy_$d.txt" &&
+      [[ -s "$OUT/greedy_$d.txt" ]] || { echo "generate on $d failed"; echo "FAILED ] 1 test"; return 1; }
+  done
+  cat "$OUT/greedy_CUDA.txt"
+  if cmp -s "$OUT/greedy_CPU.txt" "$OUT/greedy_CUDA.txt"; then echo "PASSED ] 1 test"; else
+    diff "$OUT/greedy_CPU.txt" "$OUT/greedy_CUDA.txt" | head -5; echo "FAILED ] 1 test"; return 1; fi
+}
+check greedy_cuda 120 same_greedy
 check bench_gpu 240 "$bin/bench_gpu"
 grep -h "^GEMM" "$OUT/bench_gpu.txt" | sed 's/^/    /' >> "$table" || true
 echo "=== results"; cat "$table"

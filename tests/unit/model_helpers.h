@@ -7,9 +7,35 @@
 #include "core/config.h"
 #include "core/kv_cache.h"
 #include "core/model.h"
+#include "core/rng.h"
 #include "experts/build_model.h"
 
 namespace moe::test {
+
+// A 2-layer model of vocabulary 37, d_model 32, d_ff 48, max_seq_len 16 with H query and Hkv key/value heads.
+inline proto::ModelConfig tiny_config(int H, int Hkv, proto::Activation act, proto::NormKind norm, bool tied) {
+  proto::ModelConfig m;
+  m.set_vocab_size(37);
+  m.set_d_model(32);
+  m.set_n_layers(2);
+  m.set_n_heads(H);
+  m.set_n_kv_heads(Hkv);
+  m.set_d_ff(48);
+  m.set_activation(act);
+  m.set_norm(norm);
+  m.set_max_seq_len(16);
+  m.set_rope_theta(10000.0f);
+  m.set_norm_eps(1e-5f);
+  m.set_tie_embeddings(tied);
+  m.set_init_std(0.1f);  // larger than usual so every path carries signal
+  return m;
+}
+
+// v = n tokens drawn uniformly from [0, V)
+inline void random_tokens(Rng& rng, std::vector<int32_t>& v, int n, int V) {
+  v.resize(n);
+  for (auto& x : v) x = static_cast<int32_t>(rng.below(V));
+}
 
 // A model of `m` with weights drawn from `seed` (train.seed), built by experts::build_model.
 inline std::unique_ptr<Model> make_model(const proto::ModelConfig& m, uint64_t seed,

@@ -18,24 +18,6 @@
 namespace moe::test {
 namespace {
 
-proto::ModelConfig tiny_config(int H, int Hkv, proto::Activation act, proto::NormKind norm, bool tied) {
-  proto::ModelConfig m;
-  m.set_vocab_size(37);
-  m.set_d_model(32);
-  m.set_n_layers(2);
-  m.set_n_heads(H);
-  m.set_n_kv_heads(Hkv);
-  m.set_d_ff(48);
-  m.set_activation(act);
-  m.set_norm(norm);
-  m.set_max_seq_len(16);
-  m.set_rope_theta(10000.0f);
-  m.set_norm_eps(1e-5f);
-  m.set_tie_embeddings(tied);
-  m.set_init_std(0.1f);  // larger than usual so every path carries signal
-  return m;
-}
-
 std::string to_json(const proto::ModelConfig& m) {
   std::ostringstream o;
   o << "{\"vocab_size\": " << m.vocab_size() << ", \"d_model\": " << m.d_model() << ", \"n_layers\": "
@@ -45,11 +27,6 @@ std::string to_json(const proto::ModelConfig& m) {
     << ", \"norm_eps\": " << m.norm_eps() << ", \"tie_embeddings\": " << (m.tie_embeddings() ? "true" : "false")
     << "}";
   return o.str();
-}
-
-void random_tokens(Rng& rng, std::vector<int32_t>& v, int n, int V) {
-  v.resize(n);
-  for (auto& x : v) x = static_cast<int32_t>(rng.below(V));
 }
 
 struct Case {
