@@ -168,6 +168,7 @@ Backend& backend_for(Device d) {
   MOE_CHECK(cuda_available(),
             "model.device = cuda: no CUDA device is visible (check nvidia-smi and "
             "CUDA_VISIBLE_DEVICES)");
+  cuda_bind_device();  // (the backend's stream and handles belong to this process's GPU)
   return cuda::cuda_backend();
 #else
   MOE_THROW("model.device = " << device_name(d)

@@ -70,6 +70,10 @@ void device_memset0(Device d, void* p, size_t bytes) {
   if (bytes) std::memset(p, 0, bytes);
 }
 bool cuda_available() { return false; }
+int cuda_device_count() { return 0; }
+void cuda_use_device(int) {}
+void cuda_bind_device() {}
+double cuda_free_bytes() { return 0; }
 #endif
 
 Tensor Tensor::empty(const Shape& shape, DType dt, Device dev) {

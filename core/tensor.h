@@ -30,6 +30,13 @@ void device_free(Device d, void* p);
 void device_copy(void* dst, Device dst_dev, const void* src, Device src_dev, size_t bytes);
 void device_memset0(Device d, void* p, size_t bytes);
 bool cuda_available();  // compiled with CUDA and at least one device usable
+int cuda_device_count();  // the CUDA devices visible (0 without CUDA support or a driver)
+// The GPU this process's CUDA work runs on (a rank's: local rank % devices, launcher/launch_env.h). Only recorded:
+// cuda_bind_device makes it current in the calling thread, which the hooks above and backend_for(kCUDA) do before
+// their first CUDA call, so a process that never uses CUDA creates no context.
+void cuda_use_device(int ordinal);
+void cuda_bind_device();
+double cuda_free_bytes();  // free memory of this process's GPU now (0 without CUDA)
 
 class Tensor {
  public:

@@ -180,7 +180,11 @@ double available_memory() {
 
 void check_memory(const Config& cfg, int world, int ranks_on_node, const std::string& what) {
   const MemoryEstimate e = estimate_memory(cfg, world);
-  const double need = e.total() * std::max(1, ranks_on_node), avail = available_memory();
+  // a device model: the free memory of this rank's GPU, shared by the node's ranks on the same GPU
+  const bool gpu = cfg.model().device() == proto::DEVICE_CUDA;
+  const int gpus = std::max(1, cuda_device_count()), ranks = std::max(1, ranks_on_node);
+  const int sharing = gpu ? (ranks + gpus - 1) / gpus : ranks;
+  const double need = e.total() * sharing, avail = gpu ? cuda_free_bytes() : available_memory();
   if (avail <= 0 || need <= avail) return;
   const auto& m = cfg.model();
   std::ostringstream ffn;
@@ -193,8 +197,8 @@ void check_memory(const Config& cfg, int world, int ranks_on_node, const std::st
     else
       ffn << ", model.d_ff = " << m.d_ff();
   }
-  MOE_THROW(what << " needs an estimated " << format_bytes(need) << " of memory on this node ("
-                 << std::max(1, ranks_on_node) << " rank(s) x " << format_bytes(e.total()) << ": " << e.breakdown()
+  MOE_THROW(what << " needs an estimated " << format_bytes(need)
+                 << (gpu ? " of GPU memory (" : " of memory on this node (") << sharing << " rank(s) x " << format_bytes(e.total()) << ": " << e.breakdown()
                  << ") but " << format_bytes(avail) << " is available; it is driven by model.n_layers = "
                  << m.n_layers() << ", model.d_model = " << m.d_model() << ffn.str() << ", model.vocab_size = "
                  << m.vocab_size() << ", data.batch_size = " << cfg.data().batch_size() << ", data.seq_len = "

@@ -52,7 +52,8 @@ struct MemoryEstimate {
 MemoryEstimate estimate_memory(const Config& cfg, int world);
 
 // Throws, before anything is allocated, when ranks_on_node ranks of this estimate exceed the memory available on
-// this node (MemAvailable, or the cgroup limit if lower). `what` names the command ("training", "evaluation").
+// this node (MemAvailable, or the cgroup limit if lower); for a model on CUDA, when the node's ranks sharing one GPU
+// exceed its free memory. `what` names the command ("training", "evaluation").
 void check_memory(const Config& cfg, int world, int ranks_on_node, const std::string& what);
 // Bytes available to this process now: min(MemAvailable, cgroup memory.max - memory.current).
 double available_memory();

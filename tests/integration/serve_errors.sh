@@ -83,6 +83,7 @@ expect 200 '"text_completion"' POST /v1/completions "${json[@]}" -d "$ok"
 stop_server TERM || fail "the server did not drain cleanly"
 
 echo "loading: /health is 503 until the model (and a 2 GiB KV cache) is ready, then 200"
+: > "$work/serve_l.log"  # (exists before the first read: the background job opens it only once it runs)
 "$MOE_BIN" serve --checkpoint "$ckpt" --threads 1 --set serving.port=0 --set serving.kv_cache_bytes=2147483648 \
   > "$work/serve_l.log" 2>&1 &
 server_pid=$!

@@ -7,6 +7,30 @@
 #include "core/tensor.h"
 
 namespace moe {
+namespace {
+int g_ordinal = 0;  // cuda_use_device
+}  // namespace
+
+void cuda_use_device(int ordinal) { g_ordinal = ordinal; }
+
+void cuda_bind_device() {
+  thread_local bool bound = false;
+  if (bound) return;
+  MOE_CUDA_CHECK(cudaSetDevice(g_ordinal));
+  bound = true;
+}
+
+double cuda_free_bytes() {
+  cuda_bind_device();
+  size_t free = 0, total = 0;
+  MOE_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  return static_cast<double>(free);
+}
+
+int cuda_device_count() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
 
 void* device_alloc(Device d, size_t bytes) {
   if (bytes == 0) bytes = 64;
@@ -14,6 +38,7 @@ void* device_alloc(Device d, size_t bytes) {
   if (d == Device::kCPU) {
     p = host_alloc(bytes);
   } else {
+    cuda_bind_device();
     MOE_CUDA_CHECK(cudaMalloc(&p, bytes));
   }
   return p;
@@ -30,18 +55,19 @@ void device_copy(void* dst, Device dst_dev, const void* src, Device src_dev, siz
     std::memcpy(dst, src, bytes);
     return;
   }
+  cuda_bind_device();
   MOE_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
 }
 
 void device_memset0(Device d, void* p, size_t bytes) {
   if (!bytes) return;
   if (d == Device::kCPU) std::memset(p, 0, bytes);
-  else MOE_CUDA_CHECK(cudaMemset(p, 0, bytes));
+  else {
+    cuda_bind_device();
+    MOE_CUDA_CHECK(cudaMemset(p, 0, bytes));
+  }
 }
 
-bool cuda_available() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
+bool cuda_available() { return cuda_device_count() > 0; }
 
 }  // namespace moe

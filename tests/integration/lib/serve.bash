@@ -21,6 +21,7 @@ train_tiny_moe() {
 # waits until its log names the port and /health answers 200; sets server_pid and port
 start_server() {
   local log=$1; shift
+  : > "$log"  # (exists before the first read below: the background job opens it only once it runs)
   "$@" > "$log" 2>&1 &
   server_pid=$!
   port=""
