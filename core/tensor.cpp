@@ -71,7 +71,7 @@ void device_memset0(Device d, void* p, size_t bytes) {
 }
 bool cuda_available() { return false; }
 int cuda_device_count() { return 0; }
-void cuda_use_device(int) {}
+void cuda_pick_device(std::function<int(int)>) {}
 void cuda_bind_device() {}
 double cuda_free_bytes() { return 0; }
 #endif

@@ -2,6 +2,7 @@
 // Storage is shared (copying a Tensor is cheap and aliases the same bytes; use clone() for a deep copy).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <string>
@@ -31,10 +32,11 @@ void device_copy(void* dst, Device dst_dev, const void* src, Device src_dev, siz
 void device_memset0(Device d, void* p, size_t bytes);
 bool cuda_available();  // compiled with CUDA and at least one device usable
 int cuda_device_count();  // the CUDA devices visible (0 without CUDA support or a driver)
-// The GPU this process's CUDA work runs on (a rank's: local rank % devices, launcher/launch_env.h). Only recorded:
-// cuda_bind_device makes it current in the calling thread, which the hooks above and backend_for(kCUDA) do before
-// their first CUDA call, so a process that never uses CUDA creates no context.
-void cuda_use_device(int ordinal);
+// How this process picks its GPU from the number visible (a rank's: local rank % devices, launcher/launch_env.h;
+// default: device 0). Only recorded: cuda_bind_device asks it (once) and makes that GPU current in the calling
+// thread, which the hooks above and backend_for(kCUDA) do before their first CUDA call, so a process that never
+// uses CUDA neither counts the devices nor creates a context.
+void cuda_pick_device(std::function<int(int device_count)> pick);
 void cuda_bind_device();
 double cuda_free_bytes();  // free memory of this process's GPU now (0 without CUDA)
 

@@ -315,7 +315,7 @@ int run_cli(int argc, char** argv) {
   try {
     const LaunchInfo launch = detect_launch(rank, world);
     check_launch_environment(launch);
-    if (const int gpus = cuda_device_count(); gpus > 0) cuda_use_device(select_device(launch, gpus));
+    cuda_pick_device([launch](int gpus) { return select_device(launch, gpus); });
     if (argc >= 2 && std::string(argv[1]) == "ckpt") {  // checkpoint utilities: own argument parsing
       MOE_CHECK(world == 1, "'moe ckpt' runs on one rank (launched on " << world << ")");
       rc = ckpt_tool_main(argc - 1, argv + 1);

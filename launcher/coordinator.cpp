@@ -221,7 +221,6 @@ struct Group {
   // what follows once the processes of a stop under way are gone
   enum AfterStop { kNone, kRecover, kFinished, kShutDown, kRelaunch } after_stop = kNone;
   std::optional<Event> failure;  // kRecover: the failure's event, recorded once the launch's output is complete
-  Clock::time_point failed_at;
   Clock::time_point launched, next_launch, stop_asked;
   int launches_without_progress = 0;
   bool planned = false;  // the stop under way was asked for (a resize, a shutdown)
@@ -527,10 +526,9 @@ void Coordinator::check_members(Group& g) {
   double step_time = 0;
   for (auto& [rank, m] : g.members) step_time = std::max(step_time, m.hb.step_time_s());
   for (auto& [rank, m] : g.members) {
-    if (!m.connected) continue;
+    if (!m.connected || !judge_silence_) continue;
     const double age = secs(m.last_hb, now);
     const std::string who = "rank " + std::to_string(rank) + " (pid " + std::to_string(m.pid) + ")";
-    if (!judge_silence_) continue;
     if (age > o_.heartbeat_timeout_s) {
       const std::string why = process_stopped(static_cast<pid_t>(m.pid)) ? " is stopped (hung: SIGSTOP or a debugger)"
                               : process_alive(static_cast<pid_t>(m.pid)) ? " is alive but silent (hung)"
@@ -680,7 +678,7 @@ void Coordinator::fail(Group& g, const std::string& cause, double detection_s) {
   if (g.state != Group::kRunning && g.state != Group::kStarting) return;
   MOE_WARN("coordinator: epoch " << g.epoch << ": " << cause << "; stopping the group");
   g.failure = Event{unix_now(), g.epoch, "failure", cause, detection_s, -1, -1, g.layout.world, 0, o_.serve ? g.id : -1};
-  g.failed_at = Clock::now();
+  g.recovery = Recovery{Clock::now(), g.max_step, 0};  // (its event: once recorded, in recover)
   stop_group(g, Group::kRecover);
 }
 
@@ -693,7 +691,7 @@ void Coordinator::recover(Group& g) {
   e.cause += last_error(g.log);
   if (e.cause.size() > said) MOE_WARN("coordinator: epoch " << g.epoch << e.cause.substr(said));
   record(e);
-  g.recovery = Recovery{g.failed_at, g.max_step, events_.size() - 1};
+  g.recovery->event = events_.size() - 1;
   if (g.launches_without_progress >= o_.max_restarts) {
     g.state = Group::kFailed;
     record({unix_now(), g.epoch, "error",
@@ -705,7 +703,7 @@ void Coordinator::recover(Group& g) {
   const double backoff =
       g.launches_without_progress > 1 ? std::min(30.0, std::pow(2.0, g.launches_without_progress - 1)) : 0.0;
   g.state = Group::kBackoff;
-  g.next_launch = g.failed_at + std::chrono::milliseconds(static_cast<int64_t>(backoff * 1000));
+  g.next_launch = g.recovery->detected + std::chrono::milliseconds(static_cast<int64_t>(backoff * 1000));
   if (backoff > 0) MOE_INFO("coordinator: relaunching in " << backoff << " s (backoff)");
 }
 

@@ -8,15 +8,19 @@
 
 namespace moe {
 namespace {
-int g_ordinal = 0;  // cuda_use_device
+std::function<int(int)>& picker() {  // cuda_pick_device
+  static std::function<int(int)> pick = [](int) { return 0; };
+  return pick;
+}
 }  // namespace
 
-void cuda_use_device(int ordinal) { g_ordinal = ordinal; }
+void cuda_pick_device(std::function<int(int)> pick) { picker() = std::move(pick); }
 
 void cuda_bind_device() {
   thread_local bool bound = false;
   if (bound) return;
-  MOE_CUDA_CHECK(cudaSetDevice(g_ordinal));
+  static const int ordinal = picker()(cuda_device_count());  // (asked once per process)
+  MOE_CUDA_CHECK(cudaSetDevice(ordinal));
   bound = true;
 }
 
