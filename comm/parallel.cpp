@@ -60,13 +60,19 @@ void Parallel::reduce_grads(ParamStore& ps) {
   Communicator* dp = groups_.dp_size > 1 ? groups_.data_parallel.get() : nullptr;
   for (Param* p : ps.all()) {
     if (!p->expert_sharded) continue;
-    MOE_CHECK(ps.device() == Device::kCPU,
-              "expert-sharded gradient '" << p->name << "': reduced for CPU parameters only so far");
-    if (!p->row_sparse) {
-      if (dp) dp->all_reduce_sum(p->grad.f32(), static_cast<size_t>(p->grad.numel()));
-      cpu::scale_inplace(p->grad.f32(), inv, p->grad.numel());
+    if (!p->row_sparse) {  // in place on the host; a device's gradient staged through the host buffer
+      const int64_t m = p->grad.numel();
+      const bool staged = ps.device() != Device::kCPU;
+      if (staged && static_cast<int64_t>(flat_.size()) < m) flat_.resize(m);
+      float* g = staged ? flat_.data() : p->grad.f32();
+      if (staged) be.to_host(g, p->grad.f32(), p->grad.nbytes());
+      if (dp) dp->all_reduce_sum(g, static_cast<size_t>(m));
+      cpu::scale_inplace(g, inv, m);
+      if (staged) be.from_host(p->grad.f32(), g, p->grad.nbytes());
       continue;
     }
+    MOE_CHECK(ps.device() == Device::kCPU,
+              "row-sparse gradient '" << p->name << "': reduced for CPU parameters only so far");
     const int64_t rs = p->row_size();
     if (dp) {
       // union of the touched rows of all replicas: gather counts, then the (padded) row lists

@@ -142,6 +142,17 @@ class CpuBackend final : public Backend {
   void add(float* out, const float* a, const float* b, int64_t n) override { cpu::add(out, a, b, n); }
   void scale_inplace(float* y, float s, int64_t n) override { cpu::scale_inplace(y, s, n); }
   double sum_squares(const float* x, int64_t n) override { return cpu::sum_squares(x, n); }
+  void mul(float* out, const float* a, const float* b, int64_t n) override { cpu::mul(out, a, b, n); }
+  void gather_rows(float* out, const float* x, const int32_t* slot, const float* gate, int R, int k, int C) override {
+    cpu::gather_rows(out, x, slot, gate, R, k, C);
+  }
+  void combine_rows(float* out, const float* y, const int32_t* row, const float* gate, int N, int k, int C,
+                    bool accumulate) override {
+    cpu::combine_rows(out, y, row, gate, N, k, C, accumulate);
+  }
+  void row_dots(float* dot, const float* a, const float* y, const int32_t* row, int N, int k, int C) override {
+    cpu::row_dots(dot, a, y, row, N, k, C);
+  }
   void adamw(float* w, const float* g, float* m, float* v, int64_t n, const cpu::AdamWHyper& h, float bc1,
              float bc2) override {
     cpu::adamw(w, g, m, v, n, h, bc1, bc2);
@@ -153,6 +164,13 @@ class CpuBackend final : public Backend {
 };
 
 }  // namespace
+
+void Backend::matmul_grouped(const GemmGroup* groups, int G, bool trans_a, bool trans_b, float alpha, float beta) {
+  for (int g = 0; g < G; ++g) {
+    const GemmGroup& q = groups[g];
+    if (q.m > 0 && q.n > 0) matmul(q.c, q.a, q.b, q.m, q.n, q.k, trans_a, trans_b, alpha, beta);
+  }
+}
 
 void* Backend::alloc_host(size_t bytes) { return host_alloc(bytes ? bytes : 64); }
 void Backend::free_host(void* p) noexcept { std::free(p); }

@@ -57,6 +57,19 @@ class Backend {
     matmul(c, a, b, M, N, K, trans_a, trans_b, alpha, beta);
   }
 
+  // Grouped GEMM: for each group g < G, c = alpha * op(a) @ op(b) + beta * c with op(a)[m,k], op(b)[k,n] (the
+  // transposes as in matmul, shared by the groups; shapes and pointers per group, in a HOST array of GemmGroup).
+  // Groups with m or n == 0 do nothing. The experts of a layer as one launch on a GPU (cuBLAS grouped batched
+  // GEMM); the CPU runs the groups' matmuls one after another (the default).
+  struct GemmGroup {
+    float* c;
+    const float* a;
+    const float* b;
+    int m, n, k;
+  };
+  virtual void matmul_grouped(const GemmGroup* groups, int G, bool trans_a, bool trans_b, float alpha = 1.0f,
+                              float beta = 0.0f);
+
   // ---------------------------------------------------------------- embedding
   // out[N,C] = wte[ids[n], :]; ids[N] in [0, V), wte[V,C]
   virtual void embedding_forward(float* out, const int32_t* ids, const float* wte, int N, int C) = 0;
@@ -152,6 +165,18 @@ class Backend {
   virtual void scale_inplace(float* y, float s, int64_t n) = 0;                 // y[n] *= s
   // sum of x[n]^2 accumulated in double, returned on the host (synchronises)
   virtual double sum_squares(const float* x, int64_t n) = 0;
+  virtual void mul(float* out, const float* a, const float* b, int64_t n) = 0;  // out[n] = a[n] * b[n]
+
+  // ---------------------------------------------------------------- token dispatch (the MoE layer's row movements)
+  // cpu::gather_rows / combine_rows / row_dots: slot[R], row[N*k] and gate[N*k] on the device, like the rows
+  // out[R,C] = gate[slot[r]] * x[slot[r] / k] (gate null: the row, exactly)
+  virtual void gather_rows(float* out, const float* x, const int32_t* slot, const float* gate, int R, int k,
+                           int C) = 0;
+  // out[N,C] (+= or =) sum over kept slots j of token n of gate[n*k+j] * y[row[n*k+j]] (gate null: 1)
+  virtual void combine_rows(float* out, const float* y, const int32_t* row, const float* gate, int N, int k, int C,
+                            bool accumulate) = 0;
+  // dot[N*k]: <a[s / k], y[row[s]]> for row[s] >= 0, else 0
+  virtual void row_dots(float* dot, const float* a, const float* y, const int32_t* row, int N, int k, int C) = 0;
 
   // ---------------------------------------------------------------- AdamW (the optimizer's update, in place)
   // cpu::adamw: w, m, v [n] from g [n]; the bias corrections bc1, bc2 are host values

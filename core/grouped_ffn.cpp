@@ -70,6 +70,79 @@ void GroupedFfn::for_each_group(const Fn& fn) {
   }
 }
 
+bool GroupedFfn::grouped_gemms(bool batch_invariant) const {
+  return be_.device() != Device::kCPU && !batch_invariant && !w_.b_up && !w_.b_down;
+}
+
+template <class Make>
+void GroupedFfn::grouped(bool trans_a, bool trans_b, float beta, const Make& make) {
+  gemms_.clear();
+  for (int g : order_) {
+    const int64_t r0 = offsets_[g];
+    gemms_.push_back(make(r0, static_cast<int>(offsets_[g + 1] - r0), slots_[g]));
+  }
+  be_.matmul_grouped(gemms_.data(), static_cast<int>(gemms_.size()), trans_a, trans_b, 1.0f, beta);
+}
+
+// up = x Wu^T, gate = x Wg^T, act = swiglu(gate, up) or gelu(up) over all rows, y = act Wd^T
+void GroupedFfn::forward_grouped(float* y, const float* x, float* gate, float* up, float* act) {
+  const int C = C_, F = F_;
+  const int64_t FC = int64_t(F) * C, rows = offsets_.back();
+  const float *wg = ptr(w_.w_gate), *wu = ptr(w_.w_up), *wd = ptr(w_.w_down);
+  using G = Backend::GemmGroup;
+  grouped(false, true, 0.0f,
+          [&](int64_t r0, int n, int64_t s) { return G{up + r0 * F, x + r0 * C, wu + s * FC, n, F, C}; });
+  if (gate) {
+    grouped(false, true, 0.0f,
+            [&](int64_t r0, int n, int64_t s) { return G{gate + r0 * F, x + r0 * C, wg + s * FC, n, F, C}; });
+    be_.swiglu_forward(act, gate, up, rows * F);
+  } else {
+    be_.gelu_forward(act, up, rows * F);
+  }
+  grouped(false, true, 0.0f,
+          [&](int64_t r0, int n, int64_t s) { return G{y + r0 * C, act + r0 * F, wd + s * FC, n, C, F}; });
+}
+
+// dact = dy Wd, then d(gate), d(up) over all rows, dx = dgate Wg + dup Wu (or dup Wu)
+void GroupedFfn::backward_data_grouped(float* dx, const float* dy, float* dact, float* dgate, float* dup) {
+  const int C = C_, F = F_;
+  const int64_t FC = int64_t(F) * C, rows = offsets_.back();
+  const float *wg = ptr(w_.w_gate), *wu = ptr(w_.w_up), *wd = ptr(w_.w_down);
+  using G = Backend::GemmGroup;
+  grouped(false, false, 0.0f,
+          [&](int64_t r0, int n, int64_t s) { return G{dact + r0 * F, dy + r0 * C, wd + s * FC, n, F, C}; });
+  float beta = 0.0f;
+  if (dgate) {
+    be_.swiglu_backward(dgate, dup, dact, gate_.data(), up_.data(), rows * F);
+    grouped(false, false, 0.0f,
+            [&](int64_t r0, int n, int64_t s) { return G{dx + r0 * C, dgate + r0 * F, wg + s * FC, n, C, F}; });
+    beta = 1.0f;
+  } else {
+    be_.gelu_backward(dup, dact, up_.data(), rows * F);
+  }
+  grouped(false, false, beta,
+          [&](int64_t r0, int n, int64_t s) { return G{dx + r0 * C, dup + r0 * F, wu + s * FC, n, C, F}; });
+}
+
+// dWd[s] += dy^T act, dWg[s] += dgate^T x, dWu[s] += dup^T x over each group's rows (k = its rows)
+void GroupedFfn::backward_weights_grouped(float* dwg, float* dwu, float* dwd) {
+  const int C = C_, F = F_;
+  const int64_t FC = int64_t(F) * C;
+  using G = Backend::GemmGroup;
+  if (dwd)
+    grouped(true, false, 1.0f, [&](int64_t r0, int n, int64_t s) {
+      return G{dwd + s * FC, dy_ + r0 * C, aout_.data() + r0 * F, C, F, n};
+    });
+  if (dwg)
+    grouped(true, false, 1.0f, [&](int64_t r0, int n, int64_t s) {
+      return G{dwg + s * FC, dgate_.data() + r0 * F, x_ + r0 * C, F, C, n};
+    });
+  if (dwu)
+    grouped(true, false, 1.0f, [&](int64_t r0, int n, int64_t s) {
+      return G{dwu + s * FC, dup_.data() + r0 * F, x_ + r0 * C, F, C, n};
+    });
+}
+
 // y[rows,C] = ffn_{slots[g]}(x[rows,C]) group by group
 void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const int64_t* offsets, int64_t n_groups,
                          bool batch_invariant) {
@@ -100,12 +173,14 @@ void GroupedFfn::forward(float* y, const float* x, const int64_t* slots, const i
   x_ = x;
   stage_ = 1;
   parallel_ = choose_parallel(be_, static_cast<int>(order_.size()), max_rows_, rows, C_, F_);
+  grouped_ = grouped_gemms(batch_invariant);
   const int C = C_, F = F_;
   const int64_t FC = int64_t(F) * C;
   const bool swiglu = act_ == proto::SWIGLU;
   float* gate = swiglu ? gate_.get(rows * F) : nullptr;  // [rows,F]
   float* up = up_.get(rows * F);                          // [rows,F]
   float* act = aout_.get(rows * F);                        // [rows,F]
+  if (grouped_) return forward_grouped(y, x, gate, up, act);
   const float *wg = ptr(w_.w_gate), *wu = ptr(w_.w_up), *wd = ptr(w_.w_down);
   const float *bu = ptr(w_.b_up), *bd = ptr(w_.b_down);
   // slot s of a weight: its packed matrix (the inference path) or its row-major one (a row-sparse table's
@@ -153,6 +228,7 @@ void GroupedFfn::backward_data(float* dx, const float* dy) {
   float* dact = dact_.get(rows * F);                       // [rows,F]
   float* dup = dup_.get(rows * F);                         // [rows,F]
   float* dgate = swiglu ? dgate_.get(rows * F) : nullptr;  // [rows,F]
+  if (grouped_) return backward_data_grouped(dx, dy, dact, dgate, dup);
   const float *wg = ptr(w_.w_gate), *wu = ptr(w_.w_up), *wd = ptr(w_.w_down);
   const auto mm = matmul_of();
   for_each_group([&](int g, int q) {
@@ -189,6 +265,10 @@ void GroupedFfn::backward_weights() {
   float *dwg = trained_grad(w_.w_gate), *dwu = trained_grad(w_.w_up), *dwd = trained_grad(w_.w_down);
   float *dbu = trained_grad(w_.b_up), *dbd = trained_grad(w_.b_down);
   if (!dwg && !dwu && !dwd && !dbu && !dbd) return;
+  if (grouped_) {
+    backward_weights_grouped(swiglu ? dwg : nullptr, dwu, dwd);
+    return touch_used_rows();
+  }
   // dw[OC,IC] += dout[n,OC]^T inp[n,IC] (+ db[OC] += column sums of dout): a row-sparse table's bias-free slots go
   // through matmul_few_rows (see matmul_of)
   auto dweight = [&](float* dw, float* db, const float* dout, const float* inp, int n, int IC, int OC) {
@@ -215,6 +295,10 @@ void GroupedFfn::backward_weights() {
       dweight(at(dwu, s, FC), at(dbu, s, F), dup_.data() + r0 * F, xg, n, C, F);
     }
   });
+  touch_used_rows();
+}
+
+void GroupedFfn::touch_used_rows() {
   if (!sparse()) return;
   for (Param* p : {w_.w_gate, w_.w_up, w_.b_up, w_.w_down, w_.b_down})
     if (p && !p->frozen)

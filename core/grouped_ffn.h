@@ -11,6 +11,10 @@
 // OpenMP build of OpenBLAS); with few or large groups they run one after another and BLAS uses the threads. A
 // group's result does not depend on which path ran beyond BLAS rounding.
 //
+// On a GPU, bias-free weights (SwiGLU experts, word experts) run each weight matrix of all groups as ONE grouped GEMM
+// (Backend::matmul_grouped) and each activation over all rows at once: a handful of launches per layer whatever the
+// number of groups. Biased (GELU) experts and the batch-invariant inference forward run group by group.
+//
 // Row-sparse weights (word-expert tables, Param::row_sparse): the weight gradients touch only the slots used,
 // registered with Param::touch_row; the next slots' rows are prefetched (they are scattered over a large table).
 // Frozen weights (Param::frozen) get no gradient and no touched rows; dx still flows through them.
@@ -79,6 +83,16 @@ class GroupedFfn {
  private:
   template <class Fn>
   void for_each_group(const Fn& fn);  // fn(group index, prefetch-ahead group or -1), largest groups first
+  // the grouped-GEMM schedule of a device (see above), and its three passes
+  bool grouped_gemms(bool batch_invariant) const;
+  // c_g = alpha * op(a_g) op(b_g) + beta c_g for every non-empty group g, in one Backend::matmul_grouped call: the
+  // group's rows r0 = offsets[g], its n rows and its slot s give c, a, b, m, n, k (make)
+  template <class Make>
+  void grouped(bool trans_a, bool trans_b, float beta, const Make& make);
+  void forward_grouped(float* y, const float* x, float* gate, float* up, float* act);
+  void backward_data_grouped(float* dx, const float* dy, float* dact, float* dgate, float* dup);
+  void backward_weights_grouped(float* dwg, float* dwu, float* dwd);
+  void touch_used_rows();  // row-sparse weights: registers the used slots with touch_row
   bool sparse() const { return w_.w_up->row_sparse; }
   // The matmul of the groups: a row-sparse table's (a word expert's few rows) may sum in another order where that is
   // faster (Backend::matmul_few_rows); the dense FFN's and the expert bank's stay bit for bit sgemm's.
@@ -96,6 +110,8 @@ class GroupedFfn {
   std::vector<int> order_;        // non-empty groups, largest first (the schedule)
   int64_t max_rows_ = 0;          // most rows of one group
   bool parallel_ = false;         // the threading decision of the last forward (backward reuses it)
+  bool grouped_ = false;          // the last forward ran the grouped-GEMM schedule (backward follows it)
+  std::vector<Backend::GemmGroup> gemms_;  // grouped(): one per non-empty group
   int stage_ = 0;                 // 1: forward done, 2: backward_data done
   // [rows,F]: gate and up pre-activations, activation output; their gradients
   Workspace::Buffer &gate_, &up_, &aout_, &dact_, &dgate_, &dup_;

@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstring>
 
+#include "comm/staged_comm.h"
 #include "core/error.h"
 
 namespace moe::experts {
@@ -11,14 +11,28 @@ namespace {
 using clk = std::chrono::steady_clock;
 double since(clk::time_point t) { return std::chrono::duration<double>(clk::now() - t).count(); }
 // Never null, even for zero rows: the expert units use a non-null input pointer as "a forward happened".
-float* grow(std::vector<float>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < std::max<int64_t>(n, 1)) v.resize(std::max<int64_t>(n, 1));
-  return v.data();
-}
+float* grow(Workspace::Buffer& b, int64_t n) { return b.get(std::max<int64_t>(n, 1)); }
 }  // namespace
 
-Dispatcher::Dispatcher(comm::Communicator* ep, int num_experts)
-    : ep_(ep), P_(ep ? ep->size() : 1), rank_(ep ? ep->rank() : 0), E_(num_experts) {
+Dispatcher::Dispatcher(Workspace& ws, comm::Communicator* ep, int num_experts)
+    : be_(ws.backend()),
+      ep_(ep),
+      P_(ep ? ep->size() : 1),
+      rank_(ep ? ep->rank() : 0),
+      E_(num_experts),
+      order_(ws.buffer()),
+      row_of_slot_(ws.buffer()),
+      gate_(ws.buffer()),
+      group_index_dev_(ws.buffer()),
+      group_source_dev_(ws.buffer()),
+      permuted_(ws.buffer()),
+      recv_(ws.buffer()),
+      grouped_(ws.buffer()),
+      ungrouped_(ws.buffer()),
+      back_(ws.buffer()),
+      grad_a_(ws.buffer()),
+      grad_b_(ws.buffer()),
+      drows_(ws.buffer()) {
   MOE_CHECK(E_ > 0 && E_ % P_ == 0, "number of experts " << E_ << " must be divisible by the expert-parallel size "
                                                            << P_);
   El_ = E_ / P_;
@@ -27,15 +41,34 @@ Dispatcher::Dispatcher(comm::Communicator* ep, int num_experts)
   pair_send_counts_.assign(P_, 0);
   pair_recv_counts_.assign(P_, 0);
   group_offsets_.assign(1, 0);
+  row_comm_ = ep_;
+  if (P_ > 1 && be_.device() != Device::kCPU) {  // device rows: host-staged over a duplicate of ep (collective)
+    rows_ep_ = std::make_unique<comm::StagedCommunicator>(ep_->split(0, ep_->rank()), be_);
+    row_comm_ = rows_ep_.get();
+  }
 }
+
+template <class T>
+const T* Dispatcher::on_device(Workspace::Buffer& buf, const std::vector<T>& v) {
+  static_assert(sizeof(T) == sizeof(float), "index and gate arrays share the float buffers");
+  if (be_.device() == Device::kCPU) return v.data();
+  float* p = grow(buf, static_cast<int64_t>(v.size()));
+  be_.from_host(p, v.data(), sizeof(T) * v.size());
+  return reinterpret_cast<const T*>(p);
+}
+
+const int32_t* Dispatcher::Step::plan_rows() const { return d_->row_of_slot_dev_; }
 
 Dispatcher::Step& Dispatcher::dispatch(const router::DispatchPlan& plan, const float* x, int C) {
   MOE_CHECK(plan.global_num_experts() == E_,
             "dispatch plan has " << plan.global_num_experts() << " experts, the layer " << E_);
   auto t0 = clk::now();
   plan_rows_ = plan.rows();
+  order_dev_ = on_device(order_, plan.order);
+  row_of_slot_dev_ = on_device(row_of_slot_, plan.row_of_slot);
+  gate_dev_ = on_device(gate_, plan.gate);
   float* perm = grow(permuted_, plan_rows_ * C);
-  plan.permute(perm, x, C);
+  be_.gather_rows(perm, x, order_dev_, nullptr, static_cast<int>(plan_rows_), plan.k, C);
   // (local expert, rows) of every non-empty plan expert, by destination rank: global ids ascend, so the pairs, and
   // the plan rows, of one destination are contiguous and in ascending expert order
   std::fill(send_counts_.begin(), send_counts_.end(), 0);
@@ -92,11 +125,18 @@ Dispatcher::Step& Dispatcher::dispatch(const router::DispatchPlan& plan, const f
   }
   for (size_t g = 0; g < G; ++g) group_offsets_[g + 1] += group_offsets_[g];
   // group_index: source-major row i -> expert-major row (each source's rows come in its pairs' order)
-  group_index_.resize(local_rows());
-  std::vector<int64_t> cursor(group_offsets_.begin(), group_offsets_.end() - 1);
-  int64_t i = 0;
-  for (size_t q = 0; q < recv_pairs_.size(); ++q)
-    for (int32_t j = 0; j < recv_pairs_[q].rows; ++j) group_index_[i++] = cursor[pair_group_[q]]++;
+  if (P_ > 1) {
+    group_index_.resize(local_rows());
+    std::vector<int64_t> cursor(group_offsets_.begin(), group_offsets_.end() - 1);
+    int64_t i = 0;
+    for (size_t q = 0; q < recv_pairs_.size(); ++q)
+      for (int32_t j = 0; j < recv_pairs_[q].rows; ++j)
+        group_index_[i++] = static_cast<int32_t>(cursor[pair_group_[q]]++);
+    group_source_.resize(local_rows());  // the inverse: expert-major row -> source-major row
+    for (int64_t r = 0; r < local_rows(); ++r) group_source_[group_index_[r]] = static_cast<int32_t>(r);
+    group_index_on_ = on_device(group_index_dev_, group_index_);
+    group_source_on_ = on_device(group_source_dev_, group_source_);
+  }
   forward_move(perm, grow(grouped_, local_rows() * C), C);
   step_.d_ = this;
   step_.plan_ = &plan;
@@ -107,33 +147,29 @@ Dispatcher::Step& Dispatcher::dispatch(const router::DispatchPlan& plan, const f
 
 void Dispatcher::forward_move(const float* rows, float* out, int C) {
   if (P_ == 1) {  // one source: the plan order is already expert-major
-    std::memcpy(out, rows, sizeof(float) * plan_rows_ * C);
+    be_.copy(out, rows, sizeof(float) * plan_rows_ * C);
     return;
   }
   auto t0 = clk::now();
   float* recv = grow(recv_, local_rows() * C);
-  ep_->all_to_all_v(rows, send_counts_.data(), recv, recv_counts_.data(), C);
+  row_comm_->all_to_all_v(rows, send_counts_.data(), recv, recv_counts_.data(), C);
   t_.all_to_all += since(t0);
   t0 = clk::now();
-  const int64_t n = local_rows();
-#pragma omp parallel for if (n * C > 65536)
-  for (int64_t r = 0; r < n; ++r) std::memcpy(out + group_index_[r] * C, recv + r * C, sizeof(float) * C);
+  be_.gather_rows(out, recv, group_source_on_, nullptr, static_cast<int>(local_rows()), 1, C);
   t_.regroup += since(t0);
 }
 
 void Dispatcher::backward_move(const float* grouped, float* out, int C) {
   if (P_ == 1) {
-    std::memcpy(out, grouped, sizeof(float) * plan_rows_ * C);
+    be_.copy(out, grouped, sizeof(float) * plan_rows_ * C);
     return;
   }
   auto t0 = clk::now();
-  const int64_t n = local_rows();
-  float* ung = grow(ungrouped_, n * C);
-#pragma omp parallel for if (n * C > 65536)
-  for (int64_t r = 0; r < n; ++r) std::memcpy(ung + r * C, grouped + group_index_[r] * C, sizeof(float) * C);
+  float* ung = grow(ungrouped_, local_rows() * C);
+  be_.gather_rows(ung, grouped, group_index_on_, nullptr, static_cast<int>(local_rows()), 1, C);
   t_.regroup += since(t0);
   t0 = clk::now();
-  ep_->all_to_all_v(ung, recv_counts_.data(), out, send_counts_.data(), C);
+  row_comm_->all_to_all_v(ung, recv_counts_.data(), out, send_counts_.data(), C);
   t_.all_to_all += since(t0);
 }
 
@@ -142,7 +178,7 @@ void Dispatcher::Step::combine(float* y, const float* expert_out) {
   d_->backward_move(expert_out, back, C_);
   y_rows_ = back;
   const auto t0 = clk::now();
-  plan_->unpermute_combine(y, back, C_);
+  d_->be_.combine_rows(y, back, d_->row_of_slot_dev_, d_->gate_dev_, plan_->num_tokens, plan_->k, C_, false);
   d_->t_.combine += since(t0);
 }
 
@@ -150,7 +186,9 @@ const float* Dispatcher::Step::combine_backward(const float* dy, float* dgate) {
   MOE_CHECK(!dgate || y_rows_, "dispatcher: combine_backward with gate gradients needs combine first");
   const auto t0 = clk::now();
   float* drows = grow(d_->drows_, plan_->rows() * C_);
-  plan_->unpermute_combine_backward(drows, dgate, dy, y_rows_, C_);
+  Backend& be = d_->be_;
+  be.gather_rows(drows, dy, d_->order_dev_, d_->gate_dev_, plan_->rows(), plan_->k, C_);
+  if (dgate) be.row_dots(dgate, dy, y_rows_, d_->row_of_slot_dev_, plan_->num_tokens, plan_->k, C_);
   d_->t_.combine += since(t0);
   float* out = grow(d_->grad_a_, local_rows() * C_);
   d_->forward_move(drows, out, C_);
@@ -161,7 +199,7 @@ void Dispatcher::Step::dispatch_backward(float* dx, const float* dexpert_in) {
   float* back = grow(d_->grad_b_, plan_->rows() * C_);
   d_->backward_move(dexpert_in, back, C_);
   const auto t0 = clk::now();
-  plan_->permute_backward(dx, back, C_);
+  d_->be_.combine_rows(dx, back, d_->row_of_slot_dev_, nullptr, plan_->num_tokens, plan_->k, C_, true);
   d_->t_.combine += since(t0);
 }
 

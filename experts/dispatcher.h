@@ -9,11 +9,18 @@
 // Return:   expert-major results --ungroup--> source-major --all_to_all_v--> plan-ordered rows
 // The backward pass uses the same two movements for the gradients (dispatch_grad mirrors combine_rows and
 // combine_grad mirrors dispatch). One contiguous buffer per direction, grown once to the largest step.
+//
+// Rows live on the workspace's device and move with its backend's token dispatch ops (core/backend.h); the plan's
+// index arrays are copied there once per dispatch. The bookkeeping (which experts receive how many rows) stays on the
+// host: the exchange's counts are host values anyway. On a device the rows cross ranks through host-staged MPI
+// (comm/staged_comm.h: ranks may share one GPU); the (expert, rows) pairs go over the host communicator.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "core/workspace.h"
 #include "router/router.h"
 
 namespace moe::experts {
@@ -25,8 +32,10 @@ struct DispatchTimings {
 
 class Dispatcher {
  public:
-  // ep: the expert-parallel communicator (null = single rank). num_experts: global E, divisible by ep size.
-  Dispatcher(comm::Communicator* ep, int num_experts);
+  // ws: where the rows live (its backend moves them). ep: the expert-parallel communicator over host buffers (null =
+  // single rank; on a device with more than one rank the dispatcher makes its staged duplicate, collectively).
+  // num_experts: global E, divisible by ep size.
+  Dispatcher(Workspace& ws, comm::Communicator* ep, int num_experts);
 
   int ep_size() const { return P_; }
   int ep_rank() const { return rank_; }
@@ -38,11 +47,13 @@ class Dispatcher {
   class Step {
    public:
     // The rows of the local experts, expert-major: group g is local expert experts()[g] (ascending, ids in
-    // [0, num_local_experts)) on rows [offsets()[g], offsets()[g+1]) of rows() [local_rows, C]. Only the experts
+    // [0, num_local_experts)) on rows [offsets()[g], offsets()[g+1]) of rows() [local_rows, C] (on the device; the
+    // experts and offsets are host arrays). Only the experts
     // that received rows are listed ((expert, rows) pairs are exchanged, not E counts), so the cost grows with the
     // experts used, not with E: a compact plan (router.h) over 10^5 word experts costs the same as one over the
     // few thousand it uses.
     const float* rows() const { return d_->grouped_.data(); }
+    const int32_t* plan_rows() const;  // [N*k] the plan's row_of_slot on the device
     const std::vector<int64_t>& experts() const { return d_->local_experts_; }
     const std::vector<int64_t>& offsets() const { return d_->group_offsets_; }
     int64_t local_rows() const { return d_->group_offsets_.back(); }
@@ -67,6 +78,7 @@ class Dispatcher {
   // Sends the plan's rows x[N,C] (gathered by the plan) to their experts' ranks; the returned Step holds them.
   Step& dispatch(const router::DispatchPlan& plan, const float* x /*[N,C]*/, int C);
 
+  Backend& backend() const { return be_; }
   DispatchTimings& timings() { return t_; }
   const DispatchTimings& timings() const { return t_; }
 
@@ -77,7 +89,14 @@ class Dispatcher {
   // ungroup expert-major rows, send back, receive plan-ordered rows into out
   void backward_move(const float* grouped, float* out, int C);
 
-  comm::Communicator* ep_;
+  // a host vector's values on the device, in buf (on the CPU: the vector itself)
+  template <class T>
+  const T* on_device(Workspace::Buffer& buf, const std::vector<T>& v);
+
+  Backend& be_;
+  comm::Communicator* ep_;                  // host buffers: the pairs, and the rows on the CPU
+  std::unique_ptr<comm::Communicator> rows_ep_;  // device rows with more than one rank: staged over a duplicate of ep
+  comm::Communicator* row_comm_ = nullptr;  // the one moving rows: ep_ or rows_ep_
   int P_, rank_, E_, El_;
   struct ExpertRows {  // exchanged as two 32-bit words, sent bit for bit as a 2-"float" row
     int32_t expert;    // local expert id on the receiving rank
@@ -90,9 +109,18 @@ class Dispatcher {
   std::vector<int64_t> local_experts_;                  // [G] distinct local experts that received rows, ascending
   std::vector<int64_t> group_offsets_;                  // [G+1]
   std::vector<int64_t> pair_group_;                     // [received pairs] group of each received pair
-  std::vector<int64_t> group_index_;                    // [local_rows] source-major row -> expert-major row
+  std::vector<int32_t> group_index_;                    // [local_rows] source-major row -> expert-major row
+  std::vector<int32_t> group_source_;                   // [local_rows] its inverse
   int64_t plan_rows_ = 0;
-  std::vector<float> permuted_, recv_, grouped_, ungrouped_, back_, grad_a_, grad_b_, drows_;
+  // on the device: the plan's order [rows], row_of_slot and gate [N*k], group_index and group_source [local_rows];
+  // the row buffers
+  Workspace::Buffer &order_, &row_of_slot_, &gate_, &group_index_dev_, &group_source_dev_;
+  Workspace::Buffer &permuted_, &recv_, &grouped_, &ungrouped_, &back_, &grad_a_, &grad_b_, &drows_;
+  const int32_t* order_dev_ = nullptr;        // the current plan's arrays where the backend reads them
+  const int32_t* row_of_slot_dev_ = nullptr;
+  const float* gate_dev_ = nullptr;
+  const int32_t* group_index_on_ = nullptr;
+  const int32_t* group_source_on_ = nullptr;
   DispatchTimings t_;
   Step step_;
 };

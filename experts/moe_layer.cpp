@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstring>
 #include <numeric>
 
 #include "core/config.h"
@@ -13,10 +12,7 @@ namespace moe::experts {
 namespace {
 using clk = std::chrono::steady_clock;
 double since(clk::time_point t) { return std::chrono::duration<double>(clk::now() - t).count(); }
-float* grow(std::vector<float>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
-}
+float* grow(Workspace::Buffer& b, int64_t n) { return b.get(std::max<int64_t>(n, 1)); }
 
 router::LearnedRouterOptions router_options(const proto::MoeConfig& m, uint64_t seed) {
   router::LearnedRouterOptions o;
@@ -71,13 +67,23 @@ MoeFfn::MoeFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const p
     : prefix_(prefix),
       C_(cfg.d_model()),
       E_(cfg.moe().num_experts()),
+      k_(cfg.moe().top_k()),
+      be_(ws.backend()),
       w_router_(ps.add(prefix + ".router.weight", {cfg.moe().num_experts(), cfg.d_model()}, false)),
       w_router_packed_(ws),
       router_(cfg.moe().num_experts(), cfg.moe().top_k(), cfg.d_model(), router_options(cfg.moe(), seed)),
-      dispatcher_(ep, cfg.moe().num_experts()),
+      dispatcher_(ws, ep, cfg.moe().num_experts()),
       bank_(ps, ws, prefix + ".experts",
             ExpertBankDims{cfg.moe().num_experts() / ep_size(ep), cfg.d_model(), cfg.moe().d_expert(),
-                           cfg.activation(), dispatcher_.first_local_expert()}) {}
+                           cfg.activation(), dispatcher_.first_local_expert()}),
+      expert_out_(ws.buffer()),
+      dexpert_in_(ws.buffer()),
+      dgate_(ws.buffer()),
+      noise_(ws.buffer()),
+      xin_(ws.buffer()),
+      logits_(ws.buffer()),
+      dlogits_(ws.buffer()),
+      tmp_(ws.buffer()) {}
 
 void MoeFfn::capture_state(UnitState& s) const {
   s.rngs[prefix_] = router_.rng_state();
@@ -118,10 +124,27 @@ void MoeFfn::reset_timings() {
   dispatcher_.timings().reset();
 }
 
+const float* MoeFfn::router_input(const float* x, int N, bool training) {
+  const std::vector<float>& noise = router_.draw_noise(N, training);
+  if (noise.empty()) return router_in_ = x;
+  const int64_t NC = int64_t(N) * C_;
+  float* nz = grow(noise_, NC);
+  be_.from_host(nz, noise.data(), sizeof(float) * NC);
+  float* xi = grow(xin_, NC);
+  be_.mul(xi, x, nz, NC);
+  return router_in_ = xi;
+}
+
 void MoeFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   auto t0 = clk::now();
-  last_ = router_.forward(x, w_router_->value.f32(), N, ctx.training,
-                          ctx.batch_invariant ? w_router_packed_.slot() : nullptr);
+  const float* xin = router_input(x, N, ctx.training);
+  const int64_t NE = int64_t(N) * E_;
+  float* logits = grow(logits_, NE);  // [N,E] = x' W^T
+  if (N > 0 && ctx.batch_invariant) be_.linear_rows(logits, xin, w_router_packed_.slot(), nullptr, N, C_, E_);
+  else if (N > 0) be_.matmul(logits, xin, w_router_->value.f32(), N, E_, C_, false, true);
+  logits_host_.resize(NE);
+  be_.to_host(logits_host_.data(), logits, sizeof(float) * NE);
+  last_ = router_.route(logits_host_.data(), N, ctx.training);
   if (ctx.training) {  // the step's routed loads (every micro-batch, before capacity drops)
     if (!step_open_) step_routed_.assign(E_, 0);
     step_open_ = true;
@@ -130,7 +153,7 @@ void MoeFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   route_seconds_ += since(t0);
   step_ = &dispatcher_.dispatch(last_.plan, x, C_);
   t0 = clk::now();
-  float* out = grow(expert_out_, std::max<int64_t>(step_->local_rows(), 1) * C_);  // [local_rows,C]
+  float* out = grow(expert_out_, step_->local_rows() * C_);  // [local_rows,C]
   const auto& used = step_->experts();
   bank_.forward(out, step_->rows(), used.data(), step_->offsets().data(), static_cast<int64_t>(used.size()),
                 ctx.batch_invariant);
@@ -139,17 +162,37 @@ void MoeFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
 }
 
 void MoeFfn::backward(const FfnContext& ctx, float* dx, const float* dy, int N) {
-  float* dgate = grow(dgate_, std::max(last_.plan.num_slots(), 1));  // [N*k]
+  float* dgate = grow(dgate_, last_.plan.num_slots());  // [N*k]
   const float* dexp_out = step_->combine_backward(dy, dgate);
   auto t0 = clk::now();
-  float* dexp_in = grow(dexpert_in_, std::max<int64_t>(step_->local_rows(), 1) * C_);  // [local_rows,C]
+  float* dexp_in = grow(dexpert_in_, step_->local_rows() * C_);  // [local_rows,C]
   bank_.backward(dexp_in, dexp_out);
   expert_seconds_ += since(t0);
-  std::memset(dx, 0, sizeof(float) * int64_t(N) * C_);
+  be_.memset0(dx, sizeof(float) * int64_t(N) * C_);
   step_->dispatch_backward(dx, dexp_in);
   t0 = clk::now();
-  router_.backward(dx, w_router_->grad.f32(), dgate, w_router_->value.f32(), ctx.loss_scale);
+  router_backward(dx, dgate, N, ctx.loss_scale);
   route_seconds_ += since(t0);
+}
+
+void MoeFfn::router_backward(float* dx, const float* dgate, int N, float loss_scale) {
+  dgate_host_.resize(int64_t(N) * k_);
+  be_.to_host(dgate_host_.data(), dgate, sizeof(float) * dgate_host_.size());
+  const std::vector<float>& dl = router_.logits_grad(dgate_host_.data(), loss_scale);  // [N,E]
+  if (N == 0) return;
+  float* dlogits = grow(dlogits_, int64_t(N) * E_);
+  be_.from_host(dlogits, dl.data(), sizeof(float) * dl.size());
+  const float* w = w_router_->value.f32();
+  be_.matmul(w_router_->grad.f32(), dlogits, router_in_, E_, C_, N, true, false, 1.0f, 1.0f);
+  if (router_.jitter_noise().empty()) {
+    be_.matmul(dx, dlogits, w, N, C_, E_, false, false, 1.0f, 1.0f);
+    return;
+  }
+  const int64_t NC = int64_t(N) * C_;
+  float* t = grow(tmp_, NC);
+  be_.matmul(t, dlogits, w, N, C_, E_, false, false);
+  be_.mul(t, t, noise_.data(), NC);
+  be_.add_inplace(dx, t, NC);
 }
 
 FfnStats MoeFfn::stats() const {
@@ -183,14 +226,16 @@ WordExpertFfn::WordExpertFfn(ParamStore& ps, Workspace& ws, const std::string& p
       C_(cfg.d_model()),
       E_(cfg.word_experts().num_experts()),
       shared_(std::move(shared)),
-      dispatcher_(ep, cfg.word_experts().num_experts()),
+      dispatcher_(ws, ep, cfg.word_experts().num_experts()),
       table_(ps, ws, cfg.word_experts().share_table() ? WordExpertShared::kSharedTablePrefix : prefix + ".experts",
              WordExpertDims{cfg.word_experts().num_experts() / ep_size(ep), cfg.d_model(),
                             cfg.word_experts().d_expert(), cfg.activation(), dispatcher_.first_local_expert()},
              cfg.word_experts().share_table() ? &shared_->table : nullptr),
       placement_(E_, cfg.word_experts().placement() == proto::WordExpertConfig::PLACEMENT_UNSET
                          ? proto::WordExpertConfig::PLACEMENT_INTERLEAVED
-                         : cfg.word_experts().placement()) {
+                         : cfg.word_experts().placement()),
+      expert_out_(ws.buffer()),
+      dexpert_in_(ws.buffer()) {
   const auto& w = cfg.word_experts();
   if (w.freeze())  // a fine-tune with fixed word experts: no updates, no weight gradients, dX still flows
     for (Param* p : {table_.w_gate(), table_.w_up(), table_.w_down()})
@@ -256,7 +301,7 @@ void WordExpertFfn::forward(const FfnContext& ctx, float* y, const float* x, int
   step_ = &dispatcher_.dispatch(plan_, x, C_);
   // the experts that received rows, with their row ranges (the table works on used experts only)
   const auto& used = step_->experts();
-  float* out = grow(expert_out_, std::max<int64_t>(step_->local_rows(), 1) * C_);  // [local_rows,C]
+  float* out = grow(expert_out_, step_->local_rows() * C_);  // [local_rows,C]
   table_.forward(out, step_->rows(), used.data(), step_->offsets().data(), static_cast<int64_t>(used.size()),
                  ctx.batch_invariant);
   step_->combine(y, out);
@@ -264,9 +309,9 @@ void WordExpertFfn::forward(const FfnContext& ctx, float* y, const float* x, int
 
 void WordExpertFfn::backward(const FfnContext&, float* dx, const float* dy, int N) {
   const float* dexp_out = step_->combine_backward(dy, nullptr);  // gates are constant 1: no gate gradient
-  float* dexp_in = grow(dexpert_in_, std::max<int64_t>(step_->local_rows(), 1) * C_);  // [local_rows,C]
+  float* dexp_in = grow(dexpert_in_, step_->local_rows() * C_);  // [local_rows,C]
   table_.backward(dexp_in, dexp_out);
-  std::memset(dx, 0, sizeof(float) * int64_t(N) * C_);
+  dispatcher_.backend().memset0(dx, sizeof(float) * int64_t(N) * C_);
   step_->dispatch_backward(dx, dexp_in);
 }
 

@@ -1,5 +1,7 @@
 // The MoE FFN units that plug into a decoder block (core/layers.h FfnUnit):
-//   MoeFfn         learned top-k router + dispatcher (all-to-all over the expert-parallel group) + ExpertBank
+//   MoeFfn         learned top-k router + dispatcher (all-to-all over the expert-parallel group) + ExpertBank; the
+//                  router's GEMMs, the token movement and the experts run on the workspace's backend, the router's
+//                  per-token math (scores, top-k, capacity, losses: N x E values) on the host
 //   WordExpertFfn  vocabulary (or hash) router + dispatcher + WordExpertTable (MoWE)
 // Each unit owns its parameters (with their init and sharding), its extra state (a router's jitter RNG, a routing
 // table: capture_state / restore_state) and its statistics. experts/build_model.h puts them into a model.
@@ -46,8 +48,14 @@ class MoeFfn : public FfnUnit {
   void reset_timings();
 
  private:
+  // the router's input x' on the device: x, or with jitter x * noise (kept for backward)
+  const float* router_input(const float* x, int N, bool training);
+  // the router's GEMMs backward: dW += dlogits^T x', dx += (dlogits W) * noise, from the router's host dlogits
+  void router_backward(float* dx, const float* dgate, int N, float loss_scale);
+
   std::string prefix_;
-  int C_, E_;
+  int C_, E_, k_;
+  Backend& be_;
   Param* w_router_;
   PackedWeight w_router_packed_;
   router::LearnedRouter router_;
@@ -58,7 +66,11 @@ class MoeFfn : public FfnUnit {
   std::vector<int64_t> step_routed_;  // [E]
   bool step_open_ = false;            // false: the next training forward starts a new step (zeroes step_routed_)
   Dispatcher::Step* step_ = nullptr;  // this step's token movement (last forward)
-  std::vector<float> expert_out_, dexpert_in_, dgate_;
+  // on the device: expert outputs and input gradients [local_rows,C], gate gradients [N*k], the jitter noise and
+  // x' [N,C], logits and their gradients [N,E], a [N,C] temporary
+  Workspace::Buffer &expert_out_, &dexpert_in_, &dgate_, &noise_, &xin_, &logits_, &dlogits_, &tmp_;
+  const float* router_in_ = nullptr;          // x' of the last forward (x itself without jitter)
+  std::vector<float> logits_host_, dgate_host_;  // the router's per-token math runs on the host
   double expert_seconds_ = 0, route_seconds_ = 0;
 };
 
@@ -122,7 +134,7 @@ class WordExpertFfn : public FfnUnit {
   WordExpertPlacement placement_;      // logical expert -> row of the global table
   std::vector<int32_t> expert_ids_;    // [N] scattered expert of each token
   Dispatcher::Step* step_ = nullptr;   // this step's token movement (last forward)
-  std::vector<float> expert_out_, dexpert_in_;
+  Workspace::Buffer &expert_out_, &dexpert_in_;  // [local_rows,C] on the device
 };
 
 }  // namespace moe::experts

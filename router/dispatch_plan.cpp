@@ -1,10 +1,11 @@
-// DispatchPlan: validation, the permutation (slots sorted by expert) and the permute / unpermute-combine kernels
-// with their backward. Loops parallelise over output rows or tokens, so no two threads write the same memory.
+// DispatchPlan: validation, the permutation (slots sorted by expert), and the permute / unpermute-combine with their
+// backward on host buffers, through the token dispatch kernels (core/kernels/cpu/kernels.h) that the MoE layer runs
+// on its backend.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 
 #include "core/error.h"
+#include "core/kernels/cpu/kernels.h"
 #include "router/router.h"
 
 namespace moe::router {
@@ -120,72 +121,24 @@ int DispatchPlan::experts_used() const {
 }
 int DispatchPlan::load_max() const { return counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end()); }
 
-// ---------------------------------------------------------------- permute
+// ---------------------------------------------------------------- permute, unpermute + combine (cpu:: kernels)
 void DispatchPlan::permute(float* out /*[rows,C]*/, const float* x /*[N,C]*/, int C) const {
-  const int R = rows();
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(R) * C > 65536)
-  for (int r = 0; r < R; ++r) {
-    const int n = order[r] / k;
-    std::memcpy(out + static_cast<int64_t>(r) * C, x + static_cast<int64_t>(n) * C, sizeof(float) * C);
-  }
+  cpu::gather_rows(out, x, order.data(), nullptr, rows(), k, C);
 }
 
 void DispatchPlan::permute_backward(float* dx /*[N,C] +=*/, const float* dout /*[rows,C]*/, int C) const {
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(num_tokens) * C > 65536)
-  for (int n = 0; n < num_tokens; ++n) {
-    float* dxn = dx + static_cast<int64_t>(n) * C;
-    for (int j = 0; j < k; ++j) {
-      const int r = row_of_slot[n * k + j];
-      if (r < 0) continue;
-      const float* g = dout + static_cast<int64_t>(r) * C;
-      for (int c = 0; c < C; ++c) dxn[c] += g[c];
-    }
-  }
+  cpu::combine_rows(dx, dout, row_of_slot.data(), nullptr, num_tokens, k, C, /*accumulate=*/true);
 }
 
-// ---------------------------------------------------------------- unpermute + combine
 void DispatchPlan::unpermute_combine(float* out /*[N,C]*/, const float* y /*[rows,C]*/, int C) const {
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(num_tokens) * C > 65536)
-  for (int n = 0; n < num_tokens; ++n) {
-    float* o = out + static_cast<int64_t>(n) * C;
-    std::fill(o, o + C, 0.0f);
-    for (int j = 0; j < k; ++j) {
-      const int s = n * k + j;
-      const int r = row_of_slot[s];
-      if (r < 0) continue;
-      const float g = gate[s];
-      const float* yr = y + static_cast<int64_t>(r) * C;
-      for (int c = 0; c < C; ++c) o[c] += g * yr[c];
-    }
-  }
+  cpu::combine_rows(out, y, row_of_slot.data(), gate.data(), num_tokens, k, C, /*accumulate=*/false);
 }
 
 void DispatchPlan::unpermute_combine_backward(float* dy /*[rows,C]*/, float* dgate /*[N*k]*/,
                                               const float* dout /*[N,C]*/, const float* y /*[rows,C]*/,
                                               int C) const {
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(num_tokens) * C > 65536)
-  for (int n = 0; n < num_tokens; ++n) {
-    const float* d = dout + static_cast<int64_t>(n) * C;
-    for (int j = 0; j < k; ++j) {
-      const int s = n * k + j;
-      const int r = row_of_slot[s];
-      if (r < 0) {
-        if (dgate) dgate[s] = 0.0f;
-        continue;
-      }
-      if (dy) {
-        const float g = gate[s];
-        float* dyr = dy + static_cast<int64_t>(r) * C;
-        for (int c = 0; c < C; ++c) dyr[c] = g * d[c];
-      }
-      if (dgate) {
-        const float* yr = y + static_cast<int64_t>(r) * C;
-        double acc = 0.0;
-        for (int c = 0; c < C; ++c) acc += static_cast<double>(d[c]) * yr[c];
-        dgate[s] = static_cast<float>(acc);
-      }
-    }
-  }
+  if (dy) cpu::gather_rows(dy, dout, order.data(), gate.data(), rows(), k, C);
+  if (dgate) cpu::row_dots(dgate, dout, y, row_of_slot.data(), num_tokens, k, C);
 }
 
 // ---------------------------------------------------------------- table routers' plan

@@ -66,31 +66,38 @@ void LearnedRouter::update_bias(const double* load /*[E]*/) {
 }
 
 // ---------------------------------------------------------------- forward
+const std::vector<float>& LearnedRouter::draw_noise(int N, bool training) {
+  noise_.clear();
+  if (!training || opts_.jitter_eps <= 0) return noise_;
+  const int64_t NC = static_cast<int64_t>(N) * C_;
+  noise_.resize(NC);
+  const float lo = 1.0f - opts_.jitter_eps, span = 2.0f * opts_.jitter_eps;
+  for (int64_t i = 0; i < NC; ++i) noise_[i] = lo + span * rng_.uniform();
+  return noise_;
+}
+
 RouterOutput LearnedRouter::forward(const float* x /*[N,C]*/, const float* w_router /*[E,C]*/, int N,
                                     bool training, const float* w_packed) {
-  const int E = E_, k = k_, C = C_;
+  const int E = E_, C = C_;
   MOE_CHECK(N >= 0, "LearnedRouter::forward: negative token count " << N);
   MOE_CHECK(N == 0 || (x && (w_router || w_packed)), "LearnedRouter::forward: null x or w_router");
-  have_forward_ = false;  // set again once the whole forward succeeded
-  N_ = N;
   const int64_t NC = static_cast<int64_t>(N) * C;
-
   // 1. x' = x * noise (jitter, training only)
   xin_.assign(x, x + NC);
-  noise_.clear();
-  if (training && opts_.jitter_eps > 0) {
-    noise_.resize(NC);
-    const float lo = 1.0f - opts_.jitter_eps, span = 2.0f * opts_.jitter_eps;
-    for (int64_t i = 0; i < NC; ++i) {
-      noise_[i] = lo + span * rng_.uniform();
-      xin_[i] *= noise_[i];
-    }
-  }
-
+  if (!draw_noise(N, training).empty()) cpu::mul(xin_.data(), xin_.data(), noise_.data(), NC);
   // 2. logits[N,E] = x'[N,C] @ W[E,C]^T
-  logits_.assign(static_cast<size_t>(N) * E, 0.0f);
-  if (N > 0 && w_packed) cpu::linear_rows(logits_.data(), xin_.data(), w_packed, nullptr, N, C, E);
-  else if (N > 0) cpu::matmul(logits_.data(), xin_.data(), w_router, N, E, C, false, true);
+  std::vector<float> logits(static_cast<size_t>(N) * E, 0.0f);
+  if (N > 0 && w_packed) cpu::linear_rows(logits.data(), xin_.data(), w_packed, nullptr, N, C, E);
+  else if (N > 0) cpu::matmul(logits.data(), xin_.data(), w_router, N, E, C, false, true);
+  return route(logits.data(), N, training);
+}
+
+RouterOutput LearnedRouter::route(const float* logits /*[N,E]*/, int N, bool training) {
+  const int E = E_, k = k_;
+  MOE_CHECK(N >= 0 && (N == 0 || logits), "LearnedRouter::route: " << N << " tokens, null logits");
+  have_forward_ = false;  // set again once the whole forward succeeded
+  N_ = N;
+  logits_.assign(logits, logits + static_cast<size_t>(N) * E);
 
   // 3. scores, logsumexp, top-k (descending logit or biased score, ties: lower expert index first)
   probs_.assign(static_cast<size_t>(N) * E, 0.0f);
@@ -178,16 +185,34 @@ RouterOutput LearnedRouter::forward(const float* x /*[N,C]*/, const float* w_rou
 // ---------------------------------------------------------------- backward
 void LearnedRouter::backward(float* dx /*[N,C] +=*/, float* dw /*[E,C] +=*/, const float* dgate /*[N*k]*/,
                              const float* w_router /*[E,C]*/, float loss_scale) {
-  MOE_CHECK(have_forward_, "LearnedRouter::backward called before forward");
-  const int N = N_, E = E_, k = k_, C = C_;
-  if (N == 0) return;
-  MOE_CHECK(dgate, "LearnedRouter::backward: null dgate");
   MOE_CHECK(!dx || w_router, "LearnedRouter::backward: null w_router");
+  const std::vector<float>& dlogits = logits_grad(dgate, loss_scale);
+  const int N = N_, E = E_, C = C_;
+  if (N == 0) return;
+  // dW[E,C] += dlogits[N,E]^T @ x'[N,C]
+  if (dw) cpu::matmul(dw, dlogits.data(), xin_.data(), E, C, N, true, false, 1.0f, 1.0f);
+  // dx[N,C] += (dlogits[N,E] @ W[E,C]) * noise
+  if (!dx) return;
+  if (noise_.empty()) {
+    cpu::matmul(dx, dlogits.data(), w_router, N, C, E, false, false, 1.0f, 1.0f);
+    return;
+  }
+  std::vector<float> dxin(static_cast<size_t>(N) * C);
+  cpu::matmul(dxin.data(), dlogits.data(), w_router, N, C, E, false, false);
+  cpu::mul(dxin.data(), dxin.data(), noise_.data(), static_cast<int64_t>(dxin.size()));
+  cpu::add_inplace(dx, dxin.data(), static_cast<int64_t>(dxin.size()));
+}
+
+const std::vector<float>& LearnedRouter::logits_grad(const float* dgate /*[N*k]*/, float loss_scale) {
+  MOE_CHECK(have_forward_, "LearnedRouter::backward called before forward");
+  const int N = N_, E = E_, k = k_;
+  dlogits_.assign(static_cast<size_t>(N) * E, 0.0f);
+  if (N == 0) return dlogits_;
+  MOE_CHECK(dgate, "LearnedRouter::backward: null dgate");
   const bool normalize = opts_.normalize_topk && k > 1;
   const double aux_scale = static_cast<double>(loss_scale) * opts_.aux_loss_coef;  // dL/d(aux)
   const double z_scale = static_cast<double>(loss_scale) * opts_.z_loss_coef;      // dL/d(z)
 
-  dlogits_.assign(static_cast<size_t>(N) * E, 0.0f);
   std::vector<double> p(E), dp(E);
   for (int n = 0; n < N; ++n) {
     // scores recomputed in double from the logits (sigmoid'(l) = s(l) s(-l) stays accurate for large |l|)
@@ -242,18 +267,7 @@ void LearnedRouter::backward(float* dx /*[N,C] +=*/, float* dw /*[E,C] +=*/, con
     }
   }
 
-  // dW[E,C] += dlogits[N,E]^T @ x'[N,C]
-  if (dw) cpu::matmul(dw, dlogits_.data(), xin_.data(), E, C, N, true, false, 1.0f, 1.0f);
-  // dx[N,C] += (dlogits[N,E] @ W[E,C]) * noise
-  if (dx) {
-    if (noise_.empty()) {
-      cpu::matmul(dx, dlogits_.data(), w_router, N, C, E, false, false, 1.0f, 1.0f);
-    } else {
-      std::vector<float> dxin(static_cast<size_t>(N) * C);
-      cpu::matmul(dxin.data(), dlogits_.data(), w_router, N, C, E, false, false);
-      for (size_t i = 0; i < dxin.size(); ++i) dx[i] += dxin[i] * noise_[i];
-    }
-  }
+  return dlogits_;
 }
 
 }  // namespace moe::router

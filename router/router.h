@@ -166,6 +166,18 @@ class LearnedRouter {
   void backward(float* dx /*[N,C] +=*/, float* dw /*[E,C] +=*/, const float* dgate /*[N*k]*/,
                 const float* w_router /*[E,C]*/, float loss_scale = 1.0f);
 
+  // forward and backward in three parts, for a caller that runs the router's GEMMs itself (the MoE layer, on its
+  // backend's device):
+  //   draw_noise(N, training)  the jitter multipliers noise[N,C] of this forward (empty without jitter or when not
+  //                            training): x' = x * noise; draws from the RNG exactly as forward does
+  //   route(logits, N, training)  everything after the GEMM logits[N,E] = x' W^T (a host array)
+  //   logits_grad(dgate, loss_scale)  dL/dlogits [N,E] of the last route; then dW += dlogits^T x' and
+  //                            dx += (dlogits W) * noise
+  // forward / backward are exactly these with the GEMMs on the host.
+  const std::vector<float>& draw_noise(int N, bool training);
+  RouterOutput route(const float* logits /*[N,E]*/, int N, bool training);
+  const std::vector<float>& logits_grad(const float* dgate /*[N*k]*/, float loss_scale = 1.0f);
+
   int num_experts() const { return E_; }
   int top_k() const { return k_; }
   int channels() const { return C_; }

@@ -4,7 +4,8 @@
 # Runs, each under a time limit: the CUDA op and backend tests against the CPU kernels (cuda_tests), the
 # host-staged collectives on device memory at 1 and 2 ranks sharing the GPU, the communication backend factory
 # (NCCL at 1 rank; at 2 ranks on one GPU NCCL must be refused on every rank alike), 50 training steps of a dense
-# config on the CPU, on CUDA, and on 2 ranks sharing the GPU (losses compared), greedy generation on CUDA vs the CPU,
+# config on the CPU, on CUDA, and on 2 ranks sharing the GPU (losses compared), the same with MoE layers (and expert
+# parallelism over the 2 ranks), greedy generation on CUDA vs the CPU,
 # and the GEMM bench (bench_gpu: bf16 through our cuBLASLt path vs raw cuBLASLt, and fp32). Writes $OUT/gpu.log (all output), one .txt per check
 # and $OUT/results.md (one row per check, then the GEMM lines). Expected to take a few minutes on an H200.
 set -uo pipefail
@@ -62,10 +63,10 @@ check staged_np1 120 mpirun -np 1 --bind-to none "$bin/mpi_tests" --gtest_filter
 check staged_np2 120 mpirun -np 2 --bind-to none "$bin/mpi_tests" --gtest_filter='*StagedComm*:Comm.BackendFactory'
 # training on CUDA (a dense config: model.device = DEVICE_CUDA), 50 steps of deploy/configs/tiny_test.pbtxt: the
 # CPU run, the CUDA run, and 2 ranks sharing the GPU (gradients all-reduced through host memory over MPI)
-train() {  # train NAME RANKS DEVICE
+train() {  # train NAME RANKS DEVICE [--set FIELD=VALUE ...]
   mpirun -np "$2" --bind-to none "$bin/moe" train --config "$src/deploy/configs/tiny_test.pbtxt" --threads 4 \
     --set "data.train_file=$dir/data/tinyshakespeare.txt" --set "model.device=$3" --set checkpoint.every=0 \
-    --set "train.out_dir=$OUT/run_$1" --loss-log "$OUT/$1.loss"
+    --set "train.out_dir=$OUT/run_$1" --loss-log "$OUT/$1.loss" "${@:4}"
 }
 # same_losses A B: the first 5 losses within 2e-3 (relative) and the mean of the last 10 within 2%
 same_losses() {
@@ -85,6 +86,15 @@ check train_cuda 300 train cuda 1 DEVICE_CUDA
 check train_cuda_np2 300 train cuda_np2 2 DEVICE_CUDA
 check losses_cuda 10 same_losses cpu cuda
 check losses_cuda_np2 10 same_losses cuda cuda_np2
+# the same with MoE layers (every other layer: 4 experts, top-2, dropless, aux loss) on the device: the CPU run, the
+# CUDA run, and expert parallelism over 2 ranks sharing the GPU (the token all-to-all host-staged over MPI)
+moe=(--set model.ffn_pattern=FFN_MOE,FFN_DENSE --set model.moe.num_experts=4 --set model.moe.top_k=2
+     --set model.moe.d_expert=128 --set model.moe.dropless=true --set model.moe.aux_loss_coef=0.01)
+check train_moe_cpu 300 train moe_cpu 1 DEVICE_CPU "${moe[@]}"
+check train_moe_cuda 300 train moe_cuda 1 DEVICE_CUDA "${moe[@]}"
+check train_moe_cuda_ep2 300 train moe_cuda_ep2 2 DEVICE_CUDA "${moe[@]}" --set parallel.expert_parallel=2
+check losses_moe_cuda 10 same_losses moe_cpu moe_cuda
+check losses_moe_cuda_ep2 10 same_losses moe_cuda moe_cuda_ep2
 # the serving engine on CUDA (paged KV cache in device memory; moe generate runs the server's engine): the greedy
 # continuation of the CUDA-trained checkpoint equal to the CPU's
 same_greedy() {

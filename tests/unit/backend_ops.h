@@ -11,7 +11,9 @@
 #include <cmath>
 #include <cstdint>
 #include <map>
+#include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/backend.h"
@@ -106,6 +108,33 @@ inline Outputs run_matmul_few_rows(Backend& be, const MatmulCase& c) {
   float* out = d.put(c.c0);
   be.matmul_few_rows(out, d.put(c.a), d.put(c.b), c.M, c.N, c.K, c.ta, c.tb, c.alpha, c.beta);
   return {{"c", d.get(out, int64_t(c.M) * c.N)}};
+}
+
+// "c<g>": the output name of group g (ostringstream: GCC 12 warns falsely on std::string concatenation, -Wrestrict)
+inline std::string group_output(size_t g) {
+  std::ostringstream o;
+  o << 'c' << g;
+  return o.str();
+}
+// Grouped GEMM: several products of different shapes (one empty) in one call, each from its own matmul case;
+// outputs c0, c1, ... (the empty group's c is left as it was)
+inline Outputs run_matmul_grouped(Backend& be, const std::vector<MatmulCase>& cases) {
+  DeviceArena d(be);
+  std::vector<Backend::GemmGroup> groups;
+  for (const MatmulCase& c : cases) groups.push_back({d.put(c.c0), d.put(c.a), d.put(c.b), c.M, c.N, c.K});
+  const MatmulCase& c0 = cases[0];
+  be.matmul_grouped(groups.data(), static_cast<int>(groups.size()), c0.ta, c0.tb, c0.alpha, c0.beta);
+  Outputs out;
+  for (size_t g = 0; g < cases.size(); ++g)
+    out[group_output(g)] = d.get(groups[g].c, int64_t(cases[g].M) * cases[g].N);
+  return out;
+}
+// groups of shapes (M, N, K) drawn around the sizes of an expert bank, sharing the transposes and scalars
+inline std::vector<MatmulCase> make_matmul_groups(Rng& rng, bool ta, bool tb, float beta) {
+  std::vector<MatmulCase> cases;
+  for (const auto& [M, N, K] : {std::tuple{17, 48, 32}, {1, 48, 32}, {0, 48, 32}, {40, 48, 32}})
+    cases.push_back(make_matmul(rng, M, N, K, ta, tb, 1.0f, beta));
+  return cases;
 }
 
 // ---------------------------------------------------------------- linear forward + backward
@@ -360,16 +389,58 @@ struct ElementwiseCase {
   Vec x, y;  // x[n], y[n]
 };
 inline ElementwiseCase make_elementwise(Rng& rng, int64_t n) { return {n, -1.5f, randn(rng, n), randn(rng, n)}; }
-// outputs: add_inplace (y + x), add (x + y), scale_inplace (y * s); *sum_squares = sum of x^2
+// outputs: add_inplace (y + x), add (x + y), scale_inplace (y * s), mul (x * y, and in place y *= x);
+// *sum_squares = sum of x^2
 inline Outputs run_elementwise(Backend& be, const ElementwiseCase& c, double* sum_squares) {
   DeviceArena d(be);
   const float* x = d.put(c.x);
-  float *acc = d.put(c.y), *sum = d.unwritten(c.n), *scaled = d.put(c.y);
+  float *acc = d.put(c.y), *sum = d.unwritten(c.n), *scaled = d.put(c.y), *prod = d.unwritten(c.n);
+  float* prod_inplace = d.put(c.y);
   be.add_inplace(acc, x, c.n);
   be.add(sum, x, d.put(c.y), c.n);
   be.scale_inplace(scaled, c.s, c.n);
+  be.mul(prod, x, d.put(c.y), c.n);
+  be.mul(prod_inplace, prod_inplace, x, c.n);
   *sum_squares = be.sum_squares(x, c.n);
-  return {{"add_inplace", d.get(acc, c.n)}, {"add", d.get(sum, c.n)}, {"scale_inplace", d.get(scaled, c.n)}};
+  return {{"add_inplace", d.get(acc, c.n)}, {"add", d.get(sum, c.n)}, {"scale_inplace", d.get(scaled, c.n)},
+          {"mul", d.get(prod, c.n)}, {"mul_inplace", d.get(prod_inplace, c.n)}};
+}
+
+// ---------------------------------------------------------------- token dispatch
+// N tokens with k slots; R kept slots in a shuffled order (slot[R]), the others dropped (row -1); row[s] the
+// position of slot s in that order (the plan's order / row_of_slot), gates per slot
+struct DispatchCase {
+  int N, k, C, R;
+  Vec x, y, gate, acc;  // x[N,C] token rows, y[R,C] permuted rows, gate[N*k], acc[N,C] (accumulated into)
+  Ids slot, row;        // slot[R], row[N*k]
+};
+inline DispatchCase make_dispatch(Rng& rng, int N, int k, int C) {
+  DispatchCase c{N, k, C, 0, randn(rng, int64_t(N) * C), {}, randn(rng, int64_t(N) * k), randn(rng, int64_t(N) * C),
+                 {}, Ids(size_t(N) * k, -1)};
+  for (int s = 0; s < N * k; ++s)
+    if (rng.below(4) != 0) c.slot.push_back(s);  // about a quarter dropped
+  for (size_t i = c.slot.size(); i > 1; --i) std::swap(c.slot[i - 1], c.slot[rng.below(i)]);
+  c.R = static_cast<int>(c.slot.size());
+  for (int r = 0; r < c.R; ++r) c.row[c.slot[r]] = r;
+  c.y = randn(rng, int64_t(c.R) * C);
+  return c;
+}
+// outputs: gathered (x rows of the slots), gated (times their gates), combined (= gated sum of y), accumulated
+// (acc += ungated sum of y), dots (<x[token], y[row]> per slot)
+inline Outputs run_dispatch(Backend& be, const DispatchCase& c) {
+  DeviceArena d(be);
+  const float *x = d.put(c.x), *y = d.put(c.y), *gate = d.put(c.gate);
+  const int32_t *slot = d.put(c.slot), *row = d.put(c.row);
+  const int64_t RC = int64_t(c.R) * c.C, NC = int64_t(c.N) * c.C;
+  float *gathered = d.unwritten(RC), *gated = d.unwritten(RC), *combined = d.unwritten(NC), *acc = d.put(c.acc);
+  float* dots = d.unwritten(int64_t(c.N) * c.k);
+  be.gather_rows(gathered, x, slot, nullptr, c.R, c.k, c.C);
+  be.gather_rows(gated, x, slot, gate, c.R, c.k, c.C);
+  be.combine_rows(combined, y, row, gate, c.N, c.k, c.C, false);
+  be.combine_rows(acc, y, row, nullptr, c.N, c.k, c.C, true);
+  be.row_dots(dots, x, y, row, c.N, c.k, c.C);
+  return {{"gathered", d.get(gathered, RC)}, {"gated", d.get(gated, RC)}, {"combined", d.get(combined, NC)},
+          {"accumulated", d.get(acc, NC)}, {"dots", d.get(dots, int64_t(c.N) * c.k)}};
 }
 
 // ---------------------------------------------------------------- AdamW

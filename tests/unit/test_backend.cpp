@@ -106,6 +106,17 @@ Outputs linear_ref(const LinearCase& c) {
   return o;
 }
 
+// The grouped GEMM is each group's matmul (the CPU runs them in turn): bit for bit, an empty group untouched
+TEST(BackendCpu, MatmulGroupedIsEachGroupsMatmul) {
+  Rng rng(14);
+  for (int t = 0; t < 4; ++t) {
+    const std::vector<MatmulCase> cases = make_matmul_groups(rng, t & 1, t & 2, t == 3 ? 1.0f : 0.0f);
+    const Outputs got = run_matmul_grouped(host_be(), cases);
+    for (size_t g = 0; g < cases.size(); ++g)
+      EXPECT_EQ(got.at(group_output(g)), run_matmul(host_be(), cases[g]).at("c")) << "case " << t << " group " << g;
+  }
+}
+
 TEST(BackendCpu, LinearVsRef) {
   Rng rng(2);
   for (bool bias : {true, false}) {
@@ -240,11 +251,12 @@ TEST(BackendCpu, CrossEntropyVsRefWithIgnoredTargets) {
 TEST(BackendCpu, ElementwiseVsLoop) {
   Rng rng(11);
   const ElementwiseCase c = make_elementwise(rng, 100003);
-  Vec sum(c.n), scaled(c.n);
+  Vec sum(c.n), scaled(c.n), prod(c.n);
   double sq = 0;
   for (int64_t i = 0; i < c.n; ++i) {
     sum[i] = c.x[i] + c.y[i];
     scaled[i] = c.y[i] * c.s;
+    prod[i] = c.x[i] * c.y[i];
     sq += double(c.x[i]) * c.x[i];
   }
   double got_sq = 0;
@@ -252,7 +264,46 @@ TEST(BackendCpu, ElementwiseVsLoop) {
   EXPECT_EQ(got.at("add_inplace"), sum);
   EXPECT_EQ(got.at("add"), sum);
   EXPECT_EQ(got.at("scale_inplace"), scaled);
+  EXPECT_EQ(got.at("mul"), prod);
+  EXPECT_EQ(got.at("mul_inplace"), prod);
   EXPECT_NEAR(got_sq, sq, 1e-10 * sq);
+}
+
+// The token dispatch ops against plain loops: gathers copy rows exactly, a gated gather multiplies once, a combine
+// sums a token's kept rows in slot order (written or accumulated), dropped slots contribute nothing and get dot 0.
+// Large enough (N*C > 65536) that the CPU splits the loops over threads.
+TEST(BackendCpu, TokenDispatchVsLoops) {
+  Rng rng(12);
+  for (int k : {1, 2, 3}) {
+    const DispatchCase c = make_dispatch(rng, 700, k, 97);
+    const int C = c.C;
+    Vec gathered(size_t(c.R) * C), gated(gathered.size()), combined(size_t(c.N) * C, 0.0f), acc = c.acc;
+    Vec dots(size_t(c.N) * k, 0.0f);
+    for (int r = 0; r < c.R; ++r)
+      for (int ch = 0; ch < C; ++ch) {
+        const float v = c.x[size_t(c.slot[r] / k) * C + ch];
+        gathered[size_t(r) * C + ch] = v;
+        gated[size_t(r) * C + ch] = c.gate[c.slot[r]] * v;
+      }
+    for (int s = 0; s < c.N * k; ++s) {
+      const int r = c.row[s], n = s / k;
+      if (r < 0) continue;
+      double dot = 0;
+      for (int ch = 0; ch < C; ++ch) {
+        const float yv = c.y[size_t(r) * C + ch];
+        combined[size_t(n) * C + ch] += c.gate[s] * yv;
+        acc[size_t(n) * C + ch] += yv;
+        dot += double(c.x[size_t(n) * C + ch]) * yv;
+      }
+      dots[s] = float(dot);
+    }
+    const Outputs got = run_dispatch(host_be(), c);
+    EXPECT_EQ(got.at("gathered"), gathered) << "k " << k;
+    EXPECT_EQ(got.at("gated"), gated) << "k " << k;
+    EXPECT_EQ(got.at("combined"), combined) << "k " << k;
+    EXPECT_EQ(got.at("accumulated"), acc) << "k " << k;
+    EXPECT_EQ(got.at("dots"), dots) << "k " << k;
+  }
 }
 
 // AdamW through the backend: the dense update and the lazy row update equal the double reference (to float

@@ -79,6 +79,14 @@ TEST_F(CudaBackendTest, Matmul) {
   expect_same(make_matmul(rng_, 256, 192, 5, true, false, 1.0f, 1.0f), run_matmul_few_rows);
 }
 
+// the expert bank's grouped GEMM (one cuBLAS grouped batched call) against the CPU's group-by-group matmuls, in the
+// three forms the grouped FFN uses: x W^T (forward), dy W (backward data), dout^T x accumulated (weight gradients)
+TEST_F(CudaBackendTest, MatmulGrouped) {
+  expect_same(make_matmul_groups(rng_, false, true, 0.0f), run_matmul_grouped);
+  expect_same(make_matmul_groups(rng_, false, false, 1.0f), run_matmul_grouped);
+  expect_same(make_matmul_groups(rng_, true, false, 1.0f), run_matmul_grouped);
+}
+
 TEST_F(CudaBackendTest, Linear) {
   for (bool bias : {true, false}) {
     for (bool dinp : {true, false}) {
@@ -156,6 +164,11 @@ TEST_F(CudaBackendTest, Elementwise) {
   const Outputs g = run_elementwise(gpu(), c, &sq_gpu);
   expect_outputs_near(g, run_elementwise(cpu(), c, &sq_cpu), kTol);
   EXPECT_NEAR(sq_gpu, sq_cpu, 1e-9 * sq_cpu);
+}
+
+// The MoE layer's token dispatch: gathers exact, combines and dots to fp32 rounding (the dots sum in double on both)
+TEST_F(CudaBackendTest, TokenDispatch) {
+  for (int k : {1, 2, 4}) expect_same(make_dispatch(rng_, 301, k, 130), run_dispatch);
 }
 
 // AdamW: the dense and the lazy row update (step counts on the device, rows from the host) as on the CPU, to 1e-5

@@ -1,14 +1,15 @@
-// The dense model on CUDA (model.device = DEVICE_CUDA: parameters, gradients, activations and AdamW moments in
+// Dense and MoE models on CUDA (model.device = DEVICE_CUDA: parameters, gradients, activations and AdamW moments in
 // device memory) against the same model on the CPU: the same initial weights bit for bit (drawn on the host,
 // copied), then three training steps (forward, backward, the gradient norm, AdamW) with losses within 1e-4 and
 // every gradient and weight within 1e-3 relative error (fp32 on both, different summation orders; errors grow
-// with the steps), and a checkpoint saved from a device model (host copies) read back into another one bit for bit. Compiled only into CUDA builds;
-// without a usable GPU every test skips with "no CUDA device".
+// with the steps), and a checkpoint saved from a device model (host copies) read back into another one bit for bit.
+// Compiled only into CUDA builds; without a usable GPU every test skips with "no CUDA device".
 #ifdef MOE_HAVE_CUDA
 
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "checkpoints/checkpoint.h"
@@ -55,38 +56,62 @@ class CudaModel : public ::testing::Test {
   }
 };
 
-TEST_F(CudaModel, TrainingStepsMatchTheCpu) {
-  for (bool tied : {true, false}) {
-    proto::ModelConfig m = tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, tied);
-    auto cpu = make_model(m, 11);
-    m.set_device(proto::DEVICE_CUDA);
-    auto gpu = make_model(m, 11);
-    ASSERT_EQ(gpu->params().device(), Device::kCUDA);
-    EXPECT_EQ(params_err(*cpu, *gpu, false), 0.0) << "initial weights differ";
-    AdamW oc(cpu->params(), adamw_config()), og(gpu->params(), adamw_config());
-    Rng rng(5);
-    const int B = 3, T = 16;
-    for (int step = 0; step < 3; ++step) {
-      std::vector<int32_t> in, tg;
-      random_tokens(rng, in, B * T, m.vocab_size());
-      random_tokens(rng, tg, B * T, m.vocab_size());
-      double norms[2];
-      float losses[2];
-      Model* models[2] = {cpu.get(), gpu.get()};
-      AdamW* opts[2] = {&oc, &og};
-      for (int k = 0; k < 2; ++k) {
-        models[k]->params().zero_grad();
-        losses[k] = models[k]->forward(in.data(), tg.data(), B, T, true);
-        models[k]->backward(1.0f);
-        norms[k] = grad_norm(models[k]->params());
-      }
-      EXPECT_NEAR(losses[1], losses[0], 1e-4 * std::abs(losses[0])) << "step " << step << " tied " << tied;
-      EXPECT_NEAR(norms[1], norms[0], 1e-4 * norms[0]) << "step " << step;
-      EXPECT_LE(params_err(*cpu, *gpu, true), 1e-3) << "gradients, step " << step << " tied " << tied;
-      for (int k = 0; k < 2; ++k) opts[k]->step(3e-3f, clip_scale(norms[k], 1.0f));
-      EXPECT_LE(params_err(*cpu, *gpu, false), 1e-3) << "weights after step " << step << " tied " << tied;
+// Three training steps of `m` on the CPU and on CUDA from the same initial weights: losses (with the router losses)
+// and gradient norms within 1e-4, gradients and weights within 1e-3.
+void expect_steps_match(proto::ModelConfig m, const std::string& what) {
+  auto cpu = make_model(m, 11);
+  m.set_device(proto::DEVICE_CUDA);
+  auto gpu = make_model(m, 11);
+  ASSERT_EQ(gpu->params().device(), Device::kCUDA);
+  EXPECT_EQ(params_err(*cpu, *gpu, false), 0.0) << "initial weights differ";
+  AdamW oc(cpu->params(), adamw_config()), og(gpu->params(), adamw_config());
+  Rng rng(5);
+  const int B = 3, T = 16;
+  for (int step = 0; step < 3; ++step) {
+    std::vector<int32_t> in, tg;
+    random_tokens(rng, in, B * T, m.vocab_size());
+    random_tokens(rng, tg, B * T, m.vocab_size());
+    double norms[2];
+    float losses[2];
+    Model* models[2] = {cpu.get(), gpu.get()};
+    AdamW* opts[2] = {&oc, &og};
+    for (int k = 0; k < 2; ++k) {
+      models[k]->params().zero_grad();
+      losses[k] = models[k]->forward(in.data(), tg.data(), B, T, true);
+      models[k]->backward(1.0f);
+      norms[k] = grad_norm(models[k]->params());
     }
+    EXPECT_NEAR(losses[1], losses[0], 1e-4 * std::abs(losses[0])) << what << ", step " << step;
+    EXPECT_NEAR(norms[1], norms[0], 1e-4 * norms[0]) << what << ", step " << step;
+    EXPECT_LE(params_err(*cpu, *gpu, true), 1e-3) << what << ": gradients, step " << step;
+    for (int k = 0; k < 2; ++k) opts[k]->step(3e-3f, clip_scale(norms[k], 1.0f));
+    EXPECT_LE(params_err(*cpu, *gpu, false), 1e-3) << what << ": weights after step " << step;
   }
+}
+
+TEST_F(CudaModel, TrainingStepsMatchTheCpu) {
+  for (bool tied : {true, false})
+    expect_steps_match(tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, tied), tied ? "tied" : "untied");
+}
+
+// MoE layers on the device: the router's GEMMs, the token gathers and combines, the expert bank's GEMMs and the
+// expert gradients on CUDA, the per-token routing (scores, top-k, capacity drops, aux and z losses, jitter) on the
+// host from the device's logits. Top-2 of 4 experts with drops (capacity factor 1.0), and Switch top-1 with jitter.
+TEST_F(CudaModel, MoeTrainingStepsMatchTheCpu) {
+  proto::ModelConfig m = tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, false);
+  m.add_ffn_pattern(proto::FFN_MOE);
+  m.add_ffn_pattern(proto::FFN_DENSE);
+  m.mutable_moe()->set_num_experts(4);
+  m.mutable_moe()->set_top_k(2);
+  m.mutable_moe()->set_d_expert(24);
+  m.mutable_moe()->set_capacity_factor(1.0f);
+  m.mutable_moe()->set_aux_loss_coef(0.01f);
+  m.mutable_moe()->set_z_loss_coef(1e-3f);
+  expect_steps_match(m, "top-2 with capacity drops");
+  m.set_activation(proto::GELU);
+  m.mutable_moe()->set_top_k(1);
+  m.mutable_moe()->set_jitter_eps(0.05f);
+  expect_steps_match(m, "top-1 GELU experts with jitter");
 }
 
 TEST_F(CudaModel, CheckpointRoundTripThroughTheHost) {

@@ -105,6 +105,19 @@ void add_inplace(float* y, const float* x, int64_t n);               // y += x
 void add(float* out, const float* a, const float* b, int64_t n);     // out = a + b
 void scale_inplace(float* y, float s, int64_t n);                    // y *= s
 double sum_squares(const float* x, int64_t n);                       // sum x^2 in double
+void mul(float* out, const float* a, const float* b, int64_t n);     // out = a * b (may alias a or b)
+
+// ---------------------------------------------------------------- token dispatch (dispatch.cpp)
+// The MoE layer's row movements (router/router.h DispatchPlan): N tokens with k slots each, slot s = n*k + j.
+// gather_rows: out[R,C] row r = gate[slot[r]] * x[slot[r] / k] (gate null: the row itself, exactly); slot[R] in
+// [0, N*k). With k = 1 and no gate a plain row gather out[r] = x[slot[r]].
+void gather_rows(float* out, const float* x, const int32_t* slot, const float* gate, int R, int k, int C);
+// combine_rows: out[N,C] row n = sum over j < k with row[n*k+j] >= 0 of gate[n*k+j] * y[row[n*k+j]] (gate null: 1,
+// no multiply), j ascending; accumulate: added to out (+=), else written (= 0 for a token with no row).
+void combine_rows(float* out, const float* y, const int32_t* row, const float* gate, int N, int k, int C,
+                  bool accumulate);
+// row_dots: dot[N*k], dot[s] = <a[s / k], y[row[s]]> for row[s] >= 0 (summed in double), else 0; a[N,C]
+void row_dots(float* dot, const float* a, const float* y, const int32_t* row, int N, int k, int C);
 
 // ---------------------------------------------------------------- AdamW (adamw.cpp)
 // The hyper-parameters of one parameter's update; every gradient is read as gscale * g (clipping folded in).

@@ -184,4 +184,14 @@ double sum_squares(const float* x, int64_t n) {
   return s;
 }
 
+void mul(float* out, const float* a, const float* b, int64_t n) {
+  if (n <= kParMinFlat) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = a[i] * b[i];
+    return;
+  }
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] * b[i];
+}
+
 }  // namespace moe::cpu

@@ -2,6 +2,7 @@
 // of the same name (kernels.cuh) on it. Memory: cudaMalloc / cudaFree, stream-ordered memset and copies;
 // to_host / from_host, cross_entropy_forward and sum_squares synchronise the stream (they hand a value to the host).
 // Use a device's backend while that device is current (one rank per GPU).
+#include <algorithm>
 #include <mutex>
 #include <vector>
 
@@ -70,6 +71,8 @@ class CudaBackend final : public Backend {
                        int IC, int OC) override {
     cuda::linear_backward(dinp, dw, dbias, dout, inp, w, N, IC, OC, stream_);
   }
+
+  void matmul_grouped(const GemmGroup* groups, int G, bool trans_a, bool trans_b, float alpha, float beta) override;
 
   void embedding_forward(float* out, const int32_t* ids, const float* wte, int N, int C) override {
     cuda::embedding_forward(out, ids, wte, N, C, stream_);
@@ -166,6 +169,17 @@ class CudaBackend final : public Backend {
   void add(float* out, const float* a, const float* b, int64_t n) override { cuda::add(out, a, b, n, stream_); }
   void scale_inplace(float* y, float s, int64_t n) override { cuda::scale_inplace(y, s, n, stream_); }
   double sum_squares(const float* x, int64_t n) override;
+  void mul(float* out, const float* a, const float* b, int64_t n) override { cuda::mul(out, a, b, n, stream_); }
+  void gather_rows(float* out, const float* x, const int32_t* slot, const float* gate, int R, int k, int C) override {
+    cuda::gather_rows(out, x, slot, gate, R, k, C, stream_);
+  }
+  void combine_rows(float* out, const float* y, const int32_t* row, const float* gate, int N, int k, int C,
+                    bool accumulate) override {
+    cuda::combine_rows(out, y, row, gate, N, k, C, accumulate, stream_);
+  }
+  void row_dots(float* dot, const float* a, const float* y, const int32_t* row, int N, int k, int C) override {
+    cuda::row_dots(dot, a, y, row, N, k, C, stream_);
+  }
   void adamw(float* w, const float* g, float* m, float* v, int64_t n, const cpu::AdamWHyper& h, float bc1,
              float bc2) override {
     cuda::adamw(w, g, m, v, n, h, bc1, bc2, stream_);
@@ -177,7 +191,49 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   void* scalars_ = nullptr;  // [2] doubles: the device results of cross_entropy_forward and sum_squares
   std::mutex scalar_mu_;     // one host caller at a time reads a scalar back
+  // matmul_grouped: the groups' pointers (c, a, b arrays of [G]) in device memory, grown as needed
+  void* group_ptrs_ = nullptr;
+  size_t group_ptrs_bytes_ = 0;
+  std::vector<const void*> group_ptrs_host_;  // (c, a, b) of each non-empty group
+  std::vector<int> group_dims_;               // (m, n, k) of each non-empty group
 };
+
+// The non-empty groups' pointers go to the device, their shapes stay on the host; one cuBLAS grouped GEMM. The copy
+// is stream-ordered (a later call's copy waits for this GEMM); from pageable memory it returns once the source is
+// staged, so the host arrays may be reused at once.
+void CudaBackend::matmul_grouped(const GemmGroup* groups, int G, bool trans_a, bool trans_b, float alpha,
+                                 float beta) {
+  group_ptrs_host_.clear();
+  group_dims_.clear();
+  for (int g = 0; g < G; ++g)
+    if (groups[g].m > 0 && groups[g].n > 0) {
+      group_ptrs_host_.insert(group_ptrs_host_.end(), {groups[g].c, groups[g].a, groups[g].b});
+      group_dims_.insert(group_dims_.end(), {groups[g].m, groups[g].n, groups[g].k});
+    }
+  const int n = static_cast<int>(group_dims_.size() / 3);
+  if (n == 0) return;
+  // [c..., a..., b...] and [m..., n..., k...]: the per-group triples transposed into the arrays cuBLAS reads
+  std::vector<const void*> ptrs(3 * size_t(n));
+  std::vector<int> dims(3 * size_t(n));
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < 3; ++j) {
+      ptrs[j * size_t(n) + i] = group_ptrs_host_[3 * size_t(i) + j];
+      dims[j * size_t(n) + i] = group_dims_[3 * size_t(i) + j];
+    }
+  const size_t bytes = sizeof(void*) * ptrs.size();
+  if (bytes > group_ptrs_bytes_) {
+    const size_t grown = std::max(bytes, 2 * group_ptrs_bytes_);
+    void* p = alloc(grown);  // first: on failure the old array stays
+    free(group_ptrs_);       // (cudaFree waits for the work still reading it)
+    group_ptrs_ = p;
+    group_ptrs_bytes_ = grown;
+  }
+  MOE_CUDA_CHECK(cudaMemcpyAsync(group_ptrs_, ptrs.data(), bytes, cudaMemcpyHostToDevice, stream_));
+  auto* dev = static_cast<void**>(group_ptrs_);
+  cuda::matmul_grouped(reinterpret_cast<float* const*>(dev), reinterpret_cast<const float* const*>(dev + n),
+                       reinterpret_cast<const float* const*>(dev + 2 * n), dims.data(), dims.data() + n,
+                       dims.data() + 2 * n, n, trans_a, trans_b, alpha, beta, stream_);
+}
 
 // The GPU kernel needs datt_scratch[B,H,T,T]; without one (allowed on the CPU) a stream-ordered temporary is used.
 void CudaBackend::attention_backward(float* dq, float* dk, float* dv, float* datt_scratch, const float* dout,

@@ -4,6 +4,7 @@
 #include <memory>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 #include "core/kernels/cuda/common.cuh"
 #include "core/kernels/cuda/kernels.cuh"
@@ -84,6 +85,32 @@ void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool 
   const int ldb = std::max(trans_b ? K : N, 1);
   const int lda = std::max(trans_a ? M : K, 1);
   MOE_CUBLAS_CHECK(cublasSgemm(h, op_b, op_a, N, M, K, &alpha, b, ldb, a, lda, &beta, c, N));
+}
+
+// ---------------------------------------------------------------- grouped matmul
+
+void matmul_grouped(float* const* c, const float* const* a, const float* const* b, const int* m, const int* n,
+                    const int* k, int G, bool trans_a, bool trans_b, float alpha, float beta, cudaStream_t stream) {
+  MOE_CHECK(G >= 0, "cuda::matmul_grouped: negative group count " << G);
+  if (G == 0) return;
+  cublasHandle_t h = StreamContext::get(stream).blas();
+  // per group as matmul: row-major C[m,n] is column-major C^T = op(B)^T op(A)^T, so b is cuBLAS's first operand
+  // and cuBLAS's (m, n) are our (n, m); one cuBLAS "group" of one problem per expert group
+  std::vector<cublasOperation_t> op_b(G, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
+  std::vector<cublasOperation_t> op_a(G, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N);
+  std::vector<int> ldb(G), lda(G), ldc(G), ones(G, 1);
+  std::vector<float> alphas(G, alpha), betas(G, beta);
+  for (int g = 0; g < G; ++g) {
+    MOE_CHECK(m[g] >= 1 && n[g] >= 1 && k[g] >= 0,
+              "cuda::matmul_grouped: group " << g << " has m=" << m[g] << " n=" << n[g] << " k=" << k[g]);
+    ldb[g] = std::max(trans_b ? k[g] : n[g], 1);
+    lda[g] = std::max(trans_a ? m[g] : k[g], 1);
+    ldc[g] = n[g];
+  }
+  MOE_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
+      h, op_b.data(), op_a.data(), n, m, k, alphas.data(), reinterpret_cast<const void* const*>(b), CUDA_R_32F,
+      ldb.data(), reinterpret_cast<const void* const*>(a), CUDA_R_32F, lda.data(), betas.data(),
+      reinterpret_cast<void* const*>(c), CUDA_R_32F, ldc.data(), G, ones.data(), CUBLAS_COMPUTE_32F));
 }
 
 // ---------------------------------------------------------------- matmul_bf16 (cuBLASLt)

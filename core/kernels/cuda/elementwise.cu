@@ -65,6 +65,9 @@ __global__ void add_kernel(float* out, const float* a, const float* b, int64_t n
 }
 
 __global__ void scale_inplace_kernel(float* y, float s, int64_t n) { MOE_GRID_STRIDE(i, n) y[i] *= s; }
+__global__ void mul_kernel(float* out, const float* a, const float* b, int64_t n) {
+  MOE_GRID_STRIDE(i, n) out[i] = a[i] * b[i];
+}
 
 constexpr int kMaxPartials = 1024;
 
@@ -208,6 +211,12 @@ void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t str
 void scale_inplace(float* y, float s, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
   scale_inplace_kernel<<<grid_for(n), kBlock, 0, stream>>>(y, s, n);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void mul(float* out, const float* a, const float* b, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  mul_kernel<<<grid_for(n), kBlock, 0, stream>>>(out, a, b, n);
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -60,6 +60,12 @@ class StreamContext {
 void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b, float alpha,
             float beta, cudaStream_t stream);
 
+// Grouped GEMM (Backend::matmul_grouped): for g < G, c[g][m,n] = alpha * op(a[g]) @ op(b[g]) + beta * c[g], shapes
+// m[g], n[g], k[g] (HOST arrays), the pointer arrays a, b, c [G] in DEVICE memory; one cublasGemmGroupedBatchedEx
+// (fp32, CUBLAS_COMPUTE_32F) for all groups. Every group must have m, n >= 1.
+void matmul_grouped(float* const* c, const float* const* a, const float* const* b, const int* m, const int* n,
+                    const int* k, int G, bool trans_a, bool trans_b, float alpha, float beta, cudaStream_t stream);
+
 // The same product on bf16 operands with fp32 accumulation and an fp32 c, through cuBLASLt (the tensor cores):
 // c[M,N] = alpha * op(a) @ op(b) + beta * c with a, b bf16 (layouts as matmul). Products of bf16 values are exact
 // in fp32, so the result differs from an fp32 matmul of the bf16-rounded operands only by summation order.
@@ -161,6 +167,17 @@ void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t str
 void scale_inplace(float* y, float s, int64_t n, cudaStream_t stream);                 // y[n] *= s
 // out[1] (device double) = sum of x[n]^2, accumulated in double, deterministic
 void sum_squares(double* out, const float* x, int64_t n, cudaStream_t stream);
+void mul(float* out, const float* a, const float* b, int64_t n, cudaStream_t stream);  // out[n] = a[n] * b[n]
+
+// ---------------------------------------------------------------- token dispatch (dispatch.cu)
+// cpu::gather_rows / combine_rows / row_dots with every array on the device. One block per output row (a token's
+// k rows summed in slot order, a dot product in a fixed tree): deterministic, no atomics.
+void gather_rows(float* out, const float* x, const int32_t* slot, const float* gate, int R, int k, int C,
+                 cudaStream_t stream);
+void combine_rows(float* out, const float* y, const int32_t* row, const float* gate, int N, int k, int C,
+                  bool accumulate, cudaStream_t stream);
+void row_dots(float* dot, const float* a, const float* y, const int32_t* row, int N, int k, int C,
+              cudaStream_t stream);
 
 // ---------------------------------------------------------------- AdamW (optimizer.cu)
 // The update of core/kernels/cpu/kernels.h adamw / adamw_rows, with its hyper-parameters (cpu::AdamWHyper, a
