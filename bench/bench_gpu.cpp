@@ -4,8 +4,8 @@
 // (cuda::matmul, cuBLAS sgemm without TF32), at the shapes of an MoE layer of d_model D: the attention projections
 // and the experts' up / down matrices for T tokens. Timed with CUDA events, median of --reps after 3 warm-ups.
 // Prints one line per shape and a ratio "ours / raw" (the target of issue 12 is the grouped expert GEMM at >= 70%
-// of a dense one; this is the dense baseline and the wrapper's cost). Without a CUDA build or device: says so,
-// exits 0.
+// of a dense one; this is the dense baseline and the wrapper's cost), then the GROUPED line: the expert bank's
+// grouped GEMM against one dense GEMM of the same FLOPs. Without a CUDA build or device: says so, exits 0.
 // usage: bench_gpu [--d-model 2048] [--d-expert 5632] [--tokens 8192] [--reps 20]
 #include <algorithm>
 #include <cstdio>
@@ -95,6 +95,51 @@ class RawLt {
   cublasLtMatmulHeuristicResult_t heur_{};
 };
 
+// The expert bank's grouped GEMM (cuda::matmul_grouped, fp32: the path GroupedFfn takes on a GPU, the pointer
+// upload included) against ONE dense fp32 GEMM of the same FLOPs: 2T rows (top-2 of T tokens) over 8 experts with an
+// uneven load (shares 4:3:2:2:1:1:1:2 / 16), each group rows x D times its expert's [F,D]^T. Target: >= 0.70.
+void grouped_vs_dense(cudaStream_t stream, int reps, int D, int F, int T, const float* x, const float* w, float* y,
+                      int64_t floats) {
+  const int E = 8, rows = 2 * T;
+  const int share[E] = {4, 3, 2, 2, 1, 1, 1, 2};
+  if (int64_t(rows) * std::max(D, F) > floats || int64_t(E) * F * D > floats) {
+    std::printf("GROUPED skipped: the buffers are too small for %d rows x %d experts\n", rows, E);
+    return;
+  }
+  std::vector<int> dims(3 * E);  // m[E], n[E] = F, k[E] = D
+  std::vector<const void*> ptrs(3 * E);
+  int r0 = 0;
+  for (int e = 0; e < E; ++e) {
+    const int m = e + 1 < E ? rows * share[e] / 16 : rows - r0;
+    dims[e] = m;
+    dims[E + e] = F;
+    dims[2 * E + e] = D;
+    ptrs[e] = y + int64_t(r0) * F;                  // c
+    ptrs[E + e] = x + int64_t(r0) * D;              // a: the group's rows
+    ptrs[2 * E + e] = w + int64_t(e) * F * D;       // b: its expert's weight
+    r0 += m;
+  }
+  void* dev = nullptr;
+  MOE_CUDA_CHECK(cudaMalloc(&dev, sizeof(void*) * ptrs.size()));
+  auto** dp = static_cast<void**>(dev);
+  moe::cuda::StreamContext& ctx = moe::cuda::StreamContext::get(stream);
+  for (bool bf16 : {false, true}) {
+    ctx.set_bf16(bf16);
+    const double grouped = median_ms(stream, reps, [&] {
+      MOE_CUDA_CHECK(cudaMemcpyAsync(dev, ptrs.data(), sizeof(void*) * ptrs.size(), cudaMemcpyHostToDevice, stream));
+      moe::cuda::matmul_grouped(dp, ptrs.data(), dims.data(), E, false, true, 1.0f, 0.0f, stream);
+    });
+    const double dense =
+        median_ms(stream, reps, [&] { moe::cuda::matmul(y, x, w, rows, F, D, false, true, 1.0f, 0.0f, stream); });
+    const double flop = 2.0 * rows * F * D;
+    std::printf("GROUPED precision=%s experts=%d rows=%d F=%d D=%d grouped_tflops=%.2f dense_tflops=%.2f "
+                "ratio=%.3f (target 0.70)\n",
+                bf16 ? "bf16" : "fp32", E, rows, F, D, flop / grouped * 1e-9, flop / dense * 1e-9, dense / grouped);
+  }
+  ctx.set_bf16(false);
+  cudaFree(dev);
+}
+
 int run(int D, int F, int T, int reps) {
   cudaStream_t stream;
   MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -118,8 +163,8 @@ int run(int D, int F, int T, int reps) {
   std::printf("bench_gpu: bf16 GEMM (fp32 accumulate, fp32 out) and fp32 sgemm; d_model %d, d_expert %d, %d tokens; "
               "median of %d\n",
               D, F, T, reps);
-  std::printf("%-26s %6s %6s %6s %12s %12s %8s %12s\n", "shape", "M", "N", "K", "ours TF/s", "raw TF/s", "ratio",
-              "fp32 TF/s");
+  std::printf("%-26s %6s %6s %6s %12s %12s %8s %12s %12s\n", "shape", "M", "N", "K", "ours TF/s", "raw TF/s",
+              "ratio", "fp32 TF/s", "layer bf16");
   const auto* ab = static_cast<const __nv_bfloat16*>(a);
   const auto* bb = static_cast<const __nv_bfloat16*>(b);
   auto* cf = static_cast<float*>(c);
@@ -134,11 +179,18 @@ int run(int D, int F, int T, int reps) {
       moe::cuda::matmul(cf, static_cast<const float*>(a32), static_cast<const float*>(b32), s.M, s.N, s.K, false,
                         true, 1.0f, 0.0f, stream);
     });
-    std::printf("%-26s %6d %6d %6d %12.1f %12.1f %7.2fx %12.1f\n", s.what, s.M, s.N, s.K, flop / ours * 1e-9,
-                flop / rawms * 1e-9, rawms / ours, flop / f32 * 1e-9);
-    std::printf("GEMM shape=%s ours_tflops=%.2f raw_tflops=%.2f fp32_tflops=%.2f\n", s.what, flop / ours * 1e-9,
-                flop / rawms * 1e-9, flop / f32 * 1e-9);
+    ctx.set_bf16(true);  // the layers' path with model.matmul_precision = MATMUL_BF16: fp32 data, bf16 compute
+    const double layer = median_ms(stream, reps, [&] {
+      moe::cuda::matmul(cf, static_cast<const float*>(a32), static_cast<const float*>(b32), s.M, s.N, s.K, false,
+                        true, 1.0f, 0.0f, stream);
+    });
+    ctx.set_bf16(false);
+    std::printf("%-26s %6d %6d %6d %12.1f %12.1f %7.2fx %12.1f %12.1f\n", s.what, s.M, s.N, s.K, flop / ours * 1e-9,
+                flop / rawms * 1e-9, rawms / ours, flop / f32 * 1e-9, flop / layer * 1e-9);
+    std::printf("GEMM shape=%s ours_tflops=%.2f raw_tflops=%.2f fp32_tflops=%.2f layer_bf16_tflops=%.2f\n", s.what,
+                flop / ours * 1e-9, flop / rawms * 1e-9, flop / f32 * 1e-9, flop / layer * 1e-9);
   }
+  grouped_vs_dense(stream, reps, D, F, T, static_cast<const float*>(a32), static_cast<const float*>(b32), cf, most);
   for (void* p : {a, b, c, a32, b32}) cudaFree(p);
   MOE_CUDA_CHECK(cudaStreamDestroy(stream));
   return 0;

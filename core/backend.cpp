@@ -165,6 +165,11 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
+void Backend::set_matmul_bf16(bool on) {
+  MOE_CHECK(!on, "bf16 GEMMs are not available on the " << name() << " backend (model.matmul_precision = MATMUL_BF16 "
+                                                         "needs model.device = DEVICE_CUDA)");
+}
+
 void Backend::matmul_grouped(const GemmGroup* groups, int G, bool trans_a, bool trans_b, float alpha, float beta) {
   for (int g = 0; g < G; ++g) {
     const GemmGroup& q = groups[g];

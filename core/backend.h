@@ -38,6 +38,12 @@ class Backend {
   virtual void free_host(void* p) noexcept;  // p from alloc_host (or null)
 
   // ---------------------------------------------------------------- matmul, linear
+  // bf16 GEMMs (model.matmul_precision = MATMUL_BF16): every later matmul, linear and grouped GEMM of this backend
+  // rounds its operands to bf16 on the tensor cores, with fp32 accumulation and output. Process-wide, like the
+  // backend: the last model built sets it. The CPU computes in fp32 only (throws when asked for bf16).
+  virtual void set_matmul_bf16(bool on);
+  virtual bool matmul_bf16() const { return false; }
+
   // c[M,N] = alpha * op(a) @ op(b) + beta * c; op(a)[M,K] (a stored [K,M] if trans_a), op(b)[K,N] (b [N,K] if trans_b)
   virtual void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b,
                       float alpha = 1.0f, float beta = 0.0f) = 0;
@@ -186,6 +192,24 @@ class Backend {
   // row_t the per-row step counts on the device
   virtual void adamw_rows(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows_host,
                           int64_t n_rows, int64_t row_size, const cpu::AdamWHyper& h) = 0;
+};
+
+// Keeps the GEMMs of a scope in fp32 on a backend with bf16 GEMMs on, and restores the setting: the MoE router's
+// logits (a rounding must not flip a token's top-k; Megatron-Core and DeepSeek-V3 keep the router in fp32 too).
+class Fp32Gemms {
+ public:
+  explicit Fp32Gemms(Backend& be) : be_(be), was_(be.matmul_bf16()) {
+    if (was_) be_.set_matmul_bf16(false);
+  }
+  ~Fp32Gemms() {
+    if (was_) be_.set_matmul_bf16(true);
+  }
+  Fp32Gemms(const Fp32Gemms&) = delete;
+  Fp32Gemms& operator=(const Fp32Gemms&) = delete;
+
+ private:
+  Backend& be_;
+  bool was_;
 };
 
 // The process-wide CPU backend.

@@ -281,6 +281,11 @@ void validate(const proto::ModelConfig& m) {
   MOE_CHECK_FIELD(m.init_std() > 0, "model.init_std", m.init_std(), "must be > 0");
   MOE_CHECK_FIELD(proto::Device_IsValid(m.device()), "model.device", device_name(m.device()),
                   "must be DEVICE_CPU or DEVICE_CUDA");
+  MOE_CHECK_FIELD(proto::MatmulPrecision_IsValid(m.matmul_precision()), "model.matmul_precision",
+                  static_cast<int>(m.matmul_precision()), "must be MATMUL_FP32 or MATMUL_BF16");
+  MOE_CHECK_FIELD(m.matmul_precision() != proto::MATMUL_BF16 || m.device() == proto::DEVICE_CUDA,
+                  "model.matmul_precision", "MATMUL_BF16",
+                  "needs model.device = DEVICE_CUDA (the CPU kernels compute in fp32 only)");
   if (has_layers_of(m, proto::FFN_MOE)) validate_moe(m.moe());
   if (has_layers_of(m, proto::FFN_WORD_EXPERT)) validate_word_experts(m.word_experts());
 }

@@ -62,7 +62,7 @@ void check_device(const proto::ModelConfig& m) {
               "config field model.device = DEVICE_CUDA: runs dense and MoE FFN layers only so far (layer "
                   << l << " is " << proto::FfnKind_Name(layer_ffn_kind(m, l))
                   << "): word-expert layers (model.ffn_pattern) need DEVICE_CPU");
-  backend_for(Device::kCUDA);  // no CUDA build or no device: its own clear error
+  backend_for(Device::kCUDA).set_matmul_bf16(m.matmul_precision() == proto::MATMUL_BF16);  // (no CUDA: its error)
 }
 
 std::unique_ptr<Model> build_model(const Config& cfg, const ModelInputs& in) {

@@ -139,9 +139,13 @@ void MoeFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
   auto t0 = clk::now();
   const float* xin = router_input(x, N, ctx.training);
   const int64_t NE = int64_t(N) * E_;
-  float* logits = grow(logits_, NE);  // [N,E] = x' W^T
-  if (N > 0 && ctx.batch_invariant) be_.linear_rows(logits, xin, w_router_packed_.slot(), nullptr, N, C_, E_);
-  else if (N > 0) be_.matmul(logits, xin, w_router_->value.f32(), N, E_, C_, false, true);
+  float* logits = grow(logits_, NE);  // [N,E] = x' W^T, in fp32 whatever model.matmul_precision
+  if (N > 0 && ctx.batch_invariant) {
+    be_.linear_rows(logits, xin, w_router_packed_.slot(), nullptr, N, C_, E_);
+  } else if (N > 0) {
+    const Fp32Gemms fp32(be_);
+    be_.matmul(logits, xin, w_router_->value.f32(), N, E_, C_, false, true);
+  }
   logits_host_.resize(NE);
   be_.to_host(logits_host_.data(), logits, sizeof(float) * NE);
   last_ = router_.route(logits_host_.data(), N, ctx.training);
@@ -182,6 +186,7 @@ void MoeFfn::router_backward(float* dx, const float* dgate, int N, float loss_sc
   if (N == 0) return;
   float* dlogits = grow(dlogits_, int64_t(N) * E_);
   be_.from_host(dlogits, dl.data(), sizeof(float) * dl.size());
+  const Fp32Gemms fp32(be_);  // (as the forward's logits)
   const float* w = w_router_->value.f32();
   be_.matmul(w_router_->grad.f32(), dlogits, router_in_, E_, C_, N, true, false, 1.0f, 1.0f);
   if (router_.jitter_noise().empty()) {

@@ -109,5 +109,5 @@ same_greedy() {
 }
 check greedy_cuda 120 same_greedy
 check bench_gpu 240 "$bin/bench_gpu"
-grep -h "^GEMM" "$OUT/bench_gpu.txt" | sed 's/^/    /' >> "$table" || true
+grep -hE "^(GEMM|GROUPED)" "$OUT/bench_gpu.txt" | sed 's/^/    /' >> "$table" || true
 echo "=== results"; cat "$table"

@@ -79,6 +79,22 @@ TEST_F(CudaBackendTest, Matmul) {
   expect_same(make_matmul(rng_, 256, 192, 5, true, false, 1.0f, 1.0f), run_matmul_few_rows);
 }
 
+// bf16 GEMMs (model.matmul_precision = MATMUL_BF16: operands rounded to bf16, 8 significant bits, fp32 accumulation)
+// against the CPU's fp32 products: within 1e-2 of the largest magnitude (an operand's rounding is at most 2^-9
+// relative; the errors of a K-term dot product mostly cancel). Plain, linear-layer and grouped forms.
+TEST_F(CudaBackendTest, MatmulBf16) {
+  struct Bf16Gemms {  // on for this test only, even when it fails half-way
+    Backend& be;
+    explicit Bf16Gemms(Backend& b) : be(b) { be.set_matmul_bf16(true); }
+    ~Bf16Gemms() { be.set_matmul_bf16(false); }
+  } on(gpu());
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) expect_same(make_matmul(rng_, 37, 53, 129, ta, tb, 1.25f, 0.75f), run_matmul, 1e-2);
+  expect_same(make_linear(rng_, 40, 96, 72, true, true), run_linear, 1e-2);
+  expect_same(make_matmul_groups(rng_, false, true, 0.0f), run_matmul_grouped, 1e-2);
+  expect_same(make_matmul_groups(rng_, true, false, 1.0f), run_matmul_grouped, 1e-2);
+}
+
 // the expert bank's grouped GEMM (one cuBLAS grouped batched call) against the CPU's group-by-group matmuls, in the
 // three forms the grouped FFN uses: x W^T (forward), dy W (backward data), dout^T x accumulated (weight gradients)
 TEST_F(CudaBackendTest, MatmulGrouped) {

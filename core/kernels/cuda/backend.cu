@@ -60,6 +60,8 @@ class CudaBackend final : public Backend {
   }
   void sync() override { MOE_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
+  void set_matmul_bf16(bool on) override { StreamContext::get(stream_).set_bf16(on); }
+  bool matmul_bf16() const override { return StreamContext::get(stream_).bf16(); }
   void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b, float alpha,
               float beta) override {
     cuda::matmul(c, a, b, M, N, K, trans_a, trans_b, alpha, beta, stream_);
@@ -229,10 +231,8 @@ void CudaBackend::matmul_grouped(const GemmGroup* groups, int G, bool trans_a, b
     group_ptrs_bytes_ = grown;
   }
   MOE_CUDA_CHECK(cudaMemcpyAsync(group_ptrs_, ptrs.data(), bytes, cudaMemcpyHostToDevice, stream_));
-  auto* dev = static_cast<void**>(group_ptrs_);
-  cuda::matmul_grouped(reinterpret_cast<float* const*>(dev), reinterpret_cast<const float* const*>(dev + n),
-                       reinterpret_cast<const float* const*>(dev + 2 * n), dims.data(), dims.data() + n,
-                       dims.data() + 2 * n, n, trans_a, trans_b, alpha, beta, stream_);
+  cuda::matmul_grouped(static_cast<void**>(group_ptrs_), ptrs.data(), dims.data(), n, trans_a, trans_b, alpha, beta,
+                       stream_);
 }
 
 // The GPU kernel needs datt_scratch[B,H,T,T]; without one (allowed on the CPU) a stream-ordered temporary is used.

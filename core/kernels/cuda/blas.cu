@@ -84,16 +84,22 @@ void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool 
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const int ldb = std::max(trans_b ? K : N, 1);
   const int lda = std::max(trans_a ? M : K, 1);
-  MOE_CUBLAS_CHECK(cublasSgemm(h, op_b, op_a, N, M, K, &alpha, b, ldb, a, lda, &beta, c, N));
+  if (!StreamContext::get(stream).bf16()) {
+    MOE_CUBLAS_CHECK(cublasSgemm(h, op_b, op_a, N, M, K, &alpha, b, ldb, a, lda, &beta, c, N));
+    return;
+  }
+  MOE_CUBLAS_CHECK(cublasGemmEx(h, op_b, op_a, N, M, K, &alpha, b, CUDA_R_32F, ldb, a, CUDA_R_32F, lda, &beta, c,
+                                CUDA_R_32F, N, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
 }
 
 // ---------------------------------------------------------------- grouped matmul
 
-void matmul_grouped(float* const* c, const float* const* a, const float* const* b, const int* m, const int* n,
-                    const int* k, int G, bool trans_a, bool trans_b, float alpha, float beta, cudaStream_t stream) {
+void matmul_grouped(void* const* dev_ptrs, const void* const* host_ptrs, const int* dims, int G, bool trans_a,
+                    bool trans_b, float alpha, float beta, cudaStream_t stream) {
   MOE_CHECK(G >= 0, "cuda::matmul_grouped: negative group count " << G);
   if (G == 0) return;
-  cublasHandle_t h = StreamContext::get(stream).blas();
+  const int *m = dims, *n = dims + G, *k = dims + 2 * G;
+  StreamContext& ctx = StreamContext::get(stream);
   // per group as matmul: row-major C[m,n] is column-major C^T = op(B)^T op(A)^T, so b is cuBLAS's first operand
   // and cuBLAS's (m, n) are our (n, m); one cuBLAS "group" of one problem per expert group
   std::vector<cublasOperation_t> op_b(G, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
@@ -107,10 +113,17 @@ void matmul_grouped(float* const* c, const float* const* a, const float* const* 
     lda[g] = std::max(trans_a ? m[g] : k[g], 1);
     ldc[g] = n[g];
   }
-  MOE_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
-      h, op_b.data(), op_a.data(), n, m, k, alphas.data(), reinterpret_cast<const void* const*>(b), CUDA_R_32F,
-      ldb.data(), reinterpret_cast<const void* const*>(a), CUDA_R_32F, lda.data(), betas.data(),
-      reinterpret_cast<void* const*>(c), CUDA_R_32F, ldc.data(), G, ones.data(), CUBLAS_COMPUTE_32F));
+  const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+      ctx.blas(), op_b.data(), op_a.data(), n, m, k, alphas.data(), const_cast<const void**>(dev_ptrs + 2 * G),
+      CUDA_R_32F, ldb.data(), const_cast<const void**>(dev_ptrs + G), CUDA_R_32F, lda.data(), betas.data(), dev_ptrs,
+      CUDA_R_32F, ldc.data(), G, ones.data(), ctx.bf16() ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F);
+  if (st != CUBLAS_STATUS_NOT_SUPPORTED || !ctx.bf16()) {
+    MOE_CUBLAS_CHECK(st);
+    return;
+  }
+  for (int g = 0; g < G; ++g)  // no grouped kernel for bf16 compute on fp32 data: one (bf16) matmul per group
+    matmul(static_cast<float*>(const_cast<void*>(host_ptrs[g])), static_cast<const float*>(host_ptrs[G + g]),
+           static_cast<const float*>(host_ptrs[2 * G + g]), m[g], n[g], k[g], trans_a, trans_b, alpha, beta, stream);
 }
 
 // ---------------------------------------------------------------- matmul_bf16 (cuBLASLt)

@@ -7,7 +7,8 @@
 // Hkv = key/value heads (H % Hkv == 0), D = head dim. Backward functions ACCUMULATE (+=) into parameter gradients
 // (dw, db, dwte) and WRITE (=) input gradients (dx, dq, ...).
 //
-// Numerics: all math in fp32 (no TF32: cuBLAS handles are set to CUBLAS_DEFAULT_MATH); reductions are
+// Numerics: all math in fp32 (no TF32: cuBLAS handles are set to CUBLAS_DEFAULT_MATH; bf16 GEMMs only when a
+// stream's context asks for them, model.matmul_precision); reductions are
 // deterministic (fixed trees) except embedding_backward, which scatters with atomicAdd.
 //
 // Differences from the CPU API, all because a host value would force a device synchronisation:
@@ -44,6 +45,9 @@ class StreamContext {
   void* scratch() const { return scratch_; }  // [kScratchBytes] device bytes, 256-byte aligned
   cublasLtHandle_t lt() const { return lt_; }
   void* lt_workspace() const { return lt_workspace_; }  // [kLtWorkspaceBytes] device bytes
+  // bf16 GEMMs for the matmuls (and linear layers, grouped GEMMs) on this stream; off by default
+  bool bf16() const { return bf16_; }
+  void set_bf16(bool on) { bf16_ = on; }
 
  private:
   StreamContext() = default;
@@ -52,19 +56,23 @@ class StreamContext {
   void* scratch_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
   void* lt_workspace_ = nullptr;
+  bool bf16_ = false;
 };
 
 // ---------------------------------------------------------------- matmul (cuBLAS sgemm)
 // c[M,N] = alpha * op(a) @ op(b) + beta * c, op(a) is [M,K] (a stored [K,M] if trans_a), op(b) is [K,N]
-// (b stored [N,K] if trans_b). Row-major, dense leading dimensions. alpha, beta are host values.
+// (b stored [N,K] if trans_b). Row-major, dense leading dimensions. alpha, beta are host values. fp32 products, or
+// with the stream's bf16 GEMMs on (StreamContext::set_bf16) cuBLAS's CUBLAS_COMPUTE_32F_FAST_16BF: the operands
+// rounded to bf16 on the tensor cores, fp32 accumulation and output.
 void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b, float alpha,
             float beta, cudaStream_t stream);
 
-// Grouped GEMM (Backend::matmul_grouped): for g < G, c[g][m,n] = alpha * op(a[g]) @ op(b[g]) + beta * c[g], shapes
-// m[g], n[g], k[g] (HOST arrays), the pointer arrays a, b, c [G] in DEVICE memory; one cublasGemmGroupedBatchedEx
-// (fp32, CUBLAS_COMPUTE_32F) for all groups. Every group must have m, n >= 1.
-void matmul_grouped(float* const* c, const float* const* a, const float* const* b, const int* m, const int* n,
-                    const int* k, int G, bool trans_a, bool trans_b, float alpha, float beta, cudaStream_t stream);
+// Grouped GEMM (Backend::matmul_grouped): for g < G, c[g][m,n] = alpha * op(a[g]) @ op(b[g]) + beta * c[g]. The
+// pointers as [c[G], a[G], b[G]] in DEVICE memory (dev_ptrs, what cuBLAS reads) and the same on the host
+// (host_ptrs), the shapes [m[G], n[G], k[G]] on the host; one cublasGemmGroupedBatchedEx for all groups (with bf16
+// GEMMs on, where cuBLAS has no grouped kernel for them, one matmul per group). Every group must have m, n >= 1.
+void matmul_grouped(void* const* dev_ptrs, const void* const* host_ptrs, const int* dims, int G, bool trans_a,
+                    bool trans_b, float alpha, float beta, cudaStream_t stream);
 
 // The same product on bf16 operands with fp32 accumulation and an fp32 c, through cuBLASLt (the tensor cores):
 // c[M,N] = alpha * op(a) @ op(b) + beta * c with a, b bf16 (layouts as matmul). Products of bf16 values are exact
