@@ -74,73 +74,60 @@ bool GroupedFfn::grouped_gemms(bool batch_invariant) const {
   return be_.device() != Device::kCPU && !batch_invariant && !w_.b_up && !w_.b_down;
 }
 
-template <class Make>
-void GroupedFfn::grouped(bool trans_a, bool trans_b, float beta, const Make& make) {
+void GroupedFfn::grouped_rows(float* c, int c_width, const float* a, int a_width, const float* w, bool trans_b,
+                              float beta) {
+  const int64_t FC = int64_t(F_) * C_;
   gemms_.clear();
   for (int g : order_) {
     const int64_t r0 = offsets_[g];
-    gemms_.push_back(make(r0, static_cast<int>(offsets_[g + 1] - r0), slots_[g]));
+    gemms_.push_back({c + r0 * c_width, a + r0 * a_width, w + slots_[g] * FC, static_cast<int>(offsets_[g + 1] - r0),
+                      c_width, a_width});
   }
-  be_.matmul_grouped(gemms_.data(), static_cast<int>(gemms_.size()), trans_a, trans_b, 1.0f, beta);
+  be_.matmul_grouped(gemms_.data(), static_cast<int>(gemms_.size()), false, trans_b, 1.0f, beta);
+}
+
+void GroupedFfn::grouped_weights(float* dw, const float* dout, int out_width, const float* inp, int in_width) {
+  const int64_t FC = int64_t(F_) * C_;
+  gemms_.clear();
+  for (int g : order_) {
+    const int64_t r0 = offsets_[g];
+    gemms_.push_back({dw + slots_[g] * FC, dout + r0 * out_width, inp + r0 * in_width, out_width, in_width,
+                      static_cast<int>(offsets_[g + 1] - r0)});
+  }
+  be_.matmul_grouped(gemms_.data(), static_cast<int>(gemms_.size()), true, false, 1.0f, 1.0f);
 }
 
 // up = x Wu^T, gate = x Wg^T, act = swiglu(gate, up) or gelu(up) over all rows, y = act Wd^T
 void GroupedFfn::forward_grouped(float* y, const float* x, float* gate, float* up, float* act) {
-  const int C = C_, F = F_;
-  const int64_t FC = int64_t(F) * C, rows = offsets_.back();
-  const float *wg = ptr(w_.w_gate), *wu = ptr(w_.w_up), *wd = ptr(w_.w_down);
-  using G = Backend::GemmGroup;
-  grouped(false, true, 0.0f,
-          [&](int64_t r0, int n, int64_t s) { return G{up + r0 * F, x + r0 * C, wu + s * FC, n, F, C}; });
+  const int64_t rows = offsets_.back();
+  grouped_rows(up, F_, x, C_, ptr(w_.w_up), true, 0.0f);
   if (gate) {
-    grouped(false, true, 0.0f,
-            [&](int64_t r0, int n, int64_t s) { return G{gate + r0 * F, x + r0 * C, wg + s * FC, n, F, C}; });
-    be_.swiglu_forward(act, gate, up, rows * F);
+    grouped_rows(gate, F_, x, C_, ptr(w_.w_gate), true, 0.0f);
+    be_.swiglu_forward(act, gate, up, rows * F_);
   } else {
-    be_.gelu_forward(act, up, rows * F);
+    be_.gelu_forward(act, up, rows * F_);
   }
-  grouped(false, true, 0.0f,
-          [&](int64_t r0, int n, int64_t s) { return G{y + r0 * C, act + r0 * F, wd + s * FC, n, C, F}; });
+  grouped_rows(y, C_, act, F_, ptr(w_.w_down), true, 0.0f);
 }
 
 // dact = dy Wd, then d(gate), d(up) over all rows, dx = dgate Wg + dup Wu (or dup Wu)
 void GroupedFfn::backward_data_grouped(float* dx, const float* dy, float* dact, float* dgate, float* dup) {
-  const int C = C_, F = F_;
-  const int64_t FC = int64_t(F) * C, rows = offsets_.back();
-  const float *wg = ptr(w_.w_gate), *wu = ptr(w_.w_up), *wd = ptr(w_.w_down);
-  using G = Backend::GemmGroup;
-  grouped(false, false, 0.0f,
-          [&](int64_t r0, int n, int64_t s) { return G{dact + r0 * F, dy + r0 * C, wd + s * FC, n, F, C}; });
-  float beta = 0.0f;
+  const int64_t rows = offsets_.back();
+  grouped_rows(dact, F_, dy, C_, ptr(w_.w_down), false, 0.0f);
   if (dgate) {
-    be_.swiglu_backward(dgate, dup, dact, gate_.data(), up_.data(), rows * F);
-    grouped(false, false, 0.0f,
-            [&](int64_t r0, int n, int64_t s) { return G{dx + r0 * C, dgate + r0 * F, wg + s * FC, n, C, F}; });
-    beta = 1.0f;
+    be_.swiglu_backward(dgate, dup, dact, gate_.data(), up_.data(), rows * F_);
+    grouped_rows(dx, C_, dgate, F_, ptr(w_.w_gate), false, 0.0f);
   } else {
-    be_.gelu_backward(dup, dact, up_.data(), rows * F);
+    be_.gelu_backward(dup, dact, up_.data(), rows * F_);
   }
-  grouped(false, false, beta,
-          [&](int64_t r0, int n, int64_t s) { return G{dx + r0 * C, dup + r0 * F, wu + s * FC, n, C, F}; });
+  grouped_rows(dx, C_, dup, F_, ptr(w_.w_up), false, dgate ? 1.0f : 0.0f);
 }
 
-// dWd[s] += dy^T act, dWg[s] += dgate^T x, dWu[s] += dup^T x over each group's rows (k = its rows)
+// dWd[s] += dy^T act, dWg[s] += dgate^T x, dWu[s] += dup^T x over each group's rows
 void GroupedFfn::backward_weights_grouped(float* dwg, float* dwu, float* dwd) {
-  const int C = C_, F = F_;
-  const int64_t FC = int64_t(F) * C;
-  using G = Backend::GemmGroup;
-  if (dwd)
-    grouped(true, false, 1.0f, [&](int64_t r0, int n, int64_t s) {
-      return G{dwd + s * FC, dy_ + r0 * C, aout_.data() + r0 * F, C, F, n};
-    });
-  if (dwg)
-    grouped(true, false, 1.0f, [&](int64_t r0, int n, int64_t s) {
-      return G{dwg + s * FC, dgate_.data() + r0 * F, x_ + r0 * C, F, C, n};
-    });
-  if (dwu)
-    grouped(true, false, 1.0f, [&](int64_t r0, int n, int64_t s) {
-      return G{dwu + s * FC, dup_.data() + r0 * F, x_ + r0 * C, F, C, n};
-    });
+  if (dwd) grouped_weights(dwd, dy_, C_, aout_.data(), F_);
+  if (dwg) grouped_weights(dwg, dgate_.data(), F_, x_, C_);
+  if (dwu) grouped_weights(dwu, dup_.data(), F_, x_, C_);
 }
 
 // y[rows,C] = ffn_{slots[g]}(x[rows,C]) group by group

@@ -85,10 +85,12 @@ class GroupedFfn {
   void for_each_group(const Fn& fn);  // fn(group index, prefetch-ahead group or -1), largest groups first
   // the grouped-GEMM schedule of a device (see above), and its three passes
   bool grouped_gemms(bool batch_invariant) const;
-  // c_g = alpha * op(a_g) op(b_g) + beta c_g for every non-empty group g, in one Backend::matmul_grouped call: the
-  // group's rows r0 = offsets[g], its n rows and its slot s give c, a, b, m, n, k (make)
-  template <class Make>
-  void grouped(bool trans_a, bool trans_b, float beta, const Make& make);
+  // One Backend::matmul_grouped call over the non-empty groups g (rows r0.. of n rows, slot s):
+  //   grouped_rows     c[r0.., c_width] = a[r0.., a_width] @ op(w[s]) + beta c   (w[s] [c_width,a_width] if trans_b,
+  //                    else [a_width,c_width]: the forward's x W^T and the backward's dy W)
+  //   grouped_weights  dw[s] [out_width,in_width] += dout[r0.., out_width]^T @ inp[r0.., in_width]
+  void grouped_rows(float* c, int c_width, const float* a, int a_width, const float* w, bool trans_b, float beta);
+  void grouped_weights(float* dw, const float* dout, int out_width, const float* inp, int in_width);
   void forward_grouped(float* y, const float* x, float* gate, float* up, float* act);
   void backward_data_grouped(float* dx, const float* dy, float* dact, float* dgate, float* dup);
   void backward_weights_grouped(float* dwg, float* dwu, float* dwd);

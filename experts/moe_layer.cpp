@@ -67,7 +67,6 @@ MoeFfn::MoeFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const p
     : prefix_(prefix),
       C_(cfg.d_model()),
       E_(cfg.moe().num_experts()),
-      k_(cfg.moe().top_k()),
       be_(ws.backend()),
       w_router_(ps.add(prefix + ".router.weight", {cfg.moe().num_experts(), cfg.d_model()}, false)),
       w_router_packed_(ws),
@@ -180,7 +179,7 @@ void MoeFfn::backward(const FfnContext& ctx, float* dx, const float* dy, int N) 
 }
 
 void MoeFfn::router_backward(float* dx, const float* dgate, int N, float loss_scale) {
-  dgate_host_.resize(int64_t(N) * k_);
+  dgate_host_.resize(int64_t(N) * router_.top_k());
   be_.to_host(dgate_host_.data(), dgate, sizeof(float) * dgate_host_.size());
   const std::vector<float>& dl = router_.logits_grad(dgate_host_.data(), loss_scale);  // [N,E]
   if (N == 0) return;

@@ -54,7 +54,7 @@ class MoeFfn : public FfnUnit {
   void router_backward(float* dx, const float* dgate, int N, float loss_scale);
 
   std::string prefix_;
-  int C_, E_, k_;
+  int C_, E_;
   Backend& be_;
   Param* w_router_;
   PackedWeight w_router_packed_;

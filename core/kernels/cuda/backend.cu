@@ -196,8 +196,6 @@ class CudaBackend final : public Backend {
   // matmul_grouped: the groups' pointers (c, a, b arrays of [G]) in device memory, grown as needed
   void* group_ptrs_ = nullptr;
   size_t group_ptrs_bytes_ = 0;
-  std::vector<const void*> group_ptrs_host_;  // (c, a, b) of each non-empty group
-  std::vector<int> group_dims_;               // (m, n, k) of each non-empty group
 };
 
 // The non-empty groups' pointers go to the device, their shapes stay on the host; one cuBLAS grouped GEMM. The copy
@@ -205,23 +203,19 @@ class CudaBackend final : public Backend {
 // staged, so the host arrays may be reused at once.
 void CudaBackend::matmul_grouped(const GemmGroup* groups, int G, bool trans_a, bool trans_b, float alpha,
                                  float beta) {
-  group_ptrs_host_.clear();
-  group_dims_.clear();
-  for (int g = 0; g < G; ++g)
-    if (groups[g].m > 0 && groups[g].n > 0) {
-      group_ptrs_host_.insert(group_ptrs_host_.end(), {groups[g].c, groups[g].a, groups[g].b});
-      group_dims_.insert(group_dims_.end(), {groups[g].m, groups[g].n, groups[g].k});
-    }
-  const int n = static_cast<int>(group_dims_.size() / 3);
+  int n = 0;
+  for (int g = 0; g < G; ++g) n += groups[g].m > 0 && groups[g].n > 0;
   if (n == 0) return;
-  // [c..., a..., b...] and [m..., n..., k...]: the per-group triples transposed into the arrays cuBLAS reads
+  // the arrays cuBLAS reads: [c..., a..., b...] and [m..., n..., k...] over the non-empty groups
   std::vector<const void*> ptrs(3 * size_t(n));
   std::vector<int> dims(3 * size_t(n));
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < 3; ++j) {
-      ptrs[j * size_t(n) + i] = group_ptrs_host_[3 * size_t(i) + j];
-      dims[j * size_t(n) + i] = group_dims_[3 * size_t(i) + j];
-    }
+  for (int g = 0, i = 0; g < G; ++g) {
+    const GemmGroup& q = groups[g];
+    if (q.m <= 0 || q.n <= 0) continue;
+    ptrs[i] = q.c, ptrs[n + i] = q.a, ptrs[2 * n + i] = q.b;
+    dims[i] = q.m, dims[n + i] = q.n, dims[2 * n + i] = q.k;
+    ++i;
+  }
   const size_t bytes = sizeof(void*) * ptrs.size();
   if (bytes > group_ptrs_bytes_) {
     const size_t grown = std::max(bytes, 2 * group_ptrs_bytes_);
