@@ -2,8 +2,14 @@
 // needs: mean of a scalar over ranks, gradient reduction, gathering expert shards (tests and checks; checkpoints
 // are written per rank, checkpoints/saver.h). On one process without MPI, give it a SelfCommunicator
 // (comm/self_comm.h).
+//
+// Two sets of process groups: the host ones (MPI: scalars, counts, the checks) and, when given, the same layout over
+// a communicator for tensors in the model's memory (NCCL between GPUs, parallel.communicator = "nccl"): the
+// gradients and the token rows of the expert all-to-all then go there, device to device. Without one, a device's
+// tensors are staged through host memory over the host groups.
 #pragma once
 #include <memory>
+#include <vector>
 
 #include "comm/communicator.h"
 #include "core/params.h"
@@ -13,8 +19,9 @@ namespace moe::comm {
 
 class Parallel {
  public:
-  // expert_parallel: parallel.expert_parallel (must divide the world size).
-  Parallel(std::unique_ptr<Communicator> world, int expert_parallel);
+  // expert_parallel: parallel.expert_parallel (must divide the world size). tensors: null, or a communicator with
+  // the same ranks as `world` that works on the model's tensors (NCCL; collective: its groups are split here too).
+  Parallel(std::unique_ptr<Communicator> world, int expert_parallel, std::unique_ptr<Communicator> tensors = nullptr);
   int rank() const { return groups_.world->rank(); }
   int size() const { return groups_.world->size(); }
   int ep_rank() const { return groups_.ep_rank; }
@@ -23,6 +30,12 @@ class Parallel {
   int dp_size() const { return groups_.dp_size; }
   Communicator& world() { return *groups_.world; }
   Communicator* expert_group() { return groups_.ep_size > 1 ? groups_.expert_parallel.get() : nullptr; }
+  // The expert-parallel group over the model's tensors (the token rows of the all-to-all): null without a tensor
+  // communicator or with one expert-parallel rank.
+  Communicator* expert_rows_group() {
+    return tensors_.world && tensors_.ep_size > 1 ? tensors_.expert_parallel.get() : nullptr;
+  }
+  bool has_tensor_groups() const { return tensors_.world != nullptr; }
 
   double mean(double v);   // over the world
   double sum_expert_group(double v);  // over the expert-parallel group
@@ -30,15 +43,22 @@ class Parallel {
 
   // Averages gradients over the global batch: non-expert gradients are summed over the world, expert-sharded ones
   // over their data-parallel replicas only (row-sparse ones over the union of the replicas' touched rows), then
-  // divided by the world size (each rank's loss is the mean over its own equal share of the batch).
+  // divided by the world size (each rank's loss is the mean over its own equal share of the batch). Dense
+  // gradients go over the tensor groups when there are some (row-sparse ones always over the host groups).
   void reduce_grads(ParamStore& ps);
 
   // Local expert shard [El, ...] -> global tensor [E, ...] in expert order (all-gather over the EP group).
   Tensor gather_experts(const Tensor& local);
 
  private:
-  ProcessGroups groups_;
+  // grads[i] (on be's device) summed over c (null: one rank) and scaled by s, packed into one buffer: in the
+  // params' memory when c works on it (a tensor group), else a host buffer (staged from a device)
+  void sum_scaled(Communicator* c, bool tensor_comm, Backend& be, const std::vector<Param*>& grads, float s);
+  void reduce_rows(Param& p, float s);  // a row-sparse gradient over the host data-parallel group
+
+  ProcessGroups groups_, tensors_;  // host groups; tensor groups (world null when there are none)
   std::vector<float> flat_;
+  Tensor flat_tensor_;  // the packed gradients in the params' memory (tensor groups)
 };
 
 }  // namespace moe::comm

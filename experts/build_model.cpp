@@ -37,14 +37,14 @@ FfnFactory ffn_factory(const ModelInputs& in, uint64_t seed) {
                             int layer) mutable -> std::unique_ptr<FfnUnit> {
     switch (layer_ffn_kind(cfg, layer)) {
       case proto::FFN_MOE:
-        return std::make_unique<MoeFfn>(ps, ws, prefix, cfg, in.ep, seed ^ hash_name(prefix));
+        return std::make_unique<MoeFfn>(ps, ws, prefix, cfg, ExpertComm{in.ep, in.ep_rows}, seed ^ hash_name(prefix));
       case proto::FFN_WORD_EXPERT: {
         if (!shared) shared = word_expert_shared(in, cfg);
         // the routes' corpus counts: the routing vocabulary's ids (none when it comes from a checkpoint), or token ids
         const std::vector<int64_t>* counts = cfg.word_experts().routing_vocab_size() == 0 ? in.token_counts
                                              : shared->vocab                            ? &shared->vocab->id_counts()
                                                                                         : nullptr;
-        return std::make_unique<WordExpertFfn>(ps, ws, prefix, cfg, in.ep, counts, shared);
+        return std::make_unique<WordExpertFfn>(ps, ws, prefix, cfg, ExpertComm{in.ep, in.ep_rows}, counts, shared);
       }
       default:
         return std::make_unique<DenseFfn>(ps, ws, prefix, cfg.d_model(), cfg.d_ff(), cfg.activation());

@@ -20,6 +20,7 @@ namespace moe::experts {
 
 struct ModelInputs {
   comm::Communicator* ep = nullptr;                    // expert-parallel group; null: this rank holds every expert
+  comm::Communicator* ep_rows = nullptr;  // the same over the model's tensors (NCCL; comm::Parallel::expert_rows_group)
   const std::vector<int64_t>* token_counts = nullptr;  // corpus token counts: the vocabulary routing tables
   // The training corpus's token stream and the word classes of the token ids (core/data.h word_classes): the MoWE
   // routing vocabulary of model.word_experts.routing_vocab_size (new models; a checkpoint brings its own)

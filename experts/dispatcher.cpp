@@ -14,11 +14,11 @@ double since(clk::time_point t) { return std::chrono::duration<double>(clk::now(
 float* grow(Workspace::Buffer& b, int64_t n) { return b.get(std::max<int64_t>(n, 1)); }
 }  // namespace
 
-Dispatcher::Dispatcher(Workspace& ws, comm::Communicator* ep, int num_experts)
+Dispatcher::Dispatcher(Workspace& ws, ExpertComm ep, int num_experts)
     : be_(ws.backend()),
-      ep_(ep),
-      P_(ep ? ep->size() : 1),
-      rank_(ep ? ep->rank() : 0),
+      ep_(ep.ep),
+      P_(ep.ep ? ep.ep->size() : 1),
+      rank_(ep.ep ? ep.ep->rank() : 0),
       E_(num_experts),
       order_(ws.buffer()),
       row_of_slot_(ws.buffer()),
@@ -41,8 +41,13 @@ Dispatcher::Dispatcher(Workspace& ws, comm::Communicator* ep, int num_experts)
   pair_send_counts_.assign(P_, 0);
   pair_recv_counts_.assign(P_, 0);
   group_offsets_.assign(1, 0);
-  row_comm_ = ep_;
-  if (P_ > 1 && be_.device() != Device::kCPU) {  // device rows: host-staged over a duplicate of ep (collective)
+  row_comm_ = ep.rows ? ep.rows : ep_;
+  if (ep.rows) {
+    MOE_CHECK(ep.rows->size() == P_ && ep.rows->rank() == rank_,
+              "dispatcher: the rows' communicator has rank " << ep.rows->rank() << " of " << ep.rows->size()
+                                                             << ", the expert-parallel group " << rank_ << " of " << P_);
+    rows_sync_ = be_.device() != Device::kCPU;
+  } else if (P_ > 1 && be_.device() != Device::kCPU) {  // device rows: host-staged over a duplicate of ep
     rows_ep_ = std::make_unique<comm::StagedCommunicator>(ep_->split(0, ep_->rank()), be_);
     row_comm_ = rows_ep_.get();
   }
@@ -152,6 +157,7 @@ void Dispatcher::forward_move(const float* rows, float* out, int C) {
   }
   auto t0 = clk::now();
   float* recv = grow(recv_, local_rows() * C);
+  if (rows_sync_) be_.sync();
   row_comm_->all_to_all_v(rows, send_counts_.data(), recv, recv_counts_.data(), C);
   t_.all_to_all += since(t0);
   t0 = clk::now();
@@ -169,6 +175,7 @@ void Dispatcher::backward_move(const float* grouped, float* out, int C) {
   be_.gather_rows(ung, grouped, group_index_on_, nullptr, static_cast<int>(local_rows()), 1, C);
   t_.regroup += since(t0);
   t0 = clk::now();
+  if (rows_sync_) be_.sync();
   row_comm_->all_to_all_v(ung, recv_counts_.data(), out, send_counts_.data(), C);
   t_.all_to_all += since(t0);
 }

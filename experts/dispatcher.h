@@ -12,8 +12,9 @@
 //
 // Rows live on the workspace's device and move with its backend's token dispatch ops (core/backend.h); the plan's
 // index arrays are copied there once per dispatch. The bookkeeping (which experts receive how many rows) stays on the
-// host: the exchange's counts are host values anyway. On a device the rows cross ranks through host-staged MPI
-// (comm/staged_comm.h: ranks may share one GPU); the (expert, rows) pairs go over the host communicator.
+// host: the exchange's counts are host values anyway. On a device the rows cross ranks over a communicator of device
+// buffers (NCCL) when one is given, else through host-staged MPI (comm/staged_comm.h: ranks may share one GPU); the
+// (expert, rows) pairs go over the host communicator.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -30,12 +31,21 @@ struct DispatchTimings {
   void reset() { *this = DispatchTimings(); }
 };
 
+// The expert-parallel group of a layer. ep: over host buffers, for the (expert, rows) pairs (null: this rank holds
+// every expert). rows: the same ranks over the backend's memory, for the token rows (NCCL between GPUs; its calls
+// run on their own stream: the dispatcher synchronises the backend before each); null: ep itself on the CPU, on a
+// device a host-staged duplicate of ep (made collectively by the dispatcher).
+struct ExpertComm {
+  ExpertComm(comm::Communicator* ep = nullptr, comm::Communicator* rows = nullptr)  // NOLINT: a host group alone
+      : ep(ep), rows(rows) {}
+  comm::Communicator* ep;
+  comm::Communicator* rows;
+};
+
 class Dispatcher {
  public:
-  // ws: where the rows live (its backend moves them). ep: the expert-parallel communicator over host buffers (null =
-  // single rank; on a device with more than one rank the dispatcher makes its staged duplicate, collectively).
-  // num_experts: global E, divisible by ep size.
-  Dispatcher(Workspace& ws, comm::Communicator* ep, int num_experts);
+  // ws: where the rows live (its backend moves them). num_experts: global E, divisible by the ep size.
+  Dispatcher(Workspace& ws, ExpertComm ep, int num_experts);
 
   int ep_size() const { return P_; }
   int ep_rank() const { return rank_; }
@@ -96,7 +106,8 @@ class Dispatcher {
   Backend& be_;
   comm::Communicator* ep_;                  // host buffers: the pairs, and the rows on the CPU
   std::unique_ptr<comm::Communicator> rows_ep_;  // device rows with more than one rank: staged over a duplicate of ep
-  comm::Communicator* row_comm_ = nullptr;  // the one moving rows: ep_ or rows_ep_
+  comm::Communicator* row_comm_ = nullptr;  // the one moving rows: ep_, the given rows' one, or rows_ep_
+  bool rows_sync_ = false;  // row_comm_ runs on its own stream: the backend's work is synchronised before each call
   int P_, rank_, E_, El_;
   struct ExpertRows {  // exchanged as two 32-bit words, sent bit for bit as a 2-"float" row
     int32_t expert;    // local expert id on the receiving rank

@@ -29,7 +29,7 @@ router::LearnedRouterOptions router_options(const proto::MoeConfig& m, uint64_t 
   return o;
 }
 
-int ep_size(comm::Communicator* ep) { return ep ? ep->size() : 1; }
+int ep_size(const ExpertComm& ep) { return ep.ep ? ep.ep->size() : 1; }
 
 }  // namespace
 
@@ -63,7 +63,7 @@ int64_t word_expert_row(int64_t l, int64_t E, proto::WordExpertConfig::Placement
 
 // ================================================================== MoeFfn
 MoeFfn::MoeFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const proto::ModelConfig& cfg,
-               comm::Communicator* ep, uint64_t seed)
+               ExpertComm ep, uint64_t seed)
     : prefix_(prefix),
       C_(cfg.d_model()),
       E_(cfg.moe().num_experts()),
@@ -219,7 +219,7 @@ FfnStats MoeFfn::stats() const {
 static_assert(router::kMaxWordTokens - 1 == kTokenContext, "the model carries the context a routing key reads");
 
 WordExpertFfn::WordExpertFfn(ParamStore& ps, Workspace& ws, const std::string& prefix,
-                             const proto::ModelConfig& cfg, comm::Communicator* ep,
+                             const proto::ModelConfig& cfg, ExpertComm ep,
                              const std::vector<int64_t>* route_counts, std::shared_ptr<WordExpertShared> shared)
     : prefix_(prefix),
       num_routes_(cfg.word_experts().routing_vocab_size() > 0 ? cfg.word_experts().routing_vocab_size()

@@ -27,7 +27,7 @@ class MoeFfn : public FfnUnit {
  public:
   // Registers <prefix>.router.weight [E,C] (replicated) and <prefix>.experts.* (this rank's E/P experts).
   MoeFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const proto::ModelConfig& cfg,
-         comm::Communicator* ep, uint64_t seed);
+         ExpertComm ep, uint64_t seed);
   void forward(const FfnContext& ctx, float* y, const float* x, int N) override;
   void backward(const FfnContext& ctx, float* dx, const float* dy, int N) override;
   double extra_loss() const override { return last_.loss; }
@@ -109,7 +109,7 @@ class WordExpertFfn : public FfnUnit {
   // new models) or set by restore_state (a checkpoint's table); with neither, forward throws naming the layer.
   // Hash routing needs neither.
   WordExpertFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const proto::ModelConfig& cfg,
-                comm::Communicator* ep, const std::vector<int64_t>* route_counts,
+                ExpertComm ep, const std::vector<int64_t>* route_counts,
                 std::shared_ptr<WordExpertShared> shared = std::make_shared<WordExpertShared>());
   void forward(const FfnContext& ctx, float* y, const float* x, int N) override;
   void backward(const FfnContext& ctx, float* dx, const float* dy, int N) override;

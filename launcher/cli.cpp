@@ -343,7 +343,7 @@ int run_cli(int argc, char** argv) {
       Config peek = resolve_config(a);
       auto world_comm = comm::Communicator::world();
       world_comm->set_deadline(peek.parallel().collective_timeout_s());  // inherited by the process groups
-      comm::Parallel par(std::move(world_comm), std::max(peek.parallel().expert_parallel(), 1));
+      comm::Parallel par(std::move(world_comm), std::max(peek.parallel().expert_parallel(), 1), tensor_world(peek));
       rc = cmd_train(a, par);
     } else if (a.command == "serve") {
       auto world_comm = comm::Communicator::world();

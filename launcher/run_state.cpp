@@ -124,6 +124,11 @@ void restore_state(ckpt::Reader& r, ParamStore& ps, AdamW* opt) {
   }
 }
 
+std::unique_ptr<comm::Communicator> tensor_world(const Config& cfg) {
+  if (cfg.parallel().communicator() != "nccl" || cfg.model().device() != proto::DEVICE_CUDA) return nullptr;
+  return comm::make_communicator("nccl", cfg.parallel().collective_timeout_s());
+}
+
 LoadedModel load_for_inference(const std::string& checkpoint, const LoadOptions& o) {
   MOE_CHECK(!checkpoint.empty(), "needs --checkpoint DIR");
   LoadedModel lm;
@@ -140,7 +145,7 @@ LoadedModel load_for_inference(const std::string& checkpoint, const LoadOptions&
   lm.tok = std::make_unique<Tokenizer>(lm.dir + "/" + lm.manifest.tokenizer_file());
   ckpt::Reader reader(lm.dir, lm.manifest);
   const RunState rs = RunState::read(reader, lm.manifest);
-  lm.model = experts::build_model(lm.cfg, {.ep = o.ep, .state = &rs.units, .init = false, .inference = o.inference});
+  lm.model = experts::build_model(lm.cfg, {.ep = o.ep, .ep_rows = o.ep_rows, .state = &rs.units, .init = false, .inference = o.inference});
   restore_state(reader, lm.model->params(), nullptr);
   return lm;
 }

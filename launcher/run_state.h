@@ -55,6 +55,11 @@ std::vector<ckpt::NamedTensor> collect_state(const ParamStore& ps, const AdamW* 
 // Loads params (and optimizer state if opt) from the reader; expert-sharded ones read rows [first_row, ...).
 void restore_state(ckpt::Reader& r, ParamStore& ps, AdamW* opt);
 
+// The communicator over the model's tensors that the config asks for (comm::Parallel's tensor groups): NCCL when
+// parallel.communicator = "nccl" and model.device = DEVICE_CUDA, with parallel.collective_timeout_s as its deadline;
+// else null (host groups; a device's tensors staged through host memory). Collective over the MPI job.
+std::unique_ptr<comm::Communicator> tensor_world(const Config& cfg);
+
 // A model loaded from a checkpoint for inference (eval, generate, serve): the checkpoint's config (its relative data
 // paths resolved against data_dir when given) with `overrides` applied (validated), its tokenizer, weights and
 // routing tables. With an expert-parallel group the experts are sharded over it and each rank reads only its rows
@@ -64,6 +69,7 @@ struct LoadOptions {
   std::vector<std::string> overrides;  // --set path=value
   std::string data_dir;                // relative data paths of the checkpoint's config are relative to this
   comm::Communicator* ep = nullptr;    // the expert-parallel group (serve); null: one rank holds every expert
+  comm::Communicator* ep_rows = nullptr;  // the same over the model's tensors (NCCL), or null
   bool inference = false;              // no gradient storage (generate, serve)
 };
 struct LoadedModel {

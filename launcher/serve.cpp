@@ -148,7 +148,8 @@ int run_serve(const ServeOptions& o, comm::Communicator& world_in) {
   const proto::ServingConfig& serving = cfg.serving();
   // a peer that stops answering fails the collectives after parallel.collective_timeout_s (never a hang)
   world_in.set_deadline(cfg.parallel().collective_timeout_s());
-  comm::Parallel par(world_in.split(0, world_in.rank()), world_in.size());  // experts over every rank
+  // experts over every rank
+  comm::Parallel par(world_in.split(0, world_in.rank()), world_in.size(), tensor_world(cfg));
   serve::EngineOptions eo;
   eo.serving = serving;
   serve::Engine engine(eo, par.world());
@@ -159,6 +160,7 @@ int run_serve(const ServeOptions& o, comm::Communicator& world_in) {
   LoadOptions lo;
   lo.overrides = o.overrides;
   lo.ep = par.expert_group();
+  lo.ep_rows = par.expert_rows_group();
   lo.inference = true;
   LoadedModel lm = load_for_inference(o.checkpoint, lo);
   if (par.rank() == 0)

@@ -155,7 +155,9 @@ void announce(const Config& cfg, const Model& model, const comm::Parallel& par, 
                      << m.n_kv_heads() << " (q/kv), vocab " << m.vocab_size() << ", " << model.params().numel()
                      << " parameters on rank 0");
   MOE_INFO("parallel: world " << par.size() << " = data " << par.dp_size() << " x expert " << par.ep_size()
-                              << "; threads per rank " << threads);
+                              << "; threads per rank " << threads << "; tensors over "
+                              << (par.has_tensor_groups() ? "nccl" : m.device() == proto::DEVICE_CUDA ? "mpi (host-staged)"
+                                                                                                         : "mpi"));
   MOE_INFO("data: " << corpus.train.size() << " train / " << corpus.val.size()
                     << " val tokens; unigram entropy (context-free baseline) " << corpus.unigram_entropy << " nats");
 }
@@ -373,6 +375,7 @@ int run_training(Config cfg, const TrainOptions& opt, comm::Parallel& par) {
   const std::vector<int32_t> classes = word_classes(tok);
   // (a checkpoint's unit state, routing tables included, is restored by apply_start, once)
   auto model = experts::build_model(cfg, {.ep = par.expert_group(),
+                                          .ep_rows = par.expert_rows_group(),
                                           .token_counts = &corpus.train_counts,
                                           .corpus = &corpus.train,
                                           .word_classes = &classes});

@@ -85,7 +85,10 @@ StepResult run_step(const proto::ModelConfig& cfg, comm::Parallel* par, int B, i
   for (size_t i = 0; i < corpus.size(); ++i) corpus[i] = static_cast<int32_t>((i * i * 31 + i * 7) % 23);
   for (int v = 0; v < cfg.vocab_size(); ++v) classes[v] = v % 5 == 0 ? 2 : v % 3 == 0 ? 1 : 0;
   auto owned = make_model(cfg, 5,
-                          {.ep = par ? par->expert_group() : nullptr, .token_counts = &counts, .corpus = &corpus,
+                          {.ep = par ? par->expert_group() : nullptr,
+                           .ep_rows = par ? par->expert_rows_group() : nullptr,
+                           .token_counts = &counts,
+                           .corpus = &corpus,
                            .word_classes = &classes});
   Model& model = *owned;
   std::vector<int32_t> in, tg;
@@ -172,6 +175,23 @@ TEST(MoeParallel, StepMatchesSingleRank) {
               "world " + std::to_string(W) + " expert-parallel " + std::to_string(ep) + " word experts " +
                   std::to_string(word_experts));
     }
+  }
+}
+
+// With tensor groups (what parallel.communicator = "nccl" gives on GPUs; here a second MPI world over the same host
+// memory): the dense gradients are packed in the params' memory and reduced there, the token rows go over the tensor
+// expert-parallel group. The result is the single rank's.
+TEST(MoeParallel, TensorGroupsStepMatchesSingleRank) {
+  const int W = world_size();
+  const int B = 8, T = 6;
+  const proto::ModelConfig cfg = moe_config(/*experts=*/8, /*word_experts=*/16, /*dropless=*/true);
+  const StepResult ref = run_step(cfg, nullptr, B, T);
+  for (int ep = 1; ep <= W; ++ep) {
+    if (W % ep) continue;
+    comm::Parallel par(comm::Communicator::world(), ep, comm::Communicator::world());
+    ASSERT_TRUE(par.has_tensor_groups());
+    EXPECT_EQ(par.expert_rows_group() != nullptr, ep > 1);
+    compare(ref, run_step(cfg, &par, B, T), "tensor groups, world " + std::to_string(W) + " ep " + std::to_string(ep));
   }
 }
 
