@@ -45,7 +45,8 @@ Dispatcher::Dispatcher(Workspace& ws, ExpertComm ep, int num_experts)
   if (ep.rows) {
     MOE_CHECK(ep.rows->size() == P_ && ep.rows->rank() == rank_,
               "dispatcher: the rows' communicator has rank " << ep.rows->rank() << " of " << ep.rows->size()
-                                                             << ", the expert-parallel group " << rank_ << " of " << P_);
+                                                             << ", the expert-parallel group " << rank_ << " of "
+                                                             << P_);
     rows_sync_ = be_.device() != Device::kCPU;
   } else if (P_ > 1 && be_.device() != Device::kCPU) {  // device rows: host-staged over a duplicate of ep
     rows_ep_ = std::make_unique<comm::StagedCommunicator>(ep_->split(0, ep_->rank()), be_);

@@ -154,10 +154,11 @@ void announce(const Config& cfg, const Model& model, const comm::Parallel& par, 
   MOE_INFO("model: " << m.n_layers() << " layers, d_model " << m.d_model() << ", heads " << m.n_heads() << "/"
                      << m.n_kv_heads() << " (q/kv), vocab " << m.vocab_size() << ", " << model.params().numel()
                      << " parameters on rank 0");
+  const char* tensors = par.has_tensor_groups()                ? "nccl"
+                        : m.device() == proto::DEVICE_CUDA ? "mpi (host-staged)"
+                                                           : "mpi";
   MOE_INFO("parallel: world " << par.size() << " = data " << par.dp_size() << " x expert " << par.ep_size()
-                              << "; threads per rank " << threads << "; tensors over "
-                              << (par.has_tensor_groups() ? "nccl" : m.device() == proto::DEVICE_CUDA ? "mpi (host-staged)"
-                                                                                                         : "mpi"));
+                              << "; threads per rank " << threads << "; tensors over " << tensors);
   MOE_INFO("data: " << corpus.train.size() << " train / " << corpus.val.size()
                     << " val tokens; unigram entropy (context-free baseline) " << corpus.unigram_entropy << " nats");
 }
