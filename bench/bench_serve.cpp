@@ -37,6 +37,7 @@
 #include "core/error.h"
 #include "core/threads.h"
 #include "launcher/run_state.h"
+#include "bench/decode_steps.h"
 
 namespace beast = boost::beast;
 namespace http = beast::http;
@@ -47,36 +48,7 @@ namespace {
 
 double secs(clk::time_point a, clk::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
-double cpu_seconds() {  // CPU time of the process, all threads
-  timespec t{};
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
-  return t.tv_sec + 1e-9 * t.tv_nsec;
-}
-
 // ---------------------------------------------------------------- 1. the bandwidth bound
-// bytes of f32 weights one decoded token reads: embedding row, per layer the norms, attention projections and the
-// FFN (the router and top-k experts of an MoE layer; the one word expert of a word-expert layer), the final norm
-// and the output projection
-double active_weight_bytes(const moe::proto::ModelConfig& m) {
-  const double C = m.d_model(), D = C / m.n_heads(), H = m.n_heads(), Hkv = m.n_kv_heads(), V = m.vocab_size();
-  const double mats = m.activation() == moe::proto::SWIGLU ? 3 : 2;
-  double f = C + C + V * C;  // embedding row, final norm, lm head
-  for (int l = 0; l < m.n_layers(); ++l) {
-    f += 2 * C + 2 * H * D * C + 2 * Hkv * D * C;
-    switch (moe::layer_ffn_kind(m, l)) {
-      case moe::proto::FFN_MOE:
-        f += m.moe().num_experts() * C + m.moe().top_k() * mats * m.moe().d_expert() * C;
-        break;
-      case moe::proto::FFN_WORD_EXPERT:
-        f += mats * m.word_experts().d_expert() * C;
-        break;
-      default:
-        f += mats * m.d_ff() * C;
-    }
-  }
-  return 4 * f;
-}
-
 // read bandwidth in bytes/s: the best of 5 passes summing a 512 MiB buffer on `threads` threads
 double read_bandwidth(int threads) {
   const size_t n = size_t(512) << 18;  // floats
@@ -102,9 +74,9 @@ double read_bandwidth(int threads) {
 }
 
 void print_bound(const moe::proto::ModelConfig& m, int threads, int prompt_tokens, int max_tokens) {
-  const double w = active_weight_bytes(m);
+  const double w = moe::bench::decode_weight_bytes(m, 1);
   const double ctx = prompt_tokens + max_tokens / 2.0;  // mean context while decoding
-  const double kv = 4.0 * 2 * m.n_layers() * m.n_kv_heads() * (m.d_model() / m.n_heads()) * ctx;
+  const double kv = moe::bench::decode_kv_bytes(m, 1, ctx);
   const double bw = read_bandwidth(threads);
   std::printf("decode bandwidth bound (batch 1)\n");
   std::printf("  active weights per token            %10.2f MiB\n", w / (1 << 20));
@@ -124,34 +96,11 @@ void engine_steps(const std::string& ckpt, int threads, const std::vector<double
   moe::launcher::LoadedModel lm = moe::launcher::load_for_inference(ckpt, lo);
   moe::Model& m = *lm.model;
   m.prepare_inference();
-  const int bs = 16, per = (m.config().max_seq_len() + bs - 1) / bs;
   std::printf("engine decode step (forward_infer, %d threads, context %d)   ms/step   tokens/s\n", threads, ctx);
   for (double bd : batches) {
     const int B = int(bd);
-    moe::KvCache cache(m.workspace().backend(), m.kv_dims(B * per, bs));
-    std::vector<std::vector<int32_t>> blocks(B);
-    for (int b = 0; b < B; ++b)
-      for (int j = 0; j < per; ++j) blocks[b].push_back(b * per + j);
-    moe::InferBatch batch;
-    const std::vector<int32_t> prompt(ctx, 5);
-    for (int b = 0; b < B; ++b) batch.add(moe::SeqChunk::of(prompt.data(), 0, ctx, true), blocks[b], bs);
-    m.forward_infer(batch, cache);
-    const int32_t tok = 7;
-    double cpu = 0;  // CPU seconds of this process per step (every thread): on a shared machine, the work done
-    auto run = [&](int iters) {
-      const auto t0 = clk::now();
-      const double c0 = cpu_seconds();
-      for (int i = 0; i < iters; ++i) {
-        batch.clear();
-        const int nb = std::min(ctx, moe::kTokenContext);
-        for (int b = 0; b < B; ++b) batch.add({&tok, 1, ctx, prompt.data() + ctx - nb, nb, true, {}}, blocks[b], bs);
-        m.forward_infer(batch, cache);
-      }
-      cpu = (cpu_seconds() - c0) / iters;
-      return secs(t0, clk::now()) / iters;
-    };
-    run(10);
-    const double s = run(std::max(20, 2000 / B));
+    const moe::bench::DecodeTiming t = moe::bench::time_decode_steps(m, B, ctx);
+    const double s = t.seconds, cpu = t.cpu_seconds;
     std::printf("  batch %-3d                                                 %8.3f %10.0f\n", B, s * 1e3, B / s);
     std::printf("ENGINE batch=%d ms_per_step=%.4f tokens_per_s=%.1f cpu_ms_per_step=%.4f tokens_per_cpu_s=%.1f\n", B,
                 s * 1e3, B / s, cpu * 1e3, B / cpu);

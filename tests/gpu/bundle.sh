@@ -8,12 +8,12 @@
 set -euo pipefail
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build=${1:-$src/build}
-cmake --build "$build" -j"$(nproc)" --target moe mpi_tests cuda_tests bench_moe bench_gpu > /dev/null
+cmake --build "$build" -j"$(nproc)" --target moe mpi_tests cuda_tests bench_moe bench_gpu bench_model > /dev/null
 [[ -x "$build/cuda_tests" ]] || { echo "bundle: $build has no cuda_tests (configure where nvcc exists)" >&2; exit 1; }
 stage=$(mktemp -d); trap 'rm -rf "$stage"' EXIT
 root=$stage/moe-gpu/root
 mkdir -p "$root" "$stage/moe-gpu/bin"
-cp "$build"/{moe,mpi_tests,cuda_tests,bench_moe,bench_gpu} "$stage/moe-gpu/bin/"
+cp "$build"/{moe,mpi_tests,cuda_tests,bench_moe,bench_gpu,bench_model} "$stage/moe-gpu/bin/"
 # Open MPI's and PMIx's runtime files, as installed (libraries, plugins, help texts, launchers)
 files=$( (dpkg -L libopenmpi3 libpmix2 openmpi-common; echo /usr/bin/orterun /usr/bin/orted /usr/bin/ompi_info) |
   tr ' ' '\n' | grep -v -E "/(doc|man|lintian)/" )

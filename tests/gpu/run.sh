@@ -5,9 +5,11 @@
 # host-staged collectives on device memory at 1 and 2 ranks sharing the GPU, the communication backend factory
 # (NCCL at 1 rank; at 2 ranks on one GPU NCCL must be refused on every rank alike), 50 training steps of a dense
 # config on the CPU, on CUDA, and on 2 ranks sharing the GPU (losses compared), the same with MoE layers (and expert
-# parallelism over the 2 ranks), greedy generation on CUDA vs the CPU,
-# and the GEMM bench (bench_gpu: bf16 through our cuBLASLt path vs raw cuBLASLt, and fp32). Writes $OUT/gpu.log (all output), one .txt per check
-# and $OUT/results.md (one row per check, then the GEMM lines). Expected to take a few minutes on an H200.
+# parallelism over the 2 ranks), NCCL training at world 1, greedy generation on CUDA vs the CPU, the GEMM bench
+# (bench_gpu: bf16 through our cuBLASLt path vs raw cuBLASLt, and fp32; grouped vs dense expert GEMM) and the model
+# bench (bench_model: training MFU, decode at batch 1 and 64 vs the bandwidth bound). Writes $OUT/gpu.log (all
+# output), one .txt per check and $OUT/results.md (one row per check, then the bench lines). Expected to take a few
+# minutes on an H200.
 set -uo pipefail
 OUT=${OUT:-/tmp/moe-gpu-out}
 mkdir -p "$OUT"
@@ -86,6 +88,9 @@ check train_cuda 300 train cuda 1 DEVICE_CUDA
 check train_cuda_np2 300 train cuda_np2 2 DEVICE_CUDA
 check losses_cuda 10 same_losses cpu cuda
 check losses_cuda_np2 10 same_losses cuda cuda_np2
+# NCCL at world 1 (the one NCCL layout one GPU allows): the tensor groups of parallel.communicator = "nccl"
+check train_cuda_nccl 300 train cuda_nccl 1 DEVICE_CUDA --set parallel.communicator=nccl
+check losses_cuda_nccl 10 same_losses cuda cuda_nccl
 # the same with MoE layers (every other layer: 4 experts, top-2, dropless, aux loss) on the device: the CPU run, the
 # CUDA run, and expert parallelism over 2 ranks sharing the GPU (the token all-to-all host-staged over MPI)
 moe=(--set model.ffn_pattern=FFN_MOE,FFN_DENSE --set model.moe.num_experts=4 --set model.moe.top_k=2
@@ -109,5 +114,8 @@ same_greedy() {
 }
 check greedy_cuda 120 same_greedy
 check bench_gpu 240 "$bin/bench_gpu"
+# an MoE of d_model 2048, 8 layers, 8 experts top-2 in bf16: training MFU, decode at batch 1 and 64 vs the bound
+check bench_model 300 "$bin/bench_model" --threads "$(nproc)"
 grep -hE "^(GEMM|GROUPED)" "$OUT/bench_gpu.txt" | sed 's/^/    /' >> "$table" || true
+grep -hE "^(train|step|MFU|decode|DECODE)" "$OUT/bench_model.txt" | sed 's/^/    /' >> "$table" || true
 echo "=== results"; cat "$table"
