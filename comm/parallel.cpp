@@ -1,11 +1,11 @@
 #include "comm/parallel.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "core/backend.h"
 #include "core/error.h"
-#include "core/kernels/cpu/kernels.h"
 
 namespace moe::comm {
 
@@ -61,59 +61,54 @@ void Parallel::reduce_grads(ParamStore& ps) {
   }
 }
 
+void Parallel::all_reduce_on(Communicator* c, bool tensor_comm, Backend& be, float* buf, int64_t n) {
+  if (!c || n == 0) return;
+  if (tensor_comm || be.device() == Device::kCPU) {
+    if (tensor_comm) be.sync();  // (the communicator's own stream reads it)
+    c->all_reduce_sum(buf, static_cast<size_t>(n));
+    return;
+  }
+  if (static_cast<int64_t>(flat_.size()) < n) flat_.resize(n);
+  be.to_host(flat_.data(), buf, sizeof(float) * n);
+  c->all_reduce_sum(flat_.data(), static_cast<size_t>(n));
+  be.from_host(buf, flat_.data(), sizeof(float) * n);
+}
+
+float* Parallel::packed(Backend& be, int64_t n) {
+  if (packed_.numel() < n || packed_.device() != be.device()) packed_ = Tensor::empty({n}, DType::kF32, be.device());
+  return packed_.f32();
+}
+
 void Parallel::sum_scaled(Communicator* c, bool tensor_comm, Backend& be, const std::vector<Param*>& grads, float s) {
   int64_t n = 0;
   for (const Param* p : grads) n += p->grad.numel();
   if (n == 0) return;
-  const bool host_memory = be.device() == Device::kCPU;
-  if (grads.size() == 1 && (tensor_comm || host_memory)) {  // one gradient the communicator can reach: in place
+  if (grads.size() == 1) {  // in place
     float* g = grads[0]->grad.f32();
-    if (c) {
-      if (tensor_comm) be.sync();  // (the communicator's own stream reads it)
-      c->all_reduce_sum(g, static_cast<size_t>(n));
-    }
+    all_reduce_on(c, tensor_comm, be, g, n);
     be.scale_inplace(g, s, n);
     return;
   }
-  float* buf = nullptr;
-  if (tensor_comm) {
-    if (flat_tensor_.numel() < n) flat_tensor_ = Tensor::empty({n}, DType::kF32, be.device());
-    buf = flat_tensor_.f32();
-  } else {
-    if (static_cast<int64_t>(flat_.size()) < n) flat_.resize(n);
-    buf = flat_.data();
-  }
+  float* buf = packed(be, n);
   int64_t off = 0;
   for (const Param* p : grads) {
-    if (tensor_comm)
-      be.copy(buf + off, p->grad.f32(), p->grad.nbytes());
-    else
-      be.to_host(buf + off, p->grad.f32(), p->grad.nbytes());
+    be.copy(buf + off, p->grad.f32(), p->grad.nbytes());
     off += p->grad.numel();
   }
-  if (c) {
-    if (tensor_comm) be.sync();
-    c->all_reduce_sum(buf, static_cast<size_t>(n));
-  }
-  if (tensor_comm)
-    be.scale_inplace(buf, s, n);
-  else
-    cpu::scale_inplace(buf, s, n);
+  all_reduce_on(c, tensor_comm, be, buf, n);
+  be.scale_inplace(buf, s, n);
   off = 0;
   for (Param* p : grads) {
-    if (tensor_comm)
-      be.copy(p->grad.f32(), buf + off, p->grad.nbytes());
-    else
-      be.from_host(p->grad.f32(), buf + off, p->grad.nbytes());
+    be.copy(p->grad.f32(), buf + off, p->grad.nbytes());
     off += p->grad.numel();
   }
 }
 
 void Parallel::reduce_rows(Param& p, float s) {
-  MOE_CHECK(p.grad.device() == Device::kCPU,
-            "row-sparse gradient '" << p.name << "': reduced for CPU parameters only so far");
-  Communicator* dp = groups_.dp_size > 1 ? groups_.data_parallel.get() : nullptr;
+  Backend& be = backend_for(p.grad.device());
   const int64_t rs = p.row_size();
+  // the row lists are host data (host groups); the rows themselves go over the tensor groups when there are some
+  Communicator* dp = groups_.dp_size > 1 ? groups_.data_parallel.get() : nullptr;
   if (dp) {
     // union of the touched rows of all replicas: gather counts, then the (padded) row lists
     const int P = dp->size();
@@ -126,16 +121,30 @@ void Parallel::reduce_rows(Param& p, float s) {
     if (maxc) dp->all_gather(send.data(), all.data(), sizeof(int64_t) * maxc);
     for (int64_t r : all)
       if (r >= 0) p.touch_row(r);
-    std::vector<int64_t> rows(p.touched.begin(), p.touched.end());
+    std::vector<int32_t> rows(p.touched.begin(), p.touched.end());
     std::sort(rows.begin(), rows.end());
-    std::vector<float> packed(rows.size() * rs);
-    for (size_t i = 0; i < rows.size(); ++i)
-      std::memcpy(packed.data() + i * rs, p.grad.f32() + rows[i] * rs, sizeof(float) * rs);
-    if (!packed.empty()) dp->all_reduce_sum(packed.data(), packed.size());
-    for (size_t i = 0; i < rows.size(); ++i)
-      std::memcpy(p.grad.f32() + rows[i] * rs, packed.data() + i * rs, sizeof(float) * rs);
+    const int64_t n = static_cast<int64_t>(rows.size());
+    MOE_CHECK(rs <= INT32_MAX && n * rs <= INT64_MAX / 2,
+              "row-sparse gradient '" << p.name << "': rows of " << rs << " floats are too long to reduce");
+    if (n) {  // the rows packed in the gradient's memory, summed, put back
+      const bool direct = tensors_.world != nullptr;
+      Communicator* c = direct ? tensors_.data_parallel.get() : dp;
+      const int32_t* idx = on_device(be, rows);
+      float* buf = packed(be, n * rs);
+      be.gather_rows(buf, p.grad.f32(), idx, nullptr, static_cast<int>(n), 1, static_cast<int>(rs));
+      all_reduce_on(c, direct, be, buf, n * rs);
+      be.scatter_rows(p.grad.f32(), buf, idx, static_cast<int>(n), static_cast<int>(rs));
+    }
   }
-  for (int64_t r : p.touched) cpu::scale_inplace(p.grad.f32() + r * rs, s, rs);
+  be.scale_rows(p.grad.f32(), s, p.touched.data(), static_cast<int64_t>(p.touched.size()), rs);
+}
+
+const int32_t* Parallel::on_device(Backend& be, const std::vector<int32_t>& v) {
+  if (be.device() == Device::kCPU) return v.data();
+  const int64_t n = static_cast<int64_t>(v.size());
+  if (index_.numel() < n || index_.device() != be.device()) index_ = Tensor::empty({n}, DType::kI32, be.device());
+  be.from_host(index_.raw(), v.data(), sizeof(int32_t) * n);
+  return index_.i32();
 }
 
 Tensor Parallel::gather_experts(const Tensor& local) {

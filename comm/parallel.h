@@ -51,14 +51,20 @@ class Parallel {
   Tensor gather_experts(const Tensor& local);
 
  private:
-  // grads[i] (on be's device) summed over c (null: one rank) and scaled by s, packed into one buffer: in the
-  // params' memory when c works on it (a tensor group), else a host buffer (staged from a device)
+  // buf[n] in be's memory summed over c (null: unchanged): in place when c reaches that memory (tensor_comm: c is
+  // a tensor group; or host memory), else staged through a host buffer
+  void all_reduce_on(Communicator* c, bool tensor_comm, Backend& be, float* buf, int64_t n);
+  // grads (in be's memory) summed over c and scaled by s: one in place, several packed into one buffer
   void sum_scaled(Communicator* c, bool tensor_comm, Backend& be, const std::vector<Param*>& grads, float s);
-  void reduce_rows(Param& p, float s);  // a row-sparse gradient over the host data-parallel group
+  // a row-sparse gradient: the union of the replicas' touched rows summed over the data-parallel group, then the
+  // touched rows scaled by s
+  void reduce_rows(Param& p, float s);
+  float* packed(Backend& be, int64_t n);  // packed_ grown to n floats in be's memory
+  const int32_t* on_device(Backend& be, const std::vector<int32_t>& v);  // v itself on the CPU, else in index_
 
   ProcessGroups groups_, tensors_;  // host groups; tensor groups (world null when there are none)
-  std::vector<float> flat_;
-  Tensor flat_tensor_;  // the packed gradients in the params' memory (tensor groups)
+  std::vector<float> flat_;         // staging of a device buffer for host groups
+  Tensor packed_, index_;           // packed gradients / row indices in the params' memory
 };
 
 }  // namespace moe::comm

@@ -153,6 +153,15 @@ class CpuBackend final : public Backend {
   void row_dots(float* dot, const float* a, const float* y, const int32_t* row, int N, int k, int C) override {
     cpu::row_dots(dot, a, y, row, N, k, C);
   }
+  void zero_rows(float* x, const int64_t* rows_host, int64_t n_rows, int64_t row_size) override {
+    cpu::zero_rows(x, rows_host, n_rows, row_size);
+  }
+  void scale_rows(float* x, float s, const int64_t* rows_host, int64_t n_rows, int64_t row_size) override {
+    cpu::scale_rows(x, s, rows_host, n_rows, row_size);
+  }
+  double sum_squares_rows(const float* x, const int64_t* rows_host, int64_t n_rows, int64_t row_size) override {
+    return cpu::sum_squares_rows(x, rows_host, n_rows, row_size);
+  }
   void adamw(float* w, const float* g, float* m, float* v, int64_t n, const cpu::AdamWHyper& h, float bc1,
              float bc2) override {
     cpu::adamw(w, g, m, v, n, h, bc1, bc2);

@@ -184,6 +184,13 @@ class Backend {
   // dot[N*k]: <a[s / k], y[row[s]]> for row[s] >= 0, else 0
   virtual void row_dots(float* dot, const float* a, const float* y, const int32_t* row, int N, int k, int C) = 0;
 
+  // ---------------------------------------------------------------- row-sparse tables (their touched rows)
+  // cpu::zero_rows / scale_rows / sum_squares_rows over rows_host[n_rows] (a HOST array of distinct rows) of a
+  // [*, row_size] table on the device
+  virtual void zero_rows(float* x, const int64_t* rows_host, int64_t n_rows, int64_t row_size) = 0;
+  virtual void scale_rows(float* x, float s, const int64_t* rows_host, int64_t n_rows, int64_t row_size) = 0;
+  virtual double sum_squares_rows(const float* x, const int64_t* rows_host, int64_t n_rows, int64_t row_size) = 0;
+
   // ---------------------------------------------------------------- AdamW (the optimizer's update, in place)
   // cpu::adamw: w, m, v [n] from g [n]; the bias corrections bc1, bc2 are host values
   virtual void adamw(float* w, const float* g, float* m, float* v, int64_t n, const cpu::AdamWHyper& h, float bc1,

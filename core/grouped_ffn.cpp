@@ -61,7 +61,7 @@ template <class Fn>
 void GroupedFfn::for_each_group(const Fn& fn) {
   const int n = static_cast<int>(order_.size());
   const int ahead = parallel_ ? std::max(1, omp_get_max_threads()) : 1;
-  const bool pf = sparse() && int64_t(F_) * C_ <= kPrefetchSlot;
+  const bool pf = sparse() && be_.device() == Device::kCPU && int64_t(F_) * C_ <= kPrefetchSlot;  // (host memory)
   if (parallel_) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < n; ++i) fn(order_[i], pf && i + ahead < n ? order_[i + ahead] : -1);

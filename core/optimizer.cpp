@@ -1,5 +1,4 @@
 #include "core/optimizer.h"
-#include "core/prefetch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,29 +28,18 @@ float lr_at(const proto::OptimizerConfig& cfg, int step, int total) {
 
 namespace {
 
-// sum of squares of a param's gradient (row-sparse: its touched rows, in parallel; double accumulation)
+// sum of squares of a param's gradient (row-sparse: its touched rows)
 double grad_sum_squares(const Param& p) {
-  if (!p.row_sparse) return backend_for(p.grad.device()).sum_squares(p.grad.f32(), p.grad.numel());
-  const int64_t rs = p.row_size(), nt = static_cast<int64_t>(p.touched.size());
-  const float* g = p.grad.f32();           // [rows, rs]
-  const int64_t* rows = p.touched.data();  // [nt]
-  double acc = 0;
-#pragma omp parallel for schedule(static) reduction(+ : acc) if (nt * rs > kParRows)
-  for (int64_t k = 0; k < nt; ++k) {
-    const int64_t next = k + 1 < nt ? (rows[k + 1] - rows[k]) * rs : 0;
-    walk_row<false>(g + rows[k] * rs, rs, next, [&](const float* x, int64_t n) { acc += cpu::sum_squares(x, n); });
-  }
-  return acc;
+  Backend& be = backend_for(p.grad.device());
+  if (!p.row_sparse) return be.sum_squares(p.grad.f32(), p.grad.numel());
+  return be.sum_squares_rows(p.grad.f32(), p.touched.data(), static_cast<int64_t>(p.touched.size()), p.row_size());
 }
 
 // g *= scale over a param's gradient (row-sparse: its touched rows)
 void scale_grad(Param& p, float scale) {
-  if (!p.row_sparse) return backend_for(p.grad.device()).scale_inplace(p.grad.f32(), scale, p.grad.numel());
-  const int64_t rs = p.row_size(), nt = static_cast<int64_t>(p.touched.size());
-  float* g = p.grad.f32();
-  const int64_t* rows = p.touched.data();
-#pragma omp parallel for schedule(static) if (nt * rs > kParRows)
-  for (int64_t k = 0; k < nt; ++k) cpu::scale_inplace(g + rows[k] * rs, scale, rs);
+  Backend& be = backend_for(p.grad.device());
+  if (!p.row_sparse) return be.scale_inplace(p.grad.f32(), scale, p.grad.numel());
+  be.scale_rows(p.grad.f32(), scale, p.touched.data(), static_cast<int64_t>(p.touched.size()), p.row_size());
 }
 }  // namespace
 

@@ -1,8 +1,9 @@
 #include "core/params.h"
-#include "core/prefetch.h"
 
 #include <algorithm>
 #include <memory>
+
+#include "core/backend.h"
 
 namespace moe {
 
@@ -23,8 +24,6 @@ Param* ParamStore::add(const std::string& name, const Shape& shape, bool decay, 
 Param* ParamStore::add_expert(const std::string& name, const Shape& shape, bool decay, Init init, int64_t first_row,
                               bool row_sparse) {
   MOE_CHECK(!shape.empty(), "expert parameter '" << name << "' needs at least one dimension (experts)");
-  MOE_CHECK(!row_sparse || device_ == Device::kCPU,
-            "row-sparse parameter '" << name << "': tables with row-sparse updates live on the CPU only so far");
   Param* p = add(name, shape, decay, init);
   p->expert_sharded = true;
   p->first_row = first_row;
@@ -57,17 +56,9 @@ void ParamStore::zero_grad() {
       p->grad.zero_();
       continue;
     }
-    // the touched rows in parallel (disjoint), the next row prefetched as each is cleared (core/prefetch.h)
-    const int64_t rs = p->row_size(), nt = static_cast<int64_t>(p->touched.size());
-    float* g = p->grad.f32();                 // [rows, rs]
-    const int64_t* rows = p->touched.data();  // [nt]
-    uint8_t* mask = p->touched_mask.data();   // [rows]
-#pragma omp parallel for schedule(static) if (nt * rs > kParRows)
-    for (int64_t k = 0; k < nt; ++k) {
-      const int64_t r = rows[k], next = k + 1 < nt ? (rows[k + 1] - r) * rs : 0;
-      walk_row<true>(g + r * rs, rs, next, [](float* x, int64_t n) { std::fill(x, x + n, 0.0f); });
-      mask[r] = 0;
-    }
+    backend_for(p->grad.device())
+        .zero_rows(p->grad.f32(), p->touched.data(), static_cast<int64_t>(p->touched.size()), p->row_size());
+    for (int64_t r : p->touched) p->touched_mask[r] = 0;
     p->touched.clear();
   }
 }

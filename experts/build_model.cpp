@@ -56,12 +56,6 @@ FfnFactory ffn_factory(const ModelInputs& in, uint64_t seed) {
 
 void check_device(const proto::ModelConfig& m) {
   if (m.device() != proto::DEVICE_CUDA) return;
-  // dense and MoE layers run on CUDA; the word-expert tables' row-sparse updates are on the host only so far
-  for (int l = 0; l < std::min(m.n_layers(), std::max(1, m.ffn_pattern_size())); ++l)  // (the pattern repeats)
-    MOE_CHECK(layer_ffn_kind(m, l) != proto::FFN_WORD_EXPERT,
-              "config field model.device = DEVICE_CUDA: runs dense and MoE FFN layers only so far (layer "
-                  << l << " is " << proto::FfnKind_Name(layer_ffn_kind(m, l))
-                  << "): word-expert layers (model.ffn_pattern) need DEVICE_CPU");
   backend_for(Device::kCUDA).set_matmul_bf16(m.matmul_precision() == proto::MATMUL_BF16);  // (no CUDA: its error)
 }
 

@@ -32,7 +32,8 @@ struct ModelInputs {
   bool inference = false;            // no gradient storage: generation and serving (backward is impossible)
 };
 
-// Throws unless the model can run on model.device here (run it before any work: the CLI does).
+// Throws unless the model can run on model.device here (a CUDA device visible), and sets the device's GEMM precision
+// (model.matmul_precision). Run it before any work: the CLI does.
 void check_device(const proto::ModelConfig& m);
 
 // cfg must be validated (validate_config) with model.vocab_size set. The learned routers' jitter streams are

@@ -5,7 +5,7 @@
 # host-staged collectives on device memory at 1 and 2 ranks sharing the GPU, the communication backend factory
 # (NCCL at 1 rank; at 2 ranks on one GPU NCCL must be refused on every rank alike), 50 training steps of a dense
 # config on the CPU, on CUDA, and on 2 ranks sharing the GPU (losses compared), the same with MoE layers (and expert
-# parallelism over the 2 ranks), NCCL training at world 1, greedy generation on CUDA vs the CPU, the GEMM bench
+# parallelism over the 2 ranks), the same with word-expert layers, NCCL training at world 1, greedy generation on CUDA vs the CPU, the GEMM bench
 # (bench_gpu: bf16 through our cuBLASLt path vs raw cuBLASLt, and fp32; grouped vs dense expert GEMM) and the model
 # bench (bench_model: training MFU, decode at batch 1 and 64 vs the bandwidth bound). Writes $OUT/gpu.log (all
 # output), one .txt per check and $OUT/results.md (one row per check, then the bench lines). Expected to take a few
@@ -88,6 +88,16 @@ check train_cuda 300 train cuda 1 DEVICE_CUDA
 check train_cuda_np2 300 train cuda_np2 2 DEVICE_CUDA
 check losses_cuda 10 same_losses cpu cuda
 check losses_cuda_np2 10 same_losses cuda cuda_np2
+# word-expert layers (every other layer: 256 experts of d_expert 16, the 64 most frequent tokens with their own)
+# on the device: the tables' rows gathered and updated there; the CPU run, the CUDA run, and expert parallelism over
+# 2 ranks sharing the GPU
+mowe=(--set model.ffn_pattern=FFN_WORD_EXPERT,FFN_DENSE --set model.word_experts.num_experts=256
+      --set model.word_experts.d_expert=16 --set model.word_experts.num_frequent=64)
+check train_mowe_cpu 300 train mowe_cpu 1 DEVICE_CPU "${mowe[@]}"
+check train_mowe_cuda 300 train mowe_cuda 1 DEVICE_CUDA "${mowe[@]}"
+check train_mowe_cuda_ep2 300 train mowe_cuda_ep2 2 DEVICE_CUDA "${mowe[@]}" --set parallel.expert_parallel=2
+check losses_mowe_cuda 10 same_losses mowe_cpu mowe_cuda
+check losses_mowe_cuda_ep2 10 same_losses mowe_cuda mowe_cuda_ep2
 # NCCL at world 1 (the one NCCL layout one GPU allows): the tensor groups of parallel.communicator = "nccl"
 check train_cuda_nccl 300 train cuda_nccl 1 DEVICE_CUDA --set parallel.communicator=nccl
 check losses_cuda_nccl 10 same_losses cuda cuda_nccl

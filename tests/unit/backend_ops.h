@@ -480,4 +480,16 @@ inline Outputs run_adamw(Backend& be, const AdamWCase& c) {
           {"row_t", Vec(steps.begin(), steps.end())}};
 }
 
+// ---------------------------------------------------------------- row-sparse tables
+// outputs over the touched rows of the AdamW case's table g: zeroed, scaled by -1.5, and their sum of squares
+inline Outputs run_row_ops(Backend& be, const AdamWCase& c) {
+  DeviceArena d(be);
+  const int64_t n = c.rows * c.row_size, nt = static_cast<int64_t>(c.touched.size());
+  float *zeroed = d.put(c.g), *scaled = d.put(c.g);
+  be.zero_rows(zeroed, c.touched.data(), nt, c.row_size);
+  be.scale_rows(scaled, -1.5f, c.touched.data(), nt, c.row_size);
+  const double sq = be.sum_squares_rows(d.put(c.g), c.touched.data(), nt, c.row_size);
+  return {{"zeroed", d.get(zeroed, n)}, {"scaled", d.get(scaled, n)}, {"sum_squares", {static_cast<float>(sq)}}};
+}
+
 }  // namespace moe::test

@@ -332,6 +332,29 @@ TEST(BackendCpu, AdamWVsRef) {
   }
 }
 
+// The passes over a row-sparse table's touched rows: exactly the loops over those rows, the other rows untouched.
+TEST(BackendCpu, RowOpsVsLoops) {
+  Rng rng(23);
+  for (int64_t row_size : {int64_t(1), int64_t(130), int64_t(70000)}) {  // (the last one: past the prefetch rows)
+    const AdamWCase c = make_adamw(rng, row_size > 1000 ? 5 : 37, row_size);
+    Vec zeroed = c.g, scaled = c.g;
+    double sq = 0;
+    for (int64_t r : c.touched)
+      for (int64_t j = 0; j < c.row_size; ++j) {
+        const float g = c.g[r * c.row_size + j];
+        zeroed[r * c.row_size + j] = 0.0f;
+        scaled[r * c.row_size + j] = g * -1.5f;
+        sq += double(g) * g;
+      }
+    const Outputs got = run_row_ops(host_be(), c);
+    EXPECT_EQ(got.at("zeroed"), zeroed) << row_size;
+    EXPECT_EQ(got.at("scaled"), scaled) << row_size;
+    EXPECT_NEAR(got.at("sum_squares")[0], sq, 1e-6 * sq) << row_size;
+  }
+  const AdamWCase none = make_adamw(rng, 3, 4);
+  EXPECT_EQ(host_be().sum_squares_rows(none.g.data(), nullptr, 0, 4), 0.0);
+}
+
 // ================================================================== the inference path
 // Paged attention over B sequences of T positions, their keys and values in shuffled blocks, is causal attention:
 // every row (b, t) sees exactly positions 0..t of its own sequence, whatever the block size (1, 4, or T: one

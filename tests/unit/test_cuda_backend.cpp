@@ -191,6 +191,12 @@ TEST_F(CudaBackendTest, TokenDispatch) {
 // (fp32 on both; powf and the FMA contractions may differ in the last bits).
 TEST_F(CudaBackendTest, AdamW) { expect_same(make_adamw(rng_, 61, 300), run_adamw, 1e-5); }
 
+// The passes over a row-sparse table's touched rows (rows from the host), as on the CPU.
+TEST_F(CudaBackendTest, RowOps) {
+  for (int64_t row_size : {int64_t(1), int64_t(300), int64_t(70000)})
+    expect_same(make_adamw(rng_, row_size > 1000 ? 5 : 61, row_size), run_row_ops);
+}
+
 TEST_F(CudaBackendTest, WorkspaceOnTheDevice) {
   Workspace ws(gpu());
   Workspace::Buffer& a = ws.buffer();

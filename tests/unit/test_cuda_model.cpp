@@ -1,4 +1,4 @@
-// Dense and MoE models on CUDA (model.device = DEVICE_CUDA: parameters, gradients, activations and AdamW moments in
+// Dense, MoE and word-expert models on CUDA (model.device = DEVICE_CUDA: parameters, gradients, activations and AdamW moments in
 // device memory) against the same model on the CPU: the same initial weights bit for bit (drawn on the host,
 // copied), then three training steps (forward, backward, the gradient norm, AdamW) with losses within 1e-4 and
 // every gradient and weight within 1e-3 relative error (fp32 on both, different summation orders; errors grow
@@ -60,13 +60,13 @@ class CudaModel : public ::testing::Test {
 // weights: losses (with the router losses) and gradient norms within loss_tol, gradients and weights within
 // param_tol (fp32: 1e-4 and 1e-3).
 void expect_steps_match(proto::ModelConfig m, const std::string& what, double loss_tol = 1e-4,
-                        double param_tol = 1e-3) {
+                        double param_tol = 1e-3, const experts::ModelInputs& in = {}) {
   const proto::MatmulPrecision precision = m.matmul_precision();
   m.set_matmul_precision(proto::MATMUL_FP32);  // the CPU reference
-  auto cpu = make_model(m, 11);
+  auto cpu = make_model(m, 11, in);
   m.set_device(proto::DEVICE_CUDA);
   m.set_matmul_precision(precision);
-  auto gpu = make_model(m, 11);
+  auto gpu = make_model(m, 11, in);
   ASSERT_EQ(gpu->params().device(), Device::kCUDA);
   EXPECT_EQ(params_err(*cpu, *gpu, false), 0.0) << "initial weights differ";
   AdamW oc(cpu->params(), adamw_config()), og(gpu->params(), adamw_config());
@@ -117,6 +117,24 @@ TEST_F(CudaModel, MoeTrainingStepsMatchTheCpu) {
   m.mutable_moe()->set_top_k(1);
   m.mutable_moe()->set_jitter_eps(0.05f);
   expect_steps_match(m, "top-1 GELU experts with jitter");
+}
+
+// Word-expert layers on the device: the tables' rows gathered and updated there (row-sparse gradients: zeroing, the
+// norm, clipping and lazy AdamW over the touched rows), the routing by token id on the host. Vocabulary routing
+// (12 own experts of 64, the rest shared) with SwiGLU, then hash routing with GELU and one table for both layers.
+TEST_F(CudaModel, WordExpertTrainingStepsMatchTheCpu) {
+  proto::ModelConfig m = tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, false);
+  m.add_ffn_pattern(proto::FFN_WORD_EXPERT);
+  m.mutable_word_experts()->set_num_experts(64);
+  m.mutable_word_experts()->set_d_expert(8);
+  m.mutable_word_experts()->set_num_frequent(12);
+  std::vector<int64_t> counts(m.vocab_size());
+  for (int v = 0; v < m.vocab_size(); ++v) counts[v] = (v * 7919) % 23;
+  expect_steps_match(m, "word experts, vocabulary routing", 1e-4, 1e-3, {.token_counts = &counts});
+  m.set_activation(proto::GELU);
+  m.mutable_word_experts()->set_hash_routing(true);
+  m.mutable_word_experts()->set_share_table(true);
+  expect_steps_match(m, "word experts, hash routing, shared table");
 }
 
 // bf16 GEMMs (model.matmul_precision = MATMUL_BF16) against the CPU's fp32: the loss and gradient norm within 1e-2,

@@ -119,6 +119,13 @@ void combine_rows(float* out, const float* y, const int32_t* row, const float* g
 // row_dots: dot[N*k], dot[s] = <a[s / k], y[row[s]]> for row[s] >= 0 (summed in double), else 0; a[N,C]
 void row_dots(float* dot, const float* a, const float* y, const int32_t* row, int N, int k, int C);
 
+// ---------------------------------------------------------------- row-sparse tables (rows.cpp)
+// Over the rows rows[n_rows] (distinct, any order) of a [*, row_size] table x: zeroed, scaled by s, or the sum of
+// their squares (double; row by row, then over the rows in the order OpenMP's reduction gives).
+void zero_rows(float* x, const int64_t* rows, int64_t n_rows, int64_t row_size);
+void scale_rows(float* x, float s, const int64_t* rows, int64_t n_rows, int64_t row_size);
+double sum_squares_rows(const float* x, const int64_t* rows, int64_t n_rows, int64_t row_size);
+
 // ---------------------------------------------------------------- AdamW (adamw.cpp)
 // The hyper-parameters of one parameter's update; every gradient is read as gscale * g (clipping folded in).
 struct AdamWHyper {

@@ -13,6 +13,24 @@
 namespace moe::cuda {
 namespace {
 
+// A host array of row indices in a stream-ordered device temporary, freed (stream-ordered) when this goes: the host
+// array may change once the constructor returns (cudaMemcpyAsync from pageable memory has copied it by then).
+class DeviceRows {
+ public:
+  DeviceRows(const int64_t* rows_host, int64_t n, cudaStream_t stream) : stream_(stream) {
+    MOE_CUDA_CHECK(cudaMallocAsync(&rows_, sizeof(int64_t) * n, stream));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(rows_, rows_host, sizeof(int64_t) * n, cudaMemcpyHostToDevice, stream));
+  }
+  ~DeviceRows() { cudaFreeAsync(rows_, stream_); }
+  DeviceRows(const DeviceRows&) = delete;
+  DeviceRows& operator=(const DeviceRows&) = delete;
+  const int64_t* get() const { return static_cast<const int64_t*>(rows_); }
+
+ private:
+  void* rows_ = nullptr;
+  cudaStream_t stream_;
+};
+
 class CudaBackend final : public Backend {
  public:
   CudaBackend() {
@@ -188,6 +206,17 @@ class CudaBackend final : public Backend {
   }
   void adamw_rows(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows_host,
                   int64_t n_rows, int64_t row_size, const cpu::AdamWHyper& h) override;
+  void zero_rows(float* x, const int64_t* rows_host, int64_t n_rows, int64_t row_size) override {
+    if (n_rows <= 0) return;
+    DeviceRows rows(rows_host, n_rows, stream_);
+    cuda::zero_rows(x, rows.get(), n_rows, row_size, stream_);
+  }
+  void scale_rows(float* x, float s, const int64_t* rows_host, int64_t n_rows, int64_t row_size) override {
+    if (n_rows <= 0) return;
+    DeviceRows rows(rows_host, n_rows, stream_);
+    cuda::scale_rows(x, s, rows.get(), n_rows, row_size, stream_);
+  }
+  double sum_squares_rows(const float* x, const int64_t* rows_host, int64_t n_rows, int64_t row_size) override;
 
  private:
   cudaStream_t stream_ = nullptr;
@@ -259,16 +288,24 @@ float CudaBackend::cross_entropy_forward(float* losses, float* probs, const floa
   return host;
 }
 
-// The rows go to the device through a stream-ordered temporary (the host array may change once this returns:
-// cudaMemcpyAsync from pageable memory has copied it by then).
 void CudaBackend::adamw_rows(float* w, const float* g, float* m, float* v, int32_t* row_t, const int64_t* rows_host,
                              int64_t n_rows, int64_t row_size, const cpu::AdamWHyper& h) {
   if (n_rows <= 0) return;
-  void* rows = nullptr;
-  MOE_CUDA_CHECK(cudaMallocAsync(&rows, sizeof(int64_t) * n_rows, stream_));
-  MOE_CUDA_CHECK(cudaMemcpyAsync(rows, rows_host, sizeof(int64_t) * n_rows, cudaMemcpyHostToDevice, stream_));
-  cuda::adamw_rows(w, g, m, v, row_t, static_cast<const int64_t*>(rows), n_rows, row_size, h, stream_);
-  MOE_CUDA_CHECK(cudaFreeAsync(rows, stream_));
+  DeviceRows rows(rows_host, n_rows, stream_);
+  cuda::adamw_rows(w, g, m, v, row_t, rows.get(), n_rows, row_size, h, stream_);
+}
+
+double CudaBackend::sum_squares_rows(const float* x, const int64_t* rows_host, int64_t n_rows, int64_t row_size) {
+  if (n_rows <= 0) return 0.0;
+  std::lock_guard<std::mutex> lock(scalar_mu_);
+  double* out = static_cast<double*>(scalars_) + 1;  // [1]
+  {
+    DeviceRows rows(rows_host, n_rows, stream_);
+    cuda::sum_squares_rows(out, x, rows.get(), n_rows, row_size, stream_);
+  }
+  double host = 0.0;
+  to_host(&host, out, sizeof(double));
+  return host;
 }
 
 double CudaBackend::sum_squares(const float* x, int64_t n) {

@@ -89,6 +89,31 @@ __global__ void __launch_bounds__(1024)
   if (threadIdx.x == 0) *out = acc;
 }
 
+// ---------------------------------------------------------------- row-sparse tables: blocks over the rows, threads over
+// a row's elements (rows are distinct: no two blocks write one element)
+__global__ void zero_rows_kernel(float* x, const int64_t* rows, int64_t n_rows, int64_t row_size) {
+  for (int64_t k = blockIdx.x; k < n_rows; k += gridDim.x)
+    for (int64_t j = threadIdx.x; j < row_size; j += blockDim.x) x[rows[k] * row_size + j] = 0.0f;
+}
+
+__global__ void scale_rows_kernel(float* x, float s, const int64_t* rows, int64_t n_rows, int64_t row_size) {
+  for (int64_t k = blockIdx.x; k < n_rows; k += gridDim.x)
+    for (int64_t j = threadIdx.x; j < row_size; j += blockDim.x) x[rows[k] * row_size + j] *= s;
+}
+
+// partial[blockIdx.x] = sum of squares of the rows this block visits (a fixed grid: deterministic)
+__global__ void sum_squares_rows_partial_kernel(double* __restrict__ partial, const float* __restrict__ x,
+                                                const int64_t* __restrict__ rows, int64_t n_rows, int64_t row_size) {
+  double acc = 0.0;
+  for (int64_t k = blockIdx.x; k < n_rows; k += gridDim.x)
+    for (int64_t j = threadIdx.x; j < row_size; j += blockDim.x) {
+      const double v = x[rows[k] * row_size + j];
+      acc += v * v;
+    }
+  acc = detail::block_sum(acc);
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
 // ---------------------------------------------------------------- f32 <-> bf16
 // Same bit recipe as moe::float_to_bf16 (core/bf16.h): round to nearest even, NaN kept quiet with its sign and
 // payload (cvt.rn.bf16.f32 would canonicalise NaNs, so results would differ from the CPU's bit for bit).
@@ -229,6 +254,36 @@ void sum_squares(double* out, const float* x, int64_t n, cudaStream_t stream) {
   auto* partial = static_cast<double*>(StreamContext::get(stream).scratch());
   const unsigned blocks = std::min<unsigned>(grid_for(n), kMaxPartials);
   sum_squares_partial_kernel<<<blocks, kBlock, 0, stream>>>(partial, x, n);
+  MOE_CUDA_CHECK(cudaGetLastError());
+  sum_partials_kernel<<<1, 1024, 0, stream>>>(out, partial, static_cast<int>(blocks));
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+namespace {
+unsigned row_blocks(int64_t n_rows, int64_t cap = 65536) { return static_cast<unsigned>(std::min(n_rows, cap)); }
+}  // namespace
+
+void zero_rows(float* x, const int64_t* rows, int64_t n_rows, int64_t row_size, cudaStream_t stream) {
+  if (n_rows <= 0 || row_size <= 0) return;
+  zero_rows_kernel<<<row_blocks(n_rows), detail::block_for(row_size), 0, stream>>>(x, rows, n_rows, row_size);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void scale_rows(float* x, float s, const int64_t* rows, int64_t n_rows, int64_t row_size, cudaStream_t stream) {
+  if (n_rows <= 0 || row_size <= 0) return;
+  scale_rows_kernel<<<row_blocks(n_rows), detail::block_for(row_size), 0, stream>>>(x, s, rows, n_rows, row_size);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void sum_squares_rows(double* out, const float* x, const int64_t* rows, int64_t n_rows, int64_t row_size,
+                      cudaStream_t stream) {
+  if (n_rows <= 0 || row_size <= 0) {
+    MOE_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(double), stream));
+    return;
+  }
+  auto* partial = static_cast<double*>(StreamContext::get(stream).scratch());
+  const unsigned blocks = row_blocks(n_rows, kMaxPartials);
+  sum_squares_rows_partial_kernel<<<blocks, kBlock, 0, stream>>>(partial, x, rows, n_rows, row_size);
   MOE_CUDA_CHECK(cudaGetLastError());
   sum_partials_kernel<<<1, 1024, 0, stream>>>(out, partial, static_cast<int>(blocks));
   MOE_CUDA_CHECK(cudaGetLastError());

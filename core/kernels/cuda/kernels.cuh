@@ -177,6 +177,13 @@ void scale_inplace(float* y, float s, int64_t n, cudaStream_t stream);          
 void sum_squares(double* out, const float* x, int64_t n, cudaStream_t stream);
 void mul(float* out, const float* a, const float* b, int64_t n, cudaStream_t stream);  // out[n] = a[n] * b[n]
 
+// cpu::zero_rows / scale_rows / sum_squares_rows (elementwise.cu) with rows[n_rows] a DEVICE array of distinct rows;
+// the sum goes to out[1] (device double), deterministic
+void zero_rows(float* x, const int64_t* rows, int64_t n_rows, int64_t row_size, cudaStream_t stream);
+void scale_rows(float* x, float s, const int64_t* rows, int64_t n_rows, int64_t row_size, cudaStream_t stream);
+void sum_squares_rows(double* out, const float* x, const int64_t* rows, int64_t n_rows, int64_t row_size,
+                      cudaStream_t stream);
+
 // ---------------------------------------------------------------- token dispatch (dispatch.cu)
 // cpu::gather_rows / combine_rows / row_dots with every array on the device. One block per output row (a token's
 // k rows summed in slot order, a dot product in a fixed tree): deterministic, no atomics.
