@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "core/backend.h"
 #include "core/error.h"
@@ -124,8 +123,8 @@ void Parallel::reduce_rows(Param& p, float s) {
     std::vector<int32_t> rows(p.touched.begin(), p.touched.end());
     std::sort(rows.begin(), rows.end());
     const int64_t n = static_cast<int64_t>(rows.size());
-    MOE_CHECK(rs <= INT32_MAX && n * rs <= INT64_MAX / 2,
-              "row-sparse gradient '" << p.name << "': rows of " << rs << " floats are too long to reduce");
+    MOE_CHECK(rs <= INT32_MAX && n <= INT32_MAX, "row-sparse gradient '" << p.name << "': " << n << " rows of " << rs
+                                                                           << " floats are too many to reduce");
     if (n) {  // the rows packed in the gradient's memory, summed, put back
       const bool direct = tensors_.world != nullptr;
       Communicator* c = direct ? tensors_.data_parallel.get() : dp;

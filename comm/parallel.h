@@ -43,8 +43,8 @@ class Parallel {
 
   // Averages gradients over the global batch: non-expert gradients are summed over the world, expert-sharded ones
   // over their data-parallel replicas only (row-sparse ones over the union of the replicas' touched rows), then
-  // divided by the world size (each rank's loss is the mean over its own equal share of the batch). Dense
-  // gradients go over the tensor groups when there are some (row-sparse ones always over the host groups).
+  // divided by the world size (each rank's loss is the mean over its own equal share of the batch). The gradients
+  // go over the tensor groups when there are some (the row lists of row-sparse ones over the host groups).
   void reduce_grads(ParamStore& ps);
 
   // Local expert shard [El, ...] -> global tensor [E, ...] in expert order (all-gather over the EP group).

@@ -80,7 +80,9 @@ void init_expert_rows(Tensor& t, const Param& p, uint64_t seed, float std) {
   const int64_t rows = t.dim(0), per = t.numel() / std::max<int64_t>(rows, 1);
   const uint64_t base = seed ^ hash_name(p.name);
   float* w = t.f32();
-#pragma omp parallel for schedule(dynamic, 64) if (rows * per > (1 << 20))
+  // many small rows (a word-expert table) in chunks; few large ones (an MoE layer's experts) one per thread
+  const int chunk = per >= 4096 ? 1 : 64;
+#pragma omp parallel for schedule(dynamic, chunk) if (rows * per > (1 << 20))
   for (int64_t e = 0; e < rows; ++e) {
     Rng rng(base ^ (0x9e3779b97f4a7c15ULL * static_cast<uint64_t>(p.first_row + e + 1)));
     for (int64_t i = 0; i < per; ++i) w[e * per + i] = rng.normal() * std;

@@ -5,7 +5,8 @@
 # host-staged collectives on device memory at 1 and 2 ranks sharing the GPU, the communication backend factory
 # (NCCL at 1 rank; at 2 ranks on one GPU NCCL must be refused on every rank alike), 50 training steps of a dense
 # config on the CPU, on CUDA, and on 2 ranks sharing the GPU (losses compared), the same with MoE layers (and expert
-# parallelism over the 2 ranks), the same with word-expert layers, NCCL training at world 1, greedy generation on CUDA vs the CPU, the GEMM bench
+# parallelism over the 2 ranks), the same with word-expert layers, the README demo's first 100 losses on CUDA vs
+# the CPU, NCCL training at world 1, greedy generation on CUDA vs the CPU, the GEMM bench
 # (bench_gpu: bf16 through our cuBLASLt path vs raw cuBLASLt, and fp32; grouped vs dense expert GEMM) and the model
 # bench (bench_model: training MFU, decode at batch 1 and 64 vs the bandwidth bound). Writes $OUT/gpu.log (all
 # output), one .txt per check and $OUT/results.md (one row per check, then the bench lines). Expected to take a few
@@ -65,8 +66,8 @@ check staged_np1 120 mpirun -np 1 --bind-to none "$bin/mpi_tests" --gtest_filter
 check staged_np2 120 mpirun -np 2 --bind-to none "$bin/mpi_tests" --gtest_filter='*StagedComm*:Comm.BackendFactory'
 # training on CUDA (a dense config: model.device = DEVICE_CUDA), 50 steps of deploy/configs/tiny_test.pbtxt: the
 # CPU run, the CUDA run, and 2 ranks sharing the GPU (gradients all-reduced through host memory over MPI)
-train() {  # train NAME RANKS DEVICE [--set FIELD=VALUE ...]
-  mpirun -np "$2" --bind-to none "$bin/moe" train --config "$src/deploy/configs/tiny_test.pbtxt" --threads 4 \
+train() {  # train NAME RANKS DEVICE [--set FIELD=VALUE ...]; the config: $config, default tiny_test.pbtxt
+  mpirun -np "$2" --bind-to none "$bin/moe" train --config "${config:-$src/deploy/configs/tiny_test.pbtxt}" --threads 4 \
     --set "data.train_file=$dir/data/tinyshakespeare.txt" --set "model.device=$3" --set checkpoint.every=0 \
     --set "train.out_dir=$OUT/run_$1" --loss-log "$OUT/$1.loss" "${@:4}"
 }
@@ -98,6 +99,13 @@ check train_mowe_cuda 300 train mowe_cuda 1 DEVICE_CUDA "${mowe[@]}"
 check train_mowe_cuda_ep2 300 train mowe_cuda_ep2 2 DEVICE_CUDA "${mowe[@]}" --set parallel.expert_parallel=2
 check losses_mowe_cuda 10 same_losses mowe_cpu mowe_cuda
 check losses_mowe_cuda_ep2 10 same_losses mowe_cuda mowe_cuda_ep2
+# the README demo's config (shakespeare_moe.pbtxt: every layer MoE, 8 experts top-2 with capacity drops): its first
+# 100 losses on CUDA against the CPU's
+export config=$src/deploy/configs/shakespeare_moe.pbtxt
+check train_demo_cpu 300 train demo_cpu 1 DEVICE_CPU --set train.steps=100
+check train_demo_cuda 300 train demo_cuda 1 DEVICE_CUDA --set train.steps=100
+check losses_demo_cuda 10 same_losses demo_cpu demo_cuda
+unset config
 # NCCL at world 1 (the one NCCL layout one GPU allows): the tensor groups of parallel.communicator = "nccl"
 check train_cuda_nccl 300 train cuda_nccl 1 DEVICE_CUDA --set parallel.communicator=nccl
 check losses_cuda_nccl 10 same_losses cuda cuda_nccl
