@@ -3,8 +3,9 @@
 //          clipping, AdamW) on random tokens, timed after 2 warm-up steps;
 //  decode: the engine's decode step (Model::forward_infer over a paged KV cache) at batch 1 and 64 (--batches) and
 //          context --context, against the bandwidth bound: the bytes the step must read (bench/decode_steps.h:
-//          f32 weights the batch uses, its keys and values) over the device's measured copy bandwidth (best of 5
-//          copies of 1 GiB, read + written bytes over the time). Lines "DECODE batch=B ... ratio R target 0.60".
+//          f32 weights the batch uses, its keys and values) over the measured bandwidth: a GPU's copy bandwidth
+//          (best of 5 copies of 1 GiB, read + written bytes over the time), the CPU's read bandwidth on the bench's
+//          threads (bench_serve's). Lines "DECODE batch=B ... ratio R target 0.60".
 // Default model: d_model 2048, 8 layers, 16 query / 4 KV heads, every FFN an MoE of 8 SwiGLU experts (d_expert
 // 5632) with top-2 routing (dropless), vocabulary 32000, batch 8 x 1024 tokens.
 //
@@ -148,7 +149,7 @@ void train_section(const Options& o, const Config& cfg, Model* model) {
     std::printf("MFU n/a (no peak for %s: give --peak-tflops)\n", o.device.c_str());
 }
 
-// bytes/s of the model's memory: best of 5 copies of 1 GiB (read + written bytes over the time)
+// bytes/s of a device's memory: best of 5 copies of 1 GiB (read + written bytes over the time)
 double copy_bandwidth(Backend& be) {
   const size_t bytes = size_t(1) << 30;
   void* a = be.alloc(bytes);
@@ -170,8 +171,9 @@ double copy_bandwidth(Backend& be) {
 void decode_section(const Options& o, const Config& cfg, Model* model) {
   model->prepare_inference();
   Backend& be = model->workspace().backend();
-  const double bw = copy_bandwidth(be);
-  std::printf("decode: context %d, copy bandwidth %.1f GB/s\n", o.context, bw * 1e-9);
+  const bool host = be.device() == Device::kCPU;
+  const double bw = host ? bench::read_bandwidth(omp_get_max_threads()) : copy_bandwidth(be);
+  std::printf("decode: context %d, %s bandwidth %.1f GB/s\n", o.context, host ? "read" : "copy", bw * 1e-9);
   std::stringstream ss(o.batches);
   for (std::string b; std::getline(ss, b, ',');) {
     const int B = std::atoi(b.c_str());

@@ -49,35 +49,11 @@ namespace {
 double secs(clk::time_point a, clk::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
 // ---------------------------------------------------------------- 1. the bandwidth bound
-// read bandwidth in bytes/s: the best of 5 passes summing a 512 MiB buffer on `threads` threads
-double read_bandwidth(int threads) {
-  const size_t n = size_t(512) << 18;  // floats
-  std::vector<float> buf(n, 1.0f);
-  double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
-    const auto t0 = clk::now();
-    double sum = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : sum)
-    {
-      const size_t nt = omp_get_num_threads(), t = omp_get_thread_num(), lo = n * t / nt, hi = n * (t + 1) / nt;
-      float acc[64] = {};  // 4 independent 16-lane accumulators
-      for (size_t i = lo; i + 64 <= hi; i += 64)
-#pragma omp simd
-        for (int j = 0; j < 64; ++j) acc[j] += buf[i + j];
-      for (float a : acc) sum += a;
-    }
-    const double dt = secs(t0, clk::now());
-    if (sum != double(n)) std::fprintf(stderr, "bandwidth: bad sum %g\n", sum);
-    best = std::max(best, n * 4.0 / dt);
-  }
-  return best;
-}
-
 void print_bound(const moe::proto::ModelConfig& m, int threads, int prompt_tokens, int max_tokens) {
   const double w = moe::bench::decode_weight_bytes(m, 1);
   const double ctx = prompt_tokens + max_tokens / 2.0;  // mean context while decoding
   const double kv = moe::bench::decode_kv_bytes(m, 1, ctx);
-  const double bw = read_bandwidth(threads);
+  const double bw = moe::bench::read_bandwidth(threads);
   std::printf("decode bandwidth bound (batch 1)\n");
   std::printf("  active weights per token            %10.2f MiB\n", w / (1 << 20));
   std::printf("  KV cache read per token (ctx %4.0f)  %10.2f MiB\n", ctx, kv / (1 << 20));

@@ -1,9 +1,13 @@
 // The decode measurements shared by bench_serve (a checkpoint on the CPU) and bench_model (a random model on any
-// device): the bytes a decode step must read (its bandwidth bound) and the engine's decode step alone
+// device): the bytes a decode step must read (its bandwidth bound), the host's read bandwidth, and the engine's
+// decode step alone
 // (Model::forward_infer over a paged KV cache; no HTTP, no scheduling).
 #pragma once
 #include <algorithm>
+#include <omp.h>
+
 #include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <ctime>
 #include <vector>
@@ -44,6 +48,30 @@ inline double decode_weight_bytes(const proto::ModelConfig& m, int batch) {
 // Bytes of keys and values one decode step of `batch` sequences at context `ctx` reads (f32).
 inline double decode_kv_bytes(const proto::ModelConfig& m, int batch, double ctx) {
   return 4.0 * 2 * m.n_layers() * m.n_kv_heads() * (m.d_model() / m.n_heads()) * ctx * batch;
+}
+
+// read bandwidth in bytes/s: the best of 5 passes summing a 512 MiB buffer on `threads` threads
+inline double read_bandwidth(int threads) {
+  const size_t n = size_t(512) << 18;  // floats
+  std::vector<float> buf(n, 1.0f);
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    double sum = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : sum)
+    {
+      const size_t nt = omp_get_num_threads(), t = omp_get_thread_num(), lo = n * t / nt, hi = n * (t + 1) / nt;
+      float acc[64] = {};  // 4 independent 16-lane accumulators
+      for (size_t i = lo; i + 64 <= hi; i += 64)
+#pragma omp simd
+        for (int j = 0; j < 64; ++j) acc[j] += buf[i + j];
+      for (float a : acc) sum += a;
+    }
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (sum != double(n)) std::fprintf(stderr, "bandwidth: bad sum %g\n", sum);
+    best = std::max(best, n * 4.0 / dt);
+  }
+  return best;
 }
 
 inline double process_cpu_seconds() {  // CPU time of the process, all threads
