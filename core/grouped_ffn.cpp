@@ -43,7 +43,7 @@ GroupedFfn::GroupedFfn(Workspace& ws, int C, int F, proto::Activation act, const
                        std::shared_ptr<PackedFfn> packed)
     : be_(ws.backend()), C_(C), F_(F), act_(act), w_(w), gate_(ws.buffer()), up_(ws.buffer()), aout_(ws.buffer()),
       dact_(ws.buffer()),
-      dgate_(ws.buffer()), dup_(ws.buffer()),
+      dgate_(ws.buffer()), dup_(ws.buffer()), row_slot_buf_(ws.buffer()), ones_buf_(ws.buffer()),
       packed_(packed ? std::move(packed) : std::make_shared<PackedFfn>(ws)) {
   MOE_CHECK(C >= 1 && F >= 1, "grouped FFN: d_model and hidden size must be >= 1, got " << C << ", " << F);
   MOE_CHECK(act == proto::SWIGLU || act == proto::GELU, "grouped FFN: unsupported activation " << int(act));
@@ -71,7 +71,9 @@ void GroupedFfn::for_each_group(const Fn& fn) {
 }
 
 bool GroupedFfn::grouped_gemms(bool batch_invariant) const {
-  return be_.device() != Device::kCPU && !batch_invariant && !w_.b_up && !w_.b_down;
+  if (batch_invariant) return false;
+  if (schedule_ == Schedule::kAuto) return be_.device() != Device::kCPU;
+  return schedule_ == Schedule::kGrouped;
 }
 
 void GroupedFfn::grouped_rows(float* c, int c_width, const float* a, int a_width, const float* w, bool trans_b,
@@ -97,10 +99,40 @@ void GroupedFfn::grouped_weights(float* dw, const float* dout, int out_width, co
   be_.matmul_grouped(gemms_.data(), static_cast<int>(gemms_.size()), true, false, 1.0f, 1.0f);
 }
 
-// up = x Wu^T, gate = x Wg^T, act = swiglu(gate, up) or gelu(up) over all rows, y = act Wd^T
+void GroupedFfn::add_group_bias(float* out, const float* b, int width) {
+  if (b) be_.combine_rows(out, b, row_slot_, nullptr, static_cast<int>(offsets_.back()), 1, width, true);
+}
+
+// db[s][1,width] += ones[1,n] @ dout[r0.., width] per group: one grouped GEMM
+void GroupedFfn::grouped_bias_sums(float* db, const float* dout, int width) {
+  if (!db) return;
+  gemms_.clear();
+  for (int g : order_) {
+    const int64_t r0 = offsets_[g];
+    gemms_.push_back({db + slots_[g] * width, ones_, dout + r0 * width, 1, width,
+                      static_cast<int>(offsets_[g + 1] - r0)});
+  }
+  be_.matmul_grouped(gemms_.data(), static_cast<int>(gemms_.size()), false, false, 1.0f, 1.0f);
+}
+
+// up = x Wu^T (+ bu), gate = x Wg^T, act = swiglu(gate, up) or gelu(up) over all rows, y = act Wd^T (+ bd)
 void GroupedFfn::forward_grouped(float* y, const float* x, float* gate, float* up, float* act) {
   const int64_t rows = offsets_.back();
+  row_slot_ = nullptr;
+  ones_ = nullptr;
+  if (w_.b_up || w_.b_down) {  // each row's slot, and a row of ones for the bias gradients, on the device
+    std::vector<int32_t> slot_of(static_cast<size_t>(rows));
+    for (int g : order_) std::fill(slot_of.begin() + offsets_[g], slot_of.begin() + offsets_[g + 1], slots_[g]);
+    const std::vector<float> ones(static_cast<size_t>(std::max<int64_t>(max_rows_, 1)), 1.0f);
+    float* rs = row_slot_buf_.get(std::max<int64_t>(rows, 1));
+    float* on = ones_buf_.get(static_cast<int64_t>(ones.size()));
+    be_.from_host(rs, slot_of.data(), sizeof(int32_t) * slot_of.size());
+    be_.from_host(on, ones.data(), sizeof(float) * ones.size());
+    row_slot_ = reinterpret_cast<const int32_t*>(rs);
+    ones_ = on;
+  }
   grouped_rows(up, F_, x, C_, ptr(w_.w_up), true, 0.0f);
+  add_group_bias(up, ptr(w_.b_up), F_);
   if (gate) {
     grouped_rows(gate, F_, x, C_, ptr(w_.w_gate), true, 0.0f);
     be_.swiglu_forward(act, gate, up, rows * F_);
@@ -108,6 +140,7 @@ void GroupedFfn::forward_grouped(float* y, const float* x, float* gate, float* u
     be_.gelu_forward(act, up, rows * F_);
   }
   grouped_rows(y, C_, act, F_, ptr(w_.w_down), true, 0.0f);
+  add_group_bias(y, ptr(w_.b_down), C_);
 }
 
 // dact = dy Wd, then d(gate), d(up) over all rows, dx = dgate Wg + dup Wu (or dup Wu)
@@ -123,11 +156,13 @@ void GroupedFfn::backward_data_grouped(float* dx, const float* dy, float* dact, 
   grouped_rows(dx, C_, dup, F_, ptr(w_.w_up), false, dgate ? 1.0f : 0.0f);
 }
 
-// dWd[s] += dy^T act, dWg[s] += dgate^T x, dWu[s] += dup^T x over each group's rows
-void GroupedFfn::backward_weights_grouped(float* dwg, float* dwu, float* dwd) {
+// dWd[s] += dy^T act, dWg[s] += dgate^T x, dWu[s] += dup^T x (+ the bias sums) over each group's rows
+void GroupedFfn::backward_weights_grouped(float* dwg, float* dwu, float* dwd, float* dbu, float* dbd) {
   if (dwd) grouped_weights(dwd, dy_, C_, aout_.data(), F_);
+  grouped_bias_sums(dbd, dy_, C_);
   if (dwg) grouped_weights(dwg, dgate_.data(), F_, x_, C_);
   if (dwu) grouped_weights(dwu, dup_.data(), F_, x_, C_);
+  grouped_bias_sums(dbu, dup_.data(), F_);
 }
 
 // y[rows,C] = ffn_{slots[g]}(x[rows,C]) group by group
@@ -253,7 +288,7 @@ void GroupedFfn::backward_weights() {
   float *dbu = trained_grad(w_.b_up), *dbd = trained_grad(w_.b_down);
   if (!dwg && !dwu && !dwd && !dbu && !dbd) return;
   if (grouped_) {
-    backward_weights_grouped(swiglu ? dwg : nullptr, dwu, dwd);
+    backward_weights_grouped(swiglu ? dwg : nullptr, dwu, dwd, dbu, dbd);
     return touch_used_rows();
   }
   // dw[OC,IC] += dout[n,OC]^T inp[n,IC] (+ db[OC] += column sums of dout): a row-sparse table's bias-free slots go

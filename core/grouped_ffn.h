@@ -11,9 +11,10 @@
 // OpenMP build of OpenBLAS); with few or large groups they run one after another and BLAS uses the threads. A
 // group's result does not depend on which path ran beyond BLAS rounding.
 //
-// On a GPU, bias-free weights (SwiGLU experts, word experts) run each weight matrix of all groups as ONE grouped GEMM
-// (Backend::matmul_grouped) and each activation over all rows at once: a handful of launches per layer whatever the
-// number of groups. Biased (GELU) experts and the batch-invariant inference forward run group by group.
+// On a GPU each weight matrix of all groups runs as ONE grouped GEMM (Backend::matmul_grouped), each activation over
+// all rows at once, the biases as one row gather-add (Backend::combine_rows) forward and one grouped GEMM of a row of
+// ones backward: a handful of launches per layer whatever the number of groups. The batch-invariant inference
+// forward runs group by group (set_schedule forces either schedule: the tests run the grouped one on the CPU).
 //
 // Row-sparse weights (word-expert tables, Param::row_sparse): the weight gradients touch only the slots used,
 // registered with Param::touch_row; the next slots' rows are prefetched (they are scattered over a large table).
@@ -76,6 +77,11 @@ class GroupedFfn {
   // Packs every slot's matrices for the batch-invariant forward, from their current values.
   void prepare_inference();
 
+  // Which GEMM schedule forward (and the backward after it) runs: kAuto = grouped GEMMs on a device, group by group
+  // on the CPU; the batch-invariant forward is always group by group.
+  enum class Schedule { kAuto, kGrouped, kPerGroup };
+  void set_schedule(Schedule s) { schedule_ = s; }
+
   int d_model() const { return C_; }
   int d_hidden() const { return F_; }
   int64_t num_slots() const { return w_.w_up->value.dim(0); }
@@ -91,9 +97,13 @@ class GroupedFfn {
   //   grouped_weights  dw[s] [out_width,in_width] += dout[r0.., out_width]^T @ inp[r0.., in_width]
   void grouped_rows(float* c, int c_width, const float* a, int a_width, const float* w, bool trans_b, float beta);
   void grouped_weights(float* dw, const float* dout, int out_width, const float* inp, int in_width);
+  // out[r, width] += b[slot of row r's group] over all rows (a null b: nothing)
+  void add_group_bias(float* out, const float* b, int width);
+  // db[s] [width] += the column sums of dout[r0.., width] over each group's rows (a null db: nothing)
+  void grouped_bias_sums(float* db, const float* dout, int width);
   void forward_grouped(float* y, const float* x, float* gate, float* up, float* act);
   void backward_data_grouped(float* dx, const float* dy, float* dact, float* dgate, float* dup);
-  void backward_weights_grouped(float* dwg, float* dwu, float* dwd);
+  void backward_weights_grouped(float* dwg, float* dwu, float* dwd, float* dbu, float* dbd);
   void touch_used_rows();  // row-sparse weights: registers the used slots with touch_row
   bool sparse() const { return w_.w_up->row_sparse; }
   // The matmul of the groups: a row-sparse table's (a word expert's few rows) may sum in another order where that is
@@ -113,10 +123,14 @@ class GroupedFfn {
   int64_t max_rows_ = 0;          // most rows of one group
   bool parallel_ = false;         // the threading decision of the last forward (backward reuses it)
   bool grouped_ = false;          // the last forward ran the grouped-GEMM schedule (backward follows it)
+  Schedule schedule_ = Schedule::kAuto;
+  const int32_t* row_slot_ = nullptr;  // grouped schedule with biases: [rows] the slot of each row, on the device
+  const float* ones_ = nullptr;        // grouped schedule with biases: [max_rows] ones, on the device
   std::vector<Backend::GemmGroup> gemms_;  // grouped(): one per non-empty group
   int stage_ = 0;                 // 1: forward done, 2: backward_data done
   // [rows,F]: gate and up pre-activations, activation output; their gradients
   Workspace::Buffer &gate_, &up_, &aout_, &dact_, &dgate_, &dup_;
+  Workspace::Buffer &row_slot_buf_, &ones_buf_;  // row_slot_ (int32 in float slots), ones_
   std::shared_ptr<PackedFfn> packed_;  // w_gate, w_up, w_down in the inference layout
 };
 

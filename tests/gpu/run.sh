@@ -61,7 +61,7 @@ check() {
     $((SECONDS - t0)) >> "$table"
 }
 echo "=== machine"; nvidia-smi -L || true; nproc
-check cuda_tests 300 "$bin/cuda_tests"
+check cuda_tests 180 "$bin/cuda_tests"
 check staged_np1 120 mpirun -np 1 --bind-to none "$bin/mpi_tests" --gtest_filter='*StagedComm*:Comm.BackendFactory'
 check staged_np2 120 mpirun -np 2 --bind-to none "$bin/mpi_tests" --gtest_filter='*StagedComm*:Comm.BackendFactory'
 # training on CUDA (a dense config: model.device = DEVICE_CUDA), 50 steps of deploy/configs/tiny_test.pbtxt: the
@@ -84,40 +84,40 @@ same_losses() {
                  sa / 10, sb / 10, 100 * r
           if (n < 10 || bad || r > 0.02) { print "FAILED ] 1 test"; exit 1 } print "PASSED ] 1 test" }'
 }
-check train_cpu 300 train cpu 1 DEVICE_CPU
-check train_cuda 300 train cuda 1 DEVICE_CUDA
-check train_cuda_np2 300 train cuda_np2 2 DEVICE_CUDA
+check train_cpu 120 train cpu 1 DEVICE_CPU
+check train_cuda 120 train cuda 1 DEVICE_CUDA
+check train_cuda_np2 120 train cuda_np2 2 DEVICE_CUDA
 check losses_cuda 10 same_losses cpu cuda
 check losses_cuda_np2 10 same_losses cuda cuda_np2
+# the same with MoE layers (every other layer: 4 experts, top-2, dropless, aux loss) on the device: the CPU run, the
+# CUDA run, and expert parallelism over 2 ranks sharing the GPU (the token all-to-all host-staged over MPI)
+moe=(--set model.ffn_pattern=FFN_MOE,FFN_DENSE --set model.moe.num_experts=4 --set model.moe.top_k=2
+     --set model.moe.d_expert=128 --set model.moe.dropless=true --set model.moe.aux_loss_coef=0.01)
+check train_moe_cpu 120 train moe_cpu 1 DEVICE_CPU "${moe[@]}"
+check train_moe_cuda 120 train moe_cuda 1 DEVICE_CUDA "${moe[@]}"
+check train_moe_cuda_ep2 120 train moe_cuda_ep2 2 DEVICE_CUDA "${moe[@]}" --set parallel.expert_parallel=2
+check losses_moe_cuda 10 same_losses moe_cpu moe_cuda
+check losses_moe_cuda_ep2 10 same_losses moe_cuda moe_cuda_ep2
 # word-expert layers (every other layer: 256 experts of d_expert 16, the 64 most frequent tokens with their own)
 # on the device: the tables' rows gathered and updated there; the CPU run, the CUDA run, and expert parallelism over
 # 2 ranks sharing the GPU
 mowe=(--set model.ffn_pattern=FFN_WORD_EXPERT,FFN_DENSE --set model.word_experts.num_experts=256
       --set model.word_experts.d_expert=16 --set model.word_experts.num_frequent=64)
-check train_mowe_cpu 300 train mowe_cpu 1 DEVICE_CPU "${mowe[@]}"
-check train_mowe_cuda 300 train mowe_cuda 1 DEVICE_CUDA "${mowe[@]}"
-check train_mowe_cuda_ep2 300 train mowe_cuda_ep2 2 DEVICE_CUDA "${mowe[@]}" --set parallel.expert_parallel=2
+check train_mowe_cpu 120 train mowe_cpu 1 DEVICE_CPU "${mowe[@]}"
+check train_mowe_cuda 120 train mowe_cuda 1 DEVICE_CUDA "${mowe[@]}"
+check train_mowe_cuda_ep2 120 train mowe_cuda_ep2 2 DEVICE_CUDA "${mowe[@]}" --set parallel.expert_parallel=2
 check losses_mowe_cuda 10 same_losses mowe_cpu mowe_cuda
 check losses_mowe_cuda_ep2 10 same_losses mowe_cuda mowe_cuda_ep2
 # the README demo's config (shakespeare_moe.pbtxt: every layer MoE, 8 experts top-2 with capacity drops): its first
 # 100 losses on CUDA against the CPU's
 export config=$src/deploy/configs/shakespeare_moe.pbtxt
-check train_demo_cpu 300 train demo_cpu 1 DEVICE_CPU --set train.steps=100
-check train_demo_cuda 300 train demo_cuda 1 DEVICE_CUDA --set train.steps=100
+check train_demo_cpu 120 train demo_cpu 1 DEVICE_CPU --set train.steps=100
+check train_demo_cuda 120 train demo_cuda 1 DEVICE_CUDA --set train.steps=100
 check losses_demo_cuda 10 same_losses demo_cpu demo_cuda
 unset config
 # NCCL at world 1 (the one NCCL layout one GPU allows): the tensor groups of parallel.communicator = "nccl"
-check train_cuda_nccl 300 train cuda_nccl 1 DEVICE_CUDA --set parallel.communicator=nccl
+check train_cuda_nccl 120 train cuda_nccl 1 DEVICE_CUDA --set parallel.communicator=nccl
 check losses_cuda_nccl 10 same_losses cuda cuda_nccl
-# the same with MoE layers (every other layer: 4 experts, top-2, dropless, aux loss) on the device: the CPU run, the
-# CUDA run, and expert parallelism over 2 ranks sharing the GPU (the token all-to-all host-staged over MPI)
-moe=(--set model.ffn_pattern=FFN_MOE,FFN_DENSE --set model.moe.num_experts=4 --set model.moe.top_k=2
-     --set model.moe.d_expert=128 --set model.moe.dropless=true --set model.moe.aux_loss_coef=0.01)
-check train_moe_cpu 300 train moe_cpu 1 DEVICE_CPU "${moe[@]}"
-check train_moe_cuda 300 train moe_cuda 1 DEVICE_CUDA "${moe[@]}"
-check train_moe_cuda_ep2 300 train moe_cuda_ep2 2 DEVICE_CUDA "${moe[@]}" --set parallel.expert_parallel=2
-check losses_moe_cuda 10 same_losses moe_cpu moe_cuda
-check losses_moe_cuda_ep2 10 same_losses moe_cuda moe_cuda_ep2
 # the serving engine on CUDA (paged KV cache in device memory; moe generate runs the server's engine): the greedy
 # continuation of the CUDA-trained checkpoint equal to the CPU's
 same_greedy() {
@@ -133,7 +133,7 @@ same_greedy() {
 check greedy_cuda 120 same_greedy
 check bench_gpu 240 "$bin/bench_gpu"
 # an MoE of d_model 2048, 8 layers, 8 experts top-2 in bf16: training MFU, decode at batch 1 and 64 vs the bound
-check bench_model 300 "$bin/bench_model" --threads "$(nproc)"
+check bench_model 240 "$bin/bench_model" --threads "$(nproc)"
 grep -hE "^(GEMM|GROUPED)" "$OUT/bench_gpu.txt" | sed 's/^/    /' >> "$table" || true
 grep -hE "^(train|step|MFU|decode|DECODE)" "$OUT/bench_model.txt" | sed 's/^/    /' >> "$table" || true
 echo "=== results"; cat "$table"

@@ -5,6 +5,8 @@
 //   ExpertBank.MatchesDenseFfn      E = 1 with DenseFfn's weights is DenseFfn (same math); experts in parallel
 //                                   (many small experts, 4 threads) and in series (1 thread) both match one DenseFfn
 //                                   per expert, over steps of changing size (buffer reuse);
+//   ExpertBank.GroupedScheduleMatchesPerGroup  the device's schedule (grouped GEMMs) run on the CPU equals the
+//                                   group-by-group one: SwiGLU, biased GELU, a row-sparse table;
 //   ExpertBank.BackwardConventions  grads +=, y and dx =, empty experts' grads untouched bit for bit, one backward
 //                                   per forward, bad offsets rejected, zero rows a no-op;
 //   ExpertBank.ParamsAndInit        names, shapes, flags, first rows; init_params draws rows by global expert id
@@ -17,11 +19,13 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "core/error.h"
+#include "core/grouped_ffn.h"
 #include "core/layers.h"
 #include "core/params.h"
 #include "core/threads.h"
@@ -391,11 +395,73 @@ void rejects_bad_input() {
     for (float g : p->grad.to_float_vector()) ASSERT_EQ(g, 0.0f) << p->name;
 }
 
+// ================================================================== the grouped-GEMM schedule (a GPU's) on the CPU
+// The schedule a device runs (one grouped GEMM per weight matrix, the activations over all rows, the biases as a row
+// gather-add and a grouped GEMM of ones) computes what the group-by-group one computes: y, dx and every gradient
+// within float rounding (different summation orders), for SwiGLU experts, biased GELU experts, and a row-sparse
+// table (word experts: the same slots touched). Groups in shuffled slot order, with an empty one.
+void grouped_schedule_matches_per_group() {
+  const int C = 12, F = 20;
+  const std::vector<int64_t> slots = {5, 0, 3, 6, 2}, counts = {7, 1, 0, 11, 4};
+  const std::vector<int64_t> offsets = offsets_of(counts);
+  const int64_t rows = offsets.back();
+  struct Variant {
+    proto::Activation act;
+    bool biases, row_sparse;
+  };
+  for (const Variant& v : {Variant{proto::SWIGLU, false, false}, Variant{proto::GELU, true, false},
+                           Variant{proto::SWIGLU, false, true}}) {
+    ParamStore ps;
+    Workspace ws{cpu_backend()};
+    FfnWeights w;
+    auto add = [&](const char* name, Shape shape) {
+      return ps.add_expert(name, shape, true, Init::kNormal, 0, v.row_sparse && shape.size() == 3);
+    };
+    if (v.act == proto::SWIGLU) w.w_gate = add("w_gate", {8, F, C});
+    w.w_up = add("w_up", {8, F, C});
+    w.w_down = add("w_down", {8, C, F});
+    if (v.biases) {
+      w.b_up = add("b_up", {8, F});
+      w.b_down = add("b_down", {8, C});
+    }
+    Rng rng(31);
+    for (Param* p : ps.all()) {
+      const Vec r = randn(rng, p->value.numel(), 0.3f);
+      std::copy(r.begin(), r.end(), p->value.f32());
+    }
+    const Vec x = randn(rng, rows * C), dy = randn(rng, rows * C);
+    GroupedFfn ffn(ws, C, F, v.act, w);
+    std::map<std::string, Vec> got[2];
+    std::vector<int64_t> touched[2];
+    for (int k = 0; k < 2; ++k) {
+      ffn.set_schedule(k == 0 ? GroupedFfn::Schedule::kPerGroup : GroupedFfn::Schedule::kGrouped);
+      ps.zero_grad();
+      Vec y(rows * C, kSentinel), dx(rows * C, kSentinel);
+      ffn.forward(y.data(), x.data(), slots.data(), offsets.data(), static_cast<int64_t>(slots.size()));
+      ffn.backward(dx.data(), dy.data());
+      got[k]["y"] = y;
+      got[k]["dx"] = dx;
+      for (const Param* p : ps.all()) got[k][p->name] = grads(*p);
+      touched[k] = w.w_up->touched;
+      std::sort(touched[k].begin(), touched[k].end());
+    }
+    const std::string what = std::string(act_name(v.act)) + (v.biases ? " with biases" : "") +
+                             (v.row_sparse ? " row-sparse" : "");
+    for (const auto& [name, ref] : got[0]) EXPECT_LE(max_rel_err(got[1].at(name), ref), kTol) << what << ": " << name;
+    EXPECT_EQ(touched[1], touched[0]) << what;
+    if (v.row_sparse) {
+      EXPECT_EQ(touched[1], (std::vector<int64_t>{0, 2, 5, 6})) << what;
+    }
+  }
+}
+
 // Few test processes: each start of unit_tests costs ~0.4 s here, and the suite must stay under 5 s.
 TEST(ExpertBank, MatchesDenseFfn) {
   one_expert_is_dense_ffn();
   threading_paths_match_dense_ffns();
 }
+
+TEST(ExpertBank, GroupedScheduleMatchesPerGroup) { grouped_schedule_matches_per_group(); }
 
 TEST(ExpertBank, BackwardConventions) {
   backward_accumulates();
