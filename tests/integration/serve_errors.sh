@@ -150,8 +150,8 @@ grep -q "" "$work/out.txt" && echo "  taken port: $(grep -m1 error "$work/out.tx
 echo "a rank killed: the 2-rank server goes down with an error"
 start_server "$work/serve2.log" mpiexec -n 2 "$MOE_BIN" serve --checkpoint "$ckpt" --threads 1 --set serving.port=0
 launcher=$server_pid
-victim=$(pgrep -f "$MOE_BIN serve" | while read -r p; do
-  [ "$(ps -o ppid= -p "$p" | tr -d ' ')" != "$$" ] && echo "$p"; done | tail -n 1)
+# a rank of THIS server: a child of its mpiexec (other tests' servers may run at the same time under ctest -j)
+victim=$(pgrep -P "$launcher" -f "$MOE_BIN serve" | tail -n 1)
 [ -n "$victim" ] || fail "no rank process found"
 kill -KILL "$victim"
 rc=0
