@@ -5,6 +5,7 @@
 
 #include "core/backend.h"
 #include "core/error.h"
+#include "core/workspace.h"
 
 namespace moe::comm {
 
@@ -73,9 +74,9 @@ void Parallel::all_reduce_on(Communicator* c, bool tensor_comm, Backend& be, flo
   be.from_host(buf, flat_.data(), sizeof(float) * n);
 }
 
-float* Parallel::packed(Backend& be, int64_t n) {
-  if (packed_.numel() < n || packed_.device() != be.device()) packed_ = Tensor::empty({n}, DType::kF32, be.device());
-  return packed_.f32();
+float* Parallel::grown(Tensor& t, Backend& be, int64_t n) {
+  if (t.numel() < n || t.device() != be.device()) t = Tensor::empty({n}, DType::kF32, be.device());
+  return t.f32();
 }
 
 void Parallel::sum_scaled(Communicator* c, bool tensor_comm, Backend& be, const std::vector<Param*>& grads, float s) {
@@ -88,7 +89,7 @@ void Parallel::sum_scaled(Communicator* c, bool tensor_comm, Backend& be, const 
     be.scale_inplace(g, s, n);
     return;
   }
-  float* buf = packed(be, n);
+  float* buf = grown(packed_, be, n);
   int64_t off = 0;
   for (const Param* p : grads) {
     be.copy(buf + off, p->grad.f32(), p->grad.nbytes());
@@ -128,8 +129,8 @@ void Parallel::reduce_rows(Param& p, float s) {
     if (n) {  // the rows packed in the gradient's memory, summed, put back
       const bool direct = tensors_.world != nullptr;
       Communicator* c = direct ? tensors_.data_parallel.get() : dp;
-      const int32_t* idx = on_device(be, rows);
-      float* buf = packed(be, n * rs);
+      const int32_t* idx = readable_by(be, rows, [&](int64_t m) { return grown(index_, be, m); });
+      float* buf = grown(packed_, be, n * rs);
       be.gather_rows(buf, p.grad.f32(), idx, nullptr, static_cast<int>(n), 1, static_cast<int>(rs));
       all_reduce_on(c, direct, be, buf, n * rs);
       be.scatter_rows(p.grad.f32(), buf, idx, static_cast<int>(n), static_cast<int>(rs));
@@ -138,13 +139,7 @@ void Parallel::reduce_rows(Param& p, float s) {
   be.scale_rows(p.grad.f32(), s, p.touched.data(), static_cast<int64_t>(p.touched.size()), rs);
 }
 
-const int32_t* Parallel::on_device(Backend& be, const std::vector<int32_t>& v) {
-  if (be.device() == Device::kCPU) return v.data();
-  const int64_t n = static_cast<int64_t>(v.size());
-  if (index_.numel() < n || index_.device() != be.device()) index_ = Tensor::empty({n}, DType::kI32, be.device());
-  be.from_host(index_.raw(), v.data(), sizeof(int32_t) * n);
-  return index_.i32();
-}
+
 
 Tensor Parallel::gather_experts(const Tensor& local) {
   if (groups_.ep_size == 1) return local;

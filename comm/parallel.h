@@ -59,12 +59,12 @@ class Parallel {
   // a row-sparse gradient: the union of the replicas' touched rows summed over the data-parallel group, then the
   // touched rows scaled by s
   void reduce_rows(Param& p, float s);
-  float* packed(Backend& be, int64_t n);  // packed_ grown to n floats in be's memory
-  const int32_t* on_device(Backend& be, const std::vector<int32_t>& v);  // v itself on the CPU, else in index_
+  // t grown to n floats in be's memory (a Tensor, not a workspace buffer: the Parallel outlives the model's backend)
+  static float* grown(Tensor& t, Backend& be, int64_t n);
 
   ProcessGroups groups_, tensors_;  // host groups; tensor groups (world null when there are none)
   std::vector<float> flat_;         // staging of a device buffer for host groups
-  Tensor packed_, index_;           // packed gradients / row indices in the params' memory
+  Tensor packed_, index_;           // packed gradients / row indices (int32 in float slots) in the params' memory
 };
 
 }  // namespace moe::comm

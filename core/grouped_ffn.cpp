@@ -121,15 +121,11 @@ void GroupedFfn::forward_grouped(float* y, const float* x, float* gate, float* u
   row_slot_ = nullptr;
   ones_ = nullptr;
   if (w_.b_up || w_.b_down) {  // each row's slot, and a row of ones for the bias gradients, on the device
-    std::vector<int32_t> slot_of(static_cast<size_t>(rows));
-    for (int g : order_) std::fill(slot_of.begin() + offsets_[g], slot_of.begin() + offsets_[g + 1], slots_[g]);
-    const std::vector<float> ones(static_cast<size_t>(std::max<int64_t>(max_rows_, 1)), 1.0f);
-    float* rs = row_slot_buf_.get(std::max<int64_t>(rows, 1));
-    float* on = ones_buf_.get(static_cast<int64_t>(ones.size()));
-    be_.from_host(rs, slot_of.data(), sizeof(int32_t) * slot_of.size());
-    be_.from_host(on, ones.data(), sizeof(float) * ones.size());
-    row_slot_ = reinterpret_cast<const int32_t*>(rs);
-    ones_ = on;
+    slot_of_.resize(static_cast<size_t>(rows));
+    for (int g : order_) std::fill(slot_of_.begin() + offsets_[g], slot_of_.begin() + offsets_[g + 1], slots_[g]);
+    ones_host_.assign(static_cast<size_t>(std::max<int64_t>(max_rows_, 1)), 1.0f);
+    row_slot_ = row_slot_buf_.upload(slot_of_);
+    ones_ = ones_buf_.upload(ones_host_);
   }
   grouped_rows(up, F_, x, C_, ptr(w_.w_up), true, 0.0f);
   add_group_bias(up, ptr(w_.b_up), F_);

@@ -54,15 +54,6 @@ Dispatcher::Dispatcher(Workspace& ws, ExpertComm ep, int num_experts)
   }
 }
 
-template <class T>
-const T* Dispatcher::on_device(Workspace::Buffer& buf, const std::vector<T>& v) {
-  static_assert(sizeof(T) == sizeof(float), "index and gate arrays share the float buffers");
-  if (be_.device() == Device::kCPU) return v.data();
-  float* p = grow(buf, static_cast<int64_t>(v.size()));
-  be_.from_host(p, v.data(), sizeof(T) * v.size());
-  return reinterpret_cast<const T*>(p);
-}
-
 const int32_t* Dispatcher::Step::plan_rows() const { return d_->row_of_slot_dev_; }
 
 Dispatcher::Step& Dispatcher::dispatch(const router::DispatchPlan& plan, const float* x, int C) {
@@ -70,9 +61,9 @@ Dispatcher::Step& Dispatcher::dispatch(const router::DispatchPlan& plan, const f
             "dispatch plan has " << plan.global_num_experts() << " experts, the layer " << E_);
   auto t0 = clk::now();
   plan_rows_ = plan.rows();
-  order_dev_ = on_device(order_, plan.order);
-  row_of_slot_dev_ = on_device(row_of_slot_, plan.row_of_slot);
-  gate_dev_ = on_device(gate_, plan.gate);
+  order_dev_ = order_.upload(plan.order);
+  row_of_slot_dev_ = row_of_slot_.upload(plan.row_of_slot);
+  gate_dev_ = gate_.upload(plan.gate);
   float* perm = grow(permuted_, plan_rows_ * C);
   be_.gather_rows(perm, x, order_dev_, nullptr, static_cast<int>(plan_rows_), plan.k, C);
   // (local expert, rows) of every non-empty plan expert, by destination rank: global ids ascend, so the pairs, and
@@ -140,8 +131,8 @@ Dispatcher::Step& Dispatcher::dispatch(const router::DispatchPlan& plan, const f
         group_index_[i++] = static_cast<int32_t>(cursor[pair_group_[q]]++);
     group_source_.resize(local_rows());  // the inverse: expert-major row -> source-major row
     for (int64_t r = 0; r < local_rows(); ++r) group_source_[group_index_[r]] = static_cast<int32_t>(r);
-    group_index_on_ = on_device(group_index_dev_, group_index_);
-    group_source_on_ = on_device(group_source_dev_, group_source_);
+    group_index_on_ = group_index_dev_.upload(group_index_);
+    group_source_on_ = group_source_dev_.upload(group_source_);
   }
   forward_move(perm, grow(grouped_, local_rows() * C), C);
   step_.d_ = this;

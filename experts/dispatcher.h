@@ -99,10 +99,6 @@ class Dispatcher {
   // ungroup expert-major rows, send back, receive plan-ordered rows into out
   void backward_move(const float* grouped, float* out, int C);
 
-  // a host vector's values on the device, in buf (on the CPU: the vector itself)
-  template <class T>
-  const T* on_device(Workspace::Buffer& buf, const std::vector<T>& v);
-
   Backend& be_;
   comm::Communicator* ep_;                  // host buffers: the pairs, and the rows on the CPU
   std::unique_ptr<comm::Communicator> rows_ep_;  // device rows with more than one rank: staged over a duplicate of ep
