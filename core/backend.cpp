@@ -159,6 +159,15 @@ class CpuBackend final : public Backend {
   void scale_rows(float* x, float s, const int64_t* rows_host, int64_t n_rows, int64_t row_size) override {
     cpu::scale_rows(x, s, rows_host, n_rows, row_size);
   }
+  void router_topk(const cpu::RouterDims& d, int32_t* choice, float* gate, float* score, double* lse, double* stats,
+                   const float* logits, const float* bias) override {
+    cpu::router_topk(d, choice, gate, score, lse, stats, logits, bias);
+  }
+  void router_logits_grad(const cpu::RouterDims& d, float* dlogits, const float* logits, const double* lse,
+                          const int32_t* choice, const int32_t* row, const float* dgate, const float* f,
+                          double aux_scale, double z_scale) override {
+    cpu::router_logits_grad(d, dlogits, logits, lse, choice, row, dgate, f, aux_scale, z_scale);
+  }
   double sum_squares_rows(const float* x, const int64_t* rows_host, int64_t n_rows, int64_t row_size) override {
     return cpu::sum_squares_rows(x, rows_host, n_rows, row_size);
   }

@@ -184,6 +184,15 @@ class Backend {
   // dot[N*k]: <a[s / k], y[row[s]]> for row[s] >= 0, else 0
   virtual void row_dots(float* dot, const float* a, const float* y, const int32_t* row, int N, int k, int C) = 0;
 
+  // ---------------------------------------------------------------- learned router (the MoE layer's gate)
+  // cpu::router_topk / router_logits_grad with every array in this backend's memory, stats[E+2] too (bias null:
+  // none): scores, top-k, gates and the aux-loss sums of each token, and the logits' gradient, on the device
+  virtual void router_topk(const cpu::RouterDims& d, int32_t* choice, float* gate, float* score, double* lse,
+                           double* stats, const float* logits, const float* bias) = 0;
+  virtual void router_logits_grad(const cpu::RouterDims& d, float* dlogits, const float* logits, const double* lse,
+                                  const int32_t* choice, const int32_t* row, const float* dgate, const float* f,
+                                  double aux_scale, double z_scale) = 0;
+
   // ---------------------------------------------------------------- row-sparse tables (their touched rows)
   // cpu::zero_rows / scale_rows / sum_squares_rows over rows_host[n_rows] (a HOST array of distinct rows) of a
   // [*, row_size] table on the device

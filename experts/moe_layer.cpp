@@ -82,7 +82,12 @@ MoeFfn::MoeFfn(ParamStore& ps, Workspace& ws, const std::string& prefix, const p
       xin_(ws.buffer()),
       logits_(ws.buffer()),
       dlogits_(ws.buffer()),
-      tmp_(ws.buffer()) {}
+      tmp_(ws.buffer()),
+      score_(ws.buffer()),
+      routed_(ws.buffer()),
+      lse_(ws.buffer()),
+      bias_(ws.buffer()),
+      fraction_(ws.buffer()) {}
 
 void MoeFfn::capture_state(UnitState& s) const {
   s.rngs[prefix_] = router_.rng_state();
@@ -145,9 +150,7 @@ void MoeFfn::forward(const FfnContext& ctx, float* y, const float* x, int N) {
     const Fp32Gemms fp32(be_);
     be_.matmul(logits, xin, w_router_->value.f32(), N, E_, C_, false, true);
   }
-  logits_host_.resize(NE);
-  be_.to_host(logits_host_.data(), logits, sizeof(float) * NE);
-  last_ = router_.route(logits_host_.data(), N, ctx.training);
+  route(logits, N, ctx.training);
   if (ctx.training) {  // the step's routed loads (every micro-batch, before capacity drops)
     if (!step_open_) step_routed_.assign(E_, 0);
     step_open_ = true;
@@ -178,13 +181,36 @@ void MoeFfn::backward(const FfnContext& ctx, float* dx, const float* dy, int N) 
   route_seconds_ += since(t0);
 }
 
+cpu::RouterDims MoeFfn::router_dims(int N) const {
+  const int k = router_.top_k();
+  return {N, E_, k, router_.options().score == router::ScoreFn::kSigmoid, router_.options().normalize_topk && k > 1};
+}
+
+void MoeFfn::route(const float* logits, int N, bool training) {
+  const int64_t Nk = int64_t(N) * router_.top_k(), head = 2 * int64_t(E_ + 2);  // (the stats' doubles in floats)
+  float* routed = grow(routed_, head + 2 * Nk);
+  auto* stats = reinterpret_cast<double*>(routed);
+  auto* choice = reinterpret_cast<int32_t*>(routed + head);
+  float* gate = routed + head + Nk;
+  const float* bias = router_.options().bias_balancing ? bias_.upload(router_.bias()) : nullptr;
+  be_.router_topk(router_dims(N), choice, gate, grow(score_, int64_t(N) * E_),
+                  reinterpret_cast<double*>(grow(lse_, 2 * int64_t(N))), stats, logits, bias);
+  routed_host_.resize(head + 2 * Nk);
+  be_.to_host(routed_host_.data(), routed, sizeof(float) * routed_host_.size());
+  const float* h = routed_host_.data();
+  last_ = router_.assign(reinterpret_cast<const int32_t*>(h + head), h + head + Nk,
+                         reinterpret_cast<const double*>(h), N, training);
+}
+
 void MoeFfn::router_backward(float* dx, const float* dgate, int N, float loss_scale) {
-  dgate_host_.resize(int64_t(N) * router_.top_k());
-  be_.to_host(dgate_host_.data(), dgate, sizeof(float) * dgate_host_.size());
-  const std::vector<float>& dl = router_.logits_grad(dgate_host_.data(), loss_scale);  // [N,E]
   if (N == 0) return;
+  const int64_t head = 2 * int64_t(E_ + 2);
   float* dlogits = grow(dlogits_, int64_t(N) * E_);
-  be_.from_host(dlogits, dl.data(), sizeof(float) * dl.size());
+  be_.router_logits_grad(router_dims(N), dlogits, logits_.data(), reinterpret_cast<const double*>(lse_.data()),
+                         reinterpret_cast<const int32_t*>(routed_.data() + head), step_->plan_rows(), dgate,
+                         fraction_.upload(router_.expert_fraction()),
+                         static_cast<double>(loss_scale) * router_.options().aux_loss_coef,
+                         static_cast<double>(loss_scale) * router_.options().z_loss_coef);
   const Fp32Gemms fp32(be_);  // (as the forward's logits)
   const float* w = w_router_->value.f32();
   be_.matmul(w_router_->grad.f32(), dlogits, router_in_, E_, C_, N, true, false, 1.0f, 1.0f);

@@ -1,7 +1,8 @@
 // The MoE FFN units that plug into a decoder block (core/layers.h FfnUnit):
 //   MoeFfn         learned top-k router + dispatcher (all-to-all over the expert-parallel group) + ExpertBank; the
-//                  router's GEMMs, the token movement and the experts run on the workspace's backend, the router's
-//                  per-token math (scores, top-k, capacity, losses: N x E values) on the host
+//                  router (its GEMMs, scores, top-k, gates and the logits' gradient), the token movement and the
+//                  experts run on the workspace's backend; the host gets the N x k choices and gates, and drops
+//                  the slots over capacity (a sequential, slot-major pass) as it builds the dispatch plan
 //   WordExpertFfn  vocabulary (or hash) router + dispatcher + WordExpertTable (MoWE)
 // Each unit owns its parameters (with their init and sharding), its extra state (a router's jitter RNG, a routing
 // table: capture_state / restore_state) and its statistics. experts/build_model.h puts them into a model.
@@ -50,8 +51,12 @@ class MoeFfn : public FfnUnit {
  private:
   // the router's input x' on the device: x, or with jitter x * noise (kept for backward)
   const float* router_input(const float* x, int N, bool training);
-  // the router's GEMMs backward: dW += dlogits^T x', dx += (dlogits W) * noise, from the router's host dlogits
+  // the router's gate on the device: scores, top-k and gates of logits[N,E], copied to the host for the plan
+  void route(const float* logits, int N, bool training);
+  // the router backward: dlogits from the gates' gradient and the losses, then dW += dlogits^T x',
+  // dx += (dlogits W) * noise
   void router_backward(float* dx, const float* dgate, int N, float loss_scale);
+  cpu::RouterDims router_dims(int N) const;
 
   std::string prefix_;
   int C_, E_;
@@ -67,10 +72,12 @@ class MoeFfn : public FfnUnit {
   bool step_open_ = false;            // false: the next training forward starts a new step (zeroes step_routed_)
   Dispatcher::Step* step_ = nullptr;  // this step's token movement (last forward)
   // on the device: expert outputs and input gradients [local_rows,C], gate gradients [N*k], the jitter noise and
-  // x' [N,C], logits and their gradients [N,E], a [N,C] temporary
+  // x' [N,C], logits, scores and their gradients [N,E], a [N,C] temporary; the gate's results: routed_ holds
+  // [stats: E+2 doubles | choice: N*k ints | gate: N*k floats], lse_ [N] doubles; the selection bias and f [E]
   Workspace::Buffer &expert_out_, &dexpert_in_, &dgate_, &noise_, &xin_, &logits_, &dlogits_, &tmp_;
-  const float* router_in_ = nullptr;          // x' of the last forward (x itself without jitter)
-  std::vector<float> logits_host_, dgate_host_;  // the router's per-token math runs on the host
+  Workspace::Buffer &score_, &routed_, &lse_, &bias_, &fraction_;
+  const float* router_in_ = nullptr;  // x' of the last forward (x itself without jitter)
+  std::vector<float> routed_host_;    // routed_ copied to the host
   double expert_seconds_ = 0, route_seconds_ = 0;
 };
 

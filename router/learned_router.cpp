@@ -10,15 +10,8 @@
 
 namespace moe::router {
 namespace {
-// choice[k] = the k experts of one token by descending key, ties to the lower expert index: the logits l[E], or
-// with a selection bias the scores plus the bias p[e] + b[e] (in double). idx[E] and key[E] are scratch.
-void select_topk(int32_t* choice /*[k]*/, const float* l /*[E]*/, const float* p /*[E]*/, const float* b /*[E]*/, int E,
-                 int k, std::vector<int32_t>& idx, std::vector<double>& key /*[E] scratch*/) {
-  for (int e = 0; e < E; ++e) key[e] = b ? static_cast<double>(p[e]) + b[e] : static_cast<double>(l[e]);
-  std::iota(idx.begin(), idx.end(), 0);
-  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
-                    [&key](int32_t a, int32_t c) { return key[a] > key[c] || (key[a] == key[c] && a < c); });
-  std::copy(idx.begin(), idx.begin() + k, choice);
+cpu::RouterDims dims(const LearnedRouterOptions& o, int N, int E, int k) {
+  return {N, E, k, o.score == ScoreFn::kSigmoid, o.normalize_topk && k > 1};
 }
 }  // namespace
 
@@ -96,86 +89,65 @@ RouterOutput LearnedRouter::route(const float* logits /*[N,E]*/, int N, bool tra
   const int E = E_, k = k_;
   MOE_CHECK(N >= 0 && (N == 0 || logits), "LearnedRouter::route: " << N << " tokens, null logits");
   have_forward_ = false;  // set again once the whole forward succeeded
-  N_ = N;
   logits_.assign(logits, logits + static_cast<size_t>(N) * E);
-
-  // 3. scores, logsumexp, top-k (descending logit or biased score, ties: lower expert index first)
-  probs_.assign(static_cast<size_t>(N) * E, 0.0f);
-  lse_.assign(N, 0.0f);
-  choice_.assign(static_cast<size_t>(N) * k, -1);
-  std::vector<int32_t> idx(E);
-  std::vector<double> key(E);
-  const float* bias = opts_.bias_balancing ? bias_.data() : nullptr;
-  for (int n = 0; n < N; ++n) {
+  // 3. scores, logsumexp, top-k (descending logit or biased score, ties: lower expert index first), gates
+  probs_.resize(static_cast<size_t>(N) * E);
+  lse_.resize(N);
+  std::vector<int32_t> choice(static_cast<size_t>(N) * k);
+  std::vector<float> gate(choice.size());
+  std::vector<double> stats(E + 2);
+  cpu::router_topk(dims(opts_, N, E, k), choice.data(), gate.data(), probs_.data(), lse_.data(), stats.data(),
+                   logits_.data(), opts_.bias_balancing ? bias_.data() : nullptr);
+  if (stats[E + 1] >= 0) {  // name the first non-finite logit
+    const int n = static_cast<int>(stats[E + 1]);
     const float* l = logits_.data() + static_cast<size_t>(n) * E;
-    float* p = probs_.data() + static_cast<size_t>(n) * E;
-    double mx = -INFINITY;
-    for (int e = 0; e < E; ++e) {
-      MOE_CHECK(std::isfinite(l[e]), "LearnedRouter: router logit of token " << n << ", expert " << e
-                                                                             << " is not finite (" << l[e] << ")");
-      mx = std::max(mx, static_cast<double>(l[e]));
-    }
-    double sum = 0.0;
-    for (int e = 0; e < E; ++e) sum += std::exp(l[e] - mx);
-    lse_[n] = mx + std::log(sum);
-    for (int e = 0; e < E; ++e)
-      p[e] = static_cast<float>(opts_.score == ScoreFn::kSoftmax ? std::exp(l[e] - mx) / sum
-                                                                 : 1.0 / (1.0 + std::exp(-static_cast<double>(l[e]))));
-    select_topk(choice_.data() + static_cast<size_t>(n) * k, l, p, bias, E, k, idx, key);
+    const int e = static_cast<int>(std::find_if(l, l + E, [](float v) { return !std::isfinite(v); }) - l);
+    MOE_THROW("LearnedRouter: router logit of token " << n << ", expert " << e << " is not finite (" << l[e] << ")");
   }
+  RouterOutput out = assign(choice.data(), gate.data(), stats.data(), N, training);
+  host_logits_ = true;
+  return out;
+}
 
-  // 4. capacity assignment, slot-major (all 1st choices before any 2nd choice), tokens by index within a slot
+RouterOutput LearnedRouter::assign(const int32_t* choice /*[N*k]*/, const float* gate /*[N*k]*/,
+                                   const double* stats /*[E+2]*/, int N, bool training) {
+  const int E = E_, k = k_;
+  have_forward_ = host_logits_ = false;
+  N_ = N;
+  MOE_CHECK(stats[E + 1] < 0, "LearnedRouter: a router logit of token " << static_cast<int64_t>(stats[E + 1])
+                                                                        << " is not finite");
+  choice_.assign(choice, choice + static_cast<size_t>(N) * k);
+  // 4. capacity assignment, slot-major (all 1st choices before any 2nd choice), tokens by index within a slot;
+  // 5. gates: normalised before dropping, 0 for dropped slots
   RouterOutput out;
   DispatchPlan& plan = out.plan;
   const int cap = opts_.dropless || !training ? -1 : expert_capacity(N, k, E, opts_.capacity_factor);
   plan.reset(N, k, E, cap);
-  kept_.assign(static_cast<size_t>(N) * k, 0);
+  kept_.assign(static_cast<size_t>(N) * k, -1);
   std::vector<int32_t> fill(E, 0);
   for (int j = 0; j < k; ++j)
     for (int n = 0; n < N; ++n) {
       const int s = n * k + j;
       const int e = choice_[s];
+      MOE_CHECK(e >= 0 && e < E, "LearnedRouter: choice " << e << " of slot " << s << " is not an expert");
       if (cap >= 0 && fill[e] >= cap) continue;
-      kept_[s] = 1;
+      kept_[s] = 0;
       plan.expert[s] = e;
       plan.position[s] = fill[e]++;
+      plan.gate[s] = gate[s];
     }
-
-  // 5. gates: selected scores, normalised over the k choices (k > 1) before dropping; 0 for dropped slots
-  const bool normalize = opts_.normalize_topk && k > 1;
-  for (int n = 0; n < N; ++n) {
-    const float* p = probs_.data() + static_cast<size_t>(n) * E;
-    double denom = 1.0;
-    if (normalize) {
-      denom = 0.0;
-      for (int j = 0; j < k; ++j) denom += p[choice_[n * k + j]];
-    }
-    for (int j = 0; j < k; ++j) {
-      const int s = n * k + j;
-      if (kept_[s]) plan.gate[s] = static_cast<float>(p[choice_[s]] / denom);
-    }
-  }
   plan.build_permutation();
 
   // 6. aux losses: f_e (pre-drop routing fraction), P_e (mean probability), z-loss
   f_.assign(E, 0.0f);
-  std::vector<double> P(E, 0.0);
-  double z = 0.0;
   if (N > 0) {
     std::vector<int64_t> routed(E, 0);
     for (int32_t e : choice_) ++routed[e];
     for (int e = 0; e < E; ++e) f_[e] = static_cast<float>(static_cast<double>(routed[e]) / (double(N) * k));
-    for (int n = 0; n < N; ++n) {
-      const float* p = probs_.data() + static_cast<size_t>(n) * E;
-      double t = 1.0;  // P_e: softmax probs, or sigmoid scores normalised over the experts
-      if (opts_.score == ScoreFn::kSigmoid) t = std::accumulate(p, p + E, 0.0);
-      for (int e = 0; e < E; ++e) P[e] += p[e] / t;
-      z += lse_[n] * lse_[n];
-    }
     double aux = 0.0;
-    for (int e = 0; e < E; ++e) aux += static_cast<double>(f_[e]) * (P[e] / N);
+    for (int e = 0; e < E; ++e) aux += static_cast<double>(f_[e]) * (stats[e] / N);
     out.aux_loss = static_cast<float>(E * aux);
-    out.z_loss = static_cast<float>(z / N);
+    out.z_loss = static_cast<float>(stats[E] / N);
   }
   out.loss = opts_.aux_loss_coef * out.aux_loss + opts_.z_loss_coef * out.z_loss;
   have_forward_ = true;
@@ -205,68 +177,13 @@ void LearnedRouter::backward(float* dx /*[N,C] +=*/, float* dw /*[E,C] +=*/, con
 
 const std::vector<float>& LearnedRouter::logits_grad(const float* dgate /*[N*k]*/, float loss_scale) {
   MOE_CHECK(have_forward_, "LearnedRouter::backward called before forward");
-  const int N = N_, E = E_, k = k_;
-  dlogits_.assign(static_cast<size_t>(N) * E, 0.0f);
-  if (N == 0) return dlogits_;
+  MOE_CHECK(host_logits_, "LearnedRouter::backward: the last forward routed on a device (assign): take the logits' gradient there");
+  dlogits_.assign(static_cast<size_t>(N_) * E_, 0.0f);
+  if (N_ == 0) return dlogits_;
   MOE_CHECK(dgate, "LearnedRouter::backward: null dgate");
-  const bool normalize = opts_.normalize_topk && k > 1;
-  const double aux_scale = static_cast<double>(loss_scale) * opts_.aux_loss_coef;  // dL/d(aux)
-  const double z_scale = static_cast<double>(loss_scale) * opts_.z_loss_coef;      // dL/d(z)
-
-  std::vector<double> p(E), dp(E);
-  for (int n = 0; n < N; ++n) {
-    // scores recomputed in double from the logits (sigmoid'(l) = s(l) s(-l) stays accurate for large |l|)
-    const float* l = logits_.data() + static_cast<size_t>(n) * E;
-    for (int e = 0; e < E; ++e)
-      p[e] = opts_.score == ScoreFn::kSoftmax ? std::exp(l[e] - lse_[n])
-                                              : 1.0 / (1.0 + std::exp(-static_cast<double>(l[e])));
-    std::fill(dp.begin(), dp.end(), 0.0);
-
-    // gates: g_j = p_j / S (normalised) or p_j; only kept slots carry dgate
-    //   dp_m = (dg_m - sum_j dg_j g_j) / S   (normalised),   dp_m = dg_m   (raw)
-    double S = 1.0, dot = 0.0;
-    if (normalize) {
-      S = 0.0;
-      for (int j = 0; j < k; ++j) S += p[choice_[n * k + j]];
-      for (int j = 0; j < k; ++j) {
-        const int s = n * k + j;
-        if (kept_[s]) dot += static_cast<double>(dgate[s]) * (p[choice_[s]] / S);
-      }
-    }
-    for (int j = 0; j < k; ++j) {
-      const int s = n * k + j;
-      const double dg = kept_[s] ? static_cast<double>(dgate[s]) : 0.0;
-      dp[choice_[s]] += normalize ? (dg - dot) / S : dg;
-    }
-
-    // aux loss: dL/dP_e = aux_scale * E * f_e, P_e = mean_n q_ne
-    if (aux_scale != 0.0) {
-      const double c = aux_scale * E / N;
-      if (opts_.score == ScoreFn::kSoftmax) {
-        for (int e = 0; e < E; ++e) dp[e] += c * f_[e];
-      } else {  // q_e = s_e / T, T = sum s: ds_m = (a_m - sum_e a_e q_e) / T
-        double T = 0.0, aq = 0.0;
-        for (int e = 0; e < E; ++e) T += p[e];
-        for (int e = 0; e < E; ++e) aq += c * f_[e] * (p[e] / T);
-        for (int e = 0; e < E; ++e) dp[e] += (c * f_[e] - aq) / T;
-      }
-    }
-
-    // scores -> logits, plus the z-loss: d/dl_e of mean_n lse_n^2 = 2 lse_n softmax(l)_e / N
-    float* dl = dlogits_.data() + static_cast<size_t>(n) * E;
-    const double zc = z_scale * 2.0 * lse_[n] / N;
-    if (opts_.score == ScoreFn::kSoftmax) {
-      double pdp = 0.0;
-      for (int e = 0; e < E; ++e) pdp += p[e] * dp[e];
-      for (int e = 0; e < E; ++e) dl[e] = static_cast<float>(p[e] * (dp[e] - pdp) + zc * p[e]);
-    } else {
-      for (int e = 0; e < E; ++e) {
-        const double one_minus_s = 1.0 / (1.0 + std::exp(static_cast<double>(l[e])));
-        dl[e] = static_cast<float>(dp[e] * p[e] * one_minus_s + zc * std::exp(l[e] - lse_[n]));
-      }
-    }
-  }
-
+  cpu::router_logits_grad(dims(opts_, N_, E_, k_), dlogits_.data(), logits_.data(), lse_.data(), choice_.data(),
+                          kept_.data(), dgate, f_.data(), static_cast<double>(loss_scale) * opts_.aux_loss_coef,
+                          static_cast<double>(loss_scale) * opts_.z_loss_coef);
   return dlogits_;
 }
 

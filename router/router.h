@@ -177,6 +177,12 @@ class LearnedRouter {
   const std::vector<float>& draw_noise(int N, bool training);
   RouterOutput route(const float* logits /*[N,E]*/, int N, bool training);
   const std::vector<float>& logits_grad(const float* dgate /*[N*k]*/, float loss_scale = 1.0f);
+  // The part of route after the per-token math, for a caller that ran cpu::router_topk (or a backend's) itself,
+  // on a device: from its choice[N*k], gate[N*k] and stats[E+2] (host copies), the capacity drop, the plan, f and
+  // the losses. Throws when stats flags a non-finite logit. The logits' gradient of such a forward is then
+  // cpu::router_logits_grad (or the backend's) with expert_fraction() and kept_rows(); logits_grad refuses it.
+  RouterOutput assign(const int32_t* choice /*[N*k]*/, const float* gate /*[N*k]*/, const double* stats /*[E+2]*/,
+                      int N, bool training);
 
   int num_experts() const { return E_; }
   int top_k() const { return k_; }
@@ -185,11 +191,12 @@ class LearnedRouter {
 
   // State of the last forward (for tests, logging and the layer).
   int last_num_tokens() const { return N_; }
-  const std::vector<float>& logits() const { return logits_; }          // [N,E]
-  const std::vector<float>& probs() const { return probs_; }            // [N,E] softmax or sigmoid scores
+  const std::vector<float>& logits() const { return logits_; }          // [N,E] (route: the host's logits)
+  const std::vector<float>& probs() const { return probs_; }            // [N,E] scores (route only)
   const std::vector<int32_t>& topk_experts() const { return choice_; }  // [N*k] choices BEFORE dropping
   const std::vector<float>& jitter_noise() const { return noise_; }     // [N,C] multipliers; empty if no jitter
   const std::vector<float>& expert_fraction() const { return f_; }      // [E] f_e of the aux loss
+  const std::vector<int32_t>& kept_rows() const { return kept_; }       // [N*k] 0: kept, -1: dropped
   // The jitter RNG (its state belongs in a checkpoint for bit-exact resumption).
   Rng& rng() { return rng_; }
   std::array<uint64_t, 4> rng_state() const { return rng_.state(); }
@@ -216,7 +223,8 @@ class LearnedRouter {
   std::vector<float> probs_;    // [N,E]
   std::vector<double> lse_;     // [N] logsumexp of the logits
   std::vector<int32_t> choice_; // [N*k] top-k experts, descending score
-  std::vector<uint8_t> kept_;   // [N*k] 1 if the slot survived the capacity drop
+  std::vector<int32_t> kept_;   // [N*k] 0 if the slot survived the capacity drop, else -1
+  bool host_logits_ = false;    // the last forward was route (logits_, probs_, lse_ are its)
   std::vector<float> f_;        // [E]
   std::vector<float> dlogits_;  // [N,E] scratch
   std::vector<float> bias_;     // [E] selection bias (bias_balancing)

@@ -443,6 +443,41 @@ inline Outputs run_dispatch(Backend& be, const DispatchCase& c) {
           {"accumulated", d.get(acc, NC)}, {"dots", d.get(dots, int64_t(c.N) * c.k)}};
 }
 
+// ---------------------------------------------------------------- learned router
+struct RouterCase {
+  cpu::RouterDims d;
+  Vec logits, bias;  // logits[N,E] (some rows with tied values); bias[E] or empty
+  Ids row;           // [N*k] >= 0: kept, -1: dropped (about a quarter)
+  Vec dgate, f;      // dgate[N*k], f[E]
+  double aux_scale, z_scale;
+};
+inline RouterCase make_router(Rng& rng, int N, int E, int k, bool sigmoid, bool normalize, bool bias) {
+  RouterCase c{{N, E, k, sigmoid, normalize}, randn(rng, int64_t(N) * E, 2.0f), {}, {},
+               randn(rng, int64_t(N) * k), Vec(size_t(E)), 0.3, 0.02};
+  for (int n = 0; n < N; n += 7) std::fill_n(c.logits.begin() + int64_t(n) * E, E / 2, 0.5f);  // ties
+  if (bias) c.bias = randn(rng, E, 0.1f);
+  for (int i = 0; i < N * k; ++i) c.row.push_back(rng.below(4) == 0 ? -1 : i);
+  for (auto& x : c.f) x = rng.uniform();
+  return c;
+}
+// outputs: choice (as floats), gate, score, lse, stats, dlogits
+inline Outputs run_router(Backend& be, const RouterCase& c) {
+  DeviceArena d(be);
+  const int64_t Nk = int64_t(c.d.N) * c.d.k, NE = int64_t(c.d.N) * c.d.E;
+  const float* logits = d.put(c.logits);
+  auto* choice = reinterpret_cast<int32_t*>(d.unwritten(Nk));
+  float *gate = d.unwritten(Nk), *score = d.unwritten(NE), *dlogits = d.unwritten(NE);
+  auto* lse = reinterpret_cast<double*>(d.unwritten(2 * int64_t(c.d.N)));
+  auto* stats = reinterpret_cast<double*>(d.unwritten(2 * int64_t(c.d.E + 2)));
+  be.router_topk(c.d, choice, gate, score, lse, stats, logits, c.bias.empty() ? nullptr : d.put(c.bias));
+  be.router_logits_grad(c.d, dlogits, logits, lse, choice, d.put(c.row), d.put(c.dgate), d.put(c.f), c.aux_scale,
+                        c.z_scale);
+  auto as_floats = [](const auto& v) { return Vec(v.begin(), v.end()); };
+  return {{"choice", as_floats(d.get(choice, Nk))},        {"gate", d.get(gate, Nk)},
+          {"score", d.get(score, NE)},                      {"lse", as_floats(d.get(lse, c.d.N))},
+          {"stats", as_floats(d.get(stats, c.d.E + 2))},    {"dlogits", d.get(dlogits, NE)}};
+}
+
 // ---------------------------------------------------------------- AdamW
 struct AdamWCase {
   int64_t rows, row_size;

@@ -332,6 +332,44 @@ TEST(BackendCpu, AdamWVsRef) {
   }
 }
 
+// The learned router's top-k on a hand-made case: ties go to the lower expert, a selection bias picks on score +
+// bias while the gates stay the scores (renormalised over the k), the aux-loss sums and the first token with a
+// non-finite logit. (Its gradient: ModelGradCheck.MoeRouterFiniteDifferences; the router against PyTorch:
+// test_router.cpp.)
+TEST(BackendCpu, RouterTopkTiesBiasAndNonFinite) {
+  Backend& be = cpu_backend();
+  const cpu::RouterDims d{3, 4, 2, false, true};
+  Vec logits = {1, 3, 3, 0, 0, 0, 0, 0, 2, -1, 0.5f, 4};
+  Ids choice(6);
+  Vec gate(6), score(12);
+  std::vector<double> lse(3), stats(6);
+  be.router_topk(d, choice.data(), gate.data(), score.data(), lse.data(), stats.data(), logits.data(), nullptr);
+  EXPECT_EQ(choice, (Ids{1, 2, 0, 1, 3, 0}));
+  std::vector<double> want_sum(4, 0.0);
+  double z = 0;
+  for (int n = 0; n < 3; ++n) {
+    double t = 0;
+    for (int e = 0; e < 4; ++e) t += std::exp(double(logits[n * 4 + e]));
+    EXPECT_NEAR(lse[n], std::log(t), 1e-12);
+    z += std::log(t) * std::log(t);
+    for (int e = 0; e < 4; ++e) want_sum[e] += std::exp(double(logits[n * 4 + e])) / t;
+    const double p0 = score[n * 4 + choice[2 * n]], p1 = score[n * 4 + choice[2 * n + 1]];
+    EXPECT_FLOAT_EQ(gate[2 * n], float(p0 / (p0 + p1)));
+  }
+  for (int e = 0; e < 4; ++e) EXPECT_NEAR(stats[e], want_sum[e], 1e-6);
+  EXPECT_NEAR(stats[4], z, 1e-9);
+  EXPECT_EQ(stats[5], -1.0);
+  const Vec bias = {0, 0, 0, -1};  // token 2: p = (.11, .005, .02, .86) + bias -> experts 0, 2
+  be.router_topk(d, choice.data(), gate.data(), score.data(), lse.data(), stats.data(), logits.data(), bias.data());
+  EXPECT_EQ(choice[4], 0);
+  EXPECT_EQ(choice[5], 2);
+  EXPECT_FLOAT_EQ(gate[4], float(double(score[8]) / (double(score[8]) + score[10])));
+  logits[6] = std::nanf("");
+  logits[11] = INFINITY;
+  be.router_topk(d, choice.data(), gate.data(), score.data(), lse.data(), stats.data(), logits.data(), nullptr);
+  EXPECT_EQ(stats[5], 1.0);
+}
+
 // The passes over a row-sparse table's touched rows: exactly the loops over those rows, the other rows untouched.
 TEST(BackendCpu, RowOpsVsLoops) {
   Rng rng(23);

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -185,6 +186,27 @@ TEST_F(CudaBackendTest, Elementwise) {
 // The MoE layer's token dispatch: gathers exact, combines and dots to fp32 rounding (the dots sum in double on both)
 TEST_F(CudaBackendTest, TokenDispatch) {
   for (int k : {1, 2, 4}) expect_same(make_dispatch(rng_, 301, k, 130), run_dispatch);
+}
+
+// The learned router: the same choices (ties to the lower expert, with and without a selection bias), gates,
+// scores, logsumexps and aux-loss sums (a different summation tree over tokens: 1e-6), and logits' gradients.
+TEST_F(CudaBackendTest, RouterTopkAndLogitsGrad) {
+  for (bool sigmoid : {false, true})
+    for (int k : {1, 2, 3}) {
+      expect_same(make_router(rng_, 700, 8, k, sigmoid, k > 1, false), run_router, 1e-6);
+      expect_same(make_router(rng_, 300, 64, k, sigmoid, k > 1, true), run_router, 1e-6);
+    }
+  RouterCase c = make_router(rng_, 600, 8, 2, false, true, false);  // a non-finite logit: the first such token
+  c.logits[int64_t(517) * 8 + 3] = std::numeric_limits<float>::infinity();
+  c.logits[int64_t(290) * 8 + 1] = std::numeric_limits<float>::quiet_NaN();
+  for (Backend* be : {&gpu(), &cpu()}) {
+    DeviceArena d(*be);
+    auto* choice = reinterpret_cast<int32_t*>(d.unwritten(600 * 2));
+    auto* lse = reinterpret_cast<double*>(d.unwritten(2 * 600));
+    auto* stats = reinterpret_cast<double*>(d.unwritten(2 * 10));
+    be->router_topk(c.d, choice, d.unwritten(600 * 2), d.unwritten(600 * 8), lse, stats, d.put(c.logits), nullptr);
+    EXPECT_EQ(d.get(stats, 10)[9], 290.0) << (be == &cpu() ? "cpu" : "cuda");
+  }
 }
 
 // AdamW: the dense and the lazy row update (step counts on the device, rows from the host) as on the CPU, to 1e-5

@@ -121,6 +121,65 @@ TEST(ModelGradCheck, FiniteDifferences) {
   EXPECT_GT(checked, 20);
 }
 
+// An MoE model's router on the backend (MoeFfn: scores, top-k, gates and the logits' gradient as Backend ops, the
+// capacity drop on the host): the gradient of CE + the router losses (aux, z) in every coordinate of each layer's
+// router weight and in a few of every other tensor against central differences, with slots dropped over capacity,
+// for softmax (normalised top-2, and Switch's top-1) and sigmoid (raw top-2) scores. The seeds leave no selection
+// within eps of a flip.
+TEST(ModelGradCheck, MoeRouterFiniteDifferences) {
+  struct Variant {
+    proto::RouterScore score;
+    int k;
+    bool normalize;
+  };
+  for (const Variant v : {Variant{proto::SOFTMAX, 2, true}, Variant{proto::SOFTMAX, 1, true},
+                          Variant{proto::SIGMOID, 2, false}}) {
+    SCOPED_TRACE(std::string(v.score == proto::SIGMOID ? "sigmoid" : "softmax") + " top-" + std::to_string(v.k));
+    proto::ModelConfig cfg = tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, false);
+    cfg.add_ffn_pattern(proto::FFN_MOE);
+    auto* moe = cfg.mutable_moe();
+    moe->set_num_experts(4);
+    moe->set_top_k(v.k);
+    moe->set_d_expert(24);
+    moe->set_capacity_factor(1.0f);
+    moe->set_score(v.score);
+    moe->set_no_normalize_topk(!v.normalize);
+    moe->set_aux_loss_coef(0.1f);
+    moe->set_z_loss_coef(0.01f);
+    auto owned = make_model(cfg, 3);
+    Model& model = *owned;
+    Rng rng(11);
+    const int B = 2, T = 6, N = B * T;
+    std::vector<int32_t> inputs, targets;
+    random_tokens(rng, inputs, N, cfg.vocab_size());
+    random_tokens(rng, targets, N, cfg.vocab_size());
+    auto loss = [&] { return double(model.forward(inputs.data(), targets.data(), B, T)) + model.extra_loss(); };
+    model.params().zero_grad();
+    loss();
+    model.backward();
+    double dropped = 0;
+    for (const FfnStats& st : model.ffn_stats()) dropped += st.dropped_fraction;
+    EXPECT_GT(dropped, 0.0) << "no slot dropped over capacity";
+    const float eps = 1e-3f;
+    for (Param* p : model.params().all()) {
+      const bool router = p->name.find(".router.") != std::string::npos;
+      const int64_t n = router ? p->value.numel() : 2;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = router ? j : static_cast<int64_t>(rng.below(p->value.numel()));
+        float& w = p->value.f32()[i];
+        const float orig = w;
+        w = orig + eps;
+        const double lp = loss();
+        w = orig - eps;
+        const double lm = loss();
+        w = orig;
+        const double fd = (lp - lm) / (2 * eps), an = p->grad.f32()[i];
+        EXPECT_NEAR(an, fd, 1e-3 + 2e-2 * std::fabs(fd)) << p->name << "[" << i << "]";
+      }
+    }
+  }
+}
+
 // The inference path (Model::forward_infer over a paged KV cache) reproduces the logits of the full causal
 // forward, for MHA, GQA and MQA; and its logits are the same bit for bit whether the sequence is fed in one chunk
 // or token by token, with blocks of 4 positions or one contiguous block of max_seq_len (the contiguous cache).

@@ -119,6 +119,32 @@ void combine_rows(float* out, const float* y, const int32_t* row, const float* g
 // row_dots: dot[N*k], dot[s] = <a[s / k], y[row[s]]> for row[s] >= 0 (summed in double), else 0; a[N,C]
 void row_dots(float* dot, const float* a, const float* y, const int32_t* row, int N, int k, int C);
 
+// ---------------------------------------------------------------- learned router (router.cpp)
+// The per-token math of the MoE layer's learned top-k router (router/router.h LearnedRouter), in double, for N
+// tokens over E experts with k choices each; normalize: the k gates are divided by their sum.
+struct RouterDims {
+  int N, E, k;
+  bool sigmoid, normalize;
+};
+// router_topk, from logits[N,E] (bias[E] the selection bias, or null):
+//   lse[n] = logsumexp(l_n); score[n,e] = softmax(l_n)_e or sigmoid(l_ne), rounded to float;
+//   choice[n*k+j] = the j-th of the k distinct experts by descending logit, or with a bias by descending
+//   double(score) + bias (in double), ties to the lower expert index; gate[n*k+j] = the chosen score, divided by
+//   the sum of the k chosen scores when normalize;
+//   stats[E+2] (WRITTEN): [e] = sum_n q_ne, q the scores (for sigmoid divided by their sum over the experts: the
+//   aux loss's distribution), [E] = sum_n lse_n^2, [E+1] = the first token with a non-finite logit, else -1 (such
+//   a token's outputs are unspecified).
+void router_topk(const RouterDims& d, int32_t* choice, float* gate, float* score, double* lse, double* stats,
+                 const float* logits, const float* bias);
+// router_logits_grad: dlogits[N,E] (WRITTEN) = d/dlogits of
+//   sum over kept slots s (row[s] >= 0) of dgate[s] * gate[s]  +  aux_scale * E * sum_e f[e] * P_e
+//   +  z_scale * mean_n lse_n^2,     P_e = mean_n q_ne,
+// for the choice[N*k] and lse[N] of router_topk on the same logits (the scores recomputed from them in double;
+// the selection and the drop are constants).
+void router_logits_grad(const RouterDims& d, float* dlogits, const float* logits, const double* lse,
+                        const int32_t* choice, const int32_t* row, const float* dgate, const float* f,
+                        double aux_scale, double z_scale);
+
 // ---------------------------------------------------------------- row-sparse tables (rows.cpp)
 // Over the rows rows[n_rows] (distinct, any order) of a [*, row_size] table x: zeroed, scaled by s, or the sum of
 // their squares (double; row by row, then over the rows in the order OpenMP's reduction gives).

@@ -216,6 +216,15 @@ class CudaBackend final : public Backend {
     DeviceRows rows(rows_host, n_rows, stream_);
     cuda::scale_rows(x, s, rows.get(), n_rows, row_size, stream_);
   }
+  void router_topk(const cpu::RouterDims& d, int32_t* choice, float* gate, float* score, double* lse, double* stats,
+                   const float* logits, const float* bias) override {
+    cuda::router_topk(d, choice, gate, score, lse, stats, logits, bias, stream_);
+  }
+  void router_logits_grad(const cpu::RouterDims& d, float* dlogits, const float* logits, const double* lse,
+                          const int32_t* choice, const int32_t* row, const float* dgate, const float* f,
+                          double aux_scale, double z_scale) override {
+    cuda::router_logits_grad(d, dlogits, logits, lse, choice, row, dgate, f, aux_scale, z_scale, stream_);
+  }
   double sum_squares_rows(const float* x, const int64_t* rows_host, int64_t n_rows, int64_t row_size) override;
 
  private:

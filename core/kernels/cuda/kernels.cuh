@@ -9,7 +9,7 @@
 //
 // Numerics: all math in fp32 (no TF32: cuBLAS handles are set to CUBLAS_DEFAULT_MATH; bf16 GEMMs only when a
 // stream's context asks for them, model.matmul_precision); reductions are
-// deterministic (fixed trees) except embedding_backward, which scatters with atomicAdd.
+// deterministic (fixed trees, no atomics on values): the same inputs give the same bits, run after run.
 //
 // Differences from the CPU API, all because a host value would force a device synchronisation:
 //  - cross_entropy_forward writes the mean loss to a device scalar instead of returning it;
@@ -92,7 +92,7 @@ void linear_backward(float* dinp, float* dw, float* dbias, const float* dout, co
 // ---------------------------------------------------------------- embedding
 // out[N,C] = wte[ids[n], :]; ids[N] in [0, V), wte[V,C] (ids are not range-checked on the device)
 void embedding_forward(float* out, const int32_t* ids, const float* wte, int N, int C, cudaStream_t stream);
-// dwte[V,C] += scatter of dout[N,C] at ids[N] (atomicAdd: summation order is not deterministic)
+// dwte[V,C] += scatter of dout[N,C] at ids[N]: each id's rows summed in token order, then added (deterministic)
 void embedding_backward(float* dwte, const float* dout, const int32_t* ids, int N, int C, cudaStream_t stream);
 
 // ---------------------------------------------------------------- RMSNorm: y = x / sqrt(mean(x^2) + eps) * w
@@ -193,6 +193,16 @@ void combine_rows(float* out, const float* y, const int32_t* row, const float* g
                   bool accumulate, cudaStream_t stream);
 void row_dots(float* dot, const float* a, const float* y, const int32_t* row, int N, int k, int C,
               cudaStream_t stream);
+
+// ---------------------------------------------------------------- learned router (router.cu)
+// cpu::router_topk / router_logits_grad with every array on the device (bias[E] or null; stats[E+2] a device
+// array): one thread per token, the same per-token code as the CPU (core/kernels/router_token.h); the sums over
+// tokens in fixed trees (deterministic). A token with a non-finite logit gets lse NaN.
+void router_topk(const cpu::RouterDims& d, int32_t* choice, float* gate, float* score, double* lse, double* stats,
+                 const float* logits, const float* bias, cudaStream_t stream);
+void router_logits_grad(const cpu::RouterDims& d, float* dlogits, const float* logits, const double* lse,
+                        const int32_t* choice, const int32_t* row, const float* dgate, const float* f,
+                        double aux_scale, double z_scale, cudaStream_t stream);
 
 // ---------------------------------------------------------------- AdamW (optimizer.cu)
 // The update of core/kernels/cpu/kernels.h adamw / adamw_rows, with its hyper-parameters (cpu::AdamWHyper, a
