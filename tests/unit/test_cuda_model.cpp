@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -99,9 +100,10 @@ TEST_F(CudaModel, TrainingStepsMatchTheCpu) {
     expect_steps_match(tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, tied), tied ? "tied" : "untied");
 }
 
-// MoE layers on the device: the router's GEMMs, the token gathers and combines, the expert bank's GEMMs and the
-// expert gradients on CUDA, the per-token routing (scores, top-k, capacity drops, aux and z losses, jitter) on the
-// host from the device's logits. Top-2 of 4 experts with drops (capacity factor 1.0), and Switch top-1 with jitter.
+// MoE layers on the device: the router (GEMMs, scores, top-k, gates, the logits' gradient with the aux and z
+// losses), the token gathers and combines, the expert bank's GEMMs and the expert gradients on CUDA; the capacity
+// drop and the plan on the host from the device's choices. Top-2 of 4 experts with drops (capacity factor 1.0),
+// Switch top-1 with jitter, and sigmoid scores with bias balancing's selection bias.
 TEST_F(CudaModel, MoeTrainingStepsMatchTheCpu) {
   proto::ModelConfig m = tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, false);
   m.add_ffn_pattern(proto::FFN_MOE);
@@ -117,6 +119,50 @@ TEST_F(CudaModel, MoeTrainingStepsMatchTheCpu) {
   m.mutable_moe()->set_top_k(1);
   m.mutable_moe()->set_jitter_eps(0.05f);
   expect_steps_match(m, "top-1 GELU experts with jitter");
+  m.mutable_moe()->set_top_k(2);
+  m.mutable_moe()->set_jitter_eps(0.0f);
+  m.mutable_moe()->set_score(proto::SIGMOID);
+  m.mutable_moe()->set_bias_balancing(true);
+  m.mutable_moe()->set_bias_update_rate(1e-3f);
+  expect_steps_match(m, "top-2 sigmoid with a selection bias");
+}
+
+// Training on CUDA is deterministic: the same three steps twice (MoE and word-expert layers, repeated token ids in
+// the embedding's gradient) give the same losses and weights bit for bit.
+TEST_F(CudaModel, TrainingIsBitwiseDeterministic) {
+  proto::ModelConfig m = tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, false);
+  m.add_ffn_pattern(proto::FFN_MOE);
+  m.add_ffn_pattern(proto::FFN_WORD_EXPERT);
+  m.mutable_moe()->set_num_experts(4);
+  m.mutable_moe()->set_top_k(2);
+  m.mutable_moe()->set_d_expert(24);
+  m.mutable_moe()->set_aux_loss_coef(0.01f);
+  m.mutable_word_experts()->set_num_experts(16);
+  m.mutable_word_experts()->set_d_expert(8);
+  m.mutable_word_experts()->set_hash_routing(true);
+  m.set_device(proto::DEVICE_CUDA);
+  std::vector<std::vector<float>> losses(2), weights(2);
+  for (int run = 0; run < 2; ++run) {
+    auto model = make_model(m, 11);
+    AdamW opt(model->params(), adamw_config());
+    Rng rng(5);
+    for (int step = 0; step < 3; ++step) {
+      std::vector<int32_t> in, tg;
+      random_tokens(rng, in, 48, 8);  // 8 distinct ids: each repeated
+      random_tokens(rng, tg, 48, m.vocab_size());
+      model->params().zero_grad();
+      losses[run].push_back(model->forward(in.data(), tg.data(), 3, 16, true));
+      model->backward(1.0f);
+      opt.step(3e-3f, clip_scale(grad_norm(model->params()), 1.0f));
+    }
+    for (const Param* p : model->params().all()) {
+      const std::vector<float> v = host_floats(p->value);
+      weights[run].insert(weights[run].end(), v.begin(), v.end());
+    }
+  }
+  EXPECT_EQ(losses[0], losses[1]);
+  ASSERT_EQ(weights[0].size(), weights[1].size());
+  EXPECT_EQ(0, std::memcmp(weights[0].data(), weights[1].data(), sizeof(float) * weights[0].size()));
 }
 
 // Word-expert layers on the device: the tables' rows gathered and updated there (row-sparse gradients: zeroing, the

@@ -1,6 +1,8 @@
 // Elementwise and gather/scatter kernels on the GPU: activations, residual add, scaling, sum of squares,
-// f32 <-> bf16, embedding, rotary position embedding.
+// f32 <-> bf16, embedding (its backward through a stable sort of the ids: deterministic), rotary position embedding.
 #include <cuda_bf16.h>
+
+#include <cub/device/device_radix_sort.cuh>
 
 #include "core/kernels/cuda/common.cuh"
 #include "core/kernels/cuda/kernels.cuh"
@@ -146,11 +148,25 @@ __global__ void embedding_forward_kernel(float* __restrict__ out, const int32_t*
   }
 }
 
-__global__ void embedding_backward_kernel(float* __restrict__ dwte, const float* __restrict__ dout,
-                                          const int32_t* __restrict__ ids, int64_t total, int C) {
-  MOE_GRID_STRIDE(i, total) {
-    const int64_t n = i / C, c = i % C;
-    atomicAdd(&dwte[static_cast<int64_t>(ids[n]) * C + c], dout[i]);
+// Token n's index, the values the sort carries along with the ids
+__global__ void iota_kernel(int32_t* __restrict__ v, int n) {
+  MOE_GRID_STRIDE(i, n) v[i] = static_cast<int32_t>(i);
+}
+
+// One block per position i of the tokens sorted by id (stable: token order within an id); the block at the first
+// position of an id adds that id's rows, summed in token order, to its row of dwte: deterministic, no atomics
+__global__ void embedding_segments_kernel(float* __restrict__ dwte, const float* __restrict__ dout,
+                                          const int32_t* __restrict__ id, const int32_t* __restrict__ token, int N,
+                                          int C) {
+  const int i = blockIdx.x;
+  if (i > 0 && id[i] == id[i - 1]) return;
+  int end = i + 1;
+  while (end < N && id[end] == id[i]) ++end;
+  float* row = dwte + static_cast<int64_t>(id[i]) * C;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float acc = 0.0f;
+    for (int j = i; j < end; ++j) acc += dout[static_cast<int64_t>(token[j]) * C + c];
+    row[c] += acc;
   }
 }
 
@@ -311,10 +327,28 @@ void embedding_forward(float* out, const int32_t* ids, const float* wte, int N, 
 
 void embedding_backward(float* dwte, const float* dout, const int32_t* ids, int N, int C, cudaStream_t stream) {
   MOE_CHECK(N >= 0 && C > 0, "cuda::embedding_backward: bad shape N=" << N << " C=" << C);
-  const int64_t total = static_cast<int64_t>(N) * C;
-  if (total == 0) return;
-  embedding_backward_kernel<<<grid_for(total), kBlock, 0, stream>>>(dwte, dout, ids, total, C);
-  MOE_CUDA_CHECK(cudaGetLastError());
+  if (N == 0) return;
+  // the ids sorted with their token indices (cub's radix sort is stable), in one stream-ordered temporary
+  size_t sort_bytes = 0;
+  MOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, ids, static_cast<int32_t*>(nullptr),
+                                                 static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
+                                                 N, 0, 32, stream));
+  sort_bytes = (sort_bytes + 255) / 256 * 256;  // [sort's storage | sorted ids | token indices | sorted tokens]
+  void* temp = nullptr;
+  MOE_CUDA_CHECK(cudaMallocAsync(&temp, sort_bytes + sizeof(int32_t) * 3 * size_t(N), stream));
+  auto* sorted_id = reinterpret_cast<int32_t*>(static_cast<char*>(temp) + sort_bytes);
+  int32_t *token = sorted_id + N, *sorted_token = token + N;
+  iota_kernel<<<grid_for(N), kBlock, 0, stream>>>(token, N);
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess)
+    e = cub::DeviceRadixSort::SortPairs(temp, sort_bytes, ids, sorted_id, token, sorted_token, N, 0, 32,
+                                        stream);
+  if (e == cudaSuccess) {
+    embedding_segments_kernel<<<N, detail::block_for(C), 0, stream>>>(dwte, dout, sorted_id, sorted_token, N, C);
+    e = cudaGetLastError();
+  }
+  cudaFreeAsync(temp, stream);
+  MOE_CUDA_CHECK(e);
 }
 
 void rope_forward(float* x, int B, int T, int nh, int D, int pos0, float theta, cudaStream_t stream) {
