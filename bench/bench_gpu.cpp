@@ -95,8 +95,9 @@ class RawLt {
   cublasLtMatmulHeuristicResult_t heur_{};
 };
 
-// The expert bank's grouped GEMM (cuda::matmul_grouped, fp32: the path GroupedFfn takes on a GPU, the pointer
-// upload included) against ONE dense fp32 GEMM of the same FLOPs: 2T rows (top-2 of T tokens) over 8 experts with an
+// The expert bank's grouped GEMM (cuda::matmul_grouped, the path GroupedFfn takes on a GPU, the pointer upload
+// included) against ONE dense GEMM of the same FLOPs, in fp32 and with bf16 GEMMs (launches: 1 for cuBLAS's grouped
+// kernel, 8 where it refuses bf16 and runs a matmul per group): 2T rows (top-2 of T tokens) over 8 experts with an
 // uneven load (shares 4:3:2:2:1:1:1:2 / 16), each group rows x D times its expert's [F,D]^T. Target: >= 0.70.
 void grouped_vs_dense(cudaStream_t stream, int reps, int D, int F, int T, const float* x, const float* w, float* y,
                       int64_t floats) {
@@ -132,9 +133,11 @@ void grouped_vs_dense(cudaStream_t stream, int reps, int D, int F, int T, const 
     const double dense =
         median_ms(stream, reps, [&] { moe::cuda::matmul(y, x, w, rows, F, D, false, true, 1.0f, 0.0f, stream); });
     const double flop = 2.0 * rows * F * D;
-    std::printf("GROUPED precision=%s experts=%d rows=%d F=%d D=%d grouped_tflops=%.2f dense_tflops=%.2f "
-                "ratio=%.3f (target 0.70)\n",
-                bf16 ? "bf16" : "fp32", E, rows, F, D, flop / grouped * 1e-9, flop / dense * 1e-9, dense / grouped);
+    const int launches = bf16 && !moe::cuda::bf16_grouped_is_one_launch() ? E : 1;
+    std::printf("GROUPED precision=%s experts=%d rows=%d F=%d D=%d launches=%d grouped_tflops=%.2f "
+                "dense_tflops=%.2f ratio=%.3f (target 0.70)\n",
+                bf16 ? "bf16" : "fp32", E, rows, F, D, launches, flop / grouped * 1e-9, flop / dense * 1e-9,
+                dense / grouped);
   }
   ctx.set_bf16(false);
   cudaFree(dev);

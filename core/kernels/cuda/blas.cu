@@ -1,4 +1,5 @@
 // Per-stream context (cuBLAS handle + scratch), matmul and the linear layer on the GPU.
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -94,10 +95,22 @@ void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool 
 
 // ---------------------------------------------------------------- grouped matmul
 
+namespace {
+// bf16 GEMMs through cublasGemmGroupedBatchedEx: -1 not tried yet, 1 it ran them, 0 it refused them (the CUDA
+// version has no grouped kernel for bf16 compute on fp32 data): then one bf16 matmul per group, process-wide
+std::atomic<int> g_bf16_grouped{-1};
+void bf16_per_group(const void* const* host_ptrs, const int* dims, int G, bool trans_a, bool trans_b, float alpha,
+                    float beta, cudaStream_t stream);
+}  // namespace
+
 void matmul_grouped(void* const* dev_ptrs, const void* const* host_ptrs, const int* dims, int G, bool trans_a,
                     bool trans_b, float alpha, float beta, cudaStream_t stream) {
   MOE_CHECK(G >= 0, "cuda::matmul_grouped: negative group count " << G);
   if (G == 0) return;
+  if (StreamContext::get(stream).bf16() && g_bf16_grouped.load() == 0) {
+    bf16_per_group(host_ptrs, dims, G, trans_a, trans_b, alpha, beta, stream);
+    return;
+  }
   const int *m = dims, *n = dims + G, *k = dims + 2 * G;
   StreamContext& ctx = StreamContext::get(stream);
   // per group as matmul: row-major C[m,n] is column-major C^T = op(B)^T op(A)^T, so b is cuBLAS's first operand
@@ -117,14 +130,26 @@ void matmul_grouped(void* const* dev_ptrs, const void* const* host_ptrs, const i
       ctx.blas(), op_b.data(), op_a.data(), n, m, k, alphas.data(), const_cast<const void**>(dev_ptrs + 2 * G),
       CUDA_R_32F, ldb.data(), const_cast<const void**>(dev_ptrs + G), CUDA_R_32F, lda.data(), betas.data(), dev_ptrs,
       CUDA_R_32F, ldc.data(), G, ones.data(), ctx.bf16() ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F);
-  if (st != CUBLAS_STATUS_NOT_SUPPORTED || !ctx.bf16()) {
+  if (!ctx.bf16()) {
     MOE_CUBLAS_CHECK(st);
     return;
   }
+  g_bf16_grouped.store(st == CUBLAS_STATUS_SUCCESS ? 1 : 0);
+  if (st == CUBLAS_STATUS_SUCCESS) return;
+  bf16_per_group(host_ptrs, dims, G, trans_a, trans_b, alpha, beta, stream);
+}
+
+bool bf16_grouped_is_one_launch() { return g_bf16_grouped.load() == 1; }
+
+namespace {
+void bf16_per_group(const void* const* host_ptrs, const int* dims, int G, bool trans_a, bool trans_b, float alpha,
+                    float beta, cudaStream_t stream) {
+  const int *m = dims, *n = dims + G, *k = dims + 2 * G;
   for (int g = 0; g < G; ++g)  // no grouped kernel for bf16 compute on fp32 data: one (bf16) matmul per group
     matmul(static_cast<float*>(const_cast<void*>(host_ptrs[g])), static_cast<const float*>(host_ptrs[G + g]),
            static_cast<const float*>(host_ptrs[2 * G + g]), m[g], n[g], k[g], trans_a, trans_b, alpha, beta, stream);
 }
+}  // namespace
 
 // ---------------------------------------------------------------- matmul_bf16 (cuBLASLt)
 

@@ -69,10 +69,14 @@ void matmul(float* c, const float* a, const float* b, int M, int N, int K, bool 
 
 // Grouped GEMM (Backend::matmul_grouped): for g < G, c[g][m,n] = alpha * op(a[g]) @ op(b[g]) + beta * c[g]. The
 // pointers as [c[G], a[G], b[G]] in DEVICE memory (dev_ptrs, what cuBLAS reads) and the same on the host
-// (host_ptrs), the shapes [m[G], n[G], k[G]] on the host; one cublasGemmGroupedBatchedEx for all groups (with bf16
-// GEMMs on, where cuBLAS has no grouped kernel for them, one matmul per group). Every group must have m, n >= 1.
+// (host_ptrs), the shapes [m[G], n[G], k[G]] on the host; one cublasGemmGroupedBatchedEx for all groups. With bf16
+// GEMMs on it is tried once per process: where this cuBLAS refuses bf16 compute on fp32 data in a grouped call,
+// every later bf16 call is one matmul per group. Every group must have m, n >= 1.
 void matmul_grouped(void* const* dev_ptrs, const void* const* host_ptrs, const int* dims, int G, bool trans_a,
                     bool trans_b, float alpha, float beta, cudaStream_t stream);
+// Whether this process's bf16 grouped GEMMs run as one cuBLAS grouped launch (false: one matmul per group, or
+// none tried yet).
+bool bf16_grouped_is_one_launch();
 
 // The same product on bf16 operands with fp32 accumulation and an fp32 c, through cuBLASLt (the tensor cores):
 // c[M,N] = alpha * op(a) @ op(b) + beta * c with a, b bf16 (layouts as matmul). Products of bf16 values are exact
