@@ -87,6 +87,19 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"mqa_gelu_layernorm", 4, 1, proto::GELU, proto::LAYERNORM, false}),
     [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
+// (loss(w_i + eps) - loss(w_i - eps)) / 2 eps in coordinate i of p, which is left as it was
+template <class Loss>
+double central_difference(Param& p, int64_t i, float eps, Loss loss) {
+  float& w = p.value.f32()[i];
+  const float orig = w;
+  w = orig + eps;
+  const double lp = loss();
+  w = orig - eps;
+  const double lm = loss();
+  w = orig;
+  return (lp - lm) / (2 * eps);
+}
+
 // Central finite differences of the loss in a few coordinates of every parameter tensor.
 TEST(ModelGradCheck, FiniteDifferences) {
   proto::ModelConfig cfg = tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, false);
@@ -105,14 +118,8 @@ TEST(ModelGradCheck, FiniteDifferences) {
   for (Param* p : model.params().all()) {
     for (int k = 0; k < 3; ++k) {
       const int64_t i = static_cast<int64_t>(rng.below(p->value.numel()));
-      float& w = p->value.f32()[i];
-      const float orig = w;
-      w = orig + eps;
-      const double lp = model.forward(inputs.data(), targets.data(), B, T);
-      w = orig - eps;
-      const double lm = model.forward(inputs.data(), targets.data(), B, T);
-      w = orig;
-      const double fd = (lp - lm) / (2 * eps);
+      const double fd =
+          central_difference(*p, i, eps, [&] { return model.forward(inputs.data(), targets.data(), B, T); });
       const double an = p->grad.f32()[i];
       EXPECT_NEAR(an, fd, 2e-3 + 2e-2 * std::fabs(fd)) << p->name << "[" << i << "]";
       ++checked;
@@ -166,14 +173,7 @@ TEST(ModelGradCheck, MoeRouterFiniteDifferences) {
       const int64_t n = router ? p->value.numel() : 2;
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = router ? j : static_cast<int64_t>(rng.below(p->value.numel()));
-        float& w = p->value.f32()[i];
-        const float orig = w;
-        w = orig + eps;
-        const double lp = loss();
-        w = orig - eps;
-        const double lm = loss();
-        w = orig;
-        const double fd = (lp - lm) / (2 * eps), an = p->grad.f32()[i];
+        const double fd = central_difference(*p, i, eps, loss), an = p->grad.f32()[i];
         EXPECT_NEAR(an, fd, 1e-3 + 2e-2 * std::fabs(fd)) << p->name << "[" << i << "]";
       }
     }
