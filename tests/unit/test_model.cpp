@@ -87,40 +87,42 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"mqa_gelu_layernorm", 4, 1, proto::GELU, proto::LAYERNORM, false}),
     [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
-// (loss(w_i + eps) - loss(w_i - eps)) / 2 eps in coordinate i of p, which is left as it was
-template <class Loss>
-double central_difference(Param& p, int64_t i, float eps, Loss loss) {
-  float& w = p.value.f32()[i];
-  const float orig = w;
-  w = orig + eps;
-  const double lp = loss();
-  w = orig - eps;
-  const double lm = loss();
-  w = orig;
-  return (lp - lm) / (2 * eps);
-}
+// A model of cfg (train.seed 3) with a batch of 2 x 6 random inputs and targets and its gradient of loss() = the
+// cross-entropy + the router losses; fd(p, i, eps) = (loss(w_i + eps) - loss(w_i - eps)) / 2 eps in coordinate i
+// of p, which is left as it was.
+struct GradCheck {
+  static constexpr int B = 2, T = 6;
+  explicit GradCheck(const proto::ModelConfig& cfg) : model(make_model(cfg, 3)) {
+    random_tokens(rng, inputs, B * T, cfg.vocab_size());
+    random_tokens(rng, targets, B * T, cfg.vocab_size());
+    model->params().zero_grad();
+    loss();
+    model->backward();
+  }
+  double loss() { return double(model->forward(inputs.data(), targets.data(), B, T)) + model->extra_loss(); }
+  double fd(Param& p, int64_t i, float eps) {
+    float& w = p.value.f32()[i];
+    const float orig = w;
+    w = orig + eps;
+    const double lp = loss();
+    w = orig - eps;
+    const double lm = loss();
+    w = orig;
+    return (lp - lm) / (2 * eps);
+  }
+  std::unique_ptr<Model> model;
+  Rng rng{11};
+  std::vector<int32_t> inputs, targets;
+};
 
 // Central finite differences of the loss in a few coordinates of every parameter tensor.
 TEST(ModelGradCheck, FiniteDifferences) {
-  proto::ModelConfig cfg = tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, false);
-  auto owned = make_model(cfg, 3);
-  Model& model = *owned;
-  Rng rng(11);
-  const int B = 2, T = 6, N = B * T;
-  std::vector<int32_t> inputs, targets;
-  random_tokens(rng, inputs, N, cfg.vocab_size());
-  random_tokens(rng, targets, N, cfg.vocab_size());
-  model.params().zero_grad();
-  model.forward(inputs.data(), targets.data(), B, T);
-  model.backward();
-  const float eps = 1e-2f;
+  GradCheck g(tiny_config(4, 2, proto::SWIGLU, proto::RMSNORM, false));
   int checked = 0;
-  for (Param* p : model.params().all()) {
+  for (Param* p : g.model->params().all()) {
     for (int k = 0; k < 3; ++k) {
-      const int64_t i = static_cast<int64_t>(rng.below(p->value.numel()));
-      const double fd =
-          central_difference(*p, i, eps, [&] { return model.forward(inputs.data(), targets.data(), B, T); });
-      const double an = p->grad.f32()[i];
+      const int64_t i = static_cast<int64_t>(g.rng.below(p->value.numel()));
+      const double fd = g.fd(*p, i, 1e-2f), an = p->grad.f32()[i];
       EXPECT_NEAR(an, fd, 2e-3 + 2e-2 * std::fabs(fd)) << p->name << "[" << i << "]";
       ++checked;
     }
@@ -153,27 +155,16 @@ TEST(ModelGradCheck, MoeRouterFiniteDifferences) {
     moe->set_no_normalize_topk(!v.normalize);
     moe->set_aux_loss_coef(0.1f);
     moe->set_z_loss_coef(0.01f);
-    auto owned = make_model(cfg, 3);
-    Model& model = *owned;
-    Rng rng(11);
-    const int B = 2, T = 6, N = B * T;
-    std::vector<int32_t> inputs, targets;
-    random_tokens(rng, inputs, N, cfg.vocab_size());
-    random_tokens(rng, targets, N, cfg.vocab_size());
-    auto loss = [&] { return double(model.forward(inputs.data(), targets.data(), B, T)) + model.extra_loss(); };
-    model.params().zero_grad();
-    loss();
-    model.backward();
+    GradCheck g(cfg);
     double dropped = 0;
-    for (const FfnStats& st : model.ffn_stats()) dropped += st.dropped_fraction;
+    for (const FfnStats& st : g.model->ffn_stats()) dropped += st.dropped_fraction;
     EXPECT_GT(dropped, 0.0) << "no slot dropped over capacity";
-    const float eps = 1e-3f;
-    for (Param* p : model.params().all()) {
+    for (Param* p : g.model->params().all()) {
       const bool router = p->name.find(".router.") != std::string::npos;
       const int64_t n = router ? p->value.numel() : 2;
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t i = router ? j : static_cast<int64_t>(rng.below(p->value.numel()));
-        const double fd = central_difference(*p, i, eps, loss), an = p->grad.f32()[i];
+        const int64_t i = router ? j : static_cast<int64_t>(g.rng.below(p->value.numel()));
+        const double fd = g.fd(*p, i, 1e-3f), an = p->grad.f32()[i];
         EXPECT_NEAR(an, fd, 1e-3 + 2e-2 * std::fabs(fd)) << p->name << "[" << i << "]";
       }
     }
