@@ -6,7 +6,7 @@
 # (NCCL at 1 rank; at 2 ranks on one GPU NCCL must be refused on every rank alike), 50 training steps of a dense
 # config on the CPU, on CUDA, and on 2 ranks sharing the GPU (losses compared), the same with MoE layers (and expert
 # parallelism over the 2 ranks), the same with word-expert layers, the README demo's first 100 losses on CUDA vs
-# the CPU, NCCL training at world 1, greedy generation on CUDA vs the CPU, the GEMM bench
+# the CPU, NCCL training at world 1, greedy generation and `moe serve` (over HTTP) on CUDA vs the CPU, the GEMM bench
 # (bench_gpu: bf16 through our cuBLASLt path vs raw cuBLASLt, and fp32; grouped vs dense expert GEMM) and the model
 # bench (bench_model: training MFU, decode at batch 1 and 64 vs the bandwidth bound). Writes $OUT/gpu.log (all
 # output), one .txt per check and $OUT/results.md (one row per check, then the bench lines). Expected to take a few
@@ -131,6 +131,51 @@ same_greedy() {
     diff "$OUT/greedy_CPU.txt" "$OUT/greedy_CUDA.txt" | head -5; echo "FAILED ] 1 test"; return 1; fi
 }
 check greedy_cuda 120 same_greedy
+# `moe serve` on CUDA (one process; the paged KV cache in device memory) answers a greedy completion over HTTP with
+# the CPU server's text: each server queried as a client would (python3's urllib: /health, /v1/models,
+# /v1/completions), then drained with SIGTERM (exit 0)
+same_served() {
+  local d pid
+  for d in CPU CUDA; do
+    "$bin/moe" serve --checkpoint "$OUT/run_cuda/checkpoints" --set "model.device=DEVICE_$d" --set serving.port=0 \
+      > "$OUT/serve_$d.log" 2>&1 &
+    pid=$!
+    if ! python3 - "$OUT/serve_$d.log" "$OUT/served_$d.txt" "$pid" <<'PY'; then
+import json, os, re, sys, time, urllib.request
+log, out, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+url = None
+for _ in range(900):
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("the server exited during start-up")
+    m = re.search(r"listening on http://[^:]*:(\d+)", open(log).read())
+    if m:
+        url = "http://127.0.0.1:" + m.group(1)
+        try:
+            if urllib.request.urlopen(url + "/health", timeout=5).status == 200:
+                break
+        except OSError:
+            pass
+    time.sleep(0.1)
+else:
+    sys.exit("the server did not become ready in 90 s")
+model = json.load(urllib.request.urlopen(url + "/v1/models", timeout=10))["data"][0]["id"]
+body = json.dumps({"model": model, "prompt": "ROMEO:", "max_tokens": 40, "temperature": 0}).encode()
+req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+text = json.load(urllib.request.urlopen(req, timeout=120))["choices"][0]["text"]
+open(out, "w").write(text)
+print(repr(text))
+PY
+      kill -9 "$pid"; cat "$OUT/serve_$d.log"; echo "FAILED ] 1 test"; return 1
+    fi
+    kill -TERM "$pid"
+    wait "$pid" || { cat "$OUT/serve_$d.log"; echo "the $d server did not drain"; echo "FAILED ] 1 test"; return 1; }
+  done
+  cmp -s "$OUT/served_CPU.txt" "$OUT/served_CUDA.txt" || { echo "the texts differ"; echo "FAILED ] 1 test"; return 1; }
+  echo "PASSED ] 1 test"
+}
+check serve_cuda 150 same_served
 check bench_gpu 240 "$bin/bench_gpu"
 # an MoE of d_model 2048, 8 layers, 8 experts top-2 in bf16: training MFU, decode at batch 1 and 64 vs the bound
 check bench_model 240 "$bin/bench_model" --threads "$(nproc)"
