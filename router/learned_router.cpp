@@ -1,8 +1,8 @@
 // Learned top-k router: forward (GEMM, scores, top-k, capacity, aux losses) and backward side by side.
-// Per-token math is done in double and stored in float; the two GEMMs go through moe::cpu::matmul (OpenBLAS).
+// The per-token math is core/kernels/cpu/router.cpp (in double, stored in float); the two GEMMs go through
+// moe::cpu::matmul (OpenBLAS).
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 
 #include "core/error.h"
 #include "core/kernels/cpu/kernels.h"
