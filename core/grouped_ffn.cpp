@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <tuple>
 
 #include "core/error.h"
 #include "core/prefetch.h"
@@ -43,7 +44,7 @@ GroupedFfn::GroupedFfn(Workspace& ws, int C, int F, proto::Activation act, const
                        std::shared_ptr<PackedFfn> packed)
     : be_(ws.backend()), C_(C), F_(F), act_(act), w_(w), gate_(ws.buffer()), up_(ws.buffer()), aout_(ws.buffer()),
       dact_(ws.buffer()),
-      dgate_(ws.buffer()), dup_(ws.buffer()), row_slot_buf_(ws.buffer()), ones_buf_(ws.buffer()),
+      dgate_(ws.buffer()), dup_(ws.buffer()), bias_rows_(ws.buffer()),
       packed_(packed ? std::move(packed) : std::make_shared<PackedFfn>(ws)) {
   MOE_CHECK(C >= 1 && F >= 1, "grouped FFN: d_model and hidden size must be >= 1, got " << C << ", " << F);
   MOE_CHECK(act == proto::SWIGLU || act == proto::GELU, "grouped FFN: unsupported activation " << int(act));
@@ -124,8 +125,7 @@ void GroupedFfn::forward_grouped(float* y, const float* x, float* gate, float* u
     slot_of_.resize(static_cast<size_t>(rows));
     for (int g : order_) std::fill(slot_of_.begin() + offsets_[g], slot_of_.begin() + offsets_[g + 1], slots_[g]);
     ones_host_.assign(static_cast<size_t>(std::max<int64_t>(max_rows_, 1)), 1.0f);
-    row_slot_ = row_slot_buf_.upload(slot_of_);
-    ones_ = ones_buf_.upload(ones_host_);
+    std::tie(row_slot_, ones_) = bias_rows_.upload_all(slot_of_, ones_host_);
   }
   grouped_rows(up, F_, x, C_, ptr(w_.w_up), true, 0.0f);
   add_group_bias(up, ptr(w_.b_up), F_);

@@ -132,7 +132,7 @@ class GroupedFfn {
   int stage_ = 0;                 // 1: forward done, 2: backward_data done
   // [rows,F]: gate and up pre-activations, activation output; their gradients
   Workspace::Buffer &gate_, &up_, &aout_, &dact_, &dgate_, &dup_;
-  Workspace::Buffer &row_slot_buf_, &ones_buf_;  // row_slot_ (int32 in float slots), ones_
+  Workspace::Buffer& bias_rows_;  // row_slot_ (int32 in float slots) and ones_, packed
   std::shared_ptr<PackedFfn> packed_;  // w_gate, w_up, w_down in the inference layout
 };
 

@@ -282,20 +282,11 @@ const float* Model::forward_infer(const InferBatch& b, KvCache& cache) {
     MOE_CHECK(blk >= 0 && blk < kd.num_blocks, "block " << blk << " is outside the cache (" << kd.num_blocks << ")");
   for (int32_t r : b.logit_rows) MOE_CHECK(r >= 0 && r < N, "logit row " << r << " is outside the batch");
   Backend& be = ws_.backend();
-  // the int arrays on the device: tokens, positions, slots, table starts, logit rows, then the tables
-  // (and the SparQ knobs when a row has them)
-  const int64_t n_ints = int64_t(4) * N + L + int64_t(b.table.size()) + (sparq ? 2 * N : 0);
-  auto* ints = reinterpret_cast<int32_t*>(inf_ints_.get(std::max<int64_t>(n_ints, 1)));
-  std::vector<const std::vector<int32_t>*> arrays = {&b.tokens,      &b.positions,  &b.slots,
-                                                     &b.table_start, &b.logit_rows, &b.table};
-  if (sparq) arrays.push_back(&b.sparq);
-  int32_t* at = ints;
-  for (const auto* v : arrays) {
-    be.from_host(at, v->data(), sizeof(int32_t) * v->size());
-    at += v->size();
-  }
-  const int32_t* rk = sparq ? ints + 4 * N + L + int64_t(b.table.size()) : nullptr;
-  InferRows rows{N, ints + N, ints + 2 * N, ints + 4 * N + L, ints + 3 * N, kd.block_size, rk};
+  // the int arrays on the device, in one copy (the SparQ knobs when a row has them)
+  static const std::vector<int32_t> kNone;
+  const auto [tokens, positions, slots, table_start, logit_rows, table, rk] = inf_ints_.upload_all(
+      b.tokens, b.positions, b.slots, b.table_start, b.logit_rows, b.table, sparq ? b.sparq : kNone);
+  InferRows rows{N, positions, slots, table, table_start, kd.block_size, sparq ? rk : nullptr};
   FfnContext ctx;
   ctx.token_ids = b.tokens.data();  // host: the routers read them
   ctx.token_context = b.context.data();
@@ -304,13 +295,13 @@ const float* Model::forward_infer(const InferBatch& b, KvCache& cache) {
   const int64_t NC = int64_t(N) * C_;
   float* x = inf_a_.get(std::max<int64_t>(NC, 1));
   float* y = inf_b_.get(std::max<int64_t>(NC, 1));
-  be.embedding_forward(x, ints, wte_->value.f32(), N, C_);
+  be.embedding_forward(x, tokens, wte_->value.f32(), N, C_);
   for (size_t l = 0; l < blocks_.size(); ++l) {
     blocks_[l]->forward_infer(ctx, y, x, rows, cache.layer(int(l)));
     std::swap(x, y);
   }
   float* last = inf_last_.get(std::max<int64_t>(int64_t(L) * C_, 1));  // [L,C] the rows that want logits
-  be.embedding_forward(last, ints + 4 * N, x, L, C_);                    // (a row gather)
+  be.embedding_forward(last, logit_rows, x, L, C_);  // (a row gather)
   float* lnf = inf_lnf_.get(std::max<int64_t>(int64_t(L) * C_, 1));
   final_norm_->forward(lnf, last, L);
   float* logits = inf_logits_.get(std::max<int64_t>(int64_t(L) * V_, 1));

@@ -5,7 +5,10 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "core/backend.h"
@@ -29,6 +32,10 @@ class Workspace {
     // itself on the CPU (so v must outlive its use), else a copy in this buffer, grown to hold it
     template <class T>
     const T* upload(const std::vector<T>& v);
+    // Several such vectors at once, packed one after another into this buffer by ONE copy from the host (on a
+    // device one synchronisation instead of one per vector; on the CPU the same path: two small memcpys)
+    template <class... T>
+    std::tuple<const T*...> upload_all(const std::vector<T>&... v);
     float* data() { return data_; }  // [size()] device floats; null before the first get
     const float* data() const { return data_; }
     int64_t size() const { return size_; }  // floats held
@@ -37,6 +44,7 @@ class Workspace {
     Backend* be_;
     float* data_ = nullptr;  // [size_] on be_'s device
     int64_t size_ = 0;
+    std::vector<uint32_t> staging_;  // upload_all's packed host copy
   };
 
   explicit Workspace(Backend& be) : be_(be) {}
@@ -67,6 +75,25 @@ const T* readable_by(Backend& be, const std::vector<T>& v, Room&& room) {
 template <class T>
 const T* Workspace::Buffer::upload(const std::vector<T>& v) {
   return readable_by(*be_, v, [this](int64_t n) { return get(n); });
+}
+
+template <class... T>
+std::tuple<const T*...> Workspace::Buffer::upload_all(const std::vector<T>&... v) {
+  static_assert(((sizeof(T) == sizeof(float)) && ...), "float buffers hold 4-byte elements");
+  const int64_t total = (static_cast<int64_t>(v.size()) + ... + 0);
+  staging_.resize(static_cast<size_t>(total));
+  float* dev = get(std::max<int64_t>(total, 1));
+  int64_t at = 0;
+  auto place = [&](const auto& x) {  // x's elements into staging_ at `at`; x's place in dev
+    using E = typename std::decay_t<decltype(x)>::value_type;
+    if (!x.empty()) std::memcpy(staging_.data() + at, x.data(), sizeof(E) * x.size());
+    const E* where = reinterpret_cast<const E*>(dev + at);
+    at += static_cast<int64_t>(x.size());
+    return where;
+  };
+  std::tuple<const T*...> out{place(v)...};  // (braced: the vectors are placed in order)
+  be_->from_host(dev, staging_.data(), sizeof(float) * static_cast<size_t>(total));
+  return out;
 }
 
 }  // namespace moe

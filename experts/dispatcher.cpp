@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <tuple>
 
 #include "comm/staged_comm.h"
 #include "core/error.h"
@@ -20,11 +21,8 @@ Dispatcher::Dispatcher(Workspace& ws, ExpertComm ep, int num_experts)
       P_(ep.ep ? ep.ep->size() : 1),
       rank_(ep.ep ? ep.ep->rank() : 0),
       E_(num_experts),
-      order_(ws.buffer()),
-      row_of_slot_(ws.buffer()),
-      gate_(ws.buffer()),
-      group_index_dev_(ws.buffer()),
-      group_source_dev_(ws.buffer()),
+      plan_dev_(ws.buffer()),
+      group_dev_(ws.buffer()),
       permuted_(ws.buffer()),
       recv_(ws.buffer()),
       grouped_(ws.buffer()),
@@ -61,9 +59,7 @@ Dispatcher::Step& Dispatcher::dispatch(const router::DispatchPlan& plan, const f
             "dispatch plan has " << plan.global_num_experts() << " experts, the layer " << E_);
   auto t0 = clk::now();
   plan_rows_ = plan.rows();
-  order_dev_ = order_.upload(plan.order);
-  row_of_slot_dev_ = row_of_slot_.upload(plan.row_of_slot);
-  gate_dev_ = gate_.upload(plan.gate);
+  std::tie(order_dev_, row_of_slot_dev_, gate_dev_) = plan_dev_.upload_all(plan.order, plan.row_of_slot, plan.gate);
   float* perm = grow(permuted_, plan_rows_ * C);
   be_.gather_rows(perm, x, order_dev_, nullptr, static_cast<int>(plan_rows_), plan.k, C);
   // (local expert, rows) of every non-empty plan expert, by destination rank: global ids ascend, so the pairs, and
@@ -131,8 +127,7 @@ Dispatcher::Step& Dispatcher::dispatch(const router::DispatchPlan& plan, const f
         group_index_[i++] = static_cast<int32_t>(cursor[pair_group_[q]]++);
     group_source_.resize(local_rows());  // the inverse: expert-major row -> source-major row
     for (int64_t r = 0; r < local_rows(); ++r) group_source_[group_index_[r]] = static_cast<int32_t>(r);
-    group_index_on_ = group_index_dev_.upload(group_index_);
-    group_source_on_ = group_source_dev_.upload(group_source_);
+    std::tie(group_index_on_, group_source_on_) = group_dev_.upload_all(group_index_, group_source_);
   }
   forward_move(perm, grow(grouped_, local_rows() * C), C);
   step_.d_ = this;

@@ -119,9 +119,9 @@ class Dispatcher {
   std::vector<int32_t> group_index_;                    // [local_rows] source-major row -> expert-major row
   std::vector<int32_t> group_source_;                   // [local_rows] its inverse
   int64_t plan_rows_ = 0;
-  // on the device: the plan's order [rows], row_of_slot and gate [N*k], group_index and group_source [local_rows];
-  // the row buffers
-  Workspace::Buffer &order_, &row_of_slot_, &gate_, &group_index_dev_, &group_source_dev_;
+  // on the device: the plan's order [rows], row_of_slot and gate [N*k] packed; group_index and group_source
+  // [local_rows] packed; the row buffers
+  Workspace::Buffer &plan_dev_, &group_dev_;
   Workspace::Buffer &permuted_, &recv_, &grouped_, &ungrouped_, &back_, &grad_a_, &grad_b_, &drows_;
   const int32_t* order_dev_ = nullptr;        // the current plan's arrays where the backend reads them
   const int32_t* row_of_slot_dev_ = nullptr;
