@@ -133,14 +133,9 @@ same_greedy() {
 check greedy_cuda 120 same_greedy
 # `moe serve` on CUDA (one process; the paged KV cache in device memory) answers a greedy completion over HTTP with
 # the CPU server's text: each server queried as a client would (python3's urllib: /health, /v1/models,
-# /v1/completions), then drained with SIGTERM (exit 0)
-same_served() {
-  local d pid
-  for d in CPU CUDA; do
-    "$bin/moe" serve --checkpoint "$OUT/run_cuda/checkpoints" --set "model.device=DEVICE_$d" --set serving.port=0 \
-      > "$OUT/serve_$d.log" 2>&1 &
-    pid=$!
-    if ! python3 - "$OUT/serve_$d.log" "$OUT/served_$d.txt" "$pid" <<'PY'; then
+# /v1/completions), then drained with SIGTERM (exit 0). (The client is a file: check's `declare -f` copy of a
+# function would mangle a here-document inside it.)
+cat > "$OUT/serve_client.py" <<'PY'
 import json, os, re, sys, time, urllib.request
 log, out, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 url = None
@@ -167,6 +162,13 @@ text = json.load(urllib.request.urlopen(req, timeout=120))["choices"][0]["text"]
 open(out, "w").write(text)
 print(repr(text))
 PY
+same_served() {
+  local d pid
+  for d in CPU CUDA; do
+    "$bin/moe" serve --checkpoint "$OUT/run_cuda/checkpoints" --set "model.device=DEVICE_$d" --set serving.port=0 \
+      > "$OUT/serve_$d.log" 2>&1 &
+    pid=$!
+    if ! python3 "$OUT/serve_client.py" "$OUT/serve_$d.log" "$OUT/served_$d.txt" "$pid"; then
       kill -9 "$pid"; cat "$OUT/serve_$d.log"; echo "FAILED ] 1 test"; return 1
     fi
     kill -TERM "$pid"
