@@ -28,8 +28,8 @@ class Workspace {
     // [>= n] floats. Growing keeps the old contents and zero-fills the new part, exactly like
     // std::vector<float>::resize (layers rely on zeroed fresh memory); a smaller n keeps everything.
     float* get(int64_t n);
-    // v (4-byte elements: int32 indices or floats, made on the host) where the buffer's device reads it: v.data()
-    // itself on the CPU (so v must outlive its use), else a copy in this buffer, grown to hold it
+    // v (4-byte elements: int32 indices or floats, made on the host) copied into this buffer, grown to hold it,
+    // where the buffer's device reads it (the CPU takes the same path: a small memcpy)
     template <class T>
     const T* upload(const std::vector<T>& v);
     // Several such vectors at once, packed one after another into this buffer by ONE copy from the host (on a
@@ -61,12 +61,11 @@ class Workspace {
   std::vector<std::unique_ptr<Buffer>> buffers_;
 };
 
-// Host-made 4-byte elements (int32 indices, floats) where be reads them: v.data() itself on the CPU (v must outlive
-// the use), else copied to room(n), a callable giving n >= max(v.size(), 1) floats in be's memory.
+// Host-made 4-byte elements (int32 indices, floats) where be reads them: copied to room(n), a callable giving
+// n >= max(v.size(), 1) floats in be's memory (on every device alike, so the CPU tests the path a GPU takes).
 template <class T, class Room>
 const T* readable_by(Backend& be, const std::vector<T>& v, Room&& room) {
   static_assert(sizeof(T) == sizeof(float), "float buffers hold 4-byte elements");
-  if (be.device() == Device::kCPU) return v.data();
   float* p = room(std::max<int64_t>(static_cast<int64_t>(v.size()), 1));
   be.from_host(p, v.data(), sizeof(T) * v.size());
   return reinterpret_cast<const T*>(p);
