@@ -139,8 +139,6 @@ void Parallel::reduce_rows(Param& p, float s) {
   be.scale_rows(p.grad.f32(), s, p.touched.data(), static_cast<int64_t>(p.touched.size()), rs);
 }
 
-
-
 Tensor Parallel::gather_experts(const Tensor& local) {
   if (groups_.ep_size == 1) return local;
   Shape shape = local.shape();

@@ -126,8 +126,8 @@ class GroupedFfn {
   Schedule schedule_ = Schedule::kAuto;
   const int32_t* row_slot_ = nullptr;  // grouped schedule with biases: [rows] the slot of each row, on the device
   const float* ones_ = nullptr;        // grouped schedule with biases: [max_rows] ones, on the device
-  std::vector<int32_t> slot_of_;       // row_slot_ made on the host (row_slot_ itself on the CPU)
-  std::vector<float> ones_host_;       // ones_ made on the host (ones_ itself on the CPU)
+  std::vector<int32_t> slot_of_;       // row_slot_ made on the host
+  std::vector<float> ones_host_;       // ones_ made on the host
   std::vector<Backend::GemmGroup> gemms_;  // grouped(): one per non-empty group
   int stage_ = 0;                 // 1: forward done, 2: backward_data done
   // [rows,F]: gate and up pre-activations, activation output; their gradients

@@ -31,6 +31,9 @@ router::LearnedRouterOptions router_options(const proto::MoeConfig& m, uint64_t 
 
 int ep_size(const ExpertComm& ep) { return ep.ep ? ep.ep->size() : 1; }
 
+// MoeFfn's routed_ buffer: [stats: E+2 doubles | choice: N*k ints | gate: N*k floats]; the floats before the choices
+int64_t routed_head(int E) { return 2 * int64_t(E + 2); }
+
 }  // namespace
 
 WordExpertPlacement::WordExpertPlacement(int64_t E, proto::WordExpertConfig::Placement placement)
@@ -181,19 +184,14 @@ void MoeFfn::backward(const FfnContext& ctx, float* dx, const float* dy, int N) 
   route_seconds_ += since(t0);
 }
 
-cpu::RouterDims MoeFfn::router_dims(int N) const {
-  const int k = router_.top_k();
-  return {N, E_, k, router_.options().score == router::ScoreFn::kSigmoid, router_.options().normalize_topk && k > 1};
-}
-
 void MoeFfn::route(const float* logits, int N, bool training) {
-  const int64_t Nk = int64_t(N) * router_.top_k(), head = 2 * int64_t(E_ + 2);  // (the stats' doubles in floats)
+  const int64_t Nk = int64_t(N) * router_.top_k(), head = routed_head(E_);
   float* routed = grow(routed_, head + 2 * Nk);
   auto* stats = reinterpret_cast<double*>(routed);
   auto* choice = reinterpret_cast<int32_t*>(routed + head);
   float* gate = routed + head + Nk;
   const float* bias = router_.options().bias_balancing ? bias_.upload(router_.bias()) : nullptr;
-  be_.router_topk(router_dims(N), choice, gate, grow(score_, int64_t(N) * E_),
+  be_.router_topk(router_.dims(N), choice, gate, grow(score_, int64_t(N) * E_),
                   reinterpret_cast<double*>(grow(lse_, 2 * int64_t(N))), stats, logits, bias);
   routed_host_.resize(head + 2 * Nk);
   be_.to_host(routed_host_.data(), routed, sizeof(float) * routed_host_.size());
@@ -204,10 +202,9 @@ void MoeFfn::route(const float* logits, int N, bool training) {
 
 void MoeFfn::router_backward(float* dx, const float* dgate, int N, float loss_scale) {
   if (N == 0) return;
-  const int64_t head = 2 * int64_t(E_ + 2);
   float* dlogits = grow(dlogits_, int64_t(N) * E_);
-  be_.router_logits_grad(router_dims(N), dlogits, logits_.data(), reinterpret_cast<const double*>(lse_.data()),
-                         reinterpret_cast<const int32_t*>(routed_.data() + head), step_->plan_rows(), dgate,
+  be_.router_logits_grad(router_.dims(N), dlogits, logits_.data(), reinterpret_cast<const double*>(lse_.data()),
+                         reinterpret_cast<const int32_t*>(routed_.data() + routed_head(E_)), step_->plan_rows(), dgate,
                          fraction_.upload(router_.expert_fraction()),
                          static_cast<double>(loss_scale) * router_.options().aux_loss_coef,
                          static_cast<double>(loss_scale) * router_.options().z_loss_coef);

@@ -56,7 +56,6 @@ class MoeFfn : public FfnUnit {
   // the router backward: dlogits from the gates' gradient and the losses, then dW += dlogits^T x',
   // dx += (dlogits W) * noise
   void router_backward(float* dx, const float* dgate, int N, float loss_scale);
-  cpu::RouterDims router_dims(int N) const;
 
   std::string prefix_;
   int C_, E_;

@@ -9,11 +9,6 @@
 #include "router/router.h"
 
 namespace moe::router {
-namespace {
-cpu::RouterDims dims(const LearnedRouterOptions& o, int N, int E, int k) {
-  return {N, E, k, o.score == ScoreFn::kSigmoid, o.normalize_topk && k > 1};
-}
-}  // namespace
 
 LearnedRouter::LearnedRouter(int num_experts, int k, int channels, const LearnedRouterOptions& opts)
     : E_(num_experts), k_(k), C_(channels), opts_(opts), rng_(opts.seed), bias_(std::max(num_experts, 0), 0.0f) {
@@ -85,6 +80,10 @@ RouterOutput LearnedRouter::forward(const float* x /*[N,C]*/, const float* w_rou
   return route(logits.data(), N, training);
 }
 
+cpu::RouterDims LearnedRouter::dims(int N) const {
+  return {N, E_, k_, opts_.score == ScoreFn::kSigmoid, opts_.normalize_topk && k_ > 1};
+}
+
 RouterOutput LearnedRouter::route(const float* logits /*[N,E]*/, int N, bool training) {
   const int E = E_, k = k_;
   MOE_CHECK(N >= 0 && (N == 0 || logits), "LearnedRouter::route: " << N << " tokens, null logits");
@@ -96,7 +95,7 @@ RouterOutput LearnedRouter::route(const float* logits /*[N,E]*/, int N, bool tra
   std::vector<int32_t> choice(static_cast<size_t>(N) * k);
   std::vector<float> gate(choice.size());
   std::vector<double> stats(E + 2);
-  cpu::router_topk(dims(opts_, N, E, k), choice.data(), gate.data(), probs_.data(), lse_.data(), stats.data(),
+  cpu::router_topk(dims(N), choice.data(), gate.data(), probs_.data(), lse_.data(), stats.data(),
                    logits_.data(), opts_.bias_balancing ? bias_.data() : nullptr);
   if (stats[E + 1] >= 0) {  // name the first non-finite logit
     const int n = static_cast<int>(stats[E + 1]);
@@ -181,7 +180,7 @@ const std::vector<float>& LearnedRouter::logits_grad(const float* dgate /*[N*k]*
   dlogits_.assign(static_cast<size_t>(N_) * E_, 0.0f);
   if (N_ == 0) return dlogits_;
   MOE_CHECK(dgate, "LearnedRouter::backward: null dgate");
-  cpu::router_logits_grad(dims(opts_, N_, E_, k_), dlogits_.data(), logits_.data(), lse_.data(), choice_.data(),
+  cpu::router_logits_grad(dims(N_), dlogits_.data(), logits_.data(), lse_.data(), choice_.data(),
                           kept_.data(), dgate, f_.data(), static_cast<double>(loss_scale) * opts_.aux_loss_coef,
                           static_cast<double>(loss_scale) * opts_.z_loss_coef);
   return dlogits_;

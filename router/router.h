@@ -21,6 +21,10 @@
 
 #include "core/rng.h"
 
+namespace moe::cpu {
+struct RouterDims;  // core/kernels/cpu/kernels.h
+}  // namespace moe::cpu
+
 namespace moe::router {
 
 // ---------------------------------------------------------------- hashing
@@ -183,6 +187,8 @@ class LearnedRouter {
   // cpu::router_logits_grad (or the backend's) with expert_fraction() and kept_rows(); logits_grad refuses it.
   RouterOutput assign(const int32_t* choice /*[N*k]*/, const float* gate /*[N*k]*/, const double* stats /*[E+2]*/,
                       int N, bool training);
+  // The shape and score options of N tokens for those kernels (normalize: normalize_topk with k > 1).
+  cpu::RouterDims dims(int N) const;
 
   int num_experts() const { return E_; }
   int top_k() const { return k_; }

@@ -81,10 +81,10 @@ MOE_HD double q_norm(const cpu::RouterDims& d, const float* p) {
 }
 
 // Backward of token l[E] (kernels.h router_logits_grad): dl[E] written. row[k] / dgate[k]: the token's slots.
-// c_aux = aux_scale * E / N, zc = z_scale * 2 lse / N.
 MOE_HD void logits_grad(const cpu::RouterDims& d, float* dl, const float* l, double lse, const int32_t* choice,
-                        const int32_t* row, const float* dgate, const float* f, double c_aux, double zc) {
+                        const int32_t* row, const float* dgate, const float* f, double aux_scale, double z_scale) {
   const int E = d.E, k = d.k;
+  const double c_aux = aux_scale * E / d.N, zc = z_scale * 2.0 * lse / d.N;
   // scores recomputed in double from the logits (sigmoid'(l) = s(l) s(-l) stays accurate for large |l|)
   auto score = [&](int e) { return d.sigmoid ? sigmoid_d(l[e]) : exp_d(l[e] - lse); };
   // gates: g_j = p_j / S (normalised) or p_j; only kept slots carry dgate

@@ -37,12 +37,11 @@ void router_logits_grad(const RouterDims& d, float* dlogits, const float* logits
                         const int32_t* choice, const int32_t* row, const float* dgate, const float* f,
                         double aux_scale, double z_scale) {
   const int N = d.N, E = d.E, k = d.k;
-  const double c_aux = aux_scale * E / N;
 #pragma omp parallel for schedule(static) if (N > kParTokens)
   for (int n = 0; n < N; ++n) {
     const int64_t s = int64_t(n) * k;
     router_token::logits_grad(d, dlogits + int64_t(n) * E, logits + int64_t(n) * E, lse[n], choice + s, row + s,
-                              dgate + s, f, c_aux, z_scale * 2.0 * lse[n] / N);
+                              dgate + s, f, aux_scale, z_scale);
   }
 }
 

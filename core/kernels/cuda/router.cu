@@ -60,13 +60,13 @@ __global__ void router_stats_kernel(double* __restrict__ stats, const double* __
 __global__ void router_logits_grad_kernel(cpu::RouterDims d, float* __restrict__ dlogits,
                                           const float* __restrict__ logits, const double* __restrict__ lse,
                                           const int32_t* __restrict__ choice, const int32_t* __restrict__ row,
-                                          const float* __restrict__ dgate, const float* __restrict__ f, double c_aux,
-                                          double z_scale) {
+                                          const float* __restrict__ dgate, const float* __restrict__ f,
+                                          double aux_scale, double z_scale) {
   const int n = blockIdx.x * blockDim.x + threadIdx.x;
   if (n >= d.N) return;
   const int64_t s = static_cast<int64_t>(n) * d.k, r = static_cast<int64_t>(n) * d.E;
-  router_token::logits_grad(d, dlogits + r, logits + r, lse[n], choice + s, row + s, dgate + s, f, c_aux,
-                            z_scale * 2.0 * lse[n] / d.N);
+  router_token::logits_grad(d, dlogits + r, logits + r, lse[n], choice + s, row + s, dgate + s, f, aux_scale,
+                            z_scale);
 }
 
 void check_dims(const char* op, const cpu::RouterDims& d) {
@@ -98,9 +98,8 @@ void router_logits_grad(const cpu::RouterDims& d, float* dlogits, const float* l
                         double aux_scale, double z_scale, cudaStream_t stream) {
   check_dims("router_logits_grad", d);
   if (d.N == 0) return;
-  const double c_aux = aux_scale * d.E / d.N;
   router_logits_grad_kernel<<<(d.N + kTokensPerBlock - 1) / kTokensPerBlock, kTokensPerBlock, 0, stream>>>(
-      d, dlogits, logits, lse, choice, row, dgate, f, c_aux, z_scale);
+      d, dlogits, logits, lse, choice, row, dgate, f, aux_scale, z_scale);
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 
